@@ -1,0 +1,70 @@
+"""The ``ssld`` command line: a thin click group.
+
+Each command lives next to the library it drives (``labelstore/_cli.py``,
+``teacher_infer/_cli.py``, ``student_train/_cli.py``): it reads options, builds a
+config, calls one library function and echoes a summary. This module only
+assembles the group and turns user errors into one line on stderr with exit
+status 2. Nothing here imports torch, so ``ssld --help`` is instant.
+"""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from labelstore._version import __version__
+
+# Errors that mean "the user gave us something wrong": one line, exit 2.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
+               PermissionError, KeyError)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"],
+                               "max_content_width": 100})
+@click.version_option(__version__, prog_name="ssld")
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+@click.pass_context
+def ssld(ctx: click.Context, debug: bool) -> None:
+    """Semi-supervised label knowledge distillation: label stores, selection, training."""
+    ctx.obj = {"debug": debug}
+
+
+def _register() -> None:
+    from labelstore._cli import commands as store_commands
+    from teacher_infer._cli import commands as infer_commands
+    from student_train._cli import commands as train_commands
+
+    for command in (*store_commands, *infer_commands, *train_commands):
+        ssld.add_command(command)
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: run the group, mapping user errors to exit status 2."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in args
+    try:
+        ssld.main(args=args, prog_name="ssld", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        return 130
+    except click.ClickException as exc:  # usage errors, bad parameters
+        exc.show()
+        return 2
+    except USER_ERRORS as exc:
+        if debug:
+            raise
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, KeyError):
+            message = f"unknown key {message}"
+        click.echo(f"ssld: error: {message}", err=True)
+        return 2
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""Export a label store (or some of its rows) to HDF5 for tools outside Python-zarr."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from . import _format as fmt
+
+
+def export_hdf5(store, out: str, rows: slice | None = None, *, overwrite: bool = False) -> int:
+    """Write ``store`` rows to ``out`` (HDF5) and return the number of rows written.
+
+    Datasets carry the store's names and stored dtypes (``boxes`` as float32
+    fractions); group attributes are the store's, JSON-encoded where they are not
+    scalars. Written to a temporary name and renamed, so a failed export leaves
+    no half-file behind.
+    """
+    import h5py
+
+    if os.path.exists(out) and not overwrite:
+        raise FileExistsError(f"{out} already exists (use --overwrite to replace it)")
+    rows = slice(None) if rows is None else rows
+    start, stop, step = rows.indices(len(store))
+    if step != 1 or stop <= start:
+        raise ValueError(f"--rows must be a non-empty range A:B inside [0, {len(store)}), "
+                         f"got {start}:{stop}")
+    n = stop - start
+    tmp = f"{out}.tmp-{os.getpid()}"
+    chunk = store.chunk_rows
+    try:
+        with h5py.File(tmp, "w") as h5:
+            for key, value in store.attrs.items():
+                h5.attrs[key] = value if isinstance(value, (int, float, str, bool)) \
+                    else json.dumps(value)
+            h5.attrs["rows"] = json.dumps([start, stop])
+            h5.create_dataset("keys", data=np.asarray(store.keys[start:stop], dtype=object),
+                              dtype=h5py.string_dtype("utf-8"))
+            h5.create_dataset("labels", data=store.labels[start:stop])
+            V, k = store.num_views, store.topk
+            shapes = {"indices": ((V, k), fmt.index_dtype(store.num_classes)),
+                      "probs": ((V, k), np.float16), "residual": ((V,), np.float32),
+                      "boxes": ((V, 4), np.float32), "flips": ((V,), bool), "valid": ((), bool)}
+            if store.has_embeddings:
+                shapes["embeddings"] = ((store.embedding_dim,), np.float16)
+            sets = {name: h5.create_dataset(name, shape=(n,) + shape, dtype=dtype,
+                                            chunks=(min(n, chunk),) + shape, compression="gzip",
+                                            compression_opts=4, shuffle=True)
+                    for name, (shape, dtype) in shapes.items()}
+            for lo in range(start, stop, chunk):
+                hi = min(lo + chunk, stop)
+                part = store.read(slice(lo, hi))
+                for name, dset in sets.items():
+                    value = (store.read_embeddings(slice(lo, hi)) if name == "embeddings"
+                             else getattr(part, name))
+                    dset[lo - start:hi - start] = value.astype(dset.dtype)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return n
+
+
+def parse_rows(text: str | None) -> slice | None:
+    """``"A:B"`` → slice(A, B); either side may be empty."""
+    if text is None:
+        return None
+    parts = text.split(":")
+    if len(parts) != 2:
+        raise ValueError(f"--rows must look like A:B, got {text!r}")
+    try:
+        return slice(*(int(p) if p.strip() else None for p in parts))
+    except ValueError:
+        raise ValueError(f"--rows must look like A:B with integers, got {text!r}") from None

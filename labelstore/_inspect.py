@@ -1,0 +1,181 @@
+"""Summaries of a store: the cheap ``info`` table and the scanning ``inspect`` report."""
+from __future__ import annotations
+
+import html
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+def _disk_bytes(path: str) -> int | None:
+    """Bytes on disk of a local store directory (None for remote stores)."""
+    local = path[len("file://"):] if path.startswith("file://") else path
+    if "://" in local or not os.path.isdir(local):
+        return None
+    total = 0
+    for root, _dirs, files in os.walk(local):
+        for name in files:
+            try:
+                total += os.path.getsize(os.path.join(root, name))
+            except OSError:
+                pass
+    return total
+
+
+def _human(nbytes: int | None) -> str:
+    if nbytes is None:
+        return "-"
+    size = float(nbytes)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{nbytes} B"
+
+
+def _table(rows: list[tuple[str, Any]]) -> str:
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}} : {value}" for name, value in rows)
+
+
+@dataclass(frozen=True)
+class StoreInfo:
+    """Attribute-level facts about a store; nothing here scans the label arrays."""
+
+    path: str
+    rows: int
+    views: int
+    topk: int
+    classes: int
+    chunk_rows: int
+    teacher: str | None
+    temperature: float
+    embeddings: int | None
+    complete: bool
+    created: str | None
+
+    @classmethod
+    def from_store(cls, store) -> "StoreInfo":
+        attrs = store.attrs
+        return cls(path=store.path, rows=len(store), views=store.num_views, topk=store.topk,
+                   classes=store.num_classes, chunk_rows=store.chunk_rows,
+                   teacher=store.teacher_name, temperature=float(attrs.get("temperature", 1.0)),
+                   embeddings=store.embedding_dim, complete=bool(attrs.get("complete")),
+                   created=attrs.get("created"))
+
+    def _rows(self) -> list[tuple[str, Any]]:
+        return [("Path", self.path), ("Rows", f"{self.rows:,}"), ("Views", self.views),
+                ("Top-k", self.topk), ("Classes", self.classes),
+                ("Chunk rows", f"{self.chunk_rows:,}"), ("Teacher", self.teacher or "-"),
+                ("Temperature", self.temperature),
+                ("Embeddings", f"dim {self.embeddings}" if self.embeddings else "no"),
+                ("Complete", self.complete), ("Created", self.created or "-")]
+
+    def __repr__(self) -> str:
+        return _table(self._rows())
+
+    def _repr_html_(self) -> str:
+        body = "".join(f"<tr><th style='text-align:left'>{html.escape(str(k))}</th>"
+                       f"<td style='text-align:left'>{html.escape(str(v))}</td></tr>"
+                       for k, v in self._rows())
+        return f"<table>{body}</table>"
+
+
+@dataclass
+class InspectReport:
+    """What ``ssld inspect`` prints; :meth:`to_dict` is the ``--json`` form."""
+
+    path: str
+    rows: int
+    views: int
+    topk: int
+    classes: int
+    teacher: str | None
+    complete: bool
+    missing: list[tuple[int, int]]
+    bytes_on_disk: int | None
+    bytes_per_row_view: float | None
+    invalid_rows: int
+    mean_top1_prob: float | None
+    mean_residual: float | None
+    labeled_rows: int
+    top1_agreement: float | None
+    top1_counts: dict[str, float] = field(default_factory=dict)
+    has_embeddings: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["missing"] = [list(r) for r in self.missing]
+        return out
+
+    def __str__(self) -> str:
+        pct = lambda x: "-" if x is None else f"{100 * x:.2f}%"  # noqa: E731
+        num = lambda x: "-" if x is None else f"{x:.4f}"  # noqa: E731
+        missing = ("none" if not self.missing else
+                   ", ".join(f"{a}:{b}" for a, b in self.missing[:5])
+                   + (f" (+{len(self.missing) - 5} more)" if len(self.missing) > 5 else ""))
+        counts = self.top1_counts
+        rows = [
+            ("Store", self.path), ("Rows", f"{self.rows:,}"), ("Views", self.views),
+            ("Top-k", self.topk), ("Classes", self.classes), ("Teacher", self.teacher or "-"),
+            ("Complete", self.complete), ("Missing rows", missing),
+            ("Size on disk", _human(self.bytes_on_disk)),
+            ("Bytes per row-view", "-" if self.bytes_per_row_view is None
+             else f"{self.bytes_per_row_view:.1f}"),
+            ("Embeddings", "yes" if self.has_embeddings else "no"),
+            ("Invalid rows", f"{self.invalid_rows:,}"),
+            ("Mean top-1 prob", num(self.mean_top1_prob)),
+            ("Mean residual", num(self.mean_residual)),
+            ("Labeled rows", f"{self.labeled_rows:,}"),
+            ("Top-1 = label", pct(self.top1_agreement)),
+            ("Top-1 per class", "-" if not counts else
+             f"min {counts['min']:.0f} / median {counts['median']:.0f} / max {counts['max']:.0f}"
+             f" ({counts['empty']:.0f} classes never top-1)"),
+        ]
+        return _table(rows)
+
+
+def inspect_store(store, view: int = 0) -> InspectReport:
+    """Scan a store chunk by chunk (memory: one chunk) and summarise it."""
+    n, C = len(store), store.num_classes
+    missing = store.missing()
+    done_rows = np.ones(n, dtype=bool)
+    for a, b in missing:
+        done_rows[a:b] = False
+    labels = store.labels
+    counts = np.zeros(C, dtype=np.int64)
+    invalid = 0
+    sum_top1 = sum_residual = 0.0
+    scored = agree = labeled = 0
+    step = store.chunk_rows
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        if not done_rows[start]:
+            continue
+        part = store.read(slice(start, stop))
+        ok = part.valid
+        invalid += int((~ok).sum())
+        top1 = part.indices[ok, view, 0]
+        counts += np.bincount(top1, minlength=C)
+        sum_top1 += float(part.probs[ok, view, 0].sum(dtype=np.float64))
+        sum_residual += float(part.residual[ok, view].sum(dtype=np.float64))
+        scored += int(ok.sum())
+        lab = labels[start:stop][ok]
+        known = lab >= 0
+        labeled += int(known.sum())
+        agree += int((top1[known] == lab[known]).sum())
+    disk = _disk_bytes(store.path)
+    return InspectReport(
+        path=store.path, rows=n, views=store.num_views, topk=store.topk, classes=C,
+        teacher=store.teacher_name, complete=not missing, missing=missing, bytes_on_disk=disk,
+        bytes_per_row_view=None if disk is None else disk / max(1, n * store.num_views),
+        invalid_rows=invalid,
+        mean_top1_prob=sum_top1 / scored if scored else None,
+        mean_residual=sum_residual / scored if scored else None,
+        labeled_rows=labeled, top1_agreement=agree / labeled if labeled else None,
+        top1_counts={"min": float(counts.min()), "median": float(np.median(counts)),
+                     "max": float(counts.max()), "empty": float((counts == 0).sum())}
+        if scored else {},
+        has_embeddings=store.has_embeddings)

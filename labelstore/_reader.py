@@ -1,0 +1,297 @@
+"""Opening and reading label stores."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import zarr
+
+from . import _format as fmt
+from ._writer import LabelStoreWriter, _local_path
+
+
+@dataclass(frozen=True)
+class LabelSlice:
+    """Rows read from a store, in the order asked; shapes as in design.md §3."""
+
+    rows: np.ndarray       # (n,) int64 row numbers
+    indices: np.ndarray    # (n, V, k) int64 class ids, best first
+    probs: np.ndarray      # (n, V, k) float32
+    residual: np.ndarray   # (n, V) float32
+    boxes: np.ndarray      # (n, V, 4) float32 fractions (y0, x0, h, w)
+    flips: np.ndarray      # (n, V) bool
+    valid: np.ndarray      # (n,) bool
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def _open_group(path: Any, mode: str) -> zarr.Group:
+    local = _local_path(path)
+    if local is not None and not os.path.exists(local):
+        raise FileNotFoundError(f"no label store at {local}")
+    try:
+        group = zarr.open_group(path, mode=mode)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError,
+            ValueError, KeyError) as exc:
+        raise ValueError(f"{path} is not an ssld label store (no zarr group: {exc})") from None
+    attrs = group.attrs
+    if attrs.get("format") != fmt.FORMAT:
+        raise ValueError(f"{path} is not an ssld label store "
+                         f"(format attribute is {attrs.get('format')!r}, expected {fmt.FORMAT!r})")
+    version = attrs.get("format_version")
+    if version != fmt.FORMAT_VERSION:
+        raise ValueError(f"{path} has label-store format version {version!r}; this ssld reads "
+                         f"version {fmt.FORMAT_VERSION}")
+    return group
+
+
+def open(path: Any, mode: str = "r") -> "LabelStore | LabelStoreWriter":  # noqa: A001
+    """Open a label store: ``mode="r"`` gives a reader, ``mode="a"`` a writer for resuming.
+
+    ``path`` is a local directory or any fsspec URL zarr accepts (reading).
+    """
+    if mode == "r":
+        return LabelStore(_open_group(path, "r"), path)
+    if mode == "a":
+        return LabelStoreWriter(_open_group(path, "r+"), path)
+    raise ValueError(f"mode must be 'r' (read) or 'a' (resume writing), got {mode!r}")
+
+
+class LabelStore:
+    """Read-only view of a label store. Call :meth:`load` once to serve reads from RAM."""
+
+    def __init__(self, group: zarr.Group, path: Any):
+        self.path = str(path)
+        self._group = group
+        self._attrs = dict(group.attrs)
+        self._n = int(group["labels"].shape[0])
+        self._ram: dict[str, np.ndarray] | None = None
+
+    # -- shape and metadata -------------------------------------------------
+    def __len__(self) -> int:
+        return self._n
+
+    @property
+    def attrs(self) -> dict:
+        return dict(self._attrs)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self._attrs["num_classes"])
+
+    @property
+    def topk(self) -> int:
+        return int(self._attrs["topk"])
+
+    @property
+    def num_views(self) -> int:
+        return int(self._attrs["views"])
+
+    @property
+    def chunk_rows(self) -> int:
+        return int(self._attrs["chunk_rows"])
+
+    @property
+    def class_names(self) -> list[str] | None:
+        return self._attrs.get("class_names")
+
+    @property
+    def has_embeddings(self) -> bool:
+        return "embeddings" in self._group
+
+    @property
+    def embedding_dim(self) -> int | None:
+        return int(self._group["embeddings"].shape[1]) if self.has_embeddings else None
+
+    @cached_property
+    def keys(self) -> np.ndarray:
+        """(N,) keys as a numpy object array of str (read once, then cached)."""
+        return np.asarray(self._group["keys"][:], dtype=object)
+
+    @cached_property
+    def labels(self) -> np.ndarray:
+        """(N,) int32 ground-truth labels, -1 where unknown (read once, then cached)."""
+        return np.asarray(self._group["labels"][:], dtype=np.int32)
+
+    @property
+    def is_complete(self) -> bool:
+        """True once every chunk is written (reads the ``done`` flags)."""
+        return bool(np.all(self._group["done"][:]))
+
+    def missing(self) -> list[tuple[int, int]]:
+        """Row ranges not yet written; empty for a complete store."""
+        done = np.asarray(self._group["done"][:], dtype=bool)
+        ranges: list[tuple[int, int]] = []
+        for chunk in np.flatnonzero(~done):
+            start = int(chunk) * self.chunk_rows
+            stop = min(start + self.chunk_rows, self._n)
+            if ranges and ranges[-1][1] == start:
+                ranges[-1] = (ranges[-1][0], stop)
+            else:
+                ranges.append((start, stop))
+        return ranges
+
+    def require_complete(self) -> "LabelStore":
+        """Raise ValueError unless the store is complete (training refuses partial stores)."""
+        missing = self.missing()
+        if missing:
+            rows = sum(b - a for a, b in missing)
+            raise ValueError(f"label store {self.path} is incomplete: {rows} of {self._n} rows "
+                             f"missing (first range {missing[0][0]}:{missing[0][1]}); resume the "
+                             "run that writes it")
+        return self
+
+    @property
+    def teacher_name(self) -> str | None:
+        teacher = self._attrs.get("teacher") or {}
+        return teacher.get("model") if isinstance(teacher, dict) else str(teacher)
+
+    def __repr__(self) -> str:
+        state = "complete" if self._attrs.get("complete") else "incomplete"
+        where = " in RAM" if self._ram is not None else ""
+        return (f"<LabelStore {self.path!r} N={self._n} V={self.num_views} k={self.topk} "
+                f"C={self.num_classes} teacher={self.teacher_name or '-'} {state}{where}>")
+
+    # -- reading --------------------------------------------------------------
+    def load(self) -> "LabelStore":
+        """Read the label arrays fully into RAM once; later reads are numpy indexing.
+
+        Arrays keep their compact stored dtypes (about 50 bytes per row-view), so a
+        few million rows fit easily, and forked DataLoader workers share the pages.
+        """
+        if self._ram is None:
+            self._ram = {name: np.asarray(self._group[name][:]) for name in fmt.LABEL_ARRAYS}
+        return self
+
+    def in_memory(self) -> "LabelStore":
+        """Alias of :meth:`load`."""
+        return self.load()
+
+    @property
+    def is_loaded(self) -> bool:
+        return self._ram is not None
+
+    def _rows(self, rows: Any) -> tuple[np.ndarray, slice | None]:
+        """Normalise ``rows`` to an int64 array (and a unit-step slice when it is one)."""
+        n = self._n
+        if isinstance(rows, (bool, np.bool_)):
+            raise ValueError(f"rows must be an int, slice or 1-D integer array, got {rows!r}")
+        if isinstance(rows, (int, np.integer)):
+            row = int(rows)
+            if not -n <= row < n:
+                raise ValueError(f"row {row} is out of range for a store of {n} rows")
+            row %= n
+            return np.array([row], dtype=np.int64), slice(row, row + 1)
+        if isinstance(rows, slice):
+            start, stop, step = rows.indices(n)
+            out = np.arange(start, stop, step, dtype=np.int64)
+            return out, (slice(start, max(start, stop)) if step == 1 else None)
+        array = np.asarray(rows)
+        if array.dtype.kind == "b":
+            if array.shape != (n,):
+                raise ValueError(f"a boolean row mask must have shape ({n},), got {array.shape}")
+            return np.flatnonzero(array).astype(np.int64), None
+        if array.ndim != 1 or (array.size and array.dtype.kind not in "iu"):
+            raise ValueError(f"rows must be an int, slice or 1-D integer array, got "
+                             f"shape {array.shape} dtype {array.dtype}")
+        array = array.astype(np.int64)
+        if array.size and (array.min() < -n or array.max() >= n):
+            bad = array[(array < -n) | (array >= n)][0]
+            raise ValueError(f"row {int(bad)} is out of range for a store of {n} rows")
+        return np.where(array < 0, array + n, array), None
+
+    def _fetch(self, name: str, rows: np.ndarray, contiguous: slice | None) -> np.ndarray:
+        if self._ram is not None:
+            source = self._ram[name]
+            return source[contiguous] if contiguous is not None else source[rows]
+        array = self._group[name]
+        if contiguous is not None:
+            return np.asarray(array[contiguous])
+        if rows.size == 0:
+            return np.zeros((0,) + array.shape[1:], dtype=array.dtype)
+        # zarr reads each touched chunk once for sorted unique rows; restore the asked order.
+        unique, inverse = np.unique(rows, return_inverse=True)
+        return np.asarray(array.oindex[unique])[inverse]
+
+    def read(self, rows: Any) -> LabelSlice:
+        """Rows (int, slice, 1-D int array or bool mask), returned in the order asked."""
+        row_array, contiguous = self._rows(rows)
+        get = lambda name: self._fetch(name, row_array, contiguous)  # noqa: E731
+        return LabelSlice(
+            rows=row_array,
+            indices=get("indices").astype(np.int64),
+            probs=get("probs").astype(np.float32),
+            residual=get("residual").astype(np.float32, copy=False),
+            boxes=fmt.dequantize_boxes(get("boxes")),
+            flips=get("flips").astype(bool, copy=False),
+            valid=get("valid").astype(bool, copy=False),
+        )
+
+    def read_embeddings(self, rows: Any) -> np.ndarray:
+        """(n, D) float32 embeddings of view 0; ValueError when the store has none."""
+        if not self.has_embeddings:
+            raise ValueError(f"label store {self.path} has no embeddings (run infer-teacher "
+                             "with --embeddings)")
+        row_array, contiguous = self._rows(rows)
+        return self._fetch("embeddings", row_array, contiguous).astype(np.float32)
+
+    def dense(self, rows: Any, view: int = 0) -> np.ndarray:
+        """(n, C) float32 teacher distributions: top-k probabilities, the residual spread
+        uniformly over the other C − k classes, renormalised to sum 1 (undoes fp16 rounding)."""
+        if not 0 <= int(view) < self.num_views:
+            raise ValueError(f"view {view} is out of range for a store with {self.num_views} views")
+        part = self.read(rows)
+        return densify(part.indices[:, view], part.probs[:, view], part.residual[:, view],
+                       self.num_classes)
+
+    # -- summaries ------------------------------------------------------------
+    @property
+    def info(self) -> "StoreInfo":
+        """Cheap summary (attributes and array metadata only) with a table repr."""
+        from ._inspect import StoreInfo
+
+        return StoreInfo.from_store(self)
+
+    def to_dataframe(self, rows: Any = None, view: int = 0):
+        """A pandas DataFrame: key, label, top1, top1_prob, residual, valid (pandas optional)."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise ImportError("to_dataframe needs pandas: pip install pandas") from None
+        rows = slice(None) if rows is None else rows
+        part = self.read(rows)
+        names = self.class_names
+        frame = pd.DataFrame({
+            "key": self.keys[part.rows],
+            "label": self.labels[part.rows],
+            "top1": part.indices[:, view, 0],
+            "top1_prob": part.probs[:, view, 0],
+            "residual": part.residual[:, view],
+            "valid": part.valid,
+        }, index=pd.Index(part.rows, name="row"))
+        if names:
+            frame.insert(3, "top1_name", np.asarray(names, dtype=object)[frame["top1"].to_numpy()])
+        return frame
+
+
+def densify(indices: np.ndarray, probs: np.ndarray, residual: np.ndarray,
+            num_classes: int) -> np.ndarray:
+    """Dense (n, C) distributions from top-k (n, k) + residual (n,): marginal smoothing."""
+    n, k = indices.shape
+    rest = num_classes - k
+    if rest > 0:
+        dense = np.repeat((np.clip(residual, 0, None) / rest).astype(np.float32)[:, None],
+                          num_classes, axis=1)
+    else:
+        dense = np.zeros((n, num_classes), dtype=np.float32)
+    np.put_along_axis(dense, indices.astype(np.int64), probs.astype(np.float32), axis=1)
+    total = dense.sum(axis=1, keepdims=True)
+    empty = total[:, 0] <= 0
+    if empty.any():  # an invalid row with no mass: uniform rather than 0/0
+        dense[empty] = 1.0 / num_classes
+        total[empty] = 1.0
+    return dense / total

@@ -1,0 +1,286 @@
+"""Creating and writing label stores.
+
+A writer owns whole row-chunks: rows passed to :meth:`LabelStoreWriter.write` are
+buffered per chunk and a chunk is written in one piece, array by array, once all
+of its rows have arrived; only then is ``done[c]`` set. A crash therefore leaves
+a chunk not-done (never half-written and marked done), and a resumed run rewrites
+it. Two processes writing disjoint chunks never touch the same zarr chunk, which
+is what makes multi-rank inference safe on local disks and object stores alike.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import zarr
+
+from . import _format as fmt
+
+
+def _chunk_count(n: int, chunk_rows: int) -> int:
+    return (n + chunk_rows - 1) // chunk_rows
+
+
+def _local_path(path: Any) -> str | None:
+    """The filesystem path for local stores, None for fsspec URLs."""
+    text = os.fspath(path) if isinstance(path, os.PathLike) else str(path)
+    if "://" in text:
+        return text[len("file://"):] if text.startswith("file://") else None
+    return text
+
+
+def create(path: Any, *, keys: Sequence[str], num_classes: int, topk: int, views: int = 1,
+           labels: Sequence[int] | None = None, attrs: Mapping[str, Any] | None = None,
+           chunk_rows: int = fmt.DEFAULT_CHUNK_ROWS, overwrite: bool = False,
+           embedding_dim: int | None = None) -> "LabelStoreWriter":
+    """Create an empty label store and return a writer for it.
+
+    Parameters
+    ----------
+    path : str or path-like
+        Directory ``NAME.zarr`` (or an fsspec URL zarr can write to).
+    keys : sequence of str
+        One unique key per row (image path relative to the dataset root).
+    num_classes, topk, views : int
+        C, k and V of the store; ``topk <= num_classes``.
+    labels : sequence of int, optional
+        Ground-truth class per row, -1 where unknown (the default).
+    attrs : mapping, optional
+        Extra group attributes (``teacher``, ``preprocessing``, ``dataset``,
+        ``class_names``, ``temperature``, ``provenance``...). ``dataset`` is completed
+        with ``num_samples`` and ``fingerprint``.
+    chunk_rows : int
+        Rows per chunk R; a writer (rank) always owns whole chunks.
+    embedding_dim : int, optional
+        Adds an ``embeddings`` (N, D) float16 array.
+
+    Examples
+    --------
+    >>> import labelstore, numpy as np, tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "demo.zarr")
+    >>> with labelstore.create(path, keys=["a.png", "b.png"], num_classes=3, topk=2) as w:
+    ...     w.write(0, np.array([[[0, 2]], [[1, 0]]]), np.array([[[.7, .2]], [[.6, .3]]]))
+    >>> labelstore.open(path).dense(0).round(2)
+    array([[0.7, 0.1, 0.2]], dtype=float32)
+    """
+    num_classes, topk, views, chunk_rows = int(num_classes), int(topk), int(views), int(chunk_rows)
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if not 1 <= topk <= num_classes:
+        raise ValueError(f"topk must be in [1, num_classes={num_classes}], got {topk}")
+    if views < 1:
+        raise ValueError(f"views must be >= 1, got {views}")
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    if embedding_dim is not None and int(embedding_dim) < 1:
+        raise ValueError(f"embedding_dim must be >= 1, got {embedding_dim}")
+    keys = fmt.check_keys(keys)
+    n = len(keys)
+    labels = fmt.check_labels(labels, n, num_classes)
+
+    local = _local_path(path)
+    if local is not None and os.path.exists(local):
+        if not overwrite:
+            raise FileExistsError(f"{local} already exists (pass overwrite=True / --overwrite "
+                                  "to replace it)")
+        if os.path.isdir(local):
+            shutil.rmtree(local)
+        else:
+            os.remove(local)
+
+    user_attrs = dict(attrs or {})
+    dataset = dict(user_attrs.pop("dataset", {}) or {})
+    dataset.update(num_samples=n, fingerprint=fmt.fingerprint(keys))
+    group_attrs = {
+        "format": fmt.FORMAT,
+        "format_version": fmt.FORMAT_VERSION,
+        "num_classes": num_classes,
+        "topk": topk,
+        "views": views,
+        "temperature": 1.0,
+        "chunk_rows": chunk_rows,
+        "box_scale": fmt.BOX_SCALE,
+        "embedding_dim": None if embedding_dim is None else int(embedding_dim),
+        "created": fmt.now_iso(),
+        "software": fmt.software_versions(),
+        "complete": False,
+    }
+    group_attrs.update(user_attrs)
+    group_attrs["dataset"] = dataset
+    # The structural fields are ours: a caller's attrs cannot contradict the arrays.
+    group_attrs.update(format=fmt.FORMAT, format_version=fmt.FORMAT_VERSION,
+                       num_classes=num_classes, topk=topk, views=views, chunk_rows=chunk_rows,
+                       complete=False)
+
+    group = zarr.open_group(path, mode="w")
+    rows = min(chunk_rows, n)
+    comp = fmt.compressors()
+
+    def array(name: str, shape: tuple, dtype: Any, fill: Any, compress: bool = True) -> zarr.Array:
+        return group.create_array(name, shape=shape, chunks=(rows,) + shape[1:], dtype=dtype,
+                                  fill_value=fill, compressors=comp if compress else None)
+
+    with warnings.catch_warnings():
+        # zarr warns that variable-length strings are not in the v3 core spec yet.
+        warnings.simplefilter("ignore", category=UserWarning)
+        key_array = group.create_array("keys", shape=(n,), chunks=(rows,), dtype=str)
+    key_array[:] = keys.astype(str)
+    array("labels", (n,), np.int32, -1)[:] = labels
+    array("indices", (n, views, topk), fmt.index_dtype(num_classes), 0)
+    array("probs", (n, views, topk), np.float16, 0)
+    array("residual", (n, views), np.float32, 1.0)
+    array("boxes", (n, views, 4), np.uint16, 0)
+    array("flips", (n, views), bool, False)
+    array("valid", (n,), bool, False)
+    if embedding_dim is not None:
+        array("embeddings", (n, int(embedding_dim)), np.float16, 0)
+    # One flag per chunk, each in its own zarr chunk, so ranks never share a done-chunk.
+    group.create_array("done", shape=(_chunk_count(n, chunk_rows),), chunks=(1,), dtype=bool,
+                       fill_value=False, compressors=None)
+    group.attrs.update(group_attrs)
+    return LabelStoreWriter(group, path)
+
+
+class LabelStoreWriter:
+    """Writes rows into an existing store; see :func:`create` and ``open(path, mode="a")``."""
+
+    def __init__(self, group: zarr.Group, path: Any):
+        self.path = str(path)
+        self._group = group
+        attrs = dict(group.attrs)
+        self.num_classes = int(attrs["num_classes"])
+        self.topk = int(attrs["topk"])
+        self.num_views = int(attrs["views"])
+        self.chunk_rows = int(attrs["chunk_rows"])
+        self.embedding_dim = attrs.get("embedding_dim")
+        self._n = int(group["labels"].shape[0])
+        self.num_chunks = _chunk_count(self._n, self.chunk_rows)
+        self._buffers: dict[int, dict[str, np.ndarray]] = {}
+        self._filled: dict[int, np.ndarray] = {}
+        self._closed = False
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __repr__(self) -> str:
+        return (f"<LabelStoreWriter {self.path!r} N={self._n} V={self.num_views} k={self.topk} "
+                f"C={self.num_classes} chunks={self.num_chunks}>")
+
+    @property
+    def attrs(self) -> dict:
+        return dict(self._group.attrs)
+
+    def update_attrs(self, **values: Any) -> None:
+        """Merge extra attributes (e.g. the teacher's run summary) into the group."""
+        self._group.attrs.update(values)
+
+    def chunk_range(self, chunk: int) -> tuple[int, int]:
+        """Rows [start, stop) of chunk ``chunk``."""
+        if not 0 <= chunk < self.num_chunks:
+            raise ValueError(f"chunk {chunk} out of range [0, {self.num_chunks})")
+        start = chunk * self.chunk_rows
+        return start, min(start + self.chunk_rows, self._n)
+
+    def done_chunks(self) -> np.ndarray:
+        """Boolean flag per chunk, read from the store (what other writers finished counts)."""
+        return np.asarray(self._group["done"][:], dtype=bool)
+
+    def missing(self) -> list[tuple[int, int]]:
+        """Row ranges [start, stop) whose chunks are not yet written (merged, sorted)."""
+        ranges: list[tuple[int, int]] = []
+        for chunk in np.flatnonzero(~self.done_chunks()):
+            start, stop = self.chunk_range(int(chunk))
+            if ranges and ranges[-1][1] == start:
+                ranges[-1] = (ranges[-1][0], stop)
+            else:
+                ranges.append((start, stop))
+        return ranges
+
+    def write(self, start: int, indices: Any, probs: Any, *, residual: Any = None,
+              boxes: Any = None, flips: Any = None, valid: Any = None,
+              embeddings: Any = None) -> None:
+        """Write rows ``[start, start + n)``; chunks are flushed once all their rows arrived.
+
+        ``indices`` and ``probs`` are (n, V, k); ``residual`` (n, V) defaults to
+        ``1 - probs.sum(-1)`` computed before float16 rounding; ``boxes`` (n, V, 4) are
+        (y0, x0, h, w) fractions (default: the whole image); ``flips`` (n, V) and
+        ``valid`` (n,) default to False and True.
+        """
+        if self._closed:
+            raise ValueError(f"writer for {self.path} is closed")
+        if isinstance(start, (bool, np.bool_)) or not isinstance(start, (int, np.integer)):
+            raise ValueError(f"start must be an integer row, got {start!r}")
+        rows = fmt.check_rows(indices, probs, residual=residual, boxes=boxes, flips=flips,
+                              valid=valid, embeddings=embeddings, num_views=self.num_views,
+                              topk=self.topk, num_classes=self.num_classes,
+                              embedding_dim=self.embedding_dim)
+        n = len(rows["indices"])
+        start = int(start)
+        if start < 0 or start + n > self._n:
+            raise ValueError(f"rows [{start}, {start + n}) are out of range for a store of "
+                             f"{self._n} rows")
+        if self.embedding_dim is not None and "embeddings" not in rows:
+            raise ValueError("this store has embeddings: pass embeddings=(n, D) with every write")
+        pos = start
+        while pos < start + n:
+            chunk = pos // self.chunk_rows
+            lo, hi = self.chunk_range(chunk)
+            take = min(hi, start + n) - pos
+            part = {name: value[pos - start:pos - start + take] for name, value in rows.items()}
+            if pos == lo and take == hi - lo and chunk not in self._buffers:
+                self._flush(chunk, part)  # whole chunk in one call: no copy
+            else:
+                self._buffer(chunk, pos - lo, part)
+            pos += take
+
+    def _buffer(self, chunk: int, offset: int, part: dict[str, np.ndarray]) -> None:
+        lo, hi = self.chunk_range(chunk)
+        if chunk not in self._buffers:
+            self._buffers[chunk] = {name: np.zeros((hi - lo,) + value.shape[1:], value.dtype)
+                                    for name, value in part.items()}
+            self._filled[chunk] = np.zeros(hi - lo, dtype=bool)
+        buffer = self._buffers[chunk]
+        take = len(part["indices"])
+        for name, value in part.items():
+            buffer[name][offset:offset + take] = value
+        self._filled[chunk][offset:offset + take] = True
+        if self._filled[chunk].all():
+            del self._filled[chunk]
+            self._flush(chunk, self._buffers.pop(chunk))
+
+    def _flush(self, chunk: int, data: dict[str, np.ndarray]) -> None:
+        lo, hi = self.chunk_range(chunk)
+        for name, value in data.items():
+            self._group[name][lo:hi] = value
+        # Set only after every array of the chunk is on storage.
+        self._group["done"][chunk] = True
+
+    def close(self) -> None:
+        """Drop unfinished chunk buffers (with a warning) and mark the store complete if it is."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._filled:
+            partial = sorted(self._filled)
+            rows = sum(int(f.sum()) for f in self._filled.values())
+            warnings.warn(f"{rows} buffered rows of {len(partial)} unfinished chunk(s) "
+                          f"(first: chunk {partial[0]}) were not written; they stay missing",
+                          stacklevel=2)
+            self._buffers.clear()
+            self._filled.clear()
+        if not self.missing():
+            self._group.attrs.update({"complete": True})
+
+    def __enter__(self) -> "LabelStoreWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # keep what was flushed; an interrupted run is resumed later
+            self._buffers.clear()
+            self._filled.clear()
+            self._closed = True
