@@ -16,7 +16,7 @@ from labelstore._version import __version__
 
 # Errors that mean "the user gave us something wrong": one line, exit 2.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
-               PermissionError, KeyError)
+               PermissionError, ImportError)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"],
@@ -41,29 +41,34 @@ def _register() -> None:
 _register()
 
 
+def _one_line(message: str) -> str:
+    return " ".join(message.split())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: run the group, mapping user errors to exit status 2."""
     args = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in args
     try:
-        ssld.main(args=args, prog_name="ssld", standalone_mode=False)
+        result = ssld.main(args=args, prog_name="ssld", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("Aborted.", err=True)
         return 130
-    except click.ClickException as exc:  # usage errors, bad parameters
-        exc.show()
+    except click.ClickException as exc:  # usage errors, bad parameters: one line too
+        hint = ""
+        if isinstance(exc, click.UsageError) and exc.ctx is not None:
+            hint = f" (see '{exc.ctx.command_path} --help')"
+        click.echo(f"ssld: error: {_one_line(exc.format_message())}{hint}", err=True)
         return 2
     except USER_ERRORS as exc:
         if debug:
             raise
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if isinstance(exc, KeyError):
-            message = f"unknown key {message}"
-        click.echo(f"ssld: error: {message}", err=True)
+        click.echo(f"ssld: error: {_one_line(str(exc)) or type(exc).__name__}", err=True)
         return 2
     except click.exceptions.Exit as exc:
         return exc.exit_code
-    return 0
+    # standalone_mode=False returns the exit code of --help/--version, else the command's value
+    return result if isinstance(result, int) else 0
 
 
 if __name__ == "__main__":

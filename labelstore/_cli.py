@@ -1,0 +1,49 @@
+"""``ssld inspect`` and ``ssld export`` (store-only commands)."""
+from __future__ import annotations
+
+import json
+
+import click
+
+commands: list[click.Command] = []
+
+
+def _command(fn):
+    commands.append(fn)
+    return fn
+
+
+@_command
+@click.command("inspect")
+@click.argument("store")
+@click.option("--view", default=0, show_default=True, help="View whose statistics are reported.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def inspect_cmd(store: str, view: int, as_json: bool) -> None:
+    """Summarise a label store: size, completeness, confidence, agreement with labels."""
+    import labelstore
+    from labelstore._inspect import inspect_store
+
+    st = labelstore.open(store)
+    if not 0 <= view < st.num_views:
+        raise click.BadParameter(f"store has {st.num_views} view(s), got {view}", param_hint="--view")
+    report = inspect_store(st, view=view)
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else str(report))
+
+
+@_command
+@click.command("export")
+@click.argument("store")
+@click.option("--out", required=True, help="HDF5 file to write (e.g. labels.h5).")
+@click.option("--rows", default=None, metavar="A:B", help="Export only rows A to B (half-open).")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+def export_cmd(store: str, out: str, rows: str | None, overwrite: bool) -> None:
+    """Export a label store (or a row range of it) to HDF5 with h5py."""
+    import os
+
+    import labelstore
+    from labelstore._export import export_hdf5, parse_rows
+
+    st = labelstore.open(store)
+    n = export_hdf5(st, out, parse_rows(rows), overwrite=overwrite)
+    click.echo(f"exported {n:,} rows × {st.num_views} view(s) of {store} to {out} "
+               f"({os.path.getsize(out) / 2**20:.1f} MiB)")
