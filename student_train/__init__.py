@@ -1,0 +1,1 @@
+"""Student training: offline distillation from label stores."""
