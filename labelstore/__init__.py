@@ -9,6 +9,8 @@ from ._format import FORMAT, FORMAT_VERSION, dequantize_boxes, fingerprint, quan
 from ._reader import LabelSlice, LabelStore, densify, open
 from ._version import __version__
 from ._writer import LabelStoreWriter, create
+from ._merge import merge
+from ._select import select_topk
 
 __all__ = [
     "FORMAT",
@@ -21,6 +23,8 @@ __all__ = [
     "densify",
     "dequantize_boxes",
     "fingerprint",
+    "merge",
     "open",
     "quantize_boxes",
+    "select_topk",
 ]

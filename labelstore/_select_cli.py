@@ -1,0 +1,70 @@
+"""``ssld select-topk``, ``ssld dedup`` and ``ssld merge`` (store-only data selection)."""
+from __future__ import annotations
+
+import click
+
+commands: list[click.Command] = []
+
+
+def _command(fn):
+    commands.append(fn)
+    return fn
+
+
+_overwrite = click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+
+
+@_command
+@click.command("select-topk")
+@click.option("--store", "stores", multiple=True, required=True,
+              help="Pool store; repeat for several stores (one pool, in the order given).")
+@click.option("--k", "k", type=int, required=True, help="Rows kept per class.")
+@click.option("--out", required=True, help="Store to write (e.g. selected.zarr).")
+@click.option("--exclude", default=None,
+              help="Keys to skip: one per line, first tab field (`ssld dedup` output works).")
+@click.option("--min-prob", type=float, default=None, help="Drop candidates below this probability.")
+@click.option("--view", default=0, show_default=True, help="View that ranks the rows.")
+@click.option("--list-out", default=None, help="Also write a PaddleClas list `key top1-class`.")
+@_overwrite
+def select_topk_cmd(stores, k, out, exclude, min_prob, view, list_out, overwrite) -> None:
+    """Keep, per class, the K pool rows with the highest teacher probability."""
+    from labelstore import select_topk
+
+    click.echo(select_topk(list(stores), k, out, exclude=exclude, min_prob=min_prob, view=view,
+                           list_out=list_out, overwrite=overwrite, progress=True))
+
+
+@_command
+@click.command("dedup")
+@click.option("--query", required=True, help="Store of the query set (e.g. val), with embeddings.")
+@click.option("--pool", required=True, help="Pool store with embeddings.")
+@click.option("--out", default="-", show_default=True, help="Duplicate list to write (- = stdout).")
+@click.option("--threshold", type=float, default=None,
+              help="Cosine similarity for stage-1 candidates  [default: 0.8]")
+@click.option("--verify", type=click.Choice(["sift", "none"]), default="sift", show_default=True)
+@click.option("--top-m", type=int, default=None, help="Candidates kept per query  [default: 5]")
+@click.option("--min-inliers", type=int, default=None,
+              help="RANSAC inliers that confirm a duplicate  [default: 20]")
+@click.option("--query-root", default=None, help="Image root of the query (default: its dataset.root).")
+@click.option("--pool-root", default=None, help="Image root of the pool (default: its dataset.root).")
+def dedup_cmd(query, pool, out, threshold, verify, top_m, min_inliers, query_root,
+              pool_root) -> None:
+    """Find near-duplicates of query images in a pool: cosine candidates, SIFT verification."""
+    from labelstore import dedup
+
+    options = {"threshold": threshold, "top_m": top_m, "min_inliers": min_inliers}
+    result = dedup(query, pool, out, verify=verify, query_root=query_root, pool_root=pool_root,
+                   progress=True, **{k: v for k, v in options.items() if v is not None})
+    click.echo(result, err=out == "-")   # keep stdout for the list itself
+
+
+@_command
+@click.command("merge")
+@click.argument("stores", nargs=-1, required=True)
+@click.option("--out", required=True, help="Store to write (e.g. train_plus_pool.zarr).")
+@_overwrite
+def merge_cmd(stores, out, overwrite) -> None:
+    """Concatenate stores with the same classes, k and views; repeated keys are dropped."""
+    from labelstore import merge
+
+    click.echo(merge(list(stores), out, overwrite=overwrite, progress=True))
