@@ -9,6 +9,7 @@ from ._format import FORMAT, FORMAT_VERSION, dequantize_boxes, fingerprint, quan
 from ._reader import LabelSlice, LabelStore, densify, open
 from ._version import __version__
 from ._writer import LabelStoreWriter, create
+from ._dedup import dedup
 from ._merge import merge
 from ._select import select_topk
 
@@ -20,6 +21,7 @@ __all__ = [
     "LabelStoreWriter",
     "__version__",
     "create",
+    "dedup",
     "densify",
     "dequantize_boxes",
     "fingerprint",

@@ -1,0 +1,234 @@
+"""``dedup``: planted near-duplicates of query images inside a pool of distinct images.
+
+The images are generated (colour fields, shapes, text, noise) and written to disk under
+dataset roots; the embeddings are a deterministic "tiny image" descriptor (16×16 gray,
+mean-free, unit norm — Torralba et al.'s near-duplicate feature), written into the stores
+with ``labelstore.create(..., embedding_dim=256)`` as ``infer-teacher --embeddings`` would.
+"""
+from __future__ import annotations
+
+import string
+
+import cv2
+import numpy as np
+import pytest
+
+import labelstore
+from cli import main
+from labelstore import _dedup
+
+FONTS = (cv2.FONT_HERSHEY_SIMPLEX, cv2.FONT_HERSHEY_DUPLEX, cv2.FONT_HERSHEY_COMPLEX,
+         cv2.FONT_HERSHEY_TRIPLEX, cv2.FONT_HERSHEY_SCRIPT_SIMPLEX)
+
+
+def colour_field(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """A smooth random background: a coarse random colour grid, upsampled bicubically."""
+    grid = rng.uniform(0, 255, (rng.integers(2, 6), rng.integers(2, 6), 3)).astype(np.float32)
+    return cv2.resize(grid, (int(width), int(height)), interpolation=cv2.INTER_CUBIC)
+
+
+def natural_image(rng: np.random.Generator, background: np.ndarray | None = None) -> np.ndarray:
+    """A varied 'natural-ish' BGR image: colour field, shapes, text and sensor-like noise."""
+    if background is None:
+        background = colour_field(rng, *rng.integers(200, 321, 2))
+    image = np.clip(background, 0, 255).astype(np.uint8).copy()
+    height, width = image.shape[:2]
+    for _ in range(rng.integers(6, 14)):
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        thickness = int(rng.choice([-1, 1, 2, 3]))
+        x, y = int(rng.integers(0, width)), int(rng.integers(0, height))
+        kind = rng.integers(4)
+        if kind == 0:
+            cv2.circle(image, (x, y), int(rng.integers(5, width // 4)), colour, thickness)
+        elif kind == 1:
+            cv2.rectangle(image, (x, y), (int(rng.integers(0, width)), int(rng.integers(0, height))),
+                          colour, thickness)
+        elif kind == 2:
+            points = rng.integers(0, [width, height], size=(int(rng.integers(3, 7)), 2))
+            cv2.fillPoly(image, [points.astype(np.int32)], colour)
+        else:
+            cv2.line(image, (x, y), (int(rng.integers(0, width)), int(rng.integers(0, height))),
+                     colour, max(1, thickness))
+    for _ in range(rng.integers(1, 4)):
+        text = "".join(rng.choice(list(string.ascii_letters + string.digits), rng.integers(3, 9)))
+        cv2.putText(image, text, (int(rng.integers(0, width // 2)), int(rng.integers(20, height))),
+                    int(rng.choice(FONTS)), float(rng.uniform(0.6, 1.6)),
+                    tuple(int(c) for c in rng.integers(0, 256, 3)), int(rng.integers(1, 3)))
+    noise = rng.normal(0, 4, image.shape)
+    return np.clip(image + noise, 0, 255).astype(np.uint8)
+
+
+def near_duplicate(image: np.ndarray, rng: np.random.Generator) -> bytes:
+    """The edits of the issue: border crop up to 10% per side, resize, brightness/contrast
+    shift, then JPEG at quality 40-60."""
+    height, width = image.shape[:2]
+    top, bottom = (rng.uniform(0, 0.10, 2) * height).astype(int)
+    left, right = (rng.uniform(0, 0.10, 2) * width).astype(int)
+    crop = image[top:height - bottom, left:width - right]
+    scale = rng.uniform(0.6, 1.5)
+    crop = cv2.resize(crop, None, fx=scale, fy=scale,
+                      interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+    crop = cv2.convertScaleAbs(crop, alpha=rng.uniform(0.75, 1.3), beta=rng.uniform(-30, 30))
+    ok, encoded = cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(40, 61))])
+    return encoded.tobytes()
+
+
+def tiny_image_embedding(path: str) -> np.ndarray:
+    """16×16 gray thumbnail, mean removed, unit norm (brightness/contrast invariant)."""
+    gray = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
+    thumb = cv2.resize(gray, (16, 16), interpolation=cv2.INTER_AREA).astype(np.float32).ravel()
+    thumb -= thumb.mean()
+    return thumb / (np.linalg.norm(thumb) + 1e-6)
+
+
+def embed_store(path, root, keys, *, valid=None, classes=5) -> str:
+    """A label store over images on disk, with tiny-image embeddings."""
+    embeddings = np.stack([tiny_image_embedding(str(root / key)) for key in keys])
+    n = len(keys)
+    with labelstore.create(path, keys=keys, num_classes=classes, topk=2, embedding_dim=256,
+                           attrs={"dataset": {"root": str(root)}}) as writer:
+        writer.write(0, np.tile([[[0, 1]]], (n, 1, 1)), np.full((n, 1, 2), 0.25), valid=valid,
+                     embeddings=embeddings)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """40 query (val) images; a pool of 260 distinct images, 20 'hard negatives' that share
+    a query's background, and 36 planted near-duplicates (30 queries, 6 of them twice)."""
+    base = tmp_path_factory.mktemp("dedup")
+    rng = np.random.default_rng(0)
+    val_root, pool_root = base / "val", base / "pool"
+    (val_root / "images").mkdir(parents=True)
+    (pool_root / "images").mkdir(parents=True)
+    backgrounds = [colour_field(rng, *rng.integers(200, 321, 2)) for _ in range(40)]
+    queries = [natural_image(rng, bg) for bg in backgrounds]
+    query_keys = [f"images/val_{i:03d}.png" for i in range(40)]
+    for key, image in zip(query_keys, queries):
+        cv2.imwrite(str(val_root / key), image)
+    pool_keys, truth = [], set()
+    for i in range(260):
+        key = f"images/distinct_{i:04d}.jpg"
+        cv2.imwrite(str(pool_root / key), natural_image(rng), [cv2.IMWRITE_JPEG_QUALITY, 90])
+        pool_keys.append(key)
+    for i in range(20):  # same colour field as a query, different content
+        key = f"images/lookalike_{i:03d}.jpg"
+        cv2.imwrite(str(pool_root / key), natural_image(rng, backgrounds[i]))
+        pool_keys.append(key)
+    for q in list(range(30)) + list(range(6)):
+        key = f"images/copy_{len(truth):03d}_of_{q:03d}.jpg"
+        (pool_root / key).write_bytes(near_duplicate(queries[q], rng))
+        pool_keys.append(key)
+        truth.add((key, query_keys[q]))
+    order = rng.permutation(len(pool_keys))  # planted copies spread through the pool
+    pool_keys = [pool_keys[i] for i in order]
+    valid = np.ones(len(pool_keys), dtype=bool)
+    broken = pool_keys.index("images/distinct_0007.jpg")
+    valid[broken] = False  # an undecodable pool row takes no part
+    return dict(query=embed_store(base / "val.zarr", val_root, query_keys),
+                pool=embed_store(base / "pool.zarr", pool_root, pool_keys, valid=valid),
+                truth=truth, base=base, broken=pool_keys[broken])
+
+
+THRESHOLD = 0.6   # tiny-image cosine; chosen from the measured distributions (see README)
+
+
+def test_planted_duplicates_are_found_without_false_positives(planted):
+    out = planted["base"] / "dups.tsv"
+    result = labelstore.dedup(planted["query"], planted["pool"], str(out), threshold=THRESHOLD,
+                              pool_batch=64, query_batch=16)
+    found = set(zip(result.pool_keys, result.query_keys))
+    truth = planted["truth"]
+    recall = len(found & truth) / len(truth)
+    false_positives = found - truth
+    print(f"\nstage 1: {result.candidates} candidate pairs; confirmed {len(found)}; "
+          f"recall {recall:.3f}; false positives {len(false_positives)}")
+    assert recall >= 0.95, sorted(truth - found)
+    assert not false_positives
+    # the stage-1 candidates included look-alikes that SIFT had to reject
+    assert result.candidates > len(found)
+    lines = out.read_text().splitlines()
+    assert lines[0].startswith("# ssld dedup:") and lines[1] == "# pool_key\tquery_key\tcosine\tinliers"
+    fields = [line.split("\t") for line in lines[2:]]
+    assert len(fields) == len(found) and all(len(f) == 4 for f in fields)
+    assert all(float(f[2]) >= THRESHOLD and int(f[3]) >= _dedup.DEFAULT_MIN_INLIERS for f in fields)
+
+
+def test_stage_one_matches_a_full_similarity_matrix(planted):
+    query, pool = labelstore.open(planted["query"]), labelstore.open(planted["pool"])
+    pairs = _dedup.search(query, pool, threshold=0.3, top_m=3, pool_batch=50, query_batch=7)
+    q = query.read_embeddings(slice(None))
+    p = pool.read_embeddings(slice(None))
+    sims = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ (p / np.linalg.norm(p, axis=1,
+                                                                               keepdims=True)).T
+    sims[:, ~pool.read(slice(None)).valid] = -np.inf
+    expected = []
+    for row in range(len(q)):
+        order = np.lexsort((np.arange(len(p)), -sims[row]))[:3]
+        expected += [(row, int(c)) for c in order if sims[row, c] >= 0.3]
+    assert list(zip(pairs.query_rows.tolist(), pairs.pool_rows.tolist())) == expected
+    np.testing.assert_allclose(pairs.cosines, [sims[r, c] for r, c in expected], atol=1e-5)
+
+
+def test_dedup_output_excludes_duplicates_in_select_topk(planted):
+    out = planted["base"] / "dups_for_select.tsv"
+    result = labelstore.dedup(planted["query"], planted["pool"], str(out), threshold=THRESHOLD)
+    selected = labelstore.select_topk(planted["pool"], 1000, planted["base"] / "sel.zarr",
+                                      exclude=str(out), overwrite=True)
+    keys = set(labelstore.open(planted["base"] / "sel.zarr").keys.tolist())
+    assert selected.selection.rows_excluded == len(set(result.pool_keys))
+    assert not keys & set(result.pool_keys) and planted["broken"] not in keys
+
+
+def test_verify_none_reports_every_candidate(planted):
+    result = labelstore.dedup(planted["query"], planted["pool"], threshold=THRESHOLD,
+                              verify="none")
+    assert result.duplicates == result.candidates and set(result.inliers) == {-1}
+    assert result.lines()[2].endswith("\t-")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_sift_rejects_unrelated_images_and_accepts_edited_copies(tmp_path, seed):
+    rng = np.random.default_rng(seed)
+    image, other = natural_image(rng), natural_image(rng)
+    features = {}
+    for name, data in (("a.png", cv2.imencode(".png", image)[1].tobytes()),
+                       ("b.jpg", near_duplicate(image, rng)),
+                       ("c.png", cv2.imencode(".png", other)[1].tobytes())):
+        (tmp_path / name).write_bytes(data)
+        features[name] = _dedup._sift_features(str(tmp_path / name))
+    assert _dedup.count_inliers(features["a.png"], features["b.jpg"]) >= _dedup.DEFAULT_MIN_INLIERS
+    assert _dedup.count_inliers(features["a.png"], features["c.png"]) < _dedup.DEFAULT_MIN_INLIERS / 2
+    assert _dedup._sift_features(str(tmp_path / "missing.jpg")) is None
+
+
+def test_missing_embeddings_and_bad_input_are_clear_errors(planted, tmp_path, capsys):
+    bare = tmp_path / "bare.zarr"
+    with labelstore.create(bare, keys=["a"], num_classes=3, topk=1) as writer:
+        writer.write(0, np.array([[[0]]]), np.array([[[0.9]]]))
+    with pytest.raises(ValueError, match="has no embeddings: run `ssld infer-teacher"):
+        labelstore.dedup(planted["query"], bare)
+    with pytest.raises(ValueError, match="image folder, not a label store"):
+        labelstore.dedup(planted["base"] / "val", planted["pool"])
+    with pytest.raises(ValueError, match="verify must be"):
+        labelstore.dedup(planted["query"], planted["pool"], verify="orb")
+    with pytest.raises(ValueError, match="threshold must be"):
+        labelstore.dedup(planted["query"], planted["pool"], threshold=2)
+    with pytest.raises(FileNotFoundError, match="image root"):
+        labelstore.dedup(planted["query"], planted["pool"], pool_root=str(tmp_path / "nowhere"))
+    code = main(["dedup", "--query", planted["query"], "--pool", str(bare)])
+    assert code == 2 and "has no embeddings" in capsys.readouterr().err
+
+
+def test_cli_dedup_writes_the_list(planted, capsys):
+    out = planted["base"] / "cli.tsv"
+    code = main(["dedup", "--query", planted["query"], "--pool", planted["pool"], "--out", str(out),
+                 "--threshold", str(THRESHOLD)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "confirmed by SIFT" in captured.out
+    assert len(out.read_text().splitlines()) - 2 >= 0.95 * len(planted["truth"])
+    code = main(["dedup", "--query", planted["query"], "--pool", planted["pool"],
+                 "--threshold", str(THRESHOLD), "--verify", "none"])
+    captured = capsys.readouterr()
+    assert code == 0 and captured.out.startswith("# ssld dedup:") and "compared" in captured.err
