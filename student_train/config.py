@@ -1,0 +1,171 @@
+"""The student trainer's configuration: one dataclass, every knob with its default and why.
+
+``ssld train-student`` builds a :class:`TrainConfig` from its options and calls
+``student_train.train(cfg)``; notebooks and ``ssld quickstart`` build one directly. The resolved
+configuration is written to ``RUN_DIR/config.json`` and stored in every checkpoint, which is what
+``--resume`` compares against.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+VIEWS = ("auto", "replay", "global")
+DEVICES = ("auto", "cpu", "cuda")
+DECODERS = ("auto", "dali", "pil")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+# Options that may change between a run and its --resume without changing the result:
+# where the work runs and how many processes decode, not what is computed.
+RESUMABLE_CHANGES = frozenset({"resume", "num_workers"})
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``train(cfg)`` needs. ``None`` means "the model's / the data's default"."""
+
+    student: str                          # timm name (or PaddleClas name, e.g. MobileNetV3_large_x1_0)
+    out: str                              # run directory: config.json, metrics.csv, *.pt, train.log
+    stores: tuple[str, ...] = ()          # label stores; several are concatenated into one training set
+    data: Optional[str] = None            # image source for --supervised / --teacher without stores
+    root: Optional[str] = None            # root of a list-file --data
+    val: Optional[str] = None             # validation source (class folder or list file)
+    val_root: Optional[str] = None        # root of a list-file --val
+
+    epochs: int = 120                     # SSLD trains students 120-360 epochs
+    batch_size: int = 256                 # images per process and step (global = × world size)
+    lr: float = 0.1                       # for 256 images per step; scaled to the global batch
+    warmup_epochs: float = 5.0            # linear warmup, then cosine to 0 (per step)
+    weight_decay: float = 1e-5            # the method's l2_decay (MobileNets); never on norm/bias
+    momentum: float = 0.9
+    nesterov: bool = False
+
+    loss: str = "js"                      # js | skl (PaddleClas's JSDivLoss) | kl | soft-ce
+    temperature: float = 1.0              # only for --loss kl
+    label_weight: float = 0.0             # + α·CE on ground truth where known (SSLD: 0)
+    supervised: bool = False              # hard labels + label smoothing instead of a teacher
+    label_smoothing: float = 0.1          # --supervised only
+    teacher: Optional[str] = None         # online distillation: teacher forward each step
+    teacher_checkpoint: Optional[str] = None
+
+    views: str = "auto"                   # replay stored views | global RandomResizedCrop; auto:
+                                          # replay when the stores hold > 1 view
+    autoaugment: Optional[str] = None     # timm policy after the crop, e.g. rand-m9-mstd0.5
+    input_size: Optional[int] = None      # None: the student's pretrained-config input size
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range (global views)
+
+    lr_mult: Optional[tuple[float, ...]] = None  # 5 multipliers: stem, stage 1..4 (fine-tuning)
+    init: Optional[str] = None            # start from these student weights (fine-tune stage)
+    freeze_backbone: bool = False         # train the classifier only, eval preprocessing (FixRes)
+    ema: Optional[float] = None           # EMA decay of the weights, e.g. 0.9998
+
+    device: str = "auto"                  # cuda when available
+    decoder: str = "auto"                 # dali on a GPU when importable, else pil
+    precision: str = "auto"               # bf16 autocast on GPUs, fp32 on the CPU
+    channels_last: Optional[bool] = None  # None: on for GPUs
+    num_workers: Optional[int] = None     # DataLoader workers per process; None: cores / processes
+    resume: bool = False                  # continue RUN_DIR/last.pt exactly
+    seed: int = 0                         # model init, sample order, views, augmentation
+
+    def __post_init__(self) -> None:
+        self.stores = tuple(str(s) for s in self.stores)
+        if self.lr_mult is not None:
+            self.lr_mult = tuple(float(m) for m in self.lr_mult)
+        self.crop_scale = tuple(float(s) for s in self.crop_scale)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first option that cannot work."""
+        for name, value, allowed in (("views", self.views, VIEWS), ("device", self.device, DEVICES),
+                                     ("decoder", self.decoder, DECODERS),
+                                     ("precision", self.precision, PRECISIONS)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if not self.lr >= 0 or not self.weight_decay >= 0 or not self.warmup_epochs >= 0:
+            raise ValueError(f"lr, weight_decay and warmup_epochs must be >= 0, got "
+                             f"{self.lr}, {self.weight_decay}, {self.warmup_epochs}")
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) exceeds epochs ({self.epochs})")
+        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ValueError(f"crop_scale must be 0 < min <= max <= 1, got {self.crop_scale}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.input_size is not None and self.input_size < 8:
+            raise ValueError(f"input_size must be >= 8 pixels, got {self.input_size}")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.supervised and self.teacher:
+            raise ValueError("--supervised and --teacher are two different baselines; give one")
+        if (self.teacher is None) != (self.teacher_checkpoint is None):
+            raise ValueError("online distillation needs both --teacher NAME and "
+                             "--teacher-checkpoint FILE")
+        if self.supervised and self.label_weight:
+            raise ValueError("--label-weight adds CE to a distillation loss; --supervised is CE "
+                             "already")
+        if not self.stores and not self.data:
+            raise ValueError("no training data: give --store STORE (distillation) or --data SRC "
+                             "(with --supervised or --teacher)")
+        if self.stores and self.data:
+            raise ValueError("give the training images either as --store or as --data, not both")
+        if self.data and not (self.supervised or self.teacher):
+            raise ValueError("--data has no teacher labels: distil from --store, or train "
+                             "--supervised / with an online --teacher")
+        if self.views == "replay" and (self.supervised or self.teacher or self.freeze_backbone):
+            raise ValueError("--views replay shows the stored teacher views; it does not apply "
+                             "to --supervised, --teacher or --freeze-backbone")
+
+    @property
+    def distill_from_stores(self) -> bool:
+        """True for offline distillation: targets are the stores' teacher distributions."""
+        return not (self.supervised or self.teacher)
+
+    def to_dict(self) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown training option(s) {', '.join(unknown)}")
+        return cls(**values)
+
+
+def changed_options(saved: dict[str, Any], current: TrainConfig) -> list[str]:
+    """Options whose value differs from the checkpoint's (as ``name: old -> new``).
+
+    Paths are compared after ``abspath`` so ``runs/a`` and ``./runs/a`` are the same run.
+    """
+    now = current.to_dict()
+    changes = []
+    for name in sorted(set(saved) | set(now)):
+        if name in RESUMABLE_CHANGES:
+            continue
+        old, new = saved.get(name), now.get(name)
+        if _normalised(name, old) != _normalised(name, new):
+            changes.append(f"{name}: {old!r} -> {new!r}")
+    return changes
+
+
+_PATH_OPTIONS = {"out", "data", "root", "val", "val_root", "init", "teacher_checkpoint"}
+
+
+def _normalised(name: str, value: Any) -> Any:
+    if value is None:
+        return None
+    if name in _PATH_OPTIONS and "://" not in str(value):
+        return os.path.abspath(str(value))
+    if name == "stores":
+        return [os.path.abspath(str(v)) if "://" not in str(v) else str(v) for v in value]
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+__all__ = ["TrainConfig", "changed_options", "RESUMABLE_CHANGES", "field"]

@@ -1,0 +1,293 @@
+"""Batches for the trainer: crops (replayed, random or eval), teacher targets, labels.
+
+A sample is cropped with a box (y0, x0, h, w as fractions of the decoded image) and a flip, then
+resized to the input size -- with teacher_infer's own crop code, so that a replayed view is
+pixel for pixel what the teacher labeled:
+
+- ``replay``: the box and flip of one stored view, chosen from (seed, epoch, index); the target
+  is that view's teacher distribution (consistent teaching);
+- ``random``: RandomResizedCrop + horizontal flip drawn from (seed, epoch, index); the target is
+  view 0's distribution (SSLD's approximation, ``--views global``);
+- ``center``: the evaluation crop (resize + center crop at crop_pct), for validation and for
+  ``--freeze-backbone`` (FixRes: the same preprocessing for training and testing).
+
+Workers return uint8 images; normalisation happens on the device (:class:`DeviceBatches`).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+import labelstore
+from teacher_infer.decode import DecodeError, open_rgb, pixels_to_input, render_views
+from teacher_infer.views import ViewSpec, eval_box, random_resized_crop_box
+
+from . import distributed as D
+from .sampling import ShardedSampler, replay_view, sample_rng
+from .samples import SampleSet, open_source, open_stores, store_top1
+
+CROP_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop aspect range (torchvision, timm, PaddleClas)
+_EMPTY = torch.zeros(0)
+
+
+class CropDataset(Dataset):
+    """``dataset[(epoch, index)]`` → (uint8 (3, S, S) image, teacher probs (C,) or (0,), label).
+
+    Parameters
+    ----------
+    samples : SampleSet
+        Paths, labels and (for targets or replay) the label stores.
+    crop : str
+        ``replay``, ``random`` or ``center`` (see the module docstring).
+    data_config : dict
+        ``input_size``, ``interpolation``, ``mean``, ``crop_pct``, ``crop_mode`` of the student.
+    with_targets : bool
+        Return the stored teacher distribution of the sample's view.
+    autoaugment : str, optional
+        A timm AutoAugment/RandAugment/AugMix policy applied after the crop. It changes the
+        pixels the teacher labeled, so it weakens replay's consistency.
+    """
+
+    def __init__(self, samples: SampleSet, *, crop: str, data_config: dict[str, Any], seed: int,
+                 with_targets: bool, crop_scale: tuple[float, float] = (0.08, 1.0),
+                 autoaugment: Optional[str] = None):
+        if crop not in ("replay", "random", "center"):
+            raise ValueError(f"crop must be replay, random or center, got {crop!r}")
+        if (crop == "replay" or with_targets) and samples.stores is None:
+            raise ValueError(f"crop={crop!r} / teacher targets need label stores")
+        self.samples, self.crop, self.seed = samples, crop, seed
+        self.with_targets, self.crop_scale = with_targets, tuple(crop_scale)
+        size = int(data_config["input_size"])
+        self.size, self.interpolation = (size, size), data_config["interpolation"]
+        self.eval_spec = ViewSpec(views=1, input_size=self.size, crop_pct=data_config["crop_pct"],
+                                  crop_mode=data_config.get("crop_mode", "center"))
+        self.augment = None if autoaugment is None else \
+            make_autoaugment(autoaugment, size, data_config)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def view_of(self, epoch: int, index: int) -> int:
+        """The stored view sample ``index`` shows in ``epoch`` (0 unless replaying)."""
+        if self.crop != "replay":
+            return 0
+        store = self.samples.stores[self.samples.store_of[index]]
+        return replay_view(self.seed, epoch, index, store.num_views)
+
+    def plan(self, epoch: int, index: int, height: int, width: int):
+        """(box, flip, view, stored row) of a sample whose decoded image is height × width."""
+        samples = self.samples
+        stored = None
+        if self.crop == "replay" or self.with_targets:
+            stored = samples.stores[samples.store_of[index]].read(int(samples.rows[index]))
+        view = self.view_of(epoch, index)
+        if self.crop == "replay":
+            return stored.boxes[0, view], bool(stored.flips[0, view]), view, stored
+        if self.crop == "random":
+            rng = sample_rng(self.seed, epoch, index)
+            box = random_resized_crop_box(rng, height, width, self.crop_scale, CROP_RATIO)
+            return box, bool(rng.uniform() < 0.5), view, stored
+        return eval_box(height, width, self.eval_spec), False, view, stored
+
+    def target(self, stored, view: int) -> torch.Tensor:
+        """The dense teacher distribution (C,) of a stored view, or an empty tensor."""
+        if not self.with_targets:
+            return _EMPTY
+        return torch.from_numpy(labelstore.densify(
+            stored.indices[:, view], stored.probs[:, view], stored.residual[:, view],
+            self.samples.num_classes)[0])
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        path = self.samples.paths[index]
+        try:
+            image = open_rgb(path)
+        except DecodeError as exc:  # a store's row was valid when the teacher read it
+            raise ValueError(f"cannot decode {path}: {exc}") from None
+        box, flip, view, stored = self.plan(epoch, index, image.height, image.width)
+        pixels = render_views(image, box[None], np.array([flip]), self.size,
+                              self.interpolation)[0]
+        if self.augment is not None:
+            pixels = self._autoaugment(pixels, epoch, index)
+        return pixels, self.target(stored, view), int(self.samples.labels[index])
+
+    def _autoaugment(self, pixels: torch.Tensor, epoch: int, index: int) -> torch.Tensor:
+        from PIL import Image
+
+        # timm's policies draw from the global `random` and `np.random`: seed them per sample
+        # (so workers and resumes agree) and restore them afterwards.
+        saved = random.getstate(), np.random.get_state()
+        seed = int(sample_rng(self.seed, epoch, index).integers(2**32))
+        random.seed(seed)
+        np.random.seed(seed)
+        try:
+            image = self.augment(Image.fromarray(pixels.permute(1, 2, 0).numpy()))
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+        return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def make_autoaugment(policy: str, size: int, data_config: dict[str, Any]):
+    """timm's AutoAugment (``original``, ``v0``...), RandAugment (``rand-m9-mstd0.5``) or
+    AugMix (``augmix-m5``) on PIL images, with timm's hyper-parameters for ``size``."""
+    from timm.data.auto_augment import (augment_and_mix_transform, auto_augment_transform,
+                                        rand_augment_transform)
+    from timm.data.transforms import str_to_pil_interp
+
+    hparams = {"translate_const": int(size * 0.45),
+               "img_mean": tuple(min(255, round(255 * m)) for m in data_config["mean"]),
+               "interpolation": str_to_pil_interp(data_config["interpolation"])}
+    try:
+        if policy.startswith("rand"):
+            return rand_augment_transform(policy, hparams)
+        if policy.startswith("augmix"):
+            return augment_and_mix_transform(policy, {**hparams, "translate_pct": 0.3})
+        return auto_augment_transform(policy, hparams)
+    except (AssertionError, KeyError, ValueError, IndexError) as exc:
+        raise ValueError(f"--autoaugment {policy!r} is not a timm policy "
+                         f"(e.g. rand-m9-mstd0.5, original, v0, augmix-m5): {exc}") from None
+
+
+class DeviceBatches:
+    """A DataLoader's uint8 batches as normalised float tensors on the device."""
+
+    def __init__(self, loader: DataLoader, device: torch.device, mean, std,
+                 channels_last: bool):
+        self.loader, self.device, self.channels_last = loader, device, channels_last
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=device)
+        self.std = torch.tensor(std, dtype=torch.float32, device=device)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for pixels, targets, labels in self.loader:
+            images = pixels_to_input(pixels.to(self.device, non_blocking=True), self.mean,
+                                     self.std)
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            yield (images, targets.to(self.device, non_blocking=True),
+                   labels.to(self.device, non_blocking=True))
+
+
+@dataclass
+class TrainData:
+    """What the trainer iterates: ``train`` (an epoch of batches) and optional ``val``."""
+
+    train: Any
+    val: Any
+    sampler: ShardedSampler
+    num_classes: int
+    num_train: int
+    crop: str
+    describe: dict[str, Any] = field(default_factory=dict)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+
+def default_workers(env: D.DistEnv) -> int:
+    """Worker processes per rank: this machine's cores shared by its ranks, at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(8, (cores or 1) // max(1, env.dist.local_world_size)))
+
+
+def resolve_decoder(decoder: str, device: torch.device) -> str:
+    """``auto`` → DALI on a GPU when it imports, PIL on the CPU (where forked PIL workers
+    beat DALI's CPU mode); an explicit ``dali`` without DALI installed is an ImportError."""
+    from teacher_infer.infer import resolve_decoder as resolve
+
+    if decoder == "auto" and device.type != "cuda":
+        return "pil"
+    return resolve(decoder)
+
+
+def training_crop(cfg, samples: SampleSet) -> str:
+    """The crop a run trains with (see the module docstring)."""
+    if cfg.freeze_backbone:
+        return "center"
+    if not cfg.distill_from_stores or cfg.views == "global":
+        return "random"
+    if cfg.views == "replay":
+        return "replay"
+    return "replay" if max(s.num_views for s in samples.stores) > 1 else "random"
+
+
+def build_data(cfg, env: D.DistEnv, data_config: dict[str, Any], *,
+               log: logging.Logger) -> TrainData:
+    """Open and check the training (and validation) data and build their loaders."""
+    if cfg.stores:
+        samples = open_stores(cfg.stores, env=env)
+    else:
+        samples = open_source(cfg.data, cfg.root, env=env, what="--data")
+    describe: dict[str, Any] = {"store_top1": store_top1(samples)}
+    if describe["store_top1"] is not None:
+        log.info(f"stored labels' view-0 top-1 vs ground truth: {100 * describe['store_top1']:.2f}%"
+                 f" over {(samples.labels >= 0).sum():,} labeled rows")
+    if cfg.supervised:
+        labeled = samples.labels >= 0
+        if not labeled.any():
+            raise ValueError(f"--supervised needs ground-truth labels; "
+                             f"{cfg.data or ', '.join(cfg.stores)} has none")
+        samples = samples.subset(labeled)
+    crop = training_crop(cfg, samples)
+    decoder = resolve_decoder(cfg.decoder, env.device)
+    workers = default_workers(env) if cfg.num_workers is None else cfg.num_workers
+    channels_last = env.device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
+    sampler = ShardedSampler(len(samples), rank=env.rank, world_size=env.world_size,
+                             seed=cfg.seed, shuffle=True)
+    if len(sampler) < cfg.batch_size:
+        raise ValueError(f"{len(samples):,} training images give {len(sampler):,} per process, "
+                         f"fewer than one batch of {cfg.batch_size}: lower --batch-size")
+    train_set = CropDataset(samples, crop=crop, data_config=data_config, seed=cfg.seed,
+                            with_targets=cfg.distill_from_stores, crop_scale=cfg.crop_scale,
+                            autoaugment=cfg.autoaugment)
+    batching = dict(batch_size=cfg.batch_size, workers=workers, env=env,
+                    data_config=data_config, channels_last=channels_last, decoder=decoder)
+    train = make_batches(train_set, sampler, drop_last=True, **batching)
+    val = None
+    if cfg.val:
+        val_samples = open_source(cfg.val, cfg.val_root, env=env, what="--val")
+        val_samples = val_samples.subset(val_samples.labels >= 0)
+        if len(val_samples) == 0:
+            raise ValueError(f"--val {cfg.val} has no labeled images")
+        if val_samples.labels.max() >= samples.num_classes:
+            raise ValueError(f"--val {cfg.val} has label {val_samples.labels.max()} but the "
+                             f"student has {samples.num_classes} classes")
+        val_set = CropDataset(val_samples, crop="center", data_config=data_config,
+                              seed=cfg.seed, with_targets=False)
+        val_sampler = ShardedSampler(len(val_samples), rank=env.rank,
+                                     world_size=env.world_size, shuffle=False)
+        val = make_batches(val_set, val_sampler, drop_last=False, **batching)
+        describe["num_val"] = len(val_samples)
+    describe.update(crop=crop, decoder=decoder, num_workers=workers, num_train=len(samples))
+    log.info(f"data: {len(samples):,} training images ({crop} crops, {decoder} decoding, "
+             f"{workers} worker(s) per process)"
+             + (f", {describe['num_val']:,} validation images" if val is not None else ""))
+    return TrainData(train=train, val=val, sampler=sampler, num_classes=samples.num_classes,
+                     num_train=len(samples), crop=crop, describe=describe)
+
+
+def make_batches(dataset: CropDataset, sampler: ShardedSampler, *, batch_size: int,
+                 workers: int, env: D.DistEnv, data_config: dict[str, Any], channels_last: bool,
+                 decoder: str, drop_last: bool):
+    """Device batches of ``dataset`` in ``sampler`` order, decoded by PIL workers or DALI."""
+    if decoder == "dali":
+        from .dali import DaliBatches
+
+        return DaliBatches(dataset, sampler, batch_size=batch_size, workers=workers,
+                           device=env.device, data_config=data_config,
+                           channels_last=channels_last, drop_last=drop_last)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                        drop_last=drop_last, pin_memory=env.device.type == "cuda",
+                        persistent_workers=workers > 0)
+    return DeviceBatches(loader, env.device, data_config["mean"], data_config["std"],
+                         channels_last)

@@ -1,0 +1,87 @@
+"""Processes and devices: one code path for a CPU, one GPU, and DDP under ``torchrun``.
+
+Rank discovery, the process group (nccl for CUDA, gloo for the CPU) and the device choice are
+teacher_infer's (``Dist``, ``resolve_device``); this module adds what training needs on top:
+summing tensors over ranks and the autocast of a precision.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import ContextManager
+
+import torch
+import torch.distributed as dist
+
+from teacher_infer.distributed import Dist
+from teacher_infer.infer import resolve_device
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process runs: its place among the ``torchrun`` processes and its device."""
+
+    dist: Dist
+    device: torch.device
+
+    @property
+    def rank(self) -> int:
+        return self.dist.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.dist.world_size
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist.is_main
+
+    @property
+    def distributed(self) -> bool:
+        return self.dist.enabled
+
+
+def setup(device: str = "auto") -> DistEnv:
+    """Join the ``torchrun`` process group when there is one and pick this rank's device."""
+    ranks = Dist.from_env()
+    resolved = resolve_device(device, ranks)
+    ranks.init(resolved)
+    return DistEnv(ranks, resolved)
+
+
+def teardown(env: DistEnv) -> None:
+    env.dist.close()
+
+
+def all_reduce_sum(values: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """Sum a tensor over all ranks (a copy; identity for one process)."""
+    values = values.detach().clone()
+    if env.distributed:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def all_gather(obj: object, env: DistEnv) -> list:
+    """Every rank's ``obj`` (picklable), in rank order."""
+    return env.dist.gather(obj)
+
+
+def barrier(env: DistEnv) -> None:
+    env.dist.barrier()
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` → bf16 on GPUs (no loss scaling needed), fp32 on the CPU."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("--precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+    return precision
+
+
+def autocast(precision: str, device: torch.device) -> ContextManager:
+    """The autocast context of a resolved precision (a no-op for fp32)."""
+    if precision == "fp32":
+        return nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)

@@ -1,0 +1,87 @@
+"""``ssld eval``: top-1/top-5 and throughput of a checkpoint on a labeled image source."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import distributed as D
+from .checkpoint import saved_data_config
+from .metrics import EvalResult
+
+
+def evaluate(model: str, checkpoint: str, data: str, *, root: Optional[str] = None,
+             input_size: Optional[int] = None, batch_size: int = 256, device: str = "auto",
+             decoder: str = "auto", precision: str = "auto", num_workers: Optional[int] = None,
+             channels_last: Optional[bool] = None) -> EvalResult:
+    """Evaluate ``checkpoint`` (a train-student checkpoint or a plain state dict) on ``data``.
+
+    Images get the model's evaluation preprocessing (resize + center crop at its crop_pct) at
+    ``input_size``, which defaults to the size a train-student checkpoint was trained at, else
+    the model's pretrained-config size. The class count is read from the checkpoint's
+    classifier. Weights are read as ``infer-teacher --checkpoint`` reads them: a checkpoint's
+    EMA weights are preferred when it has them (timm's rule).
+
+    Returns an :class:`EvalResult` (fractions and images/s); runs under ``torchrun`` too,
+    each rank evaluating a disjoint share.
+    """
+    from teacher_infer.model import load_weights, read_state_dict, resolve_model_name
+
+    from .data import CropDataset, default_workers, make_batches, resolve_decoder
+    from .models import create, data_config_for
+    from .samples import open_source
+    from .sampling import ShardedSampler
+    from .train import validate
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    env = D.setup(device)
+    try:
+        name = resolve_model_name(model)
+        if input_size is None:
+            input_size = (saved_data_config(checkpoint) or {}).get("input_size")
+        data_config = data_config_for(name, input_size)
+        state, _ = read_state_dict(checkpoint)
+        net = create(name, _classes_in(state, name, checkpoint))
+        load_weights(net, checkpoint)
+        samples = open_source(data, root, env=env, what="--data")
+        samples = samples.subset(samples.labels >= 0)
+        num_classes = net.num_classes
+        if len(samples) == 0:
+            raise ValueError(f"--data {data} has no labeled images to evaluate on")
+        if samples.labels.max() >= num_classes:
+            raise ValueError(f"--data {data} has label {samples.labels.max()} but the checkpoint "
+                             f"has {num_classes} classes")
+        channels_last = env.device.type == "cuda" if channels_last is None else channels_last
+        net.to(env.device, memory_format=torch.channels_last if channels_last
+               else torch.contiguous_format)
+        dataset = CropDataset(samples, crop="center", data_config=data_config, seed=0,
+                              with_targets=False)
+        sampler = ShardedSampler(len(samples), rank=env.rank, world_size=env.world_size,
+                                 shuffle=False)
+        workers = default_workers(env) if num_workers is None else num_workers
+        batches = make_batches(dataset, sampler, batch_size=batch_size, workers=workers,
+                               env=env, data_config=data_config, channels_last=channels_last,
+                               decoder=resolve_decoder(decoder, env.device), drop_last=False)
+        return validate(net, batches, env=env, precision=D.resolve_precision(precision,
+                                                                             env.device))
+    finally:
+        D.teardown(env)
+
+
+def _classes_in(state: dict, model_name: str, path: str) -> int:
+    """Output count of the checkpoint's classifier (timm's ``pretrained_cfg["classifier"]``)."""
+    from timm.models import get_pretrained_cfg
+
+    from teacher_infer.model import strip_prefixes
+
+    found = get_pretrained_cfg(model_name)
+    heads = (found.to_dict() if found is not None else {}).get("classifier", "fc")
+    heads = heads if isinstance(heads, (list, tuple)) else (heads,)
+    state = strip_prefixes(state)
+    for head in heads:
+        weight = state.get(f"{head}.weight")
+        if weight is not None:
+            return int(weight.shape[0])
+    raise ValueError(f"checkpoint {path} has no classifier weight {heads[0]}.weight for "
+                     f"{model_name}: is it a checkpoint of this model?")

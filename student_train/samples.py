@@ -1,0 +1,158 @@
+"""The training set of a run: label stores (or an image source) opened, checked and flattened.
+
+Everything a run refuses about its data is refused here, before the first epoch, with a message
+that names the store: an incomplete store, a class count that differs from the student's (the
+first store's), images missing under a store's recorded root.
+
+Label arrays are loaded into RAM once (``LabelStore.load``); DataLoader workers are forked and
+share those pages. Image paths are kept as one byte buffer plus offsets rather than a list of
+Python strings, whose reference counts would make every worker copy the pages it touches.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+
+import labelstore
+from teacher_infer.data import find_samples
+
+from . import distributed as D
+
+# Rows whose teacher top-1 is compared with the ground truth per read (bounded memory).
+_AGREEMENT_ROWS = 1 << 20
+
+
+class PathTable:
+    """A compact, fork-friendly list of file paths: ``table[i]`` is a str."""
+
+    def __init__(self, paths: Sequence[str]):
+        encoded = [p.encode("utf-8") for p in paths]
+        self._offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(e) for e in encoded], out=self._offsets[1:])
+        self._buffer = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, i: int) -> str:
+        return self._buffer[self._offsets[i]:self._offsets[i + 1]].tobytes().decode("utf-8")
+
+
+@dataclass
+class SampleSet:
+    """Samples of a run: sample i is file ``paths[i]`` with ground truth ``labels[i]`` (-1 =
+    unknown) and, for store sets, row ``rows[i]`` of ``stores[store_of[i]]``."""
+
+    paths: PathTable
+    labels: np.ndarray                       # (n,) int64
+    num_classes: int
+    stores: Optional[list] = None            # loaded LabelStore readers
+    store_of: Optional[np.ndarray] = None    # (n,) int16
+    rows: Optional[np.ndarray] = None        # (n,) int64
+    class_names: Optional[list] = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, keep: np.ndarray) -> "SampleSet":
+        pick = lambda a: None if a is None else a[keep]  # noqa: E731
+        return SampleSet(PathTable([self.paths[i] for i in np.flatnonzero(keep)]),
+                         self.labels[keep], self.num_classes, self.stores, pick(self.store_of),
+                         pick(self.rows), self.class_names)
+
+
+def store_root(store) -> str:
+    """The folder a store's keys are relative to (``attrs["dataset"]["root"]``)."""
+    root = (store.attrs.get("dataset") or {}).get("root")
+    if not root:
+        raise ValueError(f"label store {store.path} records no dataset root "
+                         "(attrs['dataset']['root']): cannot find its images")
+    return str(root)
+
+
+def open_stores(paths: Sequence[str], *, env: D.DistEnv) -> SampleSet:
+    """Open, check and concatenate label stores; only rows with ``valid=True`` are kept."""
+    stores = []
+    for path in paths:
+        store = labelstore.open(path)
+        store.require_complete()
+        if stores and store.num_classes != stores[0].num_classes:
+            raise ValueError(f"label store {store.path} has {store.num_classes} classes but the "
+                             f"student has {stores[0].num_classes} (from {stores[0].path})")
+        stores.append(store.load())
+    all_paths, labels, store_of, rows = [], [], [], []
+    for number, store in enumerate(stores):
+        valid = _valid_rows(store)
+        root = store_root(store)
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"label store {store.path}: its image root {root} does not "
+                                    "exist")
+        keys = store.keys
+        all_paths += [os.path.join(root, *str(keys[i]).split("/")) for i in valid]
+        labels.append(store.labels[valid].astype(np.int64))
+        store_of.append(np.full(len(valid), number, dtype=np.int16))
+        rows.append(valid.astype(np.int64))
+        first = sum(len(r) for r in rows[:-1])
+        require_files(all_paths, first, len(all_paths), f"label store {store.path} (root {root})",
+                      env)
+    if not all_paths:
+        raise ValueError(f"the label stores {', '.join(paths)} have no valid rows")
+    return SampleSet(PathTable(all_paths), np.concatenate(labels), stores[0].num_classes,
+                     stores, np.concatenate(store_of), np.concatenate(rows),
+                     stores[0].class_names)
+
+
+def open_source(data: str, root: Optional[str], *, env: D.DistEnv, what: str) -> SampleSet:
+    """An image source (class folder, unlabeled folder or list file) as a sample set."""
+    found = find_samples(data, root=root)
+    paths = [found.path(i) for i in range(len(found))]
+    require_files(paths, 0, len(paths), f"{what} {data} (root {found.root})", env)
+    num_classes = len(found.class_names) if found.class_names else int(found.labels.max()) + 1
+    return SampleSet(PathTable(paths), np.asarray(found.labels, dtype=np.int64),
+                     max(num_classes, 0), class_names=found.class_names)
+
+
+def require_files(paths: Sequence[str], start: int, stop: int, owner: str,
+                  env: D.DistEnv) -> None:
+    """Raise FileNotFoundError naming ``owner`` when any of ``paths[start:stop]`` is missing.
+
+    Each rank stats a disjoint share (threads hide file-system latency), then the ranks
+    agree on the result so that all of them refuse together.
+    """
+    mine = list(range(start + env.rank, stop, env.world_size))
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        exists = list(pool.map(lambda i: os.path.isfile(paths[i]), mine, chunksize=256))
+    missing = [paths[i] for i, ok in zip(mine, exists) if not ok]
+    reports = D.all_gather((len(missing), missing[:3]), env)
+    count = sum(n for n, _ in reports)
+    if count:
+        examples = [p for _, some in reports for p in some][:3]
+        raise FileNotFoundError(f"{owner}: {count} of {stop - start} images are missing "
+                                f"(e.g. {', '.join(examples)})")
+
+
+def _valid_rows(store) -> np.ndarray:
+    parts = [np.flatnonzero(store.read(slice(lo, lo + _AGREEMENT_ROWS)).valid) + lo
+             for lo in range(0, len(store), _AGREEMENT_ROWS)]
+    return np.concatenate(parts)
+
+
+def store_top1(samples: SampleSet) -> Optional[float]:
+    """How often the stored view-0 top-1 equals the ground truth, over labeled samples."""
+    if samples.stores is None:
+        return None
+    hits = total = 0
+    for number, store in enumerate(samples.stores):
+        mine = samples.store_of == number
+        rows, labels = samples.rows[mine], samples.labels[mine]
+        labeled = labels >= 0
+        rows, labels = rows[labeled], labels[labeled]
+        for lo in range(0, len(rows), _AGREEMENT_ROWS):
+            part = store.read(rows[lo:lo + _AGREEMENT_ROWS])
+            hits += int((part.indices[:, 0, 0] == labels[lo:lo + _AGREEMENT_ROWS]).sum())
+        total += len(rows)
+    return hits / total if total else None
