@@ -1,0 +1,43 @@
+"""Teacher inference: run a teacher once over a data set and write a label store.
+
+>>> import teacher_infer
+>>> cfg = teacher_infer.InferConfig(model="resnext101_32x16d_wsl", data="imagenet/train",
+...                                 out="train.zarr", pretrained=True)   # doctest: +SKIP
+>>> print(teacher_infer.run(cfg))                                         # doctest: +SKIP
+infer-teacher: 1,281,167 images (0 failed) in ... img/s ... → train.zarr (...)
+
+Importing this package does not import torch, timm or DALI (``ssld --help`` stays instant).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .config import InferConfig
+from .data import Samples, find_samples
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .infer import RunSummary
+
+__all__ = ["InferConfig", "RunSummary", "Samples", "find_samples", "resolve_model_name", "run"]
+
+
+def run(cfg: InferConfig) -> "RunSummary":
+    """Run ``cfg`` (see :class:`InferConfig`); returns the run's :class:`RunSummary`."""
+    from .infer import run as _run
+
+    return _run(cfg)
+
+
+def resolve_model_name(name: str) -> str:
+    """The timm name for a timm or PaddleClas model name (ValueError with close matches)."""
+    from .model import resolve_model_name as _resolve
+
+    return _resolve(name)
+
+
+def __getattr__(name: str):
+    if name == "RunSummary":
+        from .infer import RunSummary
+
+        return RunSummary
+    raise AttributeError(f"module 'teacher_infer' has no attribute {name!r}")

@@ -1,0 +1,110 @@
+"""The configuration of one teacher-inference run (no torch import here).
+
+Every field has the default the ``ssld infer-teacher`` command shows; ``None`` means
+"the model's own value" (from timm's pretrained config) or "decide from the machine".
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+DECODERS = ("auto", "dali", "pil")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16", "fp16")
+SOURCES = ("auto", "folder", "unlabeled", "list")
+DEFAULT_CHUNK_ROWS = 16384
+
+
+@dataclass
+class InferConfig:
+    """What to run, on what, and how; ``teacher_infer.run(cfg)`` executes it."""
+
+    model: str                          # timm name, "arch.tag", or a PaddleClas name
+    data: str                           # class-folder root, unlabeled folder, or list file
+    out: str                            # label store to write (NAME.zarr)
+    root: str | None = None             # list files: paths are relative to this (default: its folder)
+    source: str = "auto"                # force the data-source kind when a folder is ambiguous
+    checkpoint: str | None = None       # state dict / training checkpoint (.pth, .pt, .safetensors)
+    pretrained: bool = False            # weights from timm's hub cache (never waits on a network)
+    random_weights: bool = False        # allow running without weights (tests, benchmarks)
+    num_classes: int | None = None      # classifier size when it differs from the model default
+    class_names: str | None = None      # file with one class name per line (recorded in the store)
+
+    topk: int = 10                      # classes kept per view
+    views: int = 1                      # view 0 = eval crop; 1.. = RandomResizedCrop + flip
+    seed: int = 0                       # seeds the view boxes (and random weights)
+    crop_scale: tuple[float, float] = (0.08, 1.0)       # RandomResizedCrop area range
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)    # RandomResizedCrop aspect range
+    temperature: float = 1.0            # softmax temperature of the stored probabilities
+
+    input_size: int | None = None       # square input side; None = the model's
+    interpolation: str | None = None    # bilinear | bicubic | nearest | lanczos; None = the model's
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    crop_pct: float | None = None       # view 0: resize to input_size / crop_pct, center crop
+
+    batch_size: int = 64                # images per forward pass (each carries all its views)
+    device: str = "auto"                # auto = cuda when available
+    decoder: str = "auto"               # auto = DALI when importable, else PIL
+    precision: str = "fp32"             # bf16/fp16 autocast; softmax/top-k stay float32
+    channels_last: bool = False
+    compile: bool = False               # torch.compile the forward
+    num_workers: int | None = None      # DataLoader workers per rank; None = from the CPU count
+    chunk_rows: int | None = None       # rows per store chunk (a rank's unit of work); None = 16384
+    embeddings: bool = False            # also store pooled pre-logit features of view 0
+    overwrite: bool = False             # replace an existing store instead of resuming it
+    progress: bool = True               # tqdm bar on rank 0
+
+    extra: dict[str, Any] = field(default_factory=dict)  # recorded verbatim in the store attrs
+
+    def __post_init__(self) -> None:
+        self.crop_scale = tuple(float(v) for v in self.crop_scale)
+        self.crop_ratio = tuple(float(v) for v in self.crop_ratio)
+        if self.mean is not None:
+            self.mean = tuple(float(v) for v in self.mean)
+        if self.std is not None:
+            self.std = tuple(float(v) for v in self.std)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad value (called on construction)."""
+        choices = {"decoder": DECODERS, "device": DEVICES, "precision": PRECISIONS,
+                   "source": SOURCES}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}; "
+                                 f"got {getattr(self, name)!r}")
+        if sum([self.checkpoint is not None, self.pretrained, self.random_weights]) > 1:
+            raise ValueError("give only one of --checkpoint, --pretrained, --random-weights")
+        if not (self.checkpoint or self.pretrained or self.random_weights):
+            raise ValueError("no teacher weights: pass --checkpoint FILE or --pretrained "
+                             "(or --random-weights for tests and benchmarks)")
+        positive = {"topk": self.topk, "views": self.views, "batch_size": self.batch_size}
+        for name, value in positive.items():
+            if int(value) < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        for name in ("input_size", "num_classes", "chunk_rows"):
+            value = getattr(self, name)
+            if value is not None and int(value) < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        low, high = self.crop_scale
+        if not 0 < low <= high <= 1:
+            raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {self.crop_scale}")
+        low, high = self.crop_ratio
+        if not 0 < low <= high:
+            raise ValueError(f"crop_ratio must satisfy 0 < min <= max, got {self.crop_ratio}")
+        if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
+            raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is not None and len(value) != 3:
+                raise ValueError(f"{name} needs 3 values (R G B), got {len(value)}")
+        if self.std is not None and min(self.std) <= 0:
+            raise ValueError(f"std must be > 0, got {self.std}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

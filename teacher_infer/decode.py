@@ -1,0 +1,223 @@
+"""Reading images with PIL and the torch ``Dataset`` both decoders share.
+
+``ViewDataset`` yields one item per row. In ``pil`` mode a worker decodes the image,
+plans its views (:mod:`teacher_infer.views`) and renders them as uint8 tensors; in
+``bytes`` mode (the DALI decoder) it only reads the file and its header — enough to
+plan the views — and leaves decoding to DALI. Images DALI cannot read (GIF, PBM ...)
+are rendered by PIL in the worker instead. A file that cannot be read or decoded
+becomes an item with ``valid=False`` and a one-line reason; it never raises, so the
+rest of its batch is kept.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .views import ViewSpec, pixel_box, plan_views
+
+# PIL resampling filters by timm's interpolation names.
+PIL_FILTERS = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
+               "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS,
+               "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING}
+# Formats nvidia.dali's image decoder reads (PIL's format names); others go through PIL.
+DALI_FORMATS = {"JPEG", "PNG", "BMP", "TIFF", "WEBP", "JPEG2000", "PPM"}
+_EXIF_ORIENTATION = 0x0112
+_SWAPS_AXES = {5, 6, 7, 8}  # EXIF orientations that transpose the image
+
+
+class DecodeError(Exception):
+    """An image that cannot be used; the message is the reason written to failed.txt."""
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image (PIL cannot identify the format)"
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}"[:300]
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode → 8-bit RGB: EXIF orientation applied, alpha dropped, 16-bit scaled.
+
+    16-bit and 32-bit integer images are scaled by 255/65535 with rounding (what DALI
+    does); PIL's own ``convert("RGB")`` would clip them to 255 instead.
+    """
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
+        values = np.asarray(image, dtype=np.int64).clip(0, 65535)
+        image = Image.fromarray(((values + 128) // 257).astype(np.uint8), mode="L")
+    elif image.mode == "F":
+        image = Image.fromarray(np.asarray(image).clip(0, 255).round().astype(np.uint8), mode="L")
+    if image.mode == "RGB":
+        return image
+    with warnings.catch_warnings():
+        # "Palette images with transparency should be converted to RGBA": alpha is dropped anyway
+        warnings.simplefilter("ignore", UserWarning)
+        return image.convert("RGB")
+
+
+def open_rgb(source: Any) -> Image.Image:
+    """Open and fully decode ``source`` (path or file object) as RGB; DecodeError if it cannot."""
+    try:
+        with Image.open(source) as image:
+            image.load()  # decode now: truncated data fails here, not later
+            return to_rgb(image)
+    except FileNotFoundError:
+        raise DecodeError("missing file") from None
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is a per-file failure
+        raise DecodeError(_reason(exc)) from None
+
+
+def render_views(image: Image.Image, boxes: np.ndarray, flips: np.ndarray,
+                 size: tuple[int, int], interpolation: str) -> torch.Tensor:
+    """The views of an RGB image as a (V, 3, H, W) uint8 tensor (see views.py for boxes)."""
+    height, width = size
+    resample = PIL_FILTERS[interpolation]
+    out = torch.empty((len(boxes), 3, height, width), dtype=torch.uint8)
+    for view, (box, flip) in enumerate(zip(boxes, flips)):
+        crop = image.resize((width, height), resample,
+                            box=pixel_box(box, image.height, image.width))
+        if flip:
+            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        out[view] = torch.from_numpy(np.array(crop)).permute(2, 0, 1)
+    return out
+
+
+def header_size(data: bytes) -> tuple[int, int, str]:
+    """(height, width) after EXIF orientation and the format name, from the header only."""
+    if not data:
+        raise DecodeError("empty file")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+            fmt = image.format or "?"
+    except Exception as exc:  # noqa: BLE001
+        raise DecodeError(_reason(exc)) from None
+    if orientation in _SWAPS_AXES:
+        height, width = width, height
+    return height, width, fmt
+
+
+@dataclass
+class Item:
+    """One row as a worker returns it."""
+
+    row: int
+    boxes: np.ndarray                  # (V, 4) uint16
+    flips: np.ndarray                  # (V,) bool
+    valid: bool
+    reason: str | None = None
+    pixels: torch.Tensor | None = None  # (V, 3, H, W) uint8 when decoded by PIL
+    encoded: np.ndarray | None = None   # file bytes for DALI
+
+
+class ViewDataset(torch.utils.data.Dataset):
+    """Row ``i`` of ``paths``/``keys`` → :class:`Item`; ``mode`` is ``pil`` or ``bytes``."""
+
+    def __init__(self, paths: list[str], keys: list[str], spec: ViewSpec, interpolation: str,
+                 mode: str = "pil"):
+        if mode not in ("pil", "bytes"):
+            raise ValueError(f"mode must be 'pil' or 'bytes', got {mode!r}")
+        self.paths, self.keys, self.spec = paths, keys, spec
+        self.interpolation, self.mode = interpolation, mode
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _failed(self, row: int, reason: str) -> Item:
+        views = self.spec.views
+        return Item(row, np.zeros((views, 4), np.uint16), np.zeros(views, bool), False, reason)
+
+    def __getitem__(self, row: int) -> Item:
+        try:
+            if self.mode == "pil":
+                return self._decode(row, self.paths[row])
+            with open(self.paths[row], "rb") as handle:
+                data = handle.read()
+            height, width, fmt = header_size(data)
+            if fmt not in DALI_FORMATS:
+                return self._decode(row, io.BytesIO(data))
+            boxes, flips = plan_views(self.keys[row], height, width, self.spec)
+            return Item(row, boxes, flips, True, encoded=np.frombuffer(data, dtype=np.uint8))
+        except FileNotFoundError:
+            return self._failed(row, "missing file")
+        except IsADirectoryError:
+            return self._failed(row, "is a directory")
+        except DecodeError as exc:
+            return self._failed(row, str(exc))
+        except OSError as exc:
+            return self._failed(row, _reason(exc))
+
+    def _decode(self, row: int, source: Any) -> Item:
+        image = open_rgb(source)
+        return self.render(row, image)
+
+    def render(self, row: int, image: Image.Image) -> Item:
+        boxes, flips = plan_views(self.keys[row], image.height, image.width, self.spec)
+        pixels = render_views(image, boxes, flips, self.spec.input_size, self.interpolation)
+        return Item(row, boxes, flips, True, pixels=pixels)
+
+
+@dataclass
+class Batch:
+    """Consecutive rows ``[start, start + n)`` of one store chunk, collated in the worker
+    (one shared-memory tensor per batch instead of one per image)."""
+
+    start: int
+    boxes: np.ndarray                   # (n, V, 4) uint16
+    flips: np.ndarray                   # (n, V) bool
+    valid: np.ndarray                   # (n,) bool
+    reasons: list[str | None]           # why a row is invalid
+    pixels: torch.Tensor | None         # (V, n, 3, H, W) uint8, view-major; rows PIL rendered
+    rendered: np.ndarray                # (n,) bool: rows whose pixels are filled in
+    encoded: list[np.ndarray | None]    # file bytes for DALI (None where not to be fed)
+
+    def __len__(self) -> int:
+        return len(self.valid)
+
+    def pin_memory(self) -> "Batch":
+        """Called by the DataLoader (pin_memory=True) for faster host→GPU copies."""
+        if self.pixels is not None:
+            self.pixels = self.pixels.pin_memory()
+        return self
+
+
+def collate(items: list[Item]) -> Batch:
+    rows = [item.row for item in items]
+    if rows != list(range(rows[0], rows[0] + len(rows))):
+        raise ValueError("a batch must hold consecutive rows")
+    rendered = np.array([item.pixels is not None for item in items], dtype=bool)
+    pixels = None
+    if rendered.any():
+        shape = next(item.pixels.shape for item in items if item.pixels is not None)
+        pixels = torch.zeros((shape[0], len(items)) + tuple(shape[1:]), dtype=torch.uint8)
+        for i, item in enumerate(items):
+            if item.pixels is not None:
+                pixels[:, i] = item.pixels
+    return Batch(start=rows[0], boxes=np.stack([item.boxes for item in items]),
+                 flips=np.stack([item.flips for item in items]),
+                 valid=np.array([item.valid for item in items], dtype=bool),
+                 reasons=[item.reason for item in items], pixels=pixels, rendered=rendered,
+                 encoded=[item.encoded for item in items])
+
+
+def batch_ranges(chunks: list[tuple[int, int]], batch_size: int) -> list[list[int]]:
+    """Row lists of the batches: never across a chunk boundary, so a batch's composition
+    (and hence its exact floating-point result) is the same on resume and on any rank count."""
+    batches = []
+    for start, stop in chunks:
+        for lo in range(start, stop, batch_size):
+            batches.append(list(range(lo, min(lo + batch_size, stop))))
+    return batches
+
+
+def pixels_to_input(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., 3, H, W) → normalised float32, with torchvision's ToTensor + Normalize ops."""
+    return pixels.to(torch.float32).div(255).sub_(mean[:, None, None]).div_(std[:, None, None])

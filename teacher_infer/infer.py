@@ -1,0 +1,471 @@
+"""The inference loop: data → views → teacher → top-k → label store.
+
+``run(cfg)`` reads top-down: set up the process (device, torchrun rank), list the data,
+load the teacher, create or resume the store (rank 0 first), split the missing chunks
+round-robin over the ranks, decode and forward batch by batch, write, and summarise.
+
+Batches never straddle a store chunk, so the rows of a chunk are always computed in the
+same batches — a resumed run, a two-rank run and a single run give bit-identical stores
+on a deterministic device.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from .config import DEFAULT_CHUNK_ROWS, InferConfig
+from .data import Samples, find_samples, read_class_names
+from .distributed import Dist
+from .views import ViewSpec
+
+FAILED_FILE = "failed.txt"
+BOX_CONVENTION = ("(y0, x0, h, w) fractions of the EXIF-oriented RGB image; a view resamples "
+                  "that region (PIL resize(box=...) semantics) to input_size, then mirrors it "
+                  "if flipped")
+
+
+@dataclass
+class RunSummary:
+    """What one ``run`` did (all ranks together)."""
+
+    out: str
+    images: int                 # rows computed by this run
+    failures: int               # of them, rows that could not be decoded
+    skipped: int                # rows already in the store (resume)
+    total_failures: int         # invalid rows in the whole store
+    wall_s: float
+    store_bytes: int | None
+    complete: bool
+    decoder: str
+    device: str
+    world_size: int
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.wall_s if self.wall_s > 0 else 0.0
+
+    def __str__(self) -> str:
+        size = "-" if self.store_bytes is None else _human_bytes(self.store_bytes)
+        state = "complete" if self.complete else "INCOMPLETE"
+        resumed = f", {self.skipped:,} already done" if self.skipped else ""
+        return (f"infer-teacher: {self.images:,} images ({self.failures:,} failed{resumed}) in "
+                f"{self.wall_s:.1f} s, {self.images_per_s:,.1f} img/s on {self.world_size}× "
+                f"{self.device} with {self.decoder} → {self.out} ({size}, {state})")
+
+
+def _human_bytes(nbytes: int) -> str:
+    size = float(nbytes)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
+# -- set-up ------------------------------------------------------------------------
+def resolve_device(name: str, dist: Dist):
+    import torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device is available (use --device cpu)")
+        device = torch.device("cuda", dist.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu")
+
+
+def resolve_decoder(name: str) -> str:
+    from .dali import dali_available
+
+    if name == "auto":
+        return "dali" if dali_available() else "pil"
+    if name == "dali" and not dali_available():
+        raise ImportError("--decoder dali: nvidia.dali is not installed "
+                          "(pip install nvidia-dali-cuda120, or use --decoder pil)")
+    return name
+
+
+def _cpus_per_rank(dist: Dist) -> int:
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    return max(1, cpus // max(1, dist.local_world_size))
+
+
+def _on_main(dist: Dist, make: Callable[[], Any]) -> Any:
+    """Run ``make`` on rank 0 and hand its result — or its error — to every rank."""
+    result, error = None, None
+    if dist.is_main:
+        try:
+            result = make()
+        except (ValueError, FileNotFoundError, FileExistsError, ImportError) as exc:
+            error = exc
+    result, error = dist.broadcast((result, error))
+    if error is not None:
+        raise error
+    return result
+
+
+def _labels_and_names(samples: Samples, num_classes: int,
+                      names_file: str | None) -> tuple[np.ndarray, list[str] | None]:
+    """Labels in the model's class space and the class names to record."""
+    names = read_class_names(names_file) if names_file else None
+    if names is not None and len(names) != num_classes:
+        raise ValueError(f"--class-names {names_file} has {len(names)} names but the model has "
+                         f"{num_classes} classes")
+    labels = samples.labels
+    if samples.source == "folder":
+        folders = samples.class_names or []
+        if names is not None and set(folders) <= set(names):
+            index = {name: i for i, name in enumerate(names)}  # map folders to model classes
+            labels = np.asarray([index[folders[label]] for label in labels], dtype=np.int64)
+        elif len(folders) > num_classes:
+            raise ValueError(f"{samples.root} has {len(folders)} class folders but the model has "
+                             f"{num_classes} classes (pass --num-classes or --class-names)")
+        if names is None and len(folders) == num_classes:
+            names = list(folders)
+    if len(labels) and labels.max() >= num_classes:
+        row = int(np.argmax(labels))
+        raise ValueError(f"label {int(labels[row])} of {samples.keys[row]} is >= the model's "
+                         f"{num_classes} classes")
+    return labels, names
+
+
+def _data_config_view_spec(cfg: InferConfig, data_config: dict[str, Any]) -> ViewSpec:
+    _, height, width = data_config["input_size"]
+    return ViewSpec(views=cfg.views, input_size=(int(height), int(width)),
+                    crop_pct=float(data_config["crop_pct"]),
+                    crop_mode=data_config.get("crop_mode") or "center",
+                    crop_scale=cfg.crop_scale, crop_ratio=cfg.crop_ratio, seed=cfg.seed)
+
+
+def _preprocessing(spec: ViewSpec, data_config: dict[str, Any]) -> dict[str, Any]:
+    return {"input_size": [int(v) for v in data_config["input_size"]],
+            "interpolation": data_config["interpolation"],
+            "mean": [float(v) for v in data_config["mean"]],
+            "std": [float(v) for v in data_config["std"]],
+            "crop_pct": spec.crop_pct, "crop_mode": spec.crop_mode, "views": spec.views,
+            "crop_scale": list(spec.crop_scale), "crop_ratio": list(spec.crop_ratio),
+            "flip_prob": spec.flip_prob, "seed": spec.seed, "box_convention": BOX_CONVENTION}
+
+
+# -- the store: create, or check and resume -------------------------------------------
+def _settings(attrs: dict[str, Any]) -> dict[str, Any]:
+    """The attributes a resumed run must agree with, flattened to ``a.b`` names."""
+    teacher = attrs.get("teacher") or {}
+    dataset = attrs.get("dataset") or {}
+    flat = {f"teacher.{k}": teacher.get(k) for k in ("model", "weights", "checkpoint_sha256",
+                                                      "num_classes")}
+    flat.update({f"dataset.{k}": dataset.get(k) for k in ("fingerprint", "num_samples",
+                                                          "labels_sha256")})
+    flat.update({f"preprocessing.{k}": v for k, v in (attrs.get("preprocessing") or {}).items()})
+    flat.update({k: attrs.get(k) for k in ("topk", "views", "temperature", "embedding_dim")})
+    flat["compute.precision"] = (attrs.get("compute") or {}).get("precision")
+    return {k: json.loads(json.dumps(v)) for k, v in flat.items()}
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 24 else text[:20] + "…"
+
+
+def check_resumable(store_attrs: dict[str, Any], attrs: dict[str, Any], out: str,
+                    chunk_rows: int | None) -> None:
+    """ValueError naming every setting in which ``attrs`` differ from the store's."""
+    old, new = _settings(store_attrs), _settings(attrs)
+    diffs = [f"{k} (store {_short(old.get(k))}, now {_short(new.get(k))})"
+             for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if chunk_rows is not None and int(store_attrs.get("chunk_rows", chunk_rows)) != chunk_rows:
+        diffs.append(f"chunk_rows (store {store_attrs.get('chunk_rows')}, now {chunk_rows})")
+    if diffs:
+        raise ValueError(f"{out} was written with different settings: {'; '.join(diffs)}. "
+                         "Pass --overwrite to replace it (or rerun with the store's settings "
+                         "to resume)")
+
+
+def _open_or_create(cfg: InferConfig, samples: Samples, labels: np.ndarray, attrs: dict,
+                    num_classes: int, embedding_dim: int | None) -> tuple[int, bool]:
+    """Rank 0: the store ready for writing; returns (rows already done, resumed?)."""
+    import labelstore
+
+    if os.path.exists(cfg.out) and not cfg.overwrite:
+        store = labelstore.open(cfg.out)
+        check_resumable(store.attrs, attrs, cfg.out, cfg.chunk_rows)
+        done = len(store) - sum(b - a for a, b in store.missing())
+        return done, True
+    writer = labelstore.create(cfg.out, keys=samples.keys, num_classes=num_classes,
+                               topk=cfg.topk, views=cfg.views, labels=labels, attrs=attrs,
+                               chunk_rows=cfg.chunk_rows or DEFAULT_CHUNK_ROWS,
+                               overwrite=cfg.overwrite, embedding_dim=embedding_dim)
+    del writer  # every rank reopens it below
+    return 0, False
+
+
+# -- failures -------------------------------------------------------------------------
+def _local_dir(path: str) -> str | None:
+    if path.startswith("file://"):
+        return path[len("file://"):]
+    return None if "://" in path else path
+
+
+def _append_failures(out: str, rank: int, lines: list[str]) -> None:
+    """Before a chunk can be marked done, its failures are on disk (a crash loses none)."""
+    folder = _local_dir(out)
+    if folder is None or not lines:
+        return
+    with open(os.path.join(folder, f"failed.rank{rank}.part"), "a", encoding="utf-8") as handle:
+        handle.write("".join(lines))
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _merge_failures(out: str, keys: list[str], valid: np.ndarray) -> int:
+    """Rank 0, at the end: failed.txt = every invalid row with its latest reason."""
+    folder = _local_dir(out)
+    if folder is None:
+        return int((~valid).sum())
+    reasons: dict[str, str] = {}
+    parts = sorted(f for f in os.listdir(folder) if f.startswith("failed.rank"))
+    for name in [FAILED_FILE] + parts:
+        path = os.path.join(folder, name)
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as handle:
+                for line in handle:
+                    key, _, reason = line.rstrip("\n").partition("\t")
+                    reasons[key] = reason
+    invalid = [keys[row] for row in np.flatnonzero(~valid)]
+    with open(os.path.join(folder, FAILED_FILE), "w", encoding="utf-8") as handle:
+        for key in invalid:
+            handle.write(f"{key}\t{reasons.get(key, 'unknown')}\n")
+    for name in parts:
+        os.remove(os.path.join(folder, name))
+    return len(invalid)
+
+
+def _disk_bytes(path: str) -> int | None:
+    folder = _local_dir(path)
+    if folder is None or not os.path.isdir(folder):
+        return None
+    return sum(os.path.getsize(os.path.join(root, f))
+               for root, _, files in os.walk(folder) for f in files)
+
+
+# -- compute --------------------------------------------------------------------------
+def _make_forward(model, embeddings: bool, compile_model: bool):
+    """``x → (logits, pre-logit features or None)`` through timm's features/head split."""
+    import torch
+
+    def forward(x):
+        features = model.forward_features(x)
+        logits = model.forward_head(features)
+        pooled = model.forward_head(features, pre_logits=True) if embeddings else None
+        return logits, pooled
+
+    return torch.compile(forward) if compile_model else forward
+
+
+def top_k(logits, k: int, temperature: float):
+    """Top-k softmax probabilities at ``temperature`` and the residual mass, in float32."""
+    import torch
+
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    top_probs, top_indices = probs.topk(k, dim=-1)
+    residual = (1.0 - top_probs.sum(-1)).clamp_(min=0.0)
+    return top_indices, top_probs, residual
+
+
+def _autocast(device, precision: str):
+    import torch
+
+    if precision == "fp32":
+        return torch.autocast(device.type, enabled=False)
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("--precision fp16 needs a CUDA device; use bf16 on the CPU")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _embedding_dim(model, spec: ViewSpec, device) -> int:
+    import torch
+
+    with torch.inference_mode():
+        x = torch.zeros((1, 3) + tuple(spec.input_size), device=device)
+        return int(model.forward_head(model.forward_features(x), pre_logits=True).shape[-1])
+
+
+def _default_workers(decoder: str, cpus: int) -> int:
+    # PIL decodes in the workers; for DALI they only read files and headers.
+    return max(1, min(16, cpus)) if decoder == "pil" else max(1, min(4, cpus // 2))
+
+
+def _batches(loader, decoder_name: str, dali_decoder, device, mean, std):
+    """(batch, images) pairs, images a (V, n, 3, H, W) float32 tensor on ``device``."""
+    import torch
+
+    from .decode import pixels_to_input
+
+    if decoder_name == "dali":
+        yield from dali_decoder.decode(iter(loader))
+        return
+    for batch in loader:
+        if batch.pixels is None:  # every row failed
+            yield batch, None
+            continue
+        pixels = batch.pixels.to(device, non_blocking=True)
+        yield batch, pixels_to_input(pixels, mean, std)
+
+
+# -- the run --------------------------------------------------------------------------
+def run(cfg: InferConfig) -> RunSummary:
+    """Run the teacher of ``cfg`` over its data set into ``cfg.out``; see the module doc."""
+    started = time.perf_counter()
+    dist = Dist.from_env()
+    device = resolve_device(cfg.device, dist)
+    dist.init(device)
+    try:
+        return _run(cfg, dist, device, started)
+    finally:
+        dist.close()
+
+
+def _run(cfg: InferConfig, dist: Dist, device, started: float) -> RunSummary:
+    import torch
+    from tqdm import tqdm
+
+    import labelstore
+
+    from .decode import ViewDataset, batch_ranges, collate
+    from .model import load_teacher
+
+    decoder_name = resolve_decoder(cfg.decoder)
+    samples: Samples = _on_main(dist, lambda: find_samples(cfg.data, root=cfg.root,
+                                                            source=cfg.source))
+    teacher = load_teacher(cfg, device)
+    labels, class_names = _labels_and_names(samples, teacher.num_classes, cfg.class_names)
+    if cfg.topk > teacher.num_classes:
+        raise ValueError(f"--topk {cfg.topk} exceeds the model's {teacher.num_classes} classes")
+    spec = _data_config_view_spec(cfg, teacher.data_config)
+    interpolation = teacher.data_config["interpolation"]
+    embedding_dim = _embedding_dim(teacher.model, spec, device) if cfg.embeddings else None
+    attrs = {
+        "teacher": teacher.record,
+        "preprocessing": _preprocessing(spec, teacher.data_config),
+        "dataset": {"root": samples.root, "source": samples.source,
+                    "data": os.path.abspath(cfg.data),
+                    "labels_sha256": labelstore.fingerprint(str(v) for v in labels)},
+        "temperature": float(cfg.temperature),
+        "class_names": class_names,
+        "embedding_dim": embedding_dim,
+        "compute": {"precision": cfg.precision, "decoder": decoder_name, "device": device.type,
+                    "channels_last": cfg.channels_last, "compile": cfg.compile,
+                    "batch_size": cfg.batch_size},
+        "config": cfg.to_dict(),
+    }
+    # labelstore.create records these too; set here so a resume can compare them
+    attrs["dataset"].update(fingerprint=labelstore.fingerprint(samples.keys),
+                            num_samples=len(samples))
+    skipped, resumed = _on_main(dist, lambda: _open_or_create(
+        cfg, samples, labels, attrs, teacher.num_classes, embedding_dim))
+    dist.barrier()  # the store exists before any rank writes
+    writer = labelstore.open(cfg.out, mode="a")
+
+    todo = [c for c, done in enumerate(writer.done_chunks()) if not done]
+    mine = [writer.chunk_range(c) for c in todo[dist.rank::dist.world_size]]
+    batches = batch_ranges(mine, cfg.batch_size)
+    cpus = _cpus_per_rank(dist)
+    workers = cfg.num_workers if cfg.num_workers is not None else _default_workers(
+        decoder_name, cpus)
+    paths = [samples.path(i) for i in range(len(samples))]
+    dataset = ViewDataset(paths, samples.keys, spec, interpolation,
+                          mode="bytes" if decoder_name == "dali" else "pil")
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
+        pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
+    mean = torch.tensor(teacher.data_config["mean"], dtype=torch.float32, device=device)
+    std = torch.tensor(teacher.data_config["std"], dtype=torch.float32, device=device)
+    dali_decoder = None
+    if decoder_name == "dali" and batches:
+        from .dali import DaliDecoder
+        dali_decoder = DaliDecoder(spec=spec, interpolation=interpolation,
+                                   mean=teacher.data_config["mean"],
+                                   std=teacher.data_config["std"], max_batch=cfg.batch_size,
+                                   device=device, num_threads=max(1, cpus - workers))
+    forward = _make_forward(teacher.model, cfg.embeddings, cfg.compile)
+    views, k = cfg.views, cfg.topk
+    images_done = failures = 0
+    progress = tqdm(total=sum(len(b) for b in batches), unit="img", desc="infer-teacher",
+                    disable=not (dist.is_main and cfg.progress), dynamic_ncols=True,
+                    mininterval=1.0, file=sys.stderr)
+    with torch.inference_mode(), progress:
+        for batch, images in _batches(loader, decoder_name, dali_decoder, device, mean, std):
+            n = len(batch)
+            indices = np.tile(np.arange(k, dtype=np.int64), (n, views, 1))
+            probs = np.zeros((n, views, k), dtype=np.float32)
+            residual = np.ones((n, views), dtype=np.float32)
+            embeddings = np.zeros((n, embedding_dim), np.float32) if embedding_dim else None
+            if images is not None and batch.valid.any():
+                x = images.reshape((views * n,) + tuple(images.shape[2:]))
+                if cfg.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with _autocast(device, cfg.precision):
+                    logits, pooled = forward(x)
+                top_i, top_p, rest = top_k(logits, k, cfg.temperature)
+                ok = batch.valid
+                # view-major rows (v * n + i) → (n, V, k)
+                indices[ok] = top_i.view(views, n, k).transpose(0, 1).cpu().numpy()[ok]
+                probs[ok] = top_p.view(views, n, k).transpose(0, 1).cpu().numpy()[ok]
+                residual[ok] = rest.view(views, n).transpose(0, 1).cpu().numpy()[ok]
+                if embeddings is not None:
+                    embeddings[ok] = pooled[:n].float().cpu().numpy()[ok]
+            failed = np.flatnonzero(~batch.valid)
+            boxes, flips = batch.boxes, batch.flips
+            boxes[failed], flips[failed] = 0, False  # the same meaningless rows for any decoder
+            _append_failures(cfg.out, dist.rank, [
+                f"{samples.keys[batch.start + i]}\t{batch.reasons[i] or 'unknown'}\n"
+                for i in failed])
+            writer.write(batch.start, indices, probs, residual=residual, boxes=boxes,
+                         flips=flips, valid=batch.valid, embeddings=embeddings)
+            images_done += n
+            failures += len(failed)
+            progress.update(n)
+    writer.close()
+    totals = dist.gather((images_done, failures))
+    dist.barrier()  # every rank's chunks are written
+    summary = None
+    if dist.is_main:
+        import zarr
+
+        store = labelstore.open(cfg.out)
+        valid = np.asarray(zarr.open_group(cfg.out, mode="r")["valid"][:], dtype=bool)
+        total_failures = _merge_failures(cfg.out, list(store.keys), valid)
+        missing = store.missing()
+        wall = time.perf_counter() - started
+        run_record = {"finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                      "wall_s": round(wall, 3),
+                      "images": sum(t[0] for t in totals), "failures": sum(t[1] for t in totals),
+                      "world_size": dist.world_size, "device": device.type,
+                      "decoder": decoder_name, "resumed": resumed}
+        final = labelstore.open(cfg.out, mode="a")
+        final.update_attrs(complete=not missing, failures=total_failures,
+                           runs=list(store.attrs.get("runs") or []) + [run_record])
+        summary = RunSummary(out=cfg.out, images=run_record["images"],
+                             failures=run_record["failures"], skipped=skipped,
+                             total_failures=total_failures, wall_s=wall,
+                             store_bytes=_disk_bytes(cfg.out), complete=not missing,
+                             decoder=decoder_name, device=device.type,
+                             world_size=dist.world_size,
+                             details={"dali_rebuilds": getattr(dali_decoder, "rebuilds", 0),
+                                      "num_workers": workers})
+    return dist.broadcast(summary)

@@ -1,0 +1,312 @@
+"""The teacher: model names, weights and preprocessing.
+
+- Names: any timm name (``arch`` or ``arch.tag``) plus the PaddleClas names users know
+  (design.md §5). timm's deprecated ``ig_resnext101_32x{16,32,48}d`` aliases all map to
+  the *32x8d* weights; they are resolved here to the right ``fb_wsl_ig1b_ft_in1k`` tags.
+- Weights: ``--checkpoint`` (a state dict or a training checkpoint holding one under
+  ``state_dict_ema``/``model_ema``/``state_dict``/``model``..., EMA preferred like timm,
+  ``module.`` / ``_orig_mod.`` prefixes stripped), ``--pretrained`` from timm's hub
+  cache without waiting on a network, or seeded random weights when asked for.
+- Preprocessing: ``timm.data.resolve_data_config`` of the model with the user's
+  overrides; the result is recorded in the store.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import os
+import socket
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlparse
+
+# PaddleClas model names → timm names (matched case-insensitively).
+PADDLE_NAMES = {
+    "resnext101_32x8d_wsl": "resnext101_32x8d.fb_wsl_ig1b_ft_in1k",
+    "resnext101_32x16d_wsl": "resnext101_32x16d.fb_wsl_ig1b_ft_in1k",
+    "resnext101_32x32d_wsl": "resnext101_32x32d.fb_wsl_ig1b_ft_in1k",
+    "resnext101_32x48d_wsl": "resnext101_32x48d.fb_wsl_ig1b_ft_in1k",
+    "resnet18": "resnet18", "resnet34": "resnet34", "resnet50": "resnet50",
+    "resnet101": "resnet101", "resnet152": "resnet152",
+    "resnet18_vd": "resnet18d", "resnet34_vd": "resnet34d", "resnet50_vd": "resnet50d",
+    "resnet101_vd": "resnet101d", "resnet152_vd": "resnet152d", "resnet200_vd": "resnet200d",
+    "mobilenetv3_large_x1_0": "mobilenetv3_large_100",
+    "mobilenetv3_large_x0_75": "mobilenetv3_large_075",
+    "mobilenetv3_small_x1_0": "mobilenetv3_small_100",
+    "mobilenetv3_small_x0_75": "mobilenetv3_small_075",
+    "mobilenetv2": "mobilenetv2_100", "mobilenetv2_x1_0": "mobilenetv2_100",
+    "efficientnetb0": "efficientnet_b0", "efficientnetb1": "efficientnet_b1",
+    "efficientnetb2": "efficientnet_b2", "efficientnetb3": "efficientnet_b3",
+    "densenet121": "densenet121", "densenet161": "densenet161", "densenet169": "densenet169",
+    "res2net50_26w_4s": "res2net50_26w_4s", "hrnet_w18_c": "hrnet_w18",
+    "ghostnet_x1_0": "ghostnet_100", "regnetx_4gf": "regnetx_040",
+    "vit_base_patch16_224": "vit_base_patch16_224",
+    "deit_base_patch16_224": "deit_base_patch16_224",
+    "swintransformer_base_patch4_window7_224": "swin_base_patch4_window7_224",
+    # timm's own deprecated aliases, which load 32x8d weights for every width:
+    "ig_resnext101_32x8d": "resnext101_32x8d.fb_wsl_ig1b_ft_in1k",
+    "ig_resnext101_32x16d": "resnext101_32x16d.fb_wsl_ig1b_ft_in1k",
+    "ig_resnext101_32x32d": "resnext101_32x32d.fb_wsl_ig1b_ft_in1k",
+    "ig_resnext101_32x48d": "resnext101_32x48d.fb_wsl_ig1b_ft_in1k",
+}
+# Keys under which training checkpoints keep the weights, most preferred first (EMA first, as
+# timm's load_checkpoint does).
+CHECKPOINT_KEYS = ("state_dict_ema", "model_ema", "ema", "state_dict", "model", "module", "net")
+STRIPPED_PREFIXES = ("module.", "_orig_mod.")
+NETWORK_PROBE_SECONDS = 3.0
+
+
+def resolve_model_name(name: str) -> str:
+    """The timm model name to create for ``name``; ValueError listing close matches if none.
+
+    >>> resolve_model_name("ResNet50_vd")
+    'resnet50d'
+    >>> resolve_model_name("resnext101_32x16d_wsl")
+    'resnext101_32x16d.fb_wsl_ig1b_ft_in1k'
+    """
+    import timm
+    from timm.models import get_pretrained_cfg, is_model
+
+    mapped = PADDLE_NAMES.get(name.lower())
+    if mapped is not None:
+        return mapped
+    arch, _, tag = name.partition(".")
+    if is_model(arch) and not _is_deprecated(arch):
+        if tag and get_pretrained_cfg(name) is None:
+            tags = [m.partition(".")[2] for m in timm.list_pretrained(f"{arch}.*")]
+            raise ValueError(f"model {arch} has no pretrained tag {tag!r}; tags: "
+                             f"{', '.join(tags) or 'none'}")
+        return name
+    if _is_deprecated(arch) and not tag:
+        from timm.models._registry import _deprecated_models
+        return _deprecated_models[arch]
+    candidates = timm.list_models() + list(PADDLE_NAMES)
+    lowered = {c.lower(): c for c in candidates}
+    close = difflib.get_close_matches(name.lower(), list(lowered), n=5, cutoff=0.6)
+    hint = f"; close matches: {', '.join(lowered[c] for c in close)}" if close else ""
+    raise ValueError(f"unknown model {name!r}{hint}")
+
+
+def _is_deprecated(arch: str) -> bool:
+    from timm.models._registry import _deprecated_models
+    return arch in _deprecated_models
+
+
+def sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_state_dict(path: str) -> tuple[dict[str, Any], str | None]:
+    """(state dict, key it was found under) from a .safetensors / .pth / .pt file."""
+    import torch
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        try:
+            return load_file(path, device="cpu"), None
+        except Exception as exc:  # noqa: BLE001
+            raise ValueError(f"cannot read safetensors checkpoint {path}: {exc}") from None
+    import argparse
+    try:
+        # weights_only: no arbitrary code from a pickle; argparse.Namespace is what timm's and
+        # many training scripts store next to the weights.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        message = " ".join(str(exc).split())[:300]
+        raise ValueError(f"cannot read checkpoint {path} as a weights-only torch file: "
+                         f"{message}") from None
+    if not isinstance(blob, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(blob).__name__}, not a state dict")
+    found = None
+    for key in CHECKPOINT_KEYS:
+        if isinstance(blob.get(key), dict) and blob[key]:
+            blob, found = blob[key], key
+            break
+    if hasattr(blob, "state_dict") and not isinstance(blob, dict):
+        blob = blob.state_dict()
+    if not blob or not all(isinstance(v, torch.Tensor) for v in blob.values()):
+        keys = ", ".join(list(blob)[:6])
+        raise ValueError(f"checkpoint {path} has no state dict (top-level keys: {keys}; "
+                         f"looked under {', '.join(CHECKPOINT_KEYS)})")
+    return blob, found
+
+
+def strip_prefixes(state: dict[str, Any]) -> dict[str, Any]:
+    """Drop DDP's ``module.`` and torch.compile's ``_orig_mod.`` when every key has one."""
+    changed = True
+    while changed and state:
+        changed = False
+        for prefix in STRIPPED_PREFIXES:
+            if all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix):]: v for k, v in state.items()}
+                changed = True
+    return state
+
+
+def load_weights(model, path: str) -> str | None:
+    """Load a checkpoint strictly into ``model``; ValueError naming what does not fit."""
+    state, found = read_state_dict(path)
+    state = strip_prefixes(state)
+    own = model.state_dict()
+    shapes = [k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if shapes:
+        key = shapes[0]
+        hint = ""
+        classifier = model.default_cfg.get("classifier") if hasattr(model, "default_cfg") else None
+        if classifier and key.startswith(str(classifier)):
+            hint = f" (the checkpoint has {state[key].shape[0]} classes: pass --num-classes " \
+                   f"{state[key].shape[0]})"
+        raise ValueError(f"checkpoint {path} does not fit the model: {key} has shape "
+                         f"{tuple(state[key].shape)}, the model expects {tuple(own[key].shape)}"
+                         f"{hint}")
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not fit the model: {len(missing)} missing "
+                         f"key(s) (e.g. {missing[:3]}), {len(unexpected)} unexpected "
+                         f"(e.g. {unexpected[:3]})")
+    model.load_state_dict(state, strict=True)
+    return found
+
+
+def _reachable(url: str, timeout: float = NETWORK_PROBE_SECONDS) -> bool:
+    """True when a TCP connection to the URL's host opens within ``timeout`` (DNS included)."""
+    parsed = urlparse(url)
+    host, port = parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(result and result[0])
+
+
+def cached_pretrained_file(pretrained_cfg: dict[str, Any]) -> str | None:
+    """The weights file of a pretrained config in the HF hub or torch hub cache, if there."""
+    hub_id = pretrained_cfg.get("hf_hub_id")
+    if hub_id:
+        from huggingface_hub import try_to_load_from_cache
+        names = [pretrained_cfg.get("hf_hub_filename"), "model.safetensors", "pytorch_model.bin",
+                 "open_clip_pytorch_model.bin"]
+        for filename in filter(None, names):
+            found = try_to_load_from_cache(hub_id, filename)
+            if isinstance(found, str) and os.path.isfile(found):
+                return found
+    url = pretrained_cfg.get("url")
+    if url:
+        import torch
+        cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path))
+        if os.path.isfile(cached):
+            return cached
+    return None
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def pretrained_source(name: str) -> str | None:
+    """A local weights file for timm's ``name`` (None: download, the network answered).
+
+    Raises ValueError at once when the weights are neither cached nor reachable.
+    """
+    from timm.models import get_pretrained_cfg
+
+    found = get_pretrained_cfg(name)
+    cfg = found.to_dict() if found is not None else {}
+    if not (cfg.get("hf_hub_id") or cfg.get("url") or cfg.get("file")):
+        raise ValueError(f"timm has no pretrained weights for {name}; pass --checkpoint FILE")
+    local = cfg.get("file") or cached_pretrained_file(cfg)
+    if local is not None:
+        return local
+    endpoint = (os.environ.get("HF_ENDPOINT", "https://huggingface.co") if cfg.get("hf_hub_id")
+                else cfg["url"])
+    if _offline() or not _reachable(endpoint):
+        where = cfg.get("hf_hub_id") or cfg.get("url")
+        raise ValueError(f"pretrained weights for {name} ({where}) are not in the local cache "
+                         "and the network is unreachable: fetch them where there is a network "
+                         "(timm.create_model(NAME, pretrained=True)) or pass --checkpoint FILE")
+    return None
+
+
+@dataclass
+class Teacher:
+    """A model ready for inference and what the store records about it."""
+
+    model: Any                       # torch.nn.Module in eval mode on its device
+    name: str                        # resolved timm name
+    num_classes: int
+    data_config: dict[str, Any]      # resolved preprocessing
+    record: dict[str, Any] = field(default_factory=dict)   # the store's "teacher" attribute
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def load_teacher(cfg, device) -> Teacher:
+    """Create the teacher of ``cfg`` (an InferConfig) on ``device`` with its weights."""
+    import timm
+    import torch
+    from timm.data import resolve_data_config
+
+    name = resolve_model_name(cfg.model)
+    kwargs: dict[str, Any] = {"num_classes": cfg.num_classes}
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}  # None = the model's default
+    # Seeded so that random weights are the same on every rank and in every resumed run.
+    torch.manual_seed(cfg.seed)
+    record: dict[str, Any] = {"model": name, "requested": cfg.model, "checkpoint": None,
+                              "checkpoint_sha256": None}
+    if cfg.pretrained:
+        # timm's own loader (it adapts old checkpoints and classifier sizes), pointed at the
+        # cached file so that it never goes to the network for it.
+        local = pretrained_source(name)
+        kwargs.update(pretrained=True, pretrained_cfg_overlay=None if local is None else
+                      {"file": local})
+        record.update(weights="pretrained", pretrained_from=local or "download")
+    try:
+        model = timm.create_model(name, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - timm raises RuntimeError/KeyError for bad args
+        raise ValueError(f"cannot create model {name}: {' '.join(str(exc).split())}") from None
+    if cfg.checkpoint:
+        record["checkpoint_key"] = load_weights(model, cfg.checkpoint)
+        record.update(weights="checkpoint", checkpoint=os.path.abspath(cfg.checkpoint),
+                      checkpoint_sha256=sha256_file(cfg.checkpoint))
+    elif not cfg.pretrained:
+        record.update(weights=f"random(seed={cfg.seed})")
+    pretrained_cfg = {k: v for k, v in dict(model.pretrained_cfg).items()
+                      if k not in ("label_names", "label_descriptions")}
+    record["pretrained_cfg"] = _json_safe(pretrained_cfg)
+    record["num_classes"] = int(model.num_classes)
+
+    overrides = {"input_size": None if cfg.input_size is None else (3, cfg.input_size,
+                                                                    cfg.input_size),
+                 "interpolation": cfg.interpolation, "mean": cfg.mean, "std": cfg.std,
+                 "crop_pct": cfg.crop_pct}
+    data_config = resolve_data_config({k: v for k, v in overrides.items() if v is not None},
+                                      model=model)
+    model.eval().to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return Teacher(model, name, int(model.num_classes), data_config, record)
