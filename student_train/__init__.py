@@ -14,7 +14,7 @@ import importlib
 __all__ = ["TrainConfig", "TrainResult", "EvalResult", "TrainingDiverged", "train", "evaluate"]
 
 _WHERE = {"TrainConfig": "config", "TrainResult": "metrics", "EvalResult": "metrics",
-          "TrainingDiverged": "train", "train": "train", "evaluate": "evaluate"}
+          "TrainingDiverged": "trainer", "train": "trainer", "evaluate": "evaluation"}
 
 
 def __getattr__(name: str):

@@ -113,7 +113,7 @@ def train_student_cmd(ctx: click.Context, **options) -> None:
     ssld train-student --student mobilenetv3_large_100 --store train.zarr \\
         --store pool.zarr --val imagenet/val --out runs/mv3
     """
-    from .train import TrainingDiverged, train
+    from .trainer import TrainingDiverged, train
 
     cfg = TrainConfig(**options)
     try:
@@ -136,7 +136,7 @@ def train_student_cmd(ctx: click.Context, **options) -> None:
 @_runtime
 def eval_cmd(**options) -> None:
     """Top-1/top-5 accuracy and images/s of a checkpoint on a labeled data set."""
-    from .evaluate import evaluate
+    from .evaluation import evaluate
 
     result = evaluate(**options)
     click.echo(f"{options['model']} {options['checkpoint']}: {result}")

@@ -37,7 +37,8 @@ class TrainConfig:
     epochs: int = 120                     # SSLD trains students 120-360 epochs
     batch_size: int = 256                 # images per process and step (global = × world size)
     lr: float = 0.1                       # for 256 images per step; scaled to the global batch
-    warmup_epochs: float = 5.0            # linear warmup, then cosine to 0 (per step)
+    warmup_epochs: float = 5.0            # linear warmup, then cosine to 0 (per step); at
+                                          # most all epochs
     weight_decay: float = 1e-5            # the method's l2_decay (MobileNets); never on norm/bias
     momentum: float = 0.9
     nesterov: bool = False
@@ -89,8 +90,6 @@ class TrainConfig:
         if not self.lr >= 0 or not self.weight_decay >= 0 or not self.warmup_epochs >= 0:
             raise ValueError(f"lr, weight_decay and warmup_epochs must be >= 0, got "
                              f"{self.lr}, {self.weight_decay}, {self.warmup_epochs}")
-        if self.warmup_epochs > self.epochs:
-            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) exceeds epochs ({self.epochs})")
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ValueError(f"crop_scale must be 0 < min <= max <= 1, got {self.crop_scale}")
         if not 0 <= self.label_smoothing < 1:
@@ -99,6 +98,9 @@ class TrainConfig:
             raise ValueError(f"input_size must be >= 8 pixels, got {self.input_size}")
         if self.num_workers is not None and self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.temperature != 1.0 and self.loss != "kl":
+            raise ValueError(f"--temperature {self.temperature} only applies to --loss kl, "
+                             f"not {self.loss}")
         if self.supervised and self.teacher:
             raise ValueError("--supervised and --teacher are two different baselines; give one")
         if (self.teacher is None) != (self.teacher_checkpoint is None):

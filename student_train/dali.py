@@ -20,13 +20,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from teacher_infer.dali import DaliDecoder
-from teacher_infer.decode import DALI_FORMATS, Batch, header_size, open_rgb, render_views
+from teacher_infer.decode import DALI_FORMATS, Batch, header_size, open_rgb, render_box
 from teacher_infer.views import ViewSpec, quantize_inside
 
 
 class _PlannedBytes(Dataset):
-    """``(epoch, index)`` → (file bytes or None, uint16 box, flip, PIL pixels or None,
-    target, label) -- a :class:`~student_train.data.CropDataset` sample before decoding."""
+    """``(epoch, index)`` → (path, file bytes or None, decoded height, uint16 box, flip, PIL
+    pixels or None, target, label): a :class:`~student_train.data.CropDataset` sample before
+    decoding."""
 
     def __init__(self, crops):
         if crops.augment is not None:
@@ -47,15 +48,16 @@ class _PlannedBytes(Dataset):
         box = quantize_inside(np.asarray(box, dtype=np.float64)[None])[0]
         pixels, encoded = None, np.frombuffer(data, dtype=np.uint8)
         if fmt not in DALI_FORMATS:
-            pixels = render_views(open_rgb(io.BytesIO(data)), box[None], np.array([flip]),
-                                  crops.size, crops.interpolation)[0]
+            crop = render_box(open_rgb(io.BytesIO(data)), box, flip, crops.size,
+                              crops.interpolation)
+            pixels = torch.from_numpy(np.array(crop, dtype=np.uint8)).permute(2, 0, 1)
             encoded = None
-        return (path, encoded, box, flip, pixels, crops.target(stored, view),
+        return (path, encoded, height, box, flip, pixels, crops.target(stored, view),
                 int(crops.samples.labels[index]))
 
 
 def _collate(items: list[tuple]) -> tuple[Batch, list[str], torch.Tensor, torch.Tensor]:
-    paths, encoded, boxes, flips, pixels, targets, labels = zip(*items)
+    paths, encoded, heights, boxes, flips, pixels, targets, labels = zip(*items)
     rendered = np.array([p is not None for p in pixels], dtype=bool)
     stacked = None
     if rendered.any():
@@ -66,7 +68,8 @@ def _collate(items: list[tuple]) -> tuple[Batch, list[str], torch.Tensor, torch.
                 stacked[0, i] = p
     batch = Batch(start=0, boxes=np.stack(boxes)[:, None], flips=np.array(flips)[:, None],
                   valid=np.ones(len(items), dtype=bool), reasons=[None] * len(items),
-                  pixels=stacked, rendered=rendered, encoded=list(encoded))
+                  pixels=stacked, rendered=rendered, encoded=list(encoded),
+                  heights=np.array(heights, dtype=np.int64))
     return batch, list(paths), torch.stack(targets), torch.tensor(labels, dtype=torch.int64)
 
 

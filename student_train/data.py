@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import labelstore
-from teacher_infer.decode import DecodeError, open_rgb, pixels_to_input, render_views
+from teacher_infer.decode import DecodeError, open_rgb, pixels_to_input, render_box, render_eval
 from teacher_infer.views import ViewSpec, eval_box, random_resized_crop_box
 
 from . import distributed as D
@@ -112,15 +112,16 @@ class CropDataset(Dataset):
         except DecodeError as exc:  # a store's row was valid when the teacher read it
             raise ValueError(f"cannot decode {path}: {exc}") from None
         box, flip, view, stored = self.plan(epoch, index, image.height, image.width)
-        pixels = render_views(image, box[None], np.array([flip]), self.size,
-                              self.interpolation)[0]
+        if self.crop == "center":  # timm's own two steps: bit-identical to its eval transform
+            crop = render_eval(image, self.eval_spec, self.interpolation)
+        else:
+            crop = render_box(image, box, flip, self.size, self.interpolation)
         if self.augment is not None:
-            pixels = self._autoaugment(pixels, epoch, index)
+            crop = self._autoaugment(crop, epoch, index)
+        pixels = torch.from_numpy(np.array(crop, dtype=np.uint8)).permute(2, 0, 1).contiguous()
         return pixels, self.target(stored, view), int(self.samples.labels[index])
 
-    def _autoaugment(self, pixels: torch.Tensor, epoch: int, index: int) -> torch.Tensor:
-        from PIL import Image
-
+    def _autoaugment(self, crop, epoch: int, index: int):
         # timm's policies draw from the global `random` and `np.random`: seed them per sample
         # (so workers and resumes agree) and restore them afterwards.
         saved = random.getstate(), np.random.get_state()
@@ -128,11 +129,10 @@ class CropDataset(Dataset):
         random.seed(seed)
         np.random.seed(seed)
         try:
-            image = self.augment(Image.fromarray(pixels.permute(1, 2, 0).numpy()))
+            return self.augment(crop)
         finally:
             random.setstate(saved[0])
             np.random.set_state(saved[1])
-        return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 
 def make_autoaugment(policy: str, size: int, data_config: dict[str, Any]):

@@ -61,6 +61,17 @@ def all_reduce_sum(values: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return values
 
 
+def broadcast_buffers(module: torch.nn.Module, env: DistEnv) -> None:
+    """Rank 0's buffers (batch-norm statistics) on every rank.
+
+    DDP keeps parameters equal but each rank's last forward updates its own running
+    statistics; syncing them after an epoch makes evaluation and checkpoints rank-independent.
+    """
+    if env.distributed:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def all_gather(obj: object, env: DistEnv) -> list:
     """Every rank's ``obj`` (picklable), in rank order."""
     return env.dist.gather(obj)

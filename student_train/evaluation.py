@@ -31,7 +31,7 @@ def evaluate(model: str, checkpoint: str, data: str, *, root: Optional[str] = No
     from .models import create, data_config_for
     from .samples import open_source
     from .sampling import ShardedSampler
-    from .train import validate
+    from .trainer import validate
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")

@@ -172,7 +172,7 @@ def _train(cfg: TrainConfig, env: D.DistEnv) -> TrainResult:
                                 lr_mult=cfg.lr_mult, freeze_backbone=cfg.freeze_backbone)
     steps_per_epoch = len(data.train)
     total_steps = cfg.epochs * steps_per_epoch
-    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+    warmup_steps = min(round(cfg.warmup_epochs * steps_per_epoch), total_steps)
     schedule = lambda step: lr_at(step, total_steps=total_steps,  # noqa: E731
                                   warmup_steps=warmup_steps, base_lr=base_lr)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
@@ -226,6 +226,9 @@ def _train(cfg: TrainConfig, env: D.DistEnv) -> TrainResult:
                     f"{epoch}) is kept" if epoch else "no checkpoint was written")
             log.error(f"stopped: {exc}; {kept}")
             raise TrainingDiverged(f"{exc}; training stopped, {kept}") from None
+        D.broadcast_buffers(model, env)
+        if ema is not None:
+            D.broadcast_buffers(ema.module, env)
         step += steps_per_epoch
         images_total += stats.images
         train_seconds += stats.seconds

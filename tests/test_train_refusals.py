@@ -1,0 +1,142 @@
+"""What ``ssld train-student`` refuses before the first epoch, and how the CLI reports it."""
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+import student_train.trainer as train_module
+from cli import main
+from student_train import TrainConfig, train
+from train_data import make_images, make_store
+
+CLASSES = 4
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("refuse")
+    keys, labels = make_images(str(root / "images"), n=40, classes=CLASSES)
+    return root, keys, labels
+
+
+def store(images, name, **options):
+    root, keys, labels = images
+    path = str(root / f"{name}.zarr")
+    if not os.path.exists(path):
+        make_store(path, str(root / "images"), keys, labels,
+                   classes=options.pop("classes", CLASSES), **options)
+    return path
+
+
+def config(out, stores, **options):
+    values = dict(student="test_resnet", out=str(out), stores=tuple(stores), epochs=2,
+                  batch_size=8, input_size=32, num_workers=0, device="cpu")
+    return TrainConfig(**{**values, **options})
+
+
+def assert_nothing_trained(out):
+    assert not os.path.exists(os.path.join(out, "last.pt"))
+    assert not os.path.exists(os.path.join(out, "metrics.csv"))
+
+
+def test_incomplete_store_is_refused_naming_it(images, tmp_path):
+    partial = store(images, "partial", complete=False, chunk_rows=16)
+    with pytest.raises(ValueError, match=f"label store {partial} is incomplete"):
+        train(config(tmp_path / "run", [store(images, "ok"), partial]))
+    assert_nothing_trained(tmp_path / "run")
+
+
+def test_class_count_mismatch_is_refused_naming_the_store(images, tmp_path):
+    other = store(images, "five", classes=5)
+    with pytest.raises(ValueError, match=f"label store {other} has 5 classes but the student "
+                                         "has 4"):
+        train(config(tmp_path / "run", [store(images, "ok"), other]))
+    assert_nothing_trained(tmp_path / "run")
+
+
+def test_missing_images_are_refused_naming_the_store(images, tmp_path):
+    root, keys, labels = images
+    moved = tmp_path / "copy"
+    shutil.copytree(root / "images", moved)
+    path = str(tmp_path / "moved.zarr")
+    make_store(path, str(moved), keys, labels, classes=CLASSES, invalid=(1,))
+    os.remove(moved / keys[1])  # an invalid row: its image is never read
+    train(config(tmp_path / "fine", [path], epochs=1))
+    os.remove(moved / keys[2])
+    with pytest.raises(FileNotFoundError, match=f"label store {path} .*1 of 39 images are "
+                                                f"missing .*{keys[2]}"):
+        train(config(tmp_path / "run", [path]))
+    assert_nothing_trained(tmp_path / "run")
+    shutil.rmtree(moved)
+    with pytest.raises(FileNotFoundError, match="image root .* does not exist"):
+        train(config(tmp_path / "run2", [path]))
+
+
+def test_resume_with_changed_options_is_refused_naming_them(images, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    original = train_module.train_one_epoch
+    calls = []
+
+    def once(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_one_epoch", once)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(out, [store(images, "ok")]))
+    monkeypatch.setattr(train_module, "train_one_epoch", original)
+    with pytest.raises(ValueError, match="options differ .*lr: 0.1 -> 0.3; .*seed: 0 -> 1"):
+        train(config(out, [store(images, "ok")], resume=True, lr=0.3, seed=1))
+    with pytest.raises(FileExistsError, match="pass --resume"):
+        train(config(out, [store(images, "ok")]))
+    # more workers do not change the result, so they may change
+    result = train(config(out, [store(images, "ok")], resume=True, num_workers=1))
+    assert result.epochs == 2 and result.last["epoch"] == 2
+    with pytest.raises(ValueError, match="already finished"):
+        train(config(out, [store(images, "ok")], resume=True))
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(config(tmp_path / "never", [store(images, "ok")], resume=True))
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(supervised=True, teacher="resnet18", teacher_checkpoint="x.pt"), "two different"),
+    (dict(teacher="resnet18"), "needs both"),
+    (dict(views="sideways"), "views must be one of"),
+    (dict(stores=()), "no training data"),
+    (dict(stores=(), data="images"), "no teacher labels"),
+    (dict(data="images"), "either as --store or as --data"),
+    (dict(batch_size=0), "batch_size must be >= 1"),
+    (dict(temperature=2.0), "only applies to --loss kl"),
+])
+def test_bad_option_combinations(options, message, tmp_path):
+    values = dict(student="test_resnet", out=str(tmp_path), stores=("a.zarr",))
+    values.update(options)
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**values)
+
+
+def test_cli_reports_refusals_in_one_line(images, tmp_path, capsys):
+    partial = store(images, "partial", complete=False, chunk_rows=16)
+    code = main(["train-student", "--student", "test_resnet", "--store", partial, "--out",
+                 str(tmp_path / "run"), "--input-size", "32", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith(f"ssld: error: label store {partial} is incomplete")
+    code = main(["train-student", "--student", "test_resnet", "--store", partial, "--out",
+                 str(tmp_path / "run"), "--lr-mult", "1,2"])
+    assert code == 2 and "expected 5 numbers" in capsys.readouterr().err
+
+
+def test_cli_trains_and_prints_a_summary(images, tmp_path, capsys):
+    out = tmp_path / "cli"
+    code = main(["train-student", "--student", "test_resnet", "--store", store(images, "ok"),
+                 "--out", str(out), "--epochs", "1", "--batch-size", "8", "--input-size", "32",
+                 "--num-workers", "0", "--device", "cpu", "--loss", "skl"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert f"run {out}: 1 epoch(s)" in captured.out
+    assert os.path.exists(out / "last.pt")
