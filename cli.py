@@ -35,8 +35,10 @@ def _register() -> None:
     from teacher_infer._cli import commands as infer_commands
     from teacher_infer._prepare_cli import commands as prepare_commands
     from student_train._cli import commands as train_commands
+    from student_train._quickstart_cli import commands as quickstart_commands
 
-    for command in (*store_commands, *select_commands, *infer_commands, *prepare_commands, *train_commands):
+    for command in (*store_commands, *select_commands, *infer_commands, *prepare_commands,
+                    *train_commands, *quickstart_commands):
         ssld.add_command(command)
 
 

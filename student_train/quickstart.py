@@ -117,9 +117,12 @@ def run(cfg: QuickstartConfig, echo: Callable[[str], None] = print) -> Quickstar
                           input_size=INPUT_SIZE, batch_size=cfg.batch_size, lr=0.1,
                           warmup_epochs=2, weight_decay=5e-5, crop_scale=CROP_SCALE,
                           seed=cfg.seed, precision="fp32", **common), **options}
-        if (run_dir / "last.pt").exists():
-            options["resume"] = True     # finishes an interrupted run; a finished one is a no-op
-        train(TrainConfig(**options))
+        finished = run_dir / "quickstart.done"
+        if not finished.exists():
+            # an interrupted run continues from its last checkpoint
+            options["resume"] = (run_dir / "last.pt").exists()
+            train(TrainConfig(**options))
+            finished.write_text("finished\n")
         return str(run_dir / "last.pt")
 
     echo(f"[2/8] training the teacher ({TEACHER}) on the {data.num_labeled} labeled images")
@@ -132,7 +135,8 @@ def run(cfg: QuickstartConfig, echo: Callable[[str], None] = print) -> Quickstar
         summary = infer(InferConfig(
             model=TEACHER, checkpoint=teacher_ckpt, data=source, root=data.root, out=out,
             topk=cfg.topk, seed=cfg.seed, crop_scale=CROP_SCALE, batch_size=256,
-            class_names=data.class_names, progress=cfg.progress, **PREPROCESSING,
+            class_names=data.class_names, num_classes=data.num_classes, progress=cfg.progress,
+            **PREPROCESSING,
             **{**common, **options}))
         return out, summary
 
