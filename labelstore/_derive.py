@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import os
 import posixpath
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from . import _format as fmt
 from ._reader import LabelStore, open as open_store
+from ._writer import create
 
 # Rows read per zarr call when streaming: several chunks at once lets zarr decode
 # them concurrently, while memory stays a few MB per million-class-free row block.
@@ -134,34 +137,66 @@ def block_rows(store: LabelStore) -> int:
     return max(1, READ_ROWS // store.chunk_rows) * store.chunk_rows
 
 
-def blocks(rows: np.ndarray, store: LabelStore) -> Iterator[tuple[int, int, np.ndarray]]:
-    """Split sorted row numbers into (lo, hi, rows in [lo, hi)) read blocks of whole chunks,
-    skipping chunks with no selected row."""
-    chunk = store.chunk_rows
-    per_block = block_rows(store)
-    pos = 0
+VIEW_ARRAYS = ("indices", "probs", "residual", "boxes", "flips")
+
+
+def spans(store: LabelStore, rows: np.ndarray | None = None) -> list[tuple[int, int, Any]]:
+    """Read blocks of whole chunks as (lo, hi, rows in [lo, hi) or None).
+
+    Without ``rows`` the blocks cover the store; with sorted ``rows`` only blocks that
+    hold one are listed, each starting at the chunk of its first row.
+    """
+    step = block_rows(store)
+    if rows is None:
+        return [(lo, min(lo + step, len(store)), None) for lo in range(0, len(store), step)]
+    chunk, out, pos = store.chunk_rows, [], 0
     while pos < len(rows):
         lo = int(rows[pos]) // chunk * chunk
-        hi = min(lo + per_block, len(store))
-        end = int(np.searchsorted(rows, hi, side="left"))
-        last = int(rows[end - 1])
-        yield lo, min(hi, (last // chunk + 1) * chunk), rows[pos:end]
+        end = int(np.searchsorted(rows, min(lo + step, len(store)), side="left"))
+        hi = min(len(store), (int(rows[end - 1]) // chunk + 1) * chunk)
+        out.append((lo, hi, rows[pos:end]))
         pos = end
+    return out
 
 
-def read_stored(store: LabelStore, lo: int, hi: int, names: Sequence[str]) -> dict[str, np.ndarray]:
-    """Rows [lo, hi) of the named arrays in their stored dtypes (no conversion)."""
-    group = store._group  # same package: the reader's arrays, read without dtype changes
-    return {name: np.asarray(group[name][lo:hi]) for name in names}
+def read_blocks(store: LabelStore, names: Sequence[str], *, rows: np.ndarray | None = None,
+                view: int | None = None) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
+    """Yield (lo, hi, {name: stored values}) block by block, in stored dtypes.
+
+    With sorted unique ``rows`` only those rows are returned (so ``hi - lo`` is not
+    their count); with ``view``, per-view arrays are sliced to that view. The next
+    block is read in a background thread while the caller works on this one, so
+    zarr's decompression overlaps the caller's numpy work.
+    """
+    group = store._group  # same package: the reader's arrays, without dtype changes
+
+    def read(span: tuple[int, int, Any]) -> tuple[int, int, dict[str, np.ndarray]]:
+        lo, hi, part = span
+        out = {}
+        for name in names:
+            array = group[name]
+            value = np.asarray(array[lo:hi, view] if view is not None and name in VIEW_ARRAYS
+                               else array[lo:hi])
+            out[name] = value if part is None else value[part - lo]
+        return lo, hi, out
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        ahead = None
+        for span in spans(store, None if rows is None else np.asarray(rows, dtype=np.int64)):
+            future = pool.submit(read, span)
+            if ahead is not None:
+                yield ahead.result()
+            ahead = future
+        if ahead is not None:
+            yield ahead.result()
 
 
 def gather(store: LabelStore, rows: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
-    """Stored values of ``rows`` (sorted, unique) for the named arrays, read block by block."""
+    """Stored values of ``rows`` (sorted, unique) for the named arrays."""
     parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
-    for lo, hi, part in blocks(np.asarray(rows, dtype=np.int64), store):
-        data = read_stored(store, lo, hi, names)
+    for _, _, data in read_blocks(store, names, rows=rows):
         for name in names:
-            parts[name].append(data[name][part - lo])
+            parts[name].append(data[name])
     return {name: np.concatenate(values) if values else
             np.asarray(store._group[name][0:0]) for name, values in parts.items()}
 
@@ -189,6 +224,53 @@ def first_occurrences(keys: Sequence[str]) -> np.ndarray:
     return keep
 
 
+@dataclass
+class OutputRows:
+    """What a derived store is built from: the rows taken from each source, in order."""
+
+    per_store: list[np.ndarray]   # sorted local rows of each source
+    keys: list[str]               # output keys (below the common root), in output order
+    labels: np.ndarray            # (n,) int32
+    dropped: int                  # rows left out because their key repeats an earlier one
+
+
+def collect_rows(stores: Sequence[LabelStore], per_store: Sequence[np.ndarray],
+                 prefixes: Sequence[str]) -> OutputRows:
+    """Read the keys and labels of the chosen rows; a row whose output key already
+    appeared (in an earlier store, or earlier in the same one) is dropped."""
+    keys: list[str] = []
+    labels = []
+    for store, rows, prefix in zip(stores, per_store, prefixes):
+        data = gather(store, rows, ("keys", "labels"))
+        keys += prefixed(data["keys"], prefix)
+        labels.append(data["labels"])
+    keep = first_occurrences(keys) if len(stores) > 1 else np.ones(len(keys), dtype=bool)
+    bounds = np.cumsum([0] + [len(rows) for rows in per_store])
+    return OutputRows(
+        per_store=[np.asarray(rows)[keep[a:b]] for rows, a, b in
+                   zip(per_store, bounds[:-1], bounds[1:])],
+        keys=[key for key, kept in zip(keys, keep) if kept],
+        labels=np.concatenate(labels)[keep], dropped=int((~keep).sum()))
+
+
+def write_store(out: Any, stores: Sequence[LabelStore], rows: OutputRows, attrs: dict, *,
+                chunk_rows: int | None, overwrite: bool, progress: bool, desc: str) -> bool:
+    """Create ``out`` and copy the rows into it; returns whether embeddings were copied
+    (only when every source has them with the same width)."""
+    first = stores[0]
+    dim = shared_embedding_dim(stores)
+    writer = create(out, keys=rows.keys, num_classes=first.num_classes, topk=first.topk,
+                    views=first.num_views, labels=rows.labels, attrs=attrs,
+                    chunk_rows=chunk_rows or first.chunk_rows, overwrite=overwrite,
+                    embedding_dim=dim)
+    with writer, progress_bar(progress, len(rows.keys), desc) as bar:
+        start = 0
+        for store, local in zip(stores, rows.per_store):
+            start = copy_rows(writer, store, local, start, embeddings=dim is not None,
+                              progress=bar)
+    return dim is not None
+
+
 def copy_rows(writer, store: LabelStore, rows: np.ndarray, start: int, *,
               embeddings: bool, progress=None) -> int:
     """Copy ``rows`` (sorted, unique) of ``store`` into ``writer`` from row ``start`` on.
@@ -197,16 +279,13 @@ def copy_rows(writer, store: LabelStore, rows: np.ndarray, start: int, *,
     the next free output row. ``progress`` is a tqdm bar advanced by rows copied.
     """
     names = fmt.LABEL_ARRAYS + (("embeddings",) if embeddings else ())
-    for lo, hi, part in blocks(np.asarray(rows, dtype=np.int64), store):
-        data = read_stored(store, lo, hi, names)
-        take = part - lo
-        data = {name: value[take] for name, value in data.items()}
+    for _, _, data in read_blocks(store, names, rows=rows):
         writer.write(start, data["indices"], data["probs"], residual=data["residual"],
                      boxes=data["boxes"], flips=data["flips"], valid=data["valid"],
                      embeddings=data.get("embeddings"))
-        start += len(part)
+        start += len(data["valid"])
         if progress is not None:
-            progress.update(len(part))
+            progress.update(len(data["valid"]))
     return start
 
 

@@ -7,7 +7,6 @@ from typing import Any
 import numpy as np
 
 from . import _derive
-from ._writer import create
 
 
 @dataclass
@@ -62,39 +61,23 @@ def merge(stores: Any, out: Any, *, chunk_rows: int | None = None, overwrite: bo
     _derive.check_output(out, opened)
     root, prefixes = _derive.common_root(opened)
 
-    keys: list[str] = []
-    for store, prefix in zip(opened, prefixes):
-        keys += _derive.prefixed(store.keys, prefix)
-    keep = _derive.first_occurrences(keys)
-    bounds = np.cumsum([0] + [len(s) for s in opened])
-    kept_rows = [np.flatnonzero(keep[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
-    labels = np.concatenate([s.labels for s in opened])[keep]
-    keys = [key for key, kept in zip(keys, keep) if kept]
-
+    chosen = _derive.collect_rows(opened, [np.arange(len(s)) for s in opened], prefixes)
     notes = []
     teachers = sorted({str(s.teacher_name) for s in opened})
     if len(teachers) > 1:
         notes.append(f"note: the stores were labeled by different teachers ({', '.join(teachers)}); "
                      "the output records the first store's")
-    dim = _derive.shared_embedding_dim(opened)
-    if dim is None and any(s.has_embeddings for s in opened):
-        notes.append("embeddings not copied: not every store has them with the same width")
     entry = {"command": "merge",
-             "sources": [{**_derive.source_entry(s), "key_prefix": p,
-                          "rows_kept": len(rows)}
-                         for s, p, rows in zip(opened, prefixes, kept_rows)],
-             "duplicates_dropped": int((~keep).sum())}
-    first = opened[0]
-    writer = create(out, keys=keys, num_classes=first.num_classes, topk=first.topk,
-                    views=first.num_views, labels=labels,
-                    attrs=_derive.derived_attrs(first, root, "merge", entry),
-                    chunk_rows=chunk_rows or first.chunk_rows, overwrite=overwrite,
-                    embedding_dim=dim)
-    with writer, _derive.progress_bar(progress, len(keys), "merge") as bar:
-        start = 0
-        for store, rows in zip(opened, kept_rows):
-            start = _derive.copy_rows(writer, store, rows, start, embeddings=dim is not None,
-                                      progress=bar)
+             "sources": [{**_derive.source_entry(s), "key_prefix": p, "rows_kept": len(rows)}
+                         for s, p, rows in zip(opened, prefixes, chosen.per_store)],
+             "duplicates_dropped": chosen.dropped}
+    copied = _derive.write_store(out, opened, chosen,
+                                 _derive.derived_attrs(opened[0], root, "merge", entry),
+                                 chunk_rows=chunk_rows, overwrite=overwrite, progress=progress,
+                                 desc="merge")
+    if not copied and any(s.has_embeddings for s in opened):
+        notes.append("embeddings not copied: not every store has them with the same width")
     return MergeResult(out=str(out), sources=[s.path for s in opened],
-                       rows_in=[len(s) for s in opened], rows_kept=[len(r) for r in kept_rows],
-                       embeddings_copied=dim is not None, notes=notes)
+                       rows_in=[len(s) for s in opened],
+                       rows_kept=[len(r) for r in chosen.per_store], embeddings_copied=copied,
+                       notes=notes)

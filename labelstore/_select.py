@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
+import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -24,10 +25,11 @@ import numpy as np
 
 from . import _derive
 from ._reader import LabelStore
-from ._writer import create
 
 PROB_BITS = 15  # float16 without its sign bit: probabilities are >= 0
-MIN_MERGE = 1 << 18  # smallest buffer worth a merge (a sort of 256k keys takes ~10 ms)
+BUCKET_SHIFT = 6     # histogram buckets of 64 consecutive float16 values (~3% apart)
+NUM_BUCKETS = 0x8000 >> BUCKET_SHIFT
+MIN_MERGE = 1 << 18  # smallest buffer worth filtering (test hook: small values force filters)
 
 
 # -- exclude lists ----------------------------------------------------------------
@@ -61,37 +63,97 @@ def _excluded(keys: np.ndarray, exclude: set[str], root: str | None) -> np.ndarr
 # -- ranking ----------------------------------------------------------------------
 
 class _ClassTopK:
-    """Per class, the K smallest composite keys offered so far."""
+    """Per class, a superset of the K best (probability desc, row asc) candidates so far.
 
-    def __init__(self, num_classes: int, k: int, shift: int):
-        self.k, self.shift = k, shift
-        self.best = np.empty(0, dtype=np.int64)        # sorted, at most K keys per class
-        # A candidate enters only below its class's limit: the K-th key once the class
-        # is full, else the first key of the next class (so any key of the class passes).
-        self.limit = (np.arange(num_classes, dtype=np.int64) + 1) << shift
-        self.pending: list[np.ndarray] = []
-        self.pending_size = 0
+    Two lower bounds on what can still be chosen keep the buffer near K per class
+    without sorting it on every block:
 
-    def offer(self, keys: np.ndarray, classes: np.ndarray) -> None:
-        keys = keys[keys < self.limit[classes]]
-        if len(keys):
-            self.pending.append(keys)
-            self.pending_size += len(keys)
-        # Merging costs a sort of table + buffer: do it once the buffer is as big as
-        # the table (amortised O(survivors · log)), but early enough that the limits
-        # tighten while the table fills.
-        if self.pending_size >= max(len(self.best), MIN_MERGE):
-            self.compact()
+    - a histogram, per class, of the probabilities of the candidates kept, in buckets
+      of ``2**BUCKET_SHIFT`` consecutive float16 values: once K of them lie in bucket b
+      or above, nothing in a lower bucket can be chosen;
+    - after an exact trim (sort, first K per class), a newcomer must beat the K-th
+      strictly: rows arrive in increasing order, so it loses every tie.
 
-    def compact(self) -> np.ndarray:
-        if self.pending:
-            merged = np.sort(np.concatenate([self.best, *self.pending]))
-            self.pending, self.pending_size = [], 0
-            self.best = merged[_derive.first_in_runs(merged >> self.shift, self.k)]
-            counts = np.bincount(self.best >> self.shift, minlength=len(self.limit))
-            full = np.flatnonzero(counts >= self.k)
-            self.limit[full] = self.best[np.cumsum(counts)[full] - 1]
-        return self.best
+    Both fold into one float16-bits threshold per class (with ``min_prob``), so a
+    block costs one gather and one comparison before any int64 key is built. The
+    buffer is filtered again when it outgrows 2·C·K, and sorted only when filtering
+    is not enough (many ties) and once at the end.
+    """
+
+    def __init__(self, num_classes: int, k: int, row_bits: int, min_bits: int = 0):
+        self.k, self.row_bits, self.min_bits = k, row_bits, min_bits
+        self.shift = PROB_BITS + row_bits
+        self.counts = np.zeros((num_classes, NUM_BUCKETS), dtype=np.int64)
+        self.counted = 0                     # candidates counted since the floors were updated
+        self.floor_bucket = np.zeros(num_classes, dtype=np.uint16)
+        self.trim_bits = np.zeros(num_classes, dtype=np.uint16)
+        self.entry_bits = np.full(num_classes, min_bits, dtype=np.uint16)
+        self.buffer: list[np.ndarray] = []
+        self.buffered = 0
+        self.limit = max(2 * num_classes * k, MIN_MERGE)
+
+    def offer(self, classes: np.ndarray, bits: np.ndarray, rows: np.ndarray,
+              use: np.ndarray) -> None:
+        """Offer (n, k) ``classes``/``bits`` of ``rows`` (n,), skipping rows where not ``use``."""
+        keep = bits >= self.entry_bits[classes]
+        if not use.all():
+            keep &= use[:, None]
+        flat = np.flatnonzero(keep)
+        if not len(flat):
+            return
+        kept_classes, kept_bits = classes.ravel()[flat], bits.ravel()[flat]
+        bins = (kept_classes.astype(np.int64) << (15 - BUCKET_SHIFT)) | (kept_bits >> BUCKET_SHIFT)
+        self.counts += np.bincount(bins, minlength=self.counts.size).reshape(self.counts.shape)
+        self.counted += len(flat)
+        self.buffer.append((kept_classes.astype(np.int64) << self.shift)
+                           | ((0x7FFF - kept_bits.astype(np.int64)) << self.row_bits)
+                           | rows[flat // bits.shape[1]])
+        self.buffered += len(flat)
+        if self.counted >= self.counts.size:   # amortised: O(1) per kept candidate, any C
+            self._update_floors()
+        if self.buffered >= self.limit:
+            self._filter()
+
+    def _update_floors(self) -> None:
+        self.counted = 0
+        at_or_above = np.cumsum(self.counts[:, ::-1], axis=1)[:, ::-1]
+        # the highest bucket with K candidates at or above it (0 while fewer than K)
+        floor = (at_or_above >= self.k).sum(axis=1) - 1
+        self.floor_bucket = np.maximum(floor, 0).astype(np.uint16)
+        self.entry_bits = np.maximum(np.maximum(self.floor_bucket << BUCKET_SHIFT, self.trim_bits),
+                                     self.min_bits).astype(np.uint16)
+
+    def _filter(self) -> None:
+        self._update_floors()
+        keys = np.concatenate(self.buffer)
+        # Only the histogram bound here: trim_bits judges newcomers, and the K-th entry
+        # it was taken from sits in this buffer with one bit pattern less.
+        keys = keys[(self._bits(keys) >> BUCKET_SHIFT) >= self.floor_bucket[keys >> self.shift]]
+        if len(keys) >= self.limit // 2:  # ties crowd the floor buckets: trim exactly
+            keys = self._trim(keys)
+        self.buffer, self.buffered = [keys], len(keys)
+
+    def _trim(self, keys: np.ndarray) -> np.ndarray:
+        """Sort and keep the first K keys of every class; sets the exact entry bits."""
+        keys = np.sort(keys)
+        counts = np.bincount(keys >> self.shift, minlength=len(self.trim_bits))
+        kept = np.minimum(counts, self.k)
+        dropped_before = np.cumsum(counts - kept) - (counts - kept)
+        keys = keys[np.arange(kept.sum()) + np.repeat(dropped_before, kept)]
+        full = np.flatnonzero(kept == self.k)
+        self.trim_bits[full] = self._bits(keys[np.cumsum(kept)[full] - 1]) + 1
+        self.entry_bits = np.maximum(self.entry_bits, self.trim_bits)
+        return keys
+
+    def _bits(self, keys: np.ndarray) -> np.ndarray:
+        return (0x7FFF - ((keys >> self.row_bits) & 0x7FFF)).astype(np.uint16)
+
+    def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(classes, rows, float32 probs) of the K best per class, by class then rank."""
+        keys = self._trim(np.concatenate(self.buffer) if self.buffer
+                          else np.empty(0, dtype=np.int64))
+        probs = self._bits(keys).view(np.float16).astype(np.float32)
+        return keys >> self.shift, keys & ((1 << self.row_bits) - 1), probs
 
 
 @dataclass
@@ -149,45 +211,36 @@ def rank(stores: Sequence[LabelStore], k: int, *, exclude: set[str] | None = Non
     num_classes = stores[0].num_classes
     total = sum(len(s) for s in stores)
     row_bits = max(1, (total - 1).bit_length())
-    shift = PROB_BITS + row_bits
-    if (num_classes - 1).bit_length() + shift > 63:
+    if (num_classes - 1).bit_length() + PROB_BITS + row_bits > 63:
         raise ValueError(f"pool too large to rank: {total:,} rows × {num_classes:,} classes "
                          "exceed the 63-bit selection key; split the pool")
-    table = _ClassTopK(num_classes, k, shift)
     min_bits = 0 if min_prob is None else _float16_at_least(min_prob)
-    roots = [(s.attrs.get("dataset") or {}).get("root") for s in stores]
+    table = _ClassTopK(num_classes, k, row_bits, min_bits)
     scanned = invalid = excluded = candidates = 0
     offset = 0
     with _derive.progress_bar(progress, total, "select-topk") as bar:
-        for store, root in zip(stores, roots):
-            group = store._group  # raw stored dtypes: float16 bits are the ranking key
-            step = _derive.block_rows(store)
-            for lo in range(0, len(store), step):
-                hi = min(lo + step, len(store))
-                classes = np.asarray(group["indices"][lo:hi, view]).astype(np.int64)
-                bits = np.asarray(group["probs"][lo:hi, view]).view(np.uint16) & 0x7FFF
-                use = np.asarray(group["valid"][lo:hi], dtype=bool)
+        for store in stores:
+            root = (store.attrs.get("dataset") or {}).get("root")
+            names = ("indices", "probs", "valid") + (("keys",) if exclude else ())
+            for lo, hi, block in _derive.read_blocks(store, names, view=view):
+                bits = block["probs"].view(np.uint16) & 0x7FFF  # raw float16 bits rank exactly
+                use = block["valid"].astype(bool)
                 invalid += int((~use).sum())
                 if exclude:
-                    skip = _excluded(np.asarray(group["keys"][lo:hi]), exclude, root) & use
+                    skip = _excluded(block["keys"], exclude, root) & use
                     excluded += int(skip.sum())
                     use &= ~skip
-                mask = np.broadcast_to(use[:, None], classes.shape)
-                if min_bits:
-                    mask = mask & (bits >= min_bits)
-                rows = np.arange(offset + lo, offset + hi, dtype=np.int64)[:, None]
-                keys = (classes << shift) | ((0x7FFF - bits.astype(np.int64)) << row_bits) | rows
-                keys, classes = keys[mask], classes[mask]
-                candidates += len(keys)
-                table.offer(keys, classes)
+                candidates += (int((bits[use] >= min_bits).sum()) if min_bits
+                               else int(use.sum()) * bits.shape[1])
+                table.offer(block["indices"], bits,
+                            np.arange(offset + lo, offset + hi, dtype=np.int64), use)
                 scanned += hi - lo
                 bar.update(hi - lo)
             offset += len(store)
-    best = table.compact()
-    prob_bits = (0x7FFF - ((best >> row_bits) & 0x7FFF)).astype(np.uint16)
-    return Selection(num_classes, k, classes=best >> shift, rows=best & ((1 << row_bits) - 1),
-                     probs=prob_bits.view(np.float16).astype(np.float32), rows_scanned=scanned,
-                     rows_invalid=invalid, rows_excluded=excluded, candidates=candidates)
+    classes, rows, probs = table.result()
+    return Selection(num_classes, k, classes=classes, rows=rows, probs=probs,
+                     rows_scanned=scanned, rows_invalid=invalid, rows_excluded=excluded,
+                     candidates=candidates)
 
 
 # -- the command ------------------------------------------------------------------
@@ -204,6 +257,7 @@ class SelectResult:
     embeddings_copied: bool = False
     list_out: str | None = None
     notes: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)   # rank, keys, write
 
     @property
     def classes_short(self) -> int:
@@ -231,6 +285,9 @@ class SelectResult:
                          "earlier store's key")
         if self.list_out:
             lines.append(f"list file: {self.list_out}")
+        if self.seconds:
+            lines.append("time: " + ", ".join(f"{name} {value:.1f} s"
+                                              for name, value in self.seconds.items()))
         return "\n".join(lines + self.notes)
 
 
@@ -292,33 +349,23 @@ def select_topk(stores: Any, k: int, out: Any, *, exclude: str | None = None,
     exclude_keys, exclude_sha = read_exclude(exclude) if exclude else (None, None)
     root, prefixes = _derive.common_root(opened)  # fail before the long pass
 
+    clock = time.perf_counter()
     selection = rank(opened, int(k), exclude=exclude_keys, min_prob=min_prob, view=int(view),
                      progress=progress)
-    rows = np.unique(selection.rows)
+    rows = _unique(selection.rows)
     if not len(rows):
         raise ValueError(f"nothing selected: no valid candidate in {selection.rows_scanned:,} "
                          "rows (all invalid, excluded or below --min-prob)")
     offsets = np.cumsum([0] + [len(s) for s in opened])
-    per_store = [rows[(rows >= a) & (rows < b)] - a for a, b in zip(offsets[:-1], offsets[1:])]
-    keys: list[str] = []
-    labels = []
-    for store, local, prefix in zip(opened, per_store, prefixes):
-        data = _derive.gather(store, local, ("keys", "labels"))
-        keys += _derive.prefixed(data["keys"], prefix)
-        labels.append(data["labels"])
-    dropped = 0
-    if len(opened) > 1:
-        keep = _derive.first_occurrences(keys)
-        dropped = int((~keep).sum())
-        if dropped:
-            keys = [key for key, kept in zip(keys, keep) if kept]
-            rows = rows[keep]
-            per_store = [rows[(rows >= a) & (rows < b)] - a
-                         for a, b in zip(offsets[:-1], offsets[1:])]
-            selection = selection.keep_rows(rows)
-            labels = [np.concatenate(labels)[keep]]
-
-    dim = _derive.shared_embedding_dim(opened)
+    seconds = {"ranking": time.perf_counter() - clock}
+    clock = time.perf_counter()
+    chosen = _derive.collect_rows(opened, [rows[(rows >= a) & (rows < b)] - a for a, b in
+                                           zip(offsets[:-1], offsets[1:])], prefixes)
+    if chosen.dropped:
+        selection = selection.keep_rows(np.concatenate(
+            [local + offset for local, offset in zip(chosen.per_store, offsets)]))
+    seconds["keys"] = time.perf_counter() - clock
+    clock = time.perf_counter()
     entry = {"command": "select-topk",
              "sources": [{**_derive.source_entry(s), "key_prefix": p}
                          for s, p in zip(opened, prefixes)],
@@ -328,24 +375,26 @@ def select_topk(stores: Any, k: int, out: Any, *, exclude: str | None = None,
                                                       "keys": len(exclude_keys)},
              "rows_scanned": selection.rows_scanned, "rows_excluded": selection.rows_excluded,
              "per_class_counts": selection.counts.tolist()}
-    writer = create(out, keys=keys, num_classes=opened[0].num_classes, topk=opened[0].topk,
-                    views=opened[0].num_views, labels=np.concatenate(labels),
-                    attrs=_derive.derived_attrs(opened[0], root, "select-topk", entry),
-                    chunk_rows=chunk_rows or opened[0].chunk_rows, overwrite=overwrite,
-                    embedding_dim=dim)
-    with writer, _derive.progress_bar(progress, len(rows), "copy") as bar:
-        start = 0
-        for store, local in zip(opened, per_store):
-            start = _derive.copy_rows(writer, store, local, start, embeddings=dim is not None,
-                                      progress=bar)
+    copied = _derive.write_store(out, opened, chosen,
+                                 _derive.derived_attrs(opened[0], root, "select-topk", entry),
+                                 chunk_rows=chunk_rows, overwrite=overwrite, progress=progress,
+                                 desc="copy")
     if list_out:
         write_list(out, list_out, view=int(view))
+    seconds["writing"] = time.perf_counter() - clock
     notes = []
-    if dim is None and any(s.has_embeddings for s in opened):
+    if not copied and any(s.has_embeddings for s in opened):
         notes.append("embeddings not copied: not every source has them with the same width")
     return SelectResult(out=str(out), selection=selection, stores=[s.path for s in opened],
-                        rows_written=len(rows), duplicate_keys_dropped=dropped,
-                        embeddings_copied=dim is not None, list_out=list_out, notes=notes)
+                        rows_written=len(chosen.keys), duplicate_keys_dropped=chosen.dropped,
+                        embeddings_copied=copied, list_out=list_out, notes=notes,
+                        seconds=seconds)
+
+
+def _unique(values: np.ndarray) -> np.ndarray:
+    """Sorted unique values (numpy's hash-based ``np.unique`` is slower on millions of ints)."""
+    values = np.sort(values)
+    return values[np.r_[True, values[1:] != values[:-1]]] if len(values) else values
 
 
 def write_list(store: Any, path: str, *, view: int = 0) -> int:
@@ -353,11 +402,8 @@ def write_list(store: Any, path: str, *, view: int = 0) -> int:
     from ._reader import open as open_store
 
     st = store if isinstance(store, LabelStore) else open_store(store)
-    keys = st.keys
-    step = _derive.block_rows(st)
     with open(path, "w", encoding="utf-8") as handle:
-        for lo in range(0, len(st), step):
-            hi = min(lo + step, len(st))
-            top1 = np.asarray(st._group["indices"][lo:hi, view, 0])
-            handle.writelines(f"{key} {int(c)}\n" for key, c in zip(keys[lo:hi], top1))
+        for _, _, block in _derive.read_blocks(st, ("keys", "indices"), view=view):
+            handle.writelines(f"{key} {int(top1)}\n"
+                              for key, top1 in zip(block["keys"].tolist(), block["indices"][:, 0]))
     return len(st)

@@ -73,9 +73,12 @@ def as_dict(selection: _select.Selection) -> dict:
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    """Force many read blocks and many table merges on test-sized pools."""
+    """Force many read blocks, buffer filters and exact trims on test-sized pools, with
+    coarse histogram buckets (half an octave) so that buckets hold many ties."""
     monkeypatch.setattr(_derive, "READ_ROWS", 96)
     monkeypatch.setattr(_select, "MIN_MERGE", 16)
+    monkeypatch.setattr(_select, "BUCKET_SHIFT", 9)
+    monkeypatch.setattr(_select, "NUM_BUCKETS", 0x8000 >> 9)
 
 
 def make_pools(tmp_path, sizes, *, classes=15, k=3, views=2, chunk_rows=32, roots=None,
@@ -114,6 +117,22 @@ def test_rank_equals_brute_force(tmp_path, small_blocks, sizes, k, min_prob, vie
     assert selection.rows_invalid == sum(int((~p["valid"]).sum()) for p in pools)
     valid_keys = {key for p in pools for key, v in zip(p["keys"], p["valid"]) if v}
     assert selection.rows_excluded == len(exclude & valid_keys)
+
+
+def test_streaming_bounds_are_exercised(tmp_path, small_blocks, monkeypatch):
+    calls = {"_update_floors": 0, "_filter": 0, "_trim": 0}
+    for name in calls:
+        original = getattr(_select._ClassTopK, name)
+
+        def spy(self, *args, _original=original, _name=name):
+            calls[_name] += 1
+            return _original(self, *args)
+        monkeypatch.setattr(_select._ClassTopK, name, spy)
+    paths, pools = make_pools(tmp_path, (1500,), classes=6, k=3)
+    selection = _select.rank([labelstore.open(paths[0])], 4)
+    assert as_dict(selection) == brute_force(pools, 4)
+    # the histogram floors move, the buffer is filtered and trimmed while streaming
+    assert calls["_update_floors"] >= 2 and calls["_filter"] >= 2 and calls["_trim"] >= 3, calls
 
 
 def test_ties_break_by_pool_order_and_outside_topk_ranks_below(tmp_path):
