@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .decode import Batch, DecodeError, open_rgb, pixels_to_input, render_views
-from .views import ViewSpec, relative_roi
+from .views import ViewSpec, separable_roi
 
 IN_FLIGHT = 2  # decoded batches waiting for the model (decoding overlaps compute)
 
@@ -88,6 +88,7 @@ class DaliDecoder:
         views, (height, width) = self.spec.views, self.spec.input_size
         mean = [255.0 * m for m in self.mean.tolist()]
         std = [255.0 * s for s in self.std.tolist()]
+        resize = {"interp_type": self._interp, "antialias": True, "dtype": types.UINT8}
 
         @pipeline_def(batch_size=self.max_batch, num_threads=self.num_threads,
                       device_id=(self.device.index or 0) if gpu else None,
@@ -96,14 +97,21 @@ class DaliDecoder:
             encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
             image = fn.decoders.image(encoded, device="mixed" if gpu else "cpu",
                                       output_type=types.RGB)
+            height_in = fn.external_source(name="height", dtype=types.FLOAT, ndim=0)
             outputs = []
             for view in range(views):
-                start = fn.external_source(name=f"start{view}", dtype=types.FLOAT, ndim=1)
-                end = fn.external_source(name=f"end{view}", dtype=types.FLOAT, ndim=1)
+                roi = {name: fn.external_source(name=f"{name}{view}", dtype=types.FLOAT, ndim=1)
+                       for name in ("x_start", "x_end", "y_start", "y_end")}
                 mirror = fn.external_source(name=f"mirror{view}", dtype=types.INT32, ndim=0)
-                crop = fn.resize(image, resize_y=height, resize_x=width, roi_start=start,
-                                 roi_end=end, roi_relative=True, interp_type=self._interp,
-                                 antialias=True, dtype=types.FLOAT)
+                # Two 8-bit passes, horizontal first, as PIL resamples: the result matches the
+                # PIL decoder to a grey level on a few pixels instead of differing by the
+                # rounding of every pixel.
+                rows = fn.resize(image, resize_x=width, resize_y=height_in,
+                                 roi_start=roi["x_start"], roi_end=roi["x_end"],
+                                 roi_relative=True, **resize)
+                crop = fn.resize(rows, resize_x=width, resize_y=height,
+                                 roi_start=roi["y_start"], roi_end=roi["y_end"],
+                                 roi_relative=True, **resize)
                 outputs.append(fn.crop_mirror_normalize(crop, mirror=mirror, mean=mean, std=std,
                                                         dtype=types.FLOAT, output_layout="CHW"))
             return tuple(outputs)
@@ -116,16 +124,17 @@ class DaliDecoder:
         self.rebuilds += 1
         self._build()
 
-    def _decode_sync(self, encoded: list[np.ndarray], boxes: np.ndarray,
+    def _decode_sync(self, encoded: list[np.ndarray], heights: np.ndarray, boxes: np.ndarray,
                      flips: np.ndarray) -> torch.Tensor:
         """Decode ``len(encoded)`` images now; a (V, n, 3, H, W) tensor on ``self.device``."""
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
-        start, end = relative_roi(boxes)  # (n, V, 2) each
+        roi = separable_roi(boxes)  # name -> (n, V, 2)
         self._pipe.feed_input("encoded", encoded)
+        self._pipe.feed_input("height", list(heights.astype(np.float32)))
         for view in range(self.spec.views):
-            self._pipe.feed_input(f"start{view}", list(start[:, view]))
-            self._pipe.feed_input(f"end{view}", list(end[:, view]))
+            for name, value in roi.items():
+                self._pipe.feed_input(f"{name}{view}", list(value[:, view]))
             self._pipe.feed_input(f"mirror{view}", list(flips[:, view].astype(np.int32)))
         outputs = self._pipe.run()
         height, width = self.spec.input_size
@@ -193,7 +202,8 @@ class DaliDecoder:
         if rows:
             try:
                 images[:, rows] = self._decode_sync([batch.encoded[i] for i in rows],
-                                                    batch.boxes[rows], batch.flips[rows])
+                                                    batch.heights[rows], batch.boxes[rows],
+                                                    batch.flips[rows])
             except RuntimeError:
                 # A corrupt file stopped the batch and broke the pipeline: rebuild it and
                 # redo this batch one file at a time.
@@ -208,8 +218,9 @@ class DaliDecoder:
     def _one_by_one(self, batch: Batch, rows: list[int], images: torch.Tensor) -> None:
         for i in rows:
             try:
-                images[:, i:i + 1] = self._decode_sync([batch.encoded[i]], batch.boxes[i:i + 1],
-                                                       batch.flips[i:i + 1])
+                images[:, i:i + 1] = self._decode_sync([batch.encoded[i]],
+                                                       batch.heights[i:i + 1],
+                                                       batch.boxes[i:i + 1], batch.flips[i:i + 1])
                 continue
             except RuntimeError as exc:
                 self._rebuild()
@@ -220,6 +231,6 @@ class DaliDecoder:
                 batch.valid[i] = False
                 batch.reasons[i] = f"{exc} (DALI: {dali_reason})"
                 continue
-            pixels = render_views(image, batch.boxes[i], batch.flips[i], self.spec.input_size,
+            pixels = render_views(image, batch.boxes[i], batch.flips[i], self.spec,
                                   self.interpolation)
             images[:, i] = pixels_to_input(pixels.to(self.device), self.mean, self.std)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .views import ViewSpec, pixel_box, plan_views
+from .views import ViewSpec, eval_geometry, pixel_box, plan_views
 
 # PIL resampling filters by timm's interpolation names.
 PIL_FILTERS = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
@@ -62,10 +62,50 @@ def to_rgb(image: Image.Image) -> Image.Image:
         return image.convert("RGB")
 
 
+def _is_16bit_color(image: Image.Image) -> bool:
+    """PIL reads 16-bit RGB(A) PNGs as 8-bit by dropping the low byte."""
+    return image.format == "PNG" and any(str(tile.args).endswith(";16B") and
+                                         not str(tile.args).startswith("I")
+                                         for tile in image.tile)
+
+
+def _decode_16bit_color(data: bytes) -> Image.Image:
+    """16-bit RGB(A) PNG → 8-bit RGB rounded like 16-bit gray (and like DALI), via OpenCV."""
+    import cv2
+
+    array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if array is None or array.ndim != 3:
+        raise DecodeError("cannot decode 16-bit PNG")
+    rgb = array[..., 2::-1].astype(np.int64)  # BGR(A) → RGB
+    return Image.fromarray(((rgb + 128) // 257).astype(np.uint8), mode="RGB")
+
+
+_TRANSPOSES = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+               4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+               6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+               8: Image.Transpose.ROTATE_90}
+
+
+def _orient(image: Image.Image, orientation: int) -> Image.Image:
+    method = _TRANSPOSES.get(orientation)
+    return image if method is None else image.transpose(method)
+
+
+def _read_all(source: Any) -> bytes:
+    if hasattr(source, "read"):
+        source.seek(0)
+        return source.read()
+    with open(source, "rb") as handle:
+        return handle.read()
+
+
 def open_rgb(source: Any) -> Image.Image:
     """Open and fully decode ``source`` (path or file object) as RGB; DecodeError if it cannot."""
     try:
         with Image.open(source) as image:
+            if _is_16bit_color(image):
+                orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+                return _orient(_decode_16bit_color(_read_all(source)), orientation)
             image.load()  # decode now: truncated data fails here, not later
             return to_rgb(image)
     except FileNotFoundError:
@@ -74,17 +114,34 @@ def open_rgb(source: Any) -> Image.Image:
         raise DecodeError(_reason(exc)) from None
 
 
-def render_views(image: Image.Image, boxes: np.ndarray, flips: np.ndarray,
-                 size: tuple[int, int], interpolation: str) -> torch.Tensor:
-    """The views of an RGB image as a (V, 3, H, W) uint8 tensor (see views.py for boxes)."""
+def render_box(image: Image.Image, box: np.ndarray, flip: bool, size: tuple[int, int],
+               interpolation: str) -> Image.Image:
+    """One view: the stored ``box`` of ``image`` resampled to ``size`` (h, w), maybe mirrored."""
     height, width = size
-    resample = PIL_FILTERS[interpolation]
+    crop = image.resize((width, height), PIL_FILTERS[interpolation],
+                        box=pixel_box(box, image.height, image.width))
+    return crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else crop
+
+
+def render_eval(image: Image.Image, spec: ViewSpec, interpolation: str) -> Image.Image:
+    """View 0 with timm's own two steps (resize, center crop): bit-identical to its eval
+    transform; the stored view-0 box describes the same region."""
+    new_h, new_w, top, left, crop_h, crop_w = eval_geometry(image.height, image.width, spec)
+    if (new_h, new_w) != (image.height, image.width):  # torchvision skips a same-size resize
+        image = image.resize((new_w, new_h), PIL_FILTERS[interpolation])
+    return image.crop((left, top, left + crop_w, top + crop_h))
+
+
+def render_views(image: Image.Image, boxes: np.ndarray, flips: np.ndarray, spec: ViewSpec,
+                 interpolation: str) -> torch.Tensor:
+    """The views of an RGB image as a (V, 3, H, W) uint8 tensor (see views.py)."""
+    height, width = spec.input_size
     out = torch.empty((len(boxes), 3, height, width), dtype=torch.uint8)
     for view, (box, flip) in enumerate(zip(boxes, flips)):
-        crop = image.resize((width, height), resample,
-                            box=pixel_box(box, image.height, image.width))
-        if flip:
-            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if view == 0:
+            crop = render_eval(image, spec, interpolation)
+        else:
+            crop = render_box(image, box, flip, spec.input_size, interpolation)
         out[view] = torch.from_numpy(np.array(crop)).permute(2, 0, 1)
     return out
 
@@ -116,6 +173,7 @@ class Item:
     reason: str | None = None
     pixels: torch.Tensor | None = None  # (V, 3, H, W) uint8 when decoded by PIL
     encoded: np.ndarray | None = None   # file bytes for DALI
+    height: int = 0                     # decoded height (after EXIF orientation) for DALI
 
 
 class ViewDataset(torch.utils.data.Dataset):
@@ -145,7 +203,8 @@ class ViewDataset(torch.utils.data.Dataset):
             if fmt not in DALI_FORMATS:
                 return self._decode(row, io.BytesIO(data))
             boxes, flips = plan_views(self.keys[row], height, width, self.spec)
-            return Item(row, boxes, flips, True, encoded=np.frombuffer(data, dtype=np.uint8))
+            return Item(row, boxes, flips, True, encoded=np.frombuffer(data, dtype=np.uint8),
+                        height=height)
         except FileNotFoundError:
             return self._failed(row, "missing file")
         except IsADirectoryError:
@@ -161,7 +220,7 @@ class ViewDataset(torch.utils.data.Dataset):
 
     def render(self, row: int, image: Image.Image) -> Item:
         boxes, flips = plan_views(self.keys[row], image.height, image.width, self.spec)
-        pixels = render_views(image, boxes, flips, self.spec.input_size, self.interpolation)
+        pixels = render_views(image, boxes, flips, self.spec, self.interpolation)
         return Item(row, boxes, flips, True, pixels=pixels)
 
 
@@ -178,6 +237,7 @@ class Batch:
     pixels: torch.Tensor | None         # (V, n, 3, H, W) uint8, view-major; rows PIL rendered
     rendered: np.ndarray                # (n,) bool: rows whose pixels are filled in
     encoded: list[np.ndarray | None]    # file bytes for DALI (None where not to be fed)
+    heights: np.ndarray                 # (n,) decoded image heights of the DALI rows
 
     def __len__(self) -> int:
         return len(self.valid)
@@ -205,7 +265,8 @@ def collate(items: list[Item]) -> Batch:
                  flips=np.stack([item.flips for item in items]),
                  valid=np.array([item.valid for item in items], dtype=bool),
                  reasons=[item.reason for item in items], pixels=pixels, rendered=rendered,
-                 encoded=[item.encoded for item in items])
+                 encoded=[item.encoded for item in items],
+                 heights=np.array([item.height for item in items], dtype=np.int64))
 
 
 def batch_ranges(chunks: list[tuple[int, int]], batch_size: int) -> list[list[int]]:

@@ -40,7 +40,8 @@ class RunSummary:
     failures: int               # of them, rows that could not be decoded
     skipped: int                # rows already in the store (resume)
     total_failures: int         # invalid rows in the whole store
-    wall_s: float
+    wall_s: float               # the whole run, set-up (imports, model, store) included
+    loop_s: float               # decoding + forward + writing only
     store_bytes: int | None
     complete: bool
     decoder: str
@@ -50,14 +51,16 @@ class RunSummary:
 
     @property
     def images_per_s(self) -> float:
-        return self.images / self.wall_s if self.wall_s > 0 else 0.0
+        """Throughput of the inference loop (set-up time excluded)."""
+        return self.images / self.loop_s if self.loop_s > 0 else 0.0
 
     def __str__(self) -> str:
         size = "-" if self.store_bytes is None else _human_bytes(self.store_bytes)
         state = "complete" if self.complete else "INCOMPLETE"
         resumed = f", {self.skipped:,} already done" if self.skipped else ""
         return (f"infer-teacher: {self.images:,} images ({self.failures:,} failed{resumed}) in "
-                f"{self.wall_s:.1f} s, {self.images_per_s:,.1f} img/s on {self.world_size}× "
+                f"{self.wall_s:.1f} s, {self.images_per_s:,.1f} img/s after "
+                f"{self.wall_s - self.loop_s:.1f} s of set-up, on {self.world_size}× "
                 f"{self.device} with {self.decoder} → {self.out} ({size}, {state})")
 
 
@@ -366,6 +369,7 @@ def _run(cfg: InferConfig, dist: Dist, device, started: float) -> RunSummary:
                     "data": os.path.abspath(cfg.data),
                     "labels_sha256": labelstore.fingerprint(str(v) for v in labels)},
         "temperature": float(cfg.temperature),
+        "topk": cfg.topk, "views": cfg.views, "num_classes": teacher.num_classes,
         "class_names": class_names,
         "embedding_dim": embedding_dim,
         "compute": {"precision": cfg.precision, "decoder": decoder_name, "device": device.type,
@@ -408,6 +412,7 @@ def _run(cfg: InferConfig, dist: Dist, device, started: float) -> RunSummary:
     progress = tqdm(total=sum(len(b) for b in batches), unit="img", desc="infer-teacher",
                     disable=not (dist.is_main and cfg.progress), dynamic_ncols=True,
                     mininterval=1.0, file=sys.stderr)
+    loop_started = time.perf_counter()
     with torch.inference_mode(), progress:
         for batch, images in _batches(loader, decoder_name, dali_decoder, device, mean, std):
             n = len(batch)
@@ -441,7 +446,7 @@ def _run(cfg: InferConfig, dist: Dist, device, started: float) -> RunSummary:
             failures += len(failed)
             progress.update(n)
     writer.close()
-    totals = dist.gather((images_done, failures))
+    totals = dist.gather((images_done, failures, time.perf_counter() - loop_started))
     dist.barrier()  # every rank's chunks are written
     summary = None
     if dist.is_main:
@@ -463,6 +468,7 @@ def _run(cfg: InferConfig, dist: Dist, device, started: float) -> RunSummary:
         summary = RunSummary(out=cfg.out, images=run_record["images"],
                              failures=run_record["failures"], skipped=skipped,
                              total_failures=total_failures, wall_s=wall,
+                             loop_s=max(t[2] for t in totals),
                              store_bytes=_disk_bytes(cfg.out), complete=not missing,
                              decoder=decoder_name, device=device.type,
                              world_size=dist.world_size,

@@ -2,7 +2,8 @@
 
 - Names: any timm name (``arch`` or ``arch.tag``) plus the PaddleClas names users know
   (design.md §5). timm's deprecated ``ig_resnext101_32x{16,32,48}d`` aliases all map to
-  the *32x8d* weights; they are resolved here to the right ``fb_wsl_ig1b_ft_in1k`` tags.
+  the *32x8d* weights; they are resolved here to the right ``fb_wsl_ig1b_ft_in1k`` tags
+  (and 32x48d, which timm lacks, is refused).
 - Weights: ``--checkpoint`` (a state dict or a training checkpoint holding one under
   ``state_dict_ema``/``model_ema``/``state_dict``/``model``..., EMA preferred like timm,
   ``module.`` / ``_orig_mod.`` prefixes stripped), ``--pretrained`` from timm's hub
@@ -15,7 +16,6 @@ from __future__ import annotations
 import difflib
 import hashlib
 import os
-import socket
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +26,6 @@ PADDLE_NAMES = {
     "resnext101_32x8d_wsl": "resnext101_32x8d.fb_wsl_ig1b_ft_in1k",
     "resnext101_32x16d_wsl": "resnext101_32x16d.fb_wsl_ig1b_ft_in1k",
     "resnext101_32x32d_wsl": "resnext101_32x32d.fb_wsl_ig1b_ft_in1k",
-    "resnext101_32x48d_wsl": "resnext101_32x48d.fb_wsl_ig1b_ft_in1k",
     "resnet18": "resnet18", "resnet34": "resnet34", "resnet50": "resnet50",
     "resnet101": "resnet101", "resnet152": "resnet152",
     "resnet18_vd": "resnet18d", "resnet34_vd": "resnet34d", "resnet50_vd": "resnet50d",
@@ -48,8 +47,10 @@ PADDLE_NAMES = {
     "ig_resnext101_32x8d": "resnext101_32x8d.fb_wsl_ig1b_ft_in1k",
     "ig_resnext101_32x16d": "resnext101_32x16d.fb_wsl_ig1b_ft_in1k",
     "ig_resnext101_32x32d": "resnext101_32x32d.fb_wsl_ig1b_ft_in1k",
-    "ig_resnext101_32x48d": "resnext101_32x48d.fb_wsl_ig1b_ft_in1k",
 }
+# Names whose timm alias loads other weights and that have no correct timm counterpart.
+UNAVAILABLE = {"ig_resnext101_32x48d": "timm has no 32x48d ResNeXt (its alias loads 32x8d)",
+               "resnext101_32x48d_wsl": "timm has no 32x48d ResNeXt"}
 # Keys under which training checkpoints keep the weights, most preferred first (EMA first, as
 # timm's load_checkpoint does).
 CHECKPOINT_KEYS = ("state_dict_ema", "model_ema", "ema", "state_dict", "model", "module", "net")
@@ -66,14 +67,16 @@ def resolve_model_name(name: str) -> str:
     'resnext101_32x16d.fb_wsl_ig1b_ft_in1k'
     """
     import timm
-    from timm.models import get_pretrained_cfg, is_model
+    from timm.models import is_model
 
+    if name.lower() in UNAVAILABLE:
+        raise ValueError(f"model {name!r} is not available: {UNAVAILABLE[name.lower()]}")
     mapped = PADDLE_NAMES.get(name.lower())
     if mapped is not None:
         return mapped
     arch, _, tag = name.partition(".")
     if is_model(arch) and not _is_deprecated(arch):
-        if tag and get_pretrained_cfg(name) is None:
+        if tag and name not in timm.list_pretrained(f"{arch}.*"):
             tags = [m.partition(".")[2] for m in timm.list_pretrained(f"{arch}.*")]
             raise ValueError(f"model {arch} has no pretrained tag {tag!r}; tags: "
                              f"{', '.join(tags) or 'none'}")
@@ -177,23 +180,32 @@ def load_weights(model, path: str) -> str | None:
     return found
 
 
-def _reachable(url: str, timeout: float = NETWORK_PROBE_SECONDS) -> bool:
-    """True when a TCP connection to the URL's host opens within ``timeout`` (DNS included)."""
-    parsed = urlparse(url)
-    host, port = parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)
-    result: list[bool] = []
+def _downloadable(urls: list[str], timeout: float = NETWORK_PROBE_SECONDS) -> str | None:
+    """None when one of ``urls`` answers a HEAD request with 2xx/3xx within ``timeout``
+    seconds (DNS included), else why not."""
+    import urllib.error
+    import urllib.request
+
+    answers: list[str | None] = []
 
     def probe() -> None:
-        try:
-            with socket.create_connection((host, port), timeout=timeout):
-                result.append(True)
-        except OSError:
-            result.append(False)
+        why = "no answer"
+        for url in urls:
+            try:
+                request = urllib.request.Request(url, method="HEAD")
+                with urllib.request.urlopen(request, timeout=timeout):
+                    answers.append(None)
+                    return
+            except urllib.error.HTTPError as exc:
+                why = f"HTTP {exc.code} from {url}"
+            except (OSError, ValueError) as exc:
+                why = f"{type(exc).__name__} for {url}"
+        answers.append(why)
 
     thread = threading.Thread(target=probe, daemon=True)
     thread.start()
     thread.join(timeout)
-    return bool(result and result[0])
+    return answers[0] if answers else f"no answer within {timeout:.0f} s"
 
 
 def cached_pretrained_file(pretrained_cfg: dict[str, Any]) -> str | None:
@@ -234,13 +246,19 @@ def pretrained_source(name: str) -> str | None:
     local = cfg.get("file") or cached_pretrained_file(cfg)
     if local is not None:
         return local
-    endpoint = (os.environ.get("HF_ENDPOINT", "https://huggingface.co") if cfg.get("hf_hub_id")
-                else cfg["url"])
-    if _offline() or not _reachable(endpoint):
+    if cfg.get("hf_hub_id"):
+        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+        urls = [f"{endpoint}/{cfg['hf_hub_id']}/resolve/main/{filename}"
+                for filename in ("model.safetensors", "pytorch_model.bin")]
+    else:
+        urls = [cfg["url"]]
+    why = "HF_HUB_OFFLINE is set" if _offline() else _downloadable(urls)
+    if why is not None:
         where = cfg.get("hf_hub_id") or cfg.get("url")
         raise ValueError(f"pretrained weights for {name} ({where}) are not in the local cache "
-                         "and the network is unreachable: fetch them where there is a network "
-                         "(timm.create_model(NAME, pretrained=True)) or pass --checkpoint FILE")
+                         f"and the network is unreachable ({why}): fetch them where there is a "
+                         "network (timm.create_model(NAME, pretrained=True)) or pass "
+                         "--checkpoint FILE")
     return None
 
 

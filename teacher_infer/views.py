@@ -8,8 +8,10 @@ size (antialiased, filter taps may read pixels just outside the region, exactly 
 mirrored horizontally when the view's flip is set.
 
 - View 0 is timm's evaluation transform (resize so the short side is
-  ``floor(input / crop_pct)``, then center crop) expressed as that box; resampling the
-  box gives the same pixels as timm's two steps.
+  ``floor(input / crop_pct)``, then center crop) expressed as that box. Resampling the
+  box gives timm's pixels up to the 8-bit rounding of the resampling passes (at most a
+  grey level or two on a few pixels); the PIL decoder renders view 0 with timm's own two
+  steps, so its view 0 is exactly timm's eval transform.
 - Views 1..V-1 follow torchvision's ``RandomResizedCrop.get_params`` (integer pixel
   boxes, 10 tries, aspect-ratio clamp fallback) and flip with probability 1/2, drawn
   from a generator seeded by ``sha256(seed, key, view)``: the same boxes on any number of
@@ -51,8 +53,9 @@ class ViewSpec:
                              "the image (supported: center, squash)")
 
 
-def eval_box(height: int, width: int, spec: ViewSpec) -> np.ndarray:
-    """timm's eval resize + center crop of an ``height × width`` image as a fractional box."""
+def eval_geometry(height: int, width: int, spec: ViewSpec) -> tuple[int, int, int, int, int, int]:
+    """timm's eval transform of a ``height × width`` image in pixels: the resized size
+    ``(new_h, new_w)`` and the center crop ``(top, left, crop_h, crop_w)`` inside it."""
     target_h, target_w = spec.input_size
     scale_h, scale_w = (math.floor(target_h / spec.crop_pct), math.floor(target_w / spec.crop_pct))
     if spec.crop_mode == "squash":
@@ -71,6 +74,12 @@ def eval_box(height: int, width: int, spec: ViewSpec) -> np.ndarray:
     crop_h, crop_w = min(target_h, new_h), min(target_w, new_w)
     top = int(round((new_h - crop_h) / 2.0))
     left = int(round((new_w - crop_w) / 2.0))
+    return new_h, new_w, top, left, crop_h, crop_w
+
+
+def eval_box(height: int, width: int, spec: ViewSpec) -> np.ndarray:
+    """timm's eval resize + center crop of an ``height × width`` image as a fractional box."""
+    new_h, new_w, top, left, crop_h, crop_w = eval_geometry(height, width, spec)
     return np.array([top / new_h, left / new_w, crop_h / new_h, crop_w / new_w])
 
 
@@ -135,9 +144,13 @@ def pixel_box(box: np.ndarray, height: int, width: int) -> tuple[float, float, f
     return (x0 * width, y0 * height, min(x0 + w, 1.0) * width, min(y0 + h, 1.0) * height)
 
 
-def relative_roi(boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Stored boxes (..., 4) → DALI's relative ``roi_start``/``roi_end`` (y, x) pairs."""
+def separable_roi(boxes: np.ndarray) -> dict[str, np.ndarray]:
+    """Stored boxes (..., 4) → relative (y, x) ROIs of a horizontal pass (all rows, the box's
+    columns) and a vertical pass (the box's rows, all columns of the first pass's output)."""
     frac = dequantize_boxes(boxes).astype(np.float64)
-    start = frac[..., :2]
-    end = np.minimum(frac[..., :2] + frac[..., 2:], 1.0)
-    return start.astype(np.float32), end.astype(np.float32)
+    y0, x0 = frac[..., 0], frac[..., 1]
+    y1 = np.minimum(y0 + frac[..., 2], 1.0)
+    x1 = np.minimum(x0 + frac[..., 3], 1.0)
+    zero, one = np.zeros_like(y0), np.ones_like(y0)
+    pairs = {"x_start": (zero, x0), "x_end": (one, x1), "y_start": (y0, zero), "y_end": (y1, one)}
+    return {name: np.stack(pair, axis=-1).astype(np.float32) for name, pair in pairs.items()}

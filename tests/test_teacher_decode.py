@@ -1,0 +1,135 @@
+"""teacher_infer.decode and .dali on single images: every mode becomes RGB the same way in
+both decoders, headers give the oriented size, bad files become reasons, not exceptions."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from teacher_infer.dali import DaliDecoder
+from teacher_infer.decode import (DecodeError, ViewDataset, collate, header_size, open_rgb,
+                                  pixels_to_input, to_rgb)
+from teacher_infer.views import ViewSpec
+
+SPEC = ViewSpec(views=3, input_size=(32, 32), crop_pct=0.875, seed=1)
+MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+
+
+def test_every_mode_becomes_rgb_with_the_oriented_size(mode_images):
+    for key in mode_images.keys:
+        image = open_rgb(mode_images.path(key))
+        assert image.mode == "RGB", key
+        assert (image.height, image.width) == mode_images.extra["expected_size"][key], key
+        data = mode_images.path(key).read_bytes()
+        assert header_size(data)[:2] == mode_images.extra["expected_size"][key], key
+
+
+def test_sixteen_bit_is_scaled_not_clipped():
+    values = np.array([[0, 128, 257, 32896, 65535]], dtype=np.uint16)
+    rgb = np.asarray(to_rgb(Image.fromarray(values)))
+    assert rgb[0, :, 0].tolist() == [0, 0, 1, 128, 255]  # round(v * 255 / 65535)
+    assert (rgb[..., 0] == rgb[..., 2]).all()
+
+
+def test_exif_orientation_is_applied(mode_images):
+    upright = np.asarray(open_rgb(mode_images.path("rgb.jpg")), dtype=np.int16)
+    rotated = np.asarray(open_rgb(mode_images.path("exif_rot180.jpg")), dtype=np.int16)
+    # the same picture content stored upside down, turned back by EXIF (JPEG noise aside)
+    raw = np.asarray(Image.open(mode_images.path("exif_rot180.jpg")).convert("RGB"), np.int16)
+    np.testing.assert_array_equal(rotated, raw[::-1, ::-1])
+    assert upright.shape == rotated.shape
+
+
+@pytest.mark.parametrize("data,match", [
+    (b"", "empty file"),
+    (b"plain text, not a picture", "not an image"),
+])
+def test_header_errors(data, match):
+    with pytest.raises(DecodeError, match=match):
+        header_size(data)
+
+
+def test_bad_files_become_invalid_items(broken_images):
+    paths = [str(broken_images.path(k)) for k in broken_images.keys]
+    for mode in ("pil", "bytes"):
+        dataset = ViewDataset(paths, broken_images.keys, SPEC, "bilinear", mode=mode)
+        batch = collate([dataset[i] for i in range(len(dataset))])
+        bad = {broken_images.keys[i]: batch.reasons[i] for i in np.flatnonzero(~batch.valid)}
+        expected_bad = set(broken_images.extra["bad"]) - ({"truncated.jpg"} if mode == "bytes"
+                                                          else set())
+        # the header of a truncated JPEG is fine: DALI itself finds it (see the DALI test)
+        assert set(bad) == expected_bad, mode
+        assert bad["missing.jpg"] == "missing file"
+        assert all(reason for reason in bad.values())
+        if mode == "pil":
+            assert "truncated" in bad["truncated.jpg"]
+        assert batch.boxes[~batch.valid].sum() == 0
+
+
+def _dali(views_spec=SPEC):
+    return DaliDecoder(spec=views_spec, interpolation="bicubic", mean=MEAN, std=STD, max_batch=8,
+                       device=torch.device("cpu"), num_threads=2)
+
+
+def test_dali_and_pil_decode_every_mode_alike(mode_images):
+    """Same boxes, same RGB conversion: pixels agree to the rounding of the resampling."""
+    keys = mode_images.keys
+    paths = [str(mode_images.path(k)) for k in keys]
+    pil = collate([ViewDataset(paths, keys, SPEC, "bicubic", mode="pil")[i]
+                   for i in range(len(keys))])
+    raw = collate([ViewDataset(paths, keys, SPEC, "bicubic", mode="bytes")[i]
+                   for i in range(len(keys))])
+    assert pil.valid.all() and raw.valid.all()
+    np.testing.assert_array_equal(pil.boxes, raw.boxes)
+    np.testing.assert_array_equal(pil.flips, raw.flips)
+    decoded = _dali().decode_batch(raw)
+    expected = pixels_to_input(pil.pixels, torch.tensor(MEAN), torch.tensor(STD))
+    grey_levels = ((decoded - expected) * torch.tensor(STD)[:, None, None] * 255).abs()
+    for i, key in enumerate(keys):
+        # 16-bit RGB: PIL keeps the high byte, DALI rounds (one level apart)
+        assert grey_levels[:, i].max() <= 2.01, key
+        assert grey_levels[:, i].mean() < 0.1, key
+    assert raw.rendered[keys.index("x.gif")]  # a format DALI lacks is rendered by PIL
+
+
+def test_dali_survives_a_corrupt_file_in_the_batch(broken_images):
+    keys = broken_images.keys
+    paths = [str(broken_images.path(k)) for k in keys]
+    dataset = ViewDataset(paths, keys, SPEC, "bicubic", mode="bytes")
+    batch = collate([dataset[i] for i in range(len(keys))])
+    decoder = _dali()
+    images = decoder.decode_batch(batch)
+    bad = {keys[i]: batch.reasons[i] for i in np.flatnonzero(~batch.valid)}
+    assert set(bad) == set(broken_images.extra["bad"])
+    assert "truncated" in bad["truncated.jpg"] and "DALI" in bad["truncated.jpg"]
+    assert decoder.rebuilds >= 1
+    # every good image got the same pixels as when decoded in a batch without bad files
+    good = [i for i, key in enumerate(keys) if key.startswith("good")]
+    clean_set = ViewDataset([paths[i] for i in good], [keys[i] for i in good], SPEC, "bicubic",
+                            mode="bytes")
+    clean_images = _dali().decode_batch(collate([clean_set[i] for i in range(len(good))]))
+    torch.testing.assert_close(images[:, good], clean_images, rtol=0, atol=0)
+    assert images[:, ~torch.from_numpy(batch.valid)].abs().sum() == 0
+
+
+def test_dali_decode_stream_keeps_order(image_folder):
+    keys = image_folder.keys
+    paths = [str(image_folder.path(k)) for k in keys]
+    dataset = ViewDataset(paths, keys, SPEC, "bicubic", mode="bytes")
+    batches = [collate([dataset[i] for i in range(lo, min(lo + 5, len(keys)))])
+               for lo in range(0, len(keys), 5)]
+    decoder = _dali()
+    streamed = list(decoder.decode(iter(batches)))
+    assert [b.start for b, _ in streamed] == [0, 5, 10]
+    for batch, images in streamed:
+        torch.testing.assert_close(images, _dali().decode_batch(batch), rtol=0, atol=0)
+
+
+def test_open_rgb_reasons(tmp_path):
+    with pytest.raises(DecodeError, match="missing file"):
+        open_rgb(tmp_path / "absent.jpg")
+    with pytest.raises(DecodeError, match="not an image"):
+        open_rgb(io.BytesIO(b"GIF89a but not really"))
