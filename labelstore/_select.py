@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import posixpath
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -30,6 +29,10 @@ PROB_BITS = 15  # float16 without its sign bit: probabilities are >= 0
 BUCKET_SHIFT = 6     # histogram buckets of 64 consecutive float16 values (~3% apart)
 NUM_BUCKETS = 0x8000 >> BUCKET_SHIFT
 MIN_MERGE = 1 << 18  # smallest buffer worth filtering (test hook: small values force filters)
+# Starting thresholds guessed from a sample of blocks (a speed-up only; see _guess_start_bits).
+SAMPLE_BLOCKS = 8        # blocks sampled, in pools of at least 4× as many blocks
+GUESS_MARGIN = 1.25      # the guess leaves ~1.25·K candidates per class above it
+MIN_SAMPLE_COUNT = 64    # sampled candidates a guess needs (fewer: too noisy, no guess)
 
 
 # -- exclude lists ----------------------------------------------------------------
@@ -53,14 +56,34 @@ def read_exclude(path: str) -> tuple[set[str], str]:
     return keys, hashlib.sha256(raw).hexdigest()
 
 
-def _excluded(keys: np.ndarray, exclude: set[str], root: str | None) -> np.ndarray:
-    """Rows whose key, or root/key, is in ``exclude``."""
-    listed = [key in exclude or (root is not None and posixpath.join(root, key) in exclude)
-              for key in keys.tolist()]
-    return np.asarray(listed, dtype=bool)
+def _for_store(exclude: set[str], root: str | None) -> set[str]:
+    """The exclude set as keys of a store with this root: ``root/key`` lines become ``key``."""
+    if not root:
+        return exclude
+    prefix = root.rstrip("/") + "/"
+    return {line[len(prefix):] if line.startswith(prefix) else line for line in exclude}
+
+
+def _excluded(keys: np.ndarray, exclude: set[str]) -> np.ndarray:
+    """Rows whose key is in ``exclude``."""
+    return np.fromiter(map(exclude.__contains__, keys.tolist()), dtype=bool, count=len(keys))
 
 
 # -- ranking ----------------------------------------------------------------------
+
+def _highest_bucket(counts: np.ndarray, need: int) -> np.ndarray:
+    """Per class (row of ``counts``), the highest bucket with at least ``need`` counted
+    candidates at or above it; -1 where there are fewer."""
+    at_or_above = np.cumsum(counts[:, ::-1], axis=1)[:, ::-1]
+    return (at_or_above >= need).sum(axis=1) - 1
+
+
+def _histogram(classes: np.ndarray, bits: np.ndarray, num_classes: int) -> np.ndarray:
+    """(C, NUM_BUCKETS) counts of the candidates given as flat class ids and float16 bits."""
+    bins = (classes.astype(np.int64) << (15 - BUCKET_SHIFT)) | (bits.astype(np.int64)
+                                                                 >> BUCKET_SHIFT)
+    return np.bincount(bins, minlength=num_classes * NUM_BUCKETS).reshape(num_classes, -1)
+
 
 class _ClassTopK:
     """Per class, a superset of the K best (probability desc, row asc) candidates so far.
@@ -80,14 +103,15 @@ class _ClassTopK:
     is not enough (many ties) and once at the end.
     """
 
-    def __init__(self, num_classes: int, k: int, row_bits: int, min_bits: int = 0):
-        self.k, self.row_bits, self.min_bits = k, row_bits, min_bits
+    def __init__(self, num_classes: int, k: int, row_bits: int, start_bits: np.ndarray):
+        self.k, self.row_bits = k, row_bits
+        self.start_bits = start_bits         # per class: min_prob's bits, or a guess above it
         self.shift = PROB_BITS + row_bits
         self.counts = np.zeros((num_classes, NUM_BUCKETS), dtype=np.int64)
         self.counted = 0                     # candidates counted since the floors were updated
         self.floor_bucket = np.zeros(num_classes, dtype=np.uint16)
         self.trim_bits = np.zeros(num_classes, dtype=np.uint16)
-        self.entry_bits = np.full(num_classes, min_bits, dtype=np.uint16)
+        self.entry_bits = start_bits.astype(np.uint16)
         self.buffer: list[np.ndarray] = []
         self.buffered = 0
         self.limit = max(2 * num_classes * k, MIN_MERGE)
@@ -96,17 +120,17 @@ class _ClassTopK:
               use: np.ndarray) -> None:
         """Offer (n, k) ``classes``/``bits`` of ``rows`` (n,), skipping rows where not ``use``."""
         keep = bits >= self.entry_bits[classes]
-        if not use.all():
-            keep &= use[:, None]
+        skipped = np.flatnonzero(~use)
+        if len(skipped):   # few rows: cheaper than and-ing a whole (n, k) mask
+            keep[skipped] = False
         flat = np.flatnonzero(keep)
         if not len(flat):
             return
-        kept_classes, kept_bits = classes.ravel()[flat], bits.ravel()[flat]
-        bins = (kept_classes.astype(np.int64) << (15 - BUCKET_SHIFT)) | (kept_bits >> BUCKET_SHIFT)
-        self.counts += np.bincount(bins, minlength=self.counts.size).reshape(self.counts.shape)
+        kept_classes = classes.ravel()[flat].astype(np.int64)
+        kept_bits = bits.ravel()[flat].astype(np.int64)
+        self.counts += _histogram(kept_classes, kept_bits, len(self.counts))
         self.counted += len(flat)
-        self.buffer.append((kept_classes.astype(np.int64) << self.shift)
-                           | ((0x7FFF - kept_bits.astype(np.int64)) << self.row_bits)
+        self.buffer.append((kept_classes << self.shift) | ((0x7FFF - kept_bits) << self.row_bits)
                            | rows[flat // bits.shape[1]])
         self.buffered += len(flat)
         if self.counted >= self.counts.size:   # amortised: O(1) per kept candidate, any C
@@ -116,22 +140,29 @@ class _ClassTopK:
 
     def _update_floors(self) -> None:
         self.counted = 0
-        at_or_above = np.cumsum(self.counts[:, ::-1], axis=1)[:, ::-1]
-        # the highest bucket with K candidates at or above it (0 while fewer than K)
-        floor = (at_or_above >= self.k).sum(axis=1) - 1
-        self.floor_bucket = np.maximum(floor, 0).astype(np.uint16)
+        self.floor_bucket = np.maximum(_highest_bucket(self.counts, self.k), 0).astype(np.uint16)
         self.entry_bits = np.maximum(np.maximum(self.floor_bucket << BUCKET_SHIFT, self.trim_bits),
-                                     self.min_bits).astype(np.uint16)
+                                     self.start_bits).astype(np.uint16)
 
     def _filter(self) -> None:
-        self._update_floors()
-        keys = np.concatenate(self.buffer)
-        # Only the histogram bound here: trim_bits judges newcomers, and the K-th entry
-        # it was taken from sits in this buffer with one bit pattern less.
-        keys = keys[(self._bits(keys) >> BUCKET_SHIFT) >= self.floor_bucket[keys >> self.shift]]
-        if len(keys) >= self.limit // 2:  # ties crowd the floor buckets: trim exactly
+        keys = self._filtered()
+        if len(keys) > 3 * self.limit // 4:  # ties crowd the floor buckets: trim exactly
             keys = self._trim(keys)
         self.buffer, self.buffered = [keys], len(keys)
+
+    def _filtered(self) -> np.ndarray:
+        """The buffer without keys below their class's (freshly updated) floor bucket.
+
+        Only the histogram bound applies here: trim_bits judges newcomers, and the K-th
+        entry it was taken from is in this buffer, one bit pattern lower. In key space,
+        "bits at or above the floor bucket's first value" is "key below a class limit".
+        """
+        self._update_floors()
+        keys = np.concatenate(self.buffer) if self.buffer else np.empty(0, dtype=np.int64)
+        classes = np.arange(len(self.floor_bucket), dtype=np.int64)
+        floor_bits = self.floor_bucket.astype(np.int64) << BUCKET_SHIFT
+        limit = (classes << self.shift) + ((0x8000 - floor_bits) << self.row_bits)  # may carry
+        return keys[keys < limit[keys >> self.shift]]
 
     def _trim(self, keys: np.ndarray) -> np.ndarray:
         """Sort and keep the first K keys of every class; sets the exact entry bits."""
@@ -150,8 +181,7 @@ class _ClassTopK:
 
     def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(classes, rows, float32 probs) of the K best per class, by class then rank."""
-        keys = self._trim(np.concatenate(self.buffer) if self.buffer
-                          else np.empty(0, dtype=np.int64))
+        keys = self._trim(self._filtered())
         probs = self._bits(keys).view(np.float16).astype(np.float32)
         return keys >> self.shift, keys & ((1 << self.row_bits) - 1), probs
 
@@ -215,19 +245,38 @@ def rank(stores: Sequence[LabelStore], k: int, *, exclude: set[str] | None = Non
         raise ValueError(f"pool too large to rank: {total:,} rows × {num_classes:,} classes "
                          "exceed the 63-bit selection key; split the pool")
     min_bits = 0 if min_prob is None else _float16_at_least(min_prob)
-    table = _ClassTopK(num_classes, k, row_bits, min_bits)
+    floor = np.full(num_classes, min_bits, dtype=np.uint16)
+    guess = np.maximum(_guess_start_bits(stores, k, view=view, num_classes=num_classes), floor)
+    while True:
+        table = _ClassTopK(num_classes, k, row_bits, guess)
+        counters = _scan(stores, table, exclude=exclude, min_bits=min_bits, view=view,
+                         progress=progress)
+        classes, rows, probs = table.result()
+        # A raised start threshold is safe for a class that still got K rows (all of them
+        # are above it, so everything it kept out is beaten K times); else rank again.
+        short = (guess > floor) & (np.bincount(classes, minlength=num_classes) < k)
+        if not short.any():
+            return Selection(num_classes, k, classes=classes, rows=rows, probs=probs,
+                             **counters)
+        guess[short] = floor[short]
+
+
+def _scan(stores: Sequence[LabelStore], table: _ClassTopK, *, exclude: set[str] | None,
+          min_bits: int, view: int, progress: bool) -> dict[str, int]:
+    """Stream every block of the pool into ``table``; returns the row/candidate counters."""
     scanned = invalid = excluded = candidates = 0
     offset = 0
-    with _derive.progress_bar(progress, total, "select-topk") as bar:
+    with _derive.progress_bar(progress, sum(len(s) for s in stores), "select-topk") as bar:
         for store in stores:
             root = (store.attrs.get("dataset") or {}).get("root")
+            listed = _for_store(exclude, root) if exclude else None
             names = ("indices", "probs", "valid") + (("keys",) if exclude else ())
             for lo, hi, block in _derive.read_blocks(store, names, view=view):
                 bits = block["probs"].view(np.uint16) & 0x7FFF  # raw float16 bits rank exactly
                 use = block["valid"].astype(bool)
                 invalid += int((~use).sum())
                 if exclude:
-                    skip = _excluded(block["keys"], exclude, root) & use
+                    skip = _excluded(block["keys"], listed) & use
                     excluded += int(skip.sum())
                     use &= ~skip
                 candidates += (int((bits[use] >= min_bits).sum()) if min_bits
@@ -237,10 +286,39 @@ def rank(stores: Sequence[LabelStore], k: int, *, exclude: set[str] | None = Non
                 scanned += hi - lo
                 bar.update(hi - lo)
             offset += len(store)
-    classes, rows, probs = table.result()
-    return Selection(num_classes, k, classes=classes, rows=rows, probs=probs,
-                     rows_scanned=scanned, rows_invalid=invalid, rows_excluded=excluded,
-                     candidates=candidates)
+    return dict(rows_scanned=scanned, rows_invalid=invalid, rows_excluded=excluded,
+                candidates=candidates)
+
+
+def _guess_start_bits(stores: Sequence[LabelStore], k: int, *, view: int,
+                      num_classes: int) -> np.ndarray:
+    """Optimistic per-class start thresholds (float16 bits) from a sample of blocks.
+
+    A single streaming pass admits every candidate of a class until K have been seen,
+    and then each one that beats the K-th so far: about K·(1 + ln(n/K)) admissions for
+    n candidates. Starting instead at a value that a sample of the pool already puts
+    about GUESS_MARGIN·K candidates above cuts that to ~1.3·K. It is only a guess —
+    ``rank`` checks that each class still got K rows and otherwise ranks it again.
+    """
+    blocks = [(store, lo, hi) for store in stores for lo, hi, _ in _derive.spans(store)]
+    none = np.zeros(num_classes, dtype=np.uint16)
+    if len(blocks) < 4 * SAMPLE_BLOCKS:
+        return none
+    step = len(blocks) // SAMPLE_BLOCKS
+    counts = np.zeros((num_classes, NUM_BUCKETS), dtype=np.int64)
+    sampled = 0
+    for store, lo, hi in blocks[step // 2::step][:SAMPLE_BLOCKS]:
+        group = store._group
+        valid = np.asarray(group["valid"][lo:hi], dtype=bool)
+        classes = np.asarray(group["indices"][lo:hi, view])[valid]
+        bits = np.asarray(group["probs"][lo:hi, view]).view(np.uint16)[valid] & 0x7FFF
+        counts += _histogram(classes.ravel(), bits.ravel(), num_classes)
+        sampled += hi - lo
+    need = int(np.ceil(GUESS_MARGIN * k * sampled / sum(len(s) for s in stores)))
+    if need < MIN_SAMPLE_COUNT:
+        return none
+    bucket = _highest_bucket(counts, need)
+    return np.where(bucket > 0, bucket.astype(np.int64) << BUCKET_SHIFT, 0).astype(np.uint16)
 
 
 # -- the command ------------------------------------------------------------------

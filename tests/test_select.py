@@ -79,6 +79,8 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(_select, "MIN_MERGE", 16)
     monkeypatch.setattr(_select, "BUCKET_SHIFT", 9)
     monkeypatch.setattr(_select, "NUM_BUCKETS", 0x8000 >> 9)
+    monkeypatch.setattr(_select, "SAMPLE_BLOCKS", 2)      # guess start thresholds...
+    monkeypatch.setattr(_select, "MIN_SAMPLE_COUNT", 1)   # ...even from a tiny sample
 
 
 def make_pools(tmp_path, sizes, *, classes=15, k=3, views=2, chunk_rows=32, roots=None,
@@ -224,7 +226,7 @@ def test_exclude_file_matches_key_or_root_path(tmp_path):
     keys, sha = _select.read_exclude(_write(tmp_path / "x.txt",
                                             "# c\n a b.jpg \n/r/c.jpg\tq\t0.9\t-\n\n"))
     assert keys == {"a b.jpg", "/r/c.jpg"} and len(sha) == 64
-    hit = _select._excluded(np.array(["a b.jpg", "c.jpg", "d.jpg"]), keys, "/r")
+    hit = _select._excluded(np.array(["a b.jpg", "c.jpg", "d.jpg"]), _select._for_store(keys, "/r"))
     assert hit.tolist() == [True, True, False]
 
 
