@@ -20,6 +20,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+from labelstore._inspect import _disk_bytes, _human  # the store's own size helpers
+from labelstore._writer import _local_path
+
 from .config import DEFAULT_CHUNK_ROWS, InferConfig
 from .data import Samples, find_samples, read_class_names
 from .distributed import Dist
@@ -55,22 +58,13 @@ class RunSummary:
         return self.images / self.loop_s if self.loop_s > 0 else 0.0
 
     def __str__(self) -> str:
-        size = "-" if self.store_bytes is None else _human_bytes(self.store_bytes)
+        size = _human(self.store_bytes)
         state = "complete" if self.complete else "INCOMPLETE"
         resumed = f", {self.skipped:,} already done" if self.skipped else ""
         return (f"infer-teacher: {self.images:,} images ({self.failures:,} failed{resumed}) in "
                 f"{self.wall_s:.1f} s, {self.images_per_s:,.1f} img/s after "
                 f"{self.wall_s - self.loop_s:.1f} s of set-up, on {self.world_size}× "
                 f"{self.device} with {self.decoder} → {self.out} ({size}, {state})")
-
-
-def _human_bytes(nbytes: int) -> str:
-    size = float(nbytes)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024:
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TiB"
 
 
 # -- set-up ------------------------------------------------------------------------
@@ -217,15 +211,9 @@ def _open_or_create(cfg: InferConfig, samples: Samples, labels: np.ndarray, attr
 
 
 # -- failures -------------------------------------------------------------------------
-def _local_dir(path: str) -> str | None:
-    if path.startswith("file://"):
-        return path[len("file://"):]
-    return None if "://" in path else path
-
-
 def _append_failures(out: str, rank: int, lines: list[str]) -> None:
     """Before a chunk can be marked done, its failures are on disk (a crash loses none)."""
-    folder = _local_dir(out)
+    folder = _local_path(out)
     if folder is None or not lines:
         return
     with open(os.path.join(folder, f"failed.rank{rank}.part"), "a", encoding="utf-8") as handle:
@@ -236,7 +224,7 @@ def _append_failures(out: str, rank: int, lines: list[str]) -> None:
 
 def _merge_failures(out: str, keys: list[str], valid: np.ndarray) -> int:
     """Rank 0, at the end: failed.txt = every invalid row with its latest reason."""
-    folder = _local_dir(out)
+    folder = _local_path(out)
     if folder is None:
         return int((~valid).sum())
     reasons: dict[str, str] = {}
@@ -255,14 +243,6 @@ def _merge_failures(out: str, keys: list[str], valid: np.ndarray) -> int:
     for name in parts:
         os.remove(os.path.join(folder, name))
     return len(invalid)
-
-
-def _disk_bytes(path: str) -> int | None:
-    folder = _local_dir(path)
-    if folder is None or not os.path.isdir(folder):
-        return None
-    return sum(os.path.getsize(os.path.join(root, f))
-               for root, _, files in os.walk(folder) for f in files)
 
 
 # -- compute --------------------------------------------------------------------------
@@ -309,14 +289,15 @@ def _embedding_dim(model, spec: ViewSpec, device) -> int:
 
 
 def _default_workers(decoder: str, cpus: int) -> int:
-    # PIL decodes in the workers; for DALI they only read files and headers.
-    return max(1, min(16, cpus)) if decoder == "pil" else max(1, min(4, cpus // 2))
+    """PIL decodes in the workers. For DALI they only read files and headers, so on a small
+    machine the decode thread reads them itself and DALI keeps every core."""
+    if decoder == "pil":
+        return max(1, min(16, cpus))
+    return 0 if cpus <= 4 else min(4, cpus // 4)
 
 
 def _batches(loader, decoder_name: str, dali_decoder, device, mean, std):
     """(batch, images) pairs, images a (V, n, 3, H, W) float32 tensor on ``device``."""
-    import torch
-
     from .decode import pixels_to_input
 
     if decoder_name == "dali":
@@ -343,6 +324,57 @@ def run(cfg: InferConfig) -> RunSummary:
         dist.close()
 
 
+def _store_attrs(cfg: InferConfig, samples: Samples, labels: np.ndarray, teacher, spec: ViewSpec,
+                 class_names: list[str] | None, embedding_dim: int | None,
+                 decoder_name: str, device) -> dict[str, Any]:
+    import labelstore
+
+    return {
+        "teacher": teacher.record,
+        "preprocessing": _preprocessing(spec, teacher.data_config),
+        # fingerprint and num_samples are labelstore.create's too; here so a resume compares them
+        "dataset": {"root": samples.root, "source": samples.source,
+                    "data": os.path.abspath(cfg.data), "num_samples": len(samples),
+                    "fingerprint": labelstore.fingerprint(samples.keys),
+                    "labels_sha256": labelstore.fingerprint(str(v) for v in labels)},
+        "temperature": float(cfg.temperature),
+        "topk": cfg.topk, "views": cfg.views, "num_classes": teacher.num_classes,
+        "class_names": class_names,
+        "embedding_dim": embedding_dim,
+        "compute": {"precision": cfg.precision, "decoder": decoder_name, "device": device.type,
+                    "channels_last": cfg.channels_last, "compile": cfg.compile,
+                    "batch_size": cfg.batch_size},
+        "config": cfg.to_dict(),
+    }
+
+
+def _label_batch(forward, images, valid: np.ndarray, *, views: int, k: int, temperature: float,
+                 autocast, channels_last: bool, embedding_dim: int | None):
+    """Top-k indices (n, V, k), probabilities, residual (n, V) and view-0 embeddings of one
+    batch as numpy arrays; invalid rows get "no information" (zero top-k mass)."""
+    import torch
+
+    n = len(valid)
+    indices = np.tile(np.arange(k, dtype=np.int64), (n, views, 1))
+    probs = np.zeros((n, views, k), dtype=np.float32)
+    residual = np.ones((n, views), dtype=np.float32)
+    embeddings = np.zeros((n, embedding_dim), np.float32) if embedding_dim else None
+    if images is None or not valid.any():
+        return indices, probs, residual, embeddings
+    x = images.reshape((views * n,) + tuple(images.shape[2:]))  # view-major rows v * n + i
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast:
+        logits, pooled = forward(x)
+    top_i, top_p, rest = top_k(logits, k, temperature)
+    indices[valid] = top_i.view(views, n, k).transpose(0, 1).cpu().numpy()[valid]
+    probs[valid] = top_p.view(views, n, k).transpose(0, 1).cpu().numpy()[valid]
+    residual[valid] = rest.view(views, n).transpose(0, 1).cpu().numpy()[valid]
+    if embeddings is not None:
+        embeddings[valid] = pooled[:n].float().cpu().numpy()[valid]
+    return indices, probs, residual, embeddings
+
+
 def _run(cfg: InferConfig, dist: Dist, device, started: float) -> RunSummary:
     import torch
     from tqdm import tqdm
@@ -359,41 +391,28 @@ def _run(cfg: InferConfig, dist: Dist, device, started: float) -> RunSummary:
     labels, class_names = _labels_and_names(samples, teacher.num_classes, cfg.class_names)
     if cfg.topk > teacher.num_classes:
         raise ValueError(f"--topk {cfg.topk} exceeds the model's {teacher.num_classes} classes")
+    autocast = _autocast(device, cfg.precision)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest kernels
     spec = _data_config_view_spec(cfg, teacher.data_config)
     interpolation = teacher.data_config["interpolation"]
     embedding_dim = _embedding_dim(teacher.model, spec, device) if cfg.embeddings else None
-    attrs = {
-        "teacher": teacher.record,
-        "preprocessing": _preprocessing(spec, teacher.data_config),
-        "dataset": {"root": samples.root, "source": samples.source,
-                    "data": os.path.abspath(cfg.data),
-                    "labels_sha256": labelstore.fingerprint(str(v) for v in labels)},
-        "temperature": float(cfg.temperature),
-        "topk": cfg.topk, "views": cfg.views, "num_classes": teacher.num_classes,
-        "class_names": class_names,
-        "embedding_dim": embedding_dim,
-        "compute": {"precision": cfg.precision, "decoder": decoder_name, "device": device.type,
-                    "channels_last": cfg.channels_last, "compile": cfg.compile,
-                    "batch_size": cfg.batch_size},
-        "config": cfg.to_dict(),
-    }
-    # labelstore.create records these too; set here so a resume can compare them
-    attrs["dataset"].update(fingerprint=labelstore.fingerprint(samples.keys),
-                            num_samples=len(samples))
+    attrs = _store_attrs(cfg, samples, labels, teacher, spec, class_names, embedding_dim,
+                         decoder_name, device)
     skipped, resumed = _on_main(dist, lambda: _open_or_create(
         cfg, samples, labels, attrs, teacher.num_classes, embedding_dim))
     dist.barrier()  # the store exists before any rank writes
     writer = labelstore.open(cfg.out, mode="a")
 
+    # Whole chunks, round-robin over the missing ones: every rank computes the same list.
     todo = [c for c, done in enumerate(writer.done_chunks()) if not done]
-    mine = [writer.chunk_range(c) for c in todo[dist.rank::dist.world_size]]
-    batches = batch_ranges(mine, cfg.batch_size)
+    batches = batch_ranges([writer.chunk_range(c) for c in todo[dist.rank::dist.world_size]],
+                           cfg.batch_size)
     cpus = _cpus_per_rank(dist)
     workers = cfg.num_workers if cfg.num_workers is not None else _default_workers(
         decoder_name, cpus)
-    paths = [samples.path(i) for i in range(len(samples))]
-    dataset = ViewDataset(paths, samples.keys, spec, interpolation,
-                          mode="bytes" if decoder_name == "dali" else "pil")
+    dataset = ViewDataset([samples.path(i) for i in range(len(samples))], samples.keys, spec,
+                          interpolation, mode="bytes" if decoder_name == "dali" else "pil")
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
         pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
@@ -407,33 +426,20 @@ def _run(cfg: InferConfig, dist: Dist, device, started: float) -> RunSummary:
                                    std=teacher.data_config["std"], max_batch=cfg.batch_size,
                                    device=device, num_threads=max(1, cpus - workers))
     forward = _make_forward(teacher.model, cfg.embeddings, cfg.compile)
-    views, k = cfg.views, cfg.topk
     images_done = failures = 0
+    clock = {"wait_s": 0.0, "compute_s": 0.0, "store_s": 0.0}  # where the loop's time goes
     progress = tqdm(total=sum(len(b) for b in batches), unit="img", desc="infer-teacher",
                     disable=not (dist.is_main and cfg.progress), dynamic_ncols=True,
                     mininterval=1.0, file=sys.stderr)
-    loop_started = time.perf_counter()
+    loop_started = tick = time.perf_counter()
     with torch.inference_mode(), progress:
         for batch, images in _batches(loader, decoder_name, dali_decoder, device, mean, std):
-            n = len(batch)
-            indices = np.tile(np.arange(k, dtype=np.int64), (n, views, 1))
-            probs = np.zeros((n, views, k), dtype=np.float32)
-            residual = np.ones((n, views), dtype=np.float32)
-            embeddings = np.zeros((n, embedding_dim), np.float32) if embedding_dim else None
-            if images is not None and batch.valid.any():
-                x = images.reshape((views * n,) + tuple(images.shape[2:]))
-                if cfg.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with _autocast(device, cfg.precision):
-                    logits, pooled = forward(x)
-                top_i, top_p, rest = top_k(logits, k, cfg.temperature)
-                ok = batch.valid
-                # view-major rows (v * n + i) → (n, V, k)
-                indices[ok] = top_i.view(views, n, k).transpose(0, 1).cpu().numpy()[ok]
-                probs[ok] = top_p.view(views, n, k).transpose(0, 1).cpu().numpy()[ok]
-                residual[ok] = rest.view(views, n).transpose(0, 1).cpu().numpy()[ok]
-                if embeddings is not None:
-                    embeddings[ok] = pooled[:n].float().cpu().numpy()[ok]
+            got = time.perf_counter()
+            indices, probs, residual, embeddings = _label_batch(
+                forward, images, batch.valid, views=cfg.views, k=cfg.topk,
+                temperature=cfg.temperature, autocast=autocast,
+                channels_last=cfg.channels_last, embedding_dim=embedding_dim)
+            computed = time.perf_counter()
             failed = np.flatnonzero(~batch.valid)
             boxes, flips = batch.boxes, batch.flips
             boxes[failed], flips[failed] = 0, False  # the same meaningless rows for any decoder
@@ -442,36 +448,49 @@ def _run(cfg: InferConfig, dist: Dist, device, started: float) -> RunSummary:
                 for i in failed])
             writer.write(batch.start, indices, probs, residual=residual, boxes=boxes,
                          flips=flips, valid=batch.valid, embeddings=embeddings)
-            images_done += n
+            images_done += len(batch)
             failures += len(failed)
-            progress.update(n)
+            progress.update(len(batch))
+            clock["wait_s"] += got - tick
+            clock["compute_s"] += computed - got
+            tick = time.perf_counter()
+            clock["store_s"] += tick - computed
     writer.close()
-    totals = dist.gather((images_done, failures, time.perf_counter() - loop_started))
+    clock["loop_s"] = time.perf_counter() - loop_started
+    totals = dist.gather((images_done, failures, clock))
     dist.barrier()  # every rank's chunks are written
     summary = None
     if dist.is_main:
-        import zarr
-
-        store = labelstore.open(cfg.out)
-        valid = np.asarray(zarr.open_group(cfg.out, mode="r")["valid"][:], dtype=bool)
-        total_failures = _merge_failures(cfg.out, list(store.keys), valid)
-        missing = store.missing()
-        wall = time.perf_counter() - started
-        run_record = {"finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                      "wall_s": round(wall, 3),
-                      "images": sum(t[0] for t in totals), "failures": sum(t[1] for t in totals),
-                      "world_size": dist.world_size, "device": device.type,
-                      "decoder": decoder_name, "resumed": resumed}
-        final = labelstore.open(cfg.out, mode="a")
-        final.update_attrs(complete=not missing, failures=total_failures,
-                           runs=list(store.attrs.get("runs") or []) + [run_record])
-        summary = RunSummary(out=cfg.out, images=run_record["images"],
-                             failures=run_record["failures"], skipped=skipped,
-                             total_failures=total_failures, wall_s=wall,
-                             loop_s=max(t[2] for t in totals),
-                             store_bytes=_disk_bytes(cfg.out), complete=not missing,
-                             decoder=decoder_name, device=device.type,
-                             world_size=dist.world_size,
-                             details={"dali_rebuilds": getattr(dali_decoder, "rebuilds", 0),
-                                      "num_workers": workers})
+        summary = _finish(cfg, dist, totals, started=started, skipped=skipped, resumed=resumed,
+                          decoder_name=decoder_name, device=device,
+                          details={"dali_rebuilds": getattr(dali_decoder, "rebuilds", 0),
+                                   "num_workers": workers})
     return dist.broadcast(summary)
+
+
+def _finish(cfg: InferConfig, dist: Dist, totals: list, *, started: float, skipped: int,
+            resumed: bool, decoder_name: str, device, details: dict) -> RunSummary:
+    """Rank 0, after every rank is done: failed.txt, completeness, the run's record."""
+    import zarr
+
+    import labelstore
+
+    store = labelstore.open(cfg.out)
+    valid = np.asarray(zarr.open_group(cfg.out, mode="r")["valid"][:], dtype=bool)
+    total_failures = _merge_failures(cfg.out, list(store.keys), valid)
+    missing = store.missing()
+    wall = time.perf_counter() - started
+    slowest = max(totals, key=lambda t: t[2]["loop_s"])[2]  # the rank that finished last
+    details = {**details, **{k: round(v, 3) for k, v in slowest.items()}}
+    record = {"finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "wall_s": round(wall, 3), "images": sum(t[0] for t in totals),
+              "failures": sum(t[1] for t in totals), "world_size": dist.world_size,
+              "device": device.type, "decoder": decoder_name, "resumed": resumed, **details}
+    labelstore.open(cfg.out, mode="a").update_attrs(
+        complete=not missing, failures=total_failures,
+        runs=list(store.attrs.get("runs") or []) + [record])
+    return RunSummary(out=cfg.out, images=record["images"], failures=record["failures"],
+                      skipped=skipped, total_failures=total_failures, wall_s=wall,
+                      loop_s=slowest["loop_s"], store_bytes=_disk_bytes(cfg.out),
+                      complete=not missing, decoder=decoder_name, device=device.type,
+                      world_size=dist.world_size, details=details)

@@ -1,0 +1,263 @@
+"""Teacher-inference throughput: end to end vs model-only vs decode-only, PIL and DALI.
+
+Run (CPU, this machine):
+    python benchmarks/teacher_infer_bench.py [--images 256] [--model mobilenetv3_large_100]
+Run (GPU, prepared for one H100/A100; finishes in well under 6 minutes):
+    python benchmarks/teacher_infer_bench.py --gpu [--images 6144]
+
+All figures come from one run, as ratios against floors measured in the same run:
+
+- model-only: the teacher's forward + softmax/top-k on pre-decoded, pre-normalised
+  tensors already on the device (the best the loop could do with free decoding);
+- decode-only: the same data path as the real run (DataLoader + PIL workers, or the
+  DataLoader feeding the DALI pipeline), its output dropped;
+- end to end: ``teacher_infer.run`` into a fresh store; the loop's own clocks split its
+  time into waiting for data, compute (forward, top-k, copy back) and the rest (store
+  writes, failure bookkeeping, glue), which is the overhead the issue bounds at 5 %.
+
+Images are generated JPEGs of ImageNet-like size (mostly 500 x 375 and 375 x 500). On the CPU
+the model runs on one torch thread by default (``--threads``); every figure is the best of
+``--rounds`` interleaved rounds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from multiprocessing import Pool
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+SIZES = [(500, 375), (375, 500), (500, 333), (500, 400), (400, 500)]  # (width, height)
+
+
+def _write_jpeg(args) -> None:
+    path, index = args
+    from PIL import Image
+
+    rng = np.random.default_rng(index)
+    width, height = SIZES[index % len(SIZES)]
+    coarse = rng.integers(0, 256, (height // 16, width // 16, 3), dtype=np.uint8)
+    image = Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC)
+    noise = rng.normal(0, 6, (height, width, 3))  # some texture, so JPEGs have real entropy
+    pixels = np.clip(np.asarray(image, dtype=np.float32) + noise, 0, 255).astype(np.uint8)
+    Image.fromarray(pixels).save(path, quality=90)
+
+
+def make_images(folder: str, count: int, processes: int) -> str:
+    os.makedirs(folder, exist_ok=True)
+    todo = [(os.path.join(folder, f"img{i:06d}.jpg"), i) for i in range(count)
+            if not os.path.exists(os.path.join(folder, f"img{i:06d}.jpg"))]
+    if todo:
+        with Pool(processes) as pool:
+            pool.map(_write_jpeg, todo, chunksize=16)
+    return folder
+
+
+def config(args, data: str, out: str, decoder: str):
+    from teacher_infer import InferConfig
+
+    return InferConfig(model=args.model, random_weights=True, data=data, out=out,
+                       decoder=decoder, batch_size=args.batch_size, precision=args.precision,
+                       channels_last=args.channels_last, device=args.device, topk=10,
+                       num_workers=args.workers, progress=False, overwrite=True)
+
+
+def pretrained_data_config(model: str) -> dict:
+    """timm's eval preprocessing of ``model`` without building it."""
+    from timm.data import resolve_data_config
+    from timm.models import get_pretrained_cfg
+
+    from teacher_infer.model import resolve_model_name
+
+    return resolve_data_config({}, pretrained_cfg=get_pretrained_cfg(
+        resolve_model_name(model)).to_dict())
+
+
+def model_only(args, data: str, out: str) -> float:
+    """img/s of forward + top-k on pre-decoded tensors already on the device."""
+    import torch
+
+    from teacher_infer.decode import ViewDataset, collate, pixels_to_input
+    from teacher_infer.infer import (_autocast, _data_config_view_spec, _make_forward,
+                                     resolve_device, top_k)
+    from teacher_infer.data import find_samples
+    from teacher_infer.distributed import Dist
+    from teacher_infer.model import load_teacher
+
+    cfg = config(args, data, out, "pil")
+    device = resolve_device(cfg.device, Dist())
+    teacher = load_teacher(cfg, device)
+    spec = _data_config_view_spec(cfg, teacher.data_config)
+    samples = find_samples(data)
+    dataset = ViewDataset([samples.path(i) for i in range(args.batch_size)],
+                          samples.keys[:args.batch_size], spec,
+                          teacher.data_config["interpolation"])
+    batch = collate([dataset[i] for i in range(args.batch_size)])
+    mean = torch.tensor(teacher.data_config["mean"], device=device)
+    std = torch.tensor(teacher.data_config["std"], device=device)
+    x = pixels_to_input(batch.pixels.to(device), mean, std)[0]
+    if cfg.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    forward = _make_forward(teacher.model, False, False)
+    autocast = _autocast(device, cfg.precision)
+    batches = max(1, args.images // args.batch_size)
+
+    def one() -> None:
+        with autocast:
+            logits, _ = forward(x)
+        top_i, top_p, _ = top_k(logits, cfg.topk, cfg.temperature)
+        top_i.cpu(), top_p.cpu()  # as the loop does: results back on the host
+
+    with torch.inference_mode():
+        for _ in range(2):
+            one()
+        start = time.perf_counter()
+        for _ in range(batches):
+            one()
+        seconds = time.perf_counter() - start
+    return batches * args.batch_size / seconds
+
+
+def decode_only(args, data: str, out: str, decoder: str) -> float:
+    """img/s of the real run's data path with the model left out."""
+    import torch
+
+    from teacher_infer.data import find_samples
+    from teacher_infer.decode import ViewDataset, batch_ranges, collate
+    from teacher_infer.distributed import Dist
+    from teacher_infer.infer import (_batches, _cpus_per_rank, _data_config_view_spec,
+                                     _default_workers, resolve_device)
+
+    cfg = config(args, data, out, decoder)
+    device = resolve_device(cfg.device, Dist())
+    data_config = pretrained_data_config(args.model)  # no need to build the model here
+    spec = _data_config_view_spec(cfg, data_config)
+    interpolation = data_config["interpolation"]
+    samples = find_samples(data)
+    cpus = _cpus_per_rank(Dist())
+    workers = args.workers if args.workers is not None else _default_workers(decoder, cpus)
+    dataset = ViewDataset([samples.path(i) for i in range(len(samples))], samples.keys, spec,
+                          interpolation, mode="bytes" if decoder == "dali" else "pil")
+    batches = batch_ranges([(0, len(samples))], args.batch_size)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
+                                         collate_fn=collate, pin_memory=device.type == "cuda",
+                                         prefetch_factor=4 if workers else None)
+    mean = torch.tensor(data_config["mean"], device=device)
+    std = torch.tensor(data_config["std"], device=device)
+    dali = None
+    if decoder == "dali":
+        from teacher_infer.dali import DaliDecoder
+        dali = DaliDecoder(spec=spec, interpolation=interpolation, mean=data_config["mean"],
+                           std=data_config["std"], max_batch=args.batch_size, device=device,
+                           num_threads=max(1, cpus - workers))
+    count = 0
+    start = time.perf_counter()
+    for batch, images in _batches(loader, decoder, dali, device, mean, std):
+        count += len(batch)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return count / (time.perf_counter() - start)
+
+
+def end_to_end(args, data: str, out: str, decoder: str) -> dict:
+    from teacher_infer import run
+
+    summary = run(config(args, data, out, decoder))
+    details = summary.details
+    loop = details["loop_s"]
+    rest = loop - details["wait_s"] - details["compute_s"]
+    return {"img_s": summary.images_per_s, "loop_s": loop, "wait_pct": 100 * details["wait_s"] / loop,
+            "compute_pct": 100 * details["compute_s"] / loop, "store_pct": 100 * details["store_s"] / loop,
+            "overhead_pct": 100 * rest / loop, "images": summary.images, "failures": summary.failures,
+            "workers": details["num_workers"], "store_bytes": summary.store_bytes}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gpu", action="store_true",
+                        help="GPU variant: resnext101_32x16d, bf16, channels_last, batch 256")
+    parser.add_argument("--images", type=int, help="generated JPEGs [CPU 256, GPU 6144]")
+    parser.add_argument("--model", help="teacher [CPU mobilenetv3_large_100, GPU "
+                        "resnext101_32x16d]")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--workers", type=int, help="DataLoader workers [the run's default]")
+    parser.add_argument("--device", choices=["cpu", "cuda"],
+                        help="[cuda with --gpu, else cpu]; --gpu --device cpu is a dry run")
+    parser.add_argument("--rounds", type=int, default=3, help="best of N for every figure")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads on the CPU [1: two spinning threads on a shared "
+                        "two-core machine make every figure noise]")
+    parser.add_argument("--workdir", help="where the images and stores go [a temp dir]")
+    parser.add_argument("--json", help="also write the figures here")
+    args = parser.parse_args()
+    if args.gpu:
+        defaults = dict(images=6144, model="resnext101_32x16d", batch_size=256, precision="bf16",
+                        channels_last=True, device="cuda")
+    else:
+        defaults = dict(images=256, model="mobilenetv3_large_100", batch_size=32,
+                        precision="fp32", channels_last=False, device="cpu")
+    for key, value in defaults.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+
+    workdir = args.workdir or tempfile.mkdtemp(prefix="teacher_bench_")
+    started = time.perf_counter()
+    data = make_images(os.path.join(workdir, "images"), args.images, os.cpu_count() or 1)
+    print(f"{args.images} JPEGs in {data} ({time.perf_counter() - started:.1f} s)", flush=True)
+    out = os.path.join(workdir, "store.zarr")
+
+    import torch
+    from nvidia.dali import __version__ as dali_version  # noqa: F401 - DALI must be there
+
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
+
+    figures: dict = {"model_only": 0.0, "decode_pil": 0.0, "decode_dali": 0.0}
+    runs: dict = {}
+    # Interleaved rounds, best of each: the machine is shared, and on a GPU the first round
+    # also pays for cuDNN's kernel search (kept for later rounds of this process).
+    for _ in range(args.rounds):
+        figures["model_only"] = max(figures["model_only"], model_only(args, data, out))
+        for decoder in ("pil", "dali"):
+            key = f"decode_{decoder}"
+            figures[key] = max(figures[key], decode_only(args, data, out, decoder))
+            result = end_to_end(args, data, out, decoder)
+            if decoder not in runs or result["img_s"] > runs[decoder]["img_s"]:
+                runs[decoder] = result
+    device = torch.cuda.get_device_name() if args.device == "cuda" else \
+        f"CPU, {torch.get_num_threads()} torch threads"
+    print(f"\nteacher {args.model}, {args.precision}, batch {args.batch_size}, one view, "
+          f"{args.images} images, {device}")
+    print(f"{'measure':<34}{'img/s':>10}{'vs model-only':>15}")
+    print(f"{'model only (pre-decoded tensors)':<34}{figures['model_only']:>10.1f}{1:>15.2f}")
+    for decoder in ("pil", "dali"):
+        name = f"decode only ({decoder})"
+        print(f"{name:<34}{figures['decode_' + decoder]:>10.1f}"
+              f"{figures['decode_' + decoder] / figures['model_only']:>15.2f}")
+    for decoder in ("pil", "dali"):
+        result = runs[decoder]
+        name = f"end to end ({decoder})"
+        print(f"{name:<34}{result['img_s']:>10.1f}{result['img_s'] / figures['model_only']:>15.2f}"
+              f"   loop: wait {result['wait_pct']:.1f}%, compute {result['compute_pct']:.1f}%, "
+              f"store+glue {result['overhead_pct']:.1f}% (store writes {result['store_pct']:.1f}%),"
+              f" {result['workers']} workers")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"args": vars(args), "figures": figures, "runs": runs, "device": device},
+                      handle, indent=2)
+    print(f"\ntotal {time.perf_counter() - started:.0f} s")
+    if not args.workdir:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
