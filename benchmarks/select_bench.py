@@ -73,31 +73,29 @@ def digest(classes: np.ndarray, rows: np.ndarray) -> str:
 
 
 # -- the measured jobs (each runs in its own process) ------------------------------
+# A job is (run, describe): only run() is timed and counted for peak memory; describe()
+# turns its result into what is reported (e.g. a digest to compare picks).
 
-def job_floor(path: str, k: int, workdir: str) -> dict:
+def run_floor(path: str, k: int, workdir: str):
     group = labelstore.open(path)._group
-    indices, probs = np.asarray(group["indices"][:]), np.asarray(group["probs"][:])
-    return {"bytes": indices.nbytes + probs.nbytes}
+    return np.asarray(group["indices"][:]), np.asarray(group["probs"][:])
 
 
-def job_rank(path: str, k: int, workdir: str) -> dict:
-    selection = _select.rank([labelstore.open(path)], k)
-    return {"picks": len(selection.rows), "digest": digest(selection.classes, selection.rows)}
+def run_rank(path: str, k: int, workdir: str):
+    return _select.rank([labelstore.open(path)], k)
 
 
-def job_rank_exclude(path: str, k: int, workdir: str) -> dict:
+def run_rank_exclude(path: str, k: int, workdir: str):
     exclude, _ = _select.read_exclude(os.path.join(workdir, "exclude.tsv"))
-    selection = _select.rank([labelstore.open(path)], k, exclude=exclude)
-    return {"picks": len(selection.rows), "excluded": selection.rows_excluded}
+    return _select.rank([labelstore.open(path)], k, exclude=exclude)
 
 
-def job_select(path: str, k: int, workdir: str) -> dict:
-    result = labelstore.select_topk(path, k, os.path.join(workdir, "selected.zarr"),
-                                    overwrite=True)
-    return {"rows": result.rows_written, "classes_short": result.classes_short}
+def run_select(path: str, k: int, workdir: str):
+    return labelstore.select_topk(path, k, os.path.join(workdir, "selected.zarr"),
+                                  overwrite=True)
 
 
-def job_pandas(path: str, k: int, workdir: str) -> dict:
+def run_pandas(path: str, k: int, workdir: str):
     import pandas as pd
 
     group = labelstore.open(path)._group
@@ -109,9 +107,20 @@ def job_pandas(path: str, k: int, workdir: str) -> dict:
     frame = frame[np.repeat(valid, topk)]
     # nlargest keeps the first of equal values: frame order is row order, as in select-topk
     best = frame.groupby("cls")["prob"].nlargest(k)
-    classes = best.index.get_level_values(0).to_numpy()
-    rows = best.index.get_level_values(1).to_numpy() // topk
-    return {"picks": len(rows), "digest": digest(classes, rows)}
+    return (best.index.get_level_values(0).to_numpy(),
+            best.index.get_level_values(1).to_numpy() // topk)
+
+
+JOBS = {
+    "floor": (run_floor, lambda arrays: {"bytes": sum(a.nbytes for a in arrays)}),
+    "rank": (run_rank, lambda sel: {"picks": len(sel.rows), "digest": digest(sel.classes,
+                                                                              sel.rows)}),
+    "rank_exclude": (run_rank_exclude, lambda sel: {"excluded": sel.rows_excluded}),
+    "select": (run_select, lambda res: {"rows": res.rows_written,
+                                        "classes_short": res.classes_short,
+                                        "parts": res.seconds}),
+    "pandas": (run_pandas, lambda picks: {"picks": len(picks[1]), "digest": digest(*picks)}),
+}
 
 
 def peak_rss_mib() -> float:
@@ -127,18 +136,20 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _child(job, args, queue) -> None:
+def _child(name: str, args: tuple, queue) -> None:
+    run, describe = JOBS[name]
     start = time.perf_counter()
-    out = job(*args)
-    out["seconds"] = time.perf_counter() - start
-    out["peak_rss_mib"] = peak_rss_mib()
-    queue.put(out)
+    result = run(*args)
+    seconds = time.perf_counter() - start
+    peak = peak_rss_mib()
+    queue.put({**describe(result), "seconds": seconds, "peak_rss_mib": peak})
 
 
-def measure(job, *args) -> dict:
+def measure(name: str, *args) -> dict:
+    """Run job ``name`` in a fresh (spawned) process; its time and peak RSS are its own."""
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(job, args, queue))
+    proc = ctx.Process(target=_child, args=(name, args, queue))
     proc.start()
     out = queue.get()
     proc.join()
@@ -180,13 +191,13 @@ def main() -> None:
     # The machine is shared: floor and ranking alternate, best of --repeat each.
     floors, ranks = [], []
     for _ in range(args.repeat):
-        floors.append(measure(job_floor, *shared))
-        ranks.append(measure(job_rank, *shared))
+        floors.append(measure("floor", *shared))
+        ranks.append(measure("rank", *shared))
     floor = min(floors, key=lambda r: r["seconds"])
     ranked = min(ranks, key=lambda r: r["seconds"])
-    excluded = measure(job_rank_exclude, *shared)
-    selected = measure(job_select, *shared)
-    naive = None if args.skip_pandas else measure(job_pandas, *shared)
+    excluded = measure("rank_exclude", *shared)
+    selected = measure("select", *shared)
+    naive = None if args.skip_pandas else measure("pandas", *shared)
 
     f = floor["seconds"]
     print(f"\npool: {args.rows:,} rows, {args.topk} classes stored per row, {args.classes} classes, "
@@ -204,6 +215,8 @@ def main() -> None:
     for name, res in rows:
         print(f"| {name} | {res['seconds']:.2f} s | {res['seconds'] / f:.2f}× | "
               f"{res['peak_rss_mib']:,.0f} MiB |")
+    parts = ", ".join(f"{name} {value:.2f} s" for name, value in selected["parts"].items())
+    print(f"\nselect-topk command, by part: {parts}")
     if naive is not None:
         same = naive["digest"] == ranked["digest"] and naive["picks"] == ranked["picks"]
         print(f"\npandas picks the same (class, row) pairs: {same}; ranking speedup over pandas: "

@@ -203,7 +203,7 @@ def gather(store: LabelStore, rows: np.ndarray, names: Sequence[str]) -> dict[st
 
 def prefixed(keys: np.ndarray, prefix: str) -> list[str]:
     """Keys as Python strings with ``prefix`` (the store's root below the common root)."""
-    return [prefix + key for key in keys.tolist()]
+    return [prefix + key for key in keys.tolist()] if prefix else keys.tolist()
 
 
 def shared_embedding_dim(stores: Sequence[LabelStore]) -> int | None:

@@ -137,6 +137,17 @@ def test_streaming_bounds_are_exercised(tmp_path, small_blocks, monkeypatch):
     assert calls["_update_floors"] >= 2 and calls["_filter"] >= 2 and calls["_trim"] >= 3, calls
 
 
+def test_a_too_optimistic_guess_is_caught_and_ranked_again(tmp_path, small_blocks, monkeypatch):
+    monkeypatch.setattr(_select, "GUESS_MARGIN", 0.05)   # start far above the true K-th
+    scans = []
+    original = _select._scan
+    monkeypatch.setattr(_select, "_scan", lambda *a, **kw: scans.append(1) or original(*a, **kw))
+    paths, pools = make_pools(tmp_path, (900,))
+    selection = _select.rank([labelstore.open(paths[0])], 30)
+    assert as_dict(selection) == brute_force(pools, 30)
+    assert len(scans) == 2
+
+
 def test_ties_break_by_pool_order_and_outside_topk_ranks_below(tmp_path):
     # Four rows, C = 4, k = 2: rows 0-2 give class 0 the same probability.
     indices = np.array([[[0, 1]], [[0, 2]], [[0, 3]], [[1, 2]]])
