@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 VIEWS = ("auto", "replay", "global")
@@ -170,4 +170,4 @@ def _normalised(name: str, value: Any) -> Any:
     return value
 
 
-__all__ = ["TrainConfig", "changed_options", "RESUMABLE_CHANGES", "field"]
+__all__ = ["TrainConfig", "changed_options", "RESUMABLE_CHANGES"]

@@ -1,8 +1,10 @@
 """Batches for the trainer: crops (replayed, random or eval), teacher targets, labels.
 
 A sample is cropped with a box (y0, x0, h, w as fractions of the decoded image) and a flip, then
-resized to the input size -- with teacher_infer's own crop code, so that a replayed view is
-pixel for pixel what the teacher labeled:
+resized to the input size -- with teacher_infer's own crop code, so that a replayed view is the
+region the teacher labeled, resampled the same way (at the teacher's input size, views >= 1 are
+pixel-identical to what the teacher saw; view 0, which the teacher renders with timm's two-step
+eval transform, differs by at most a grey level or two on a few pixels):
 
 - ``replay``: the box and flip of one stored view, chosen from (seed, epoch, index); the target
   is that view's teacher distribution (consistent teaching);
@@ -221,13 +223,25 @@ def training_crop(cfg, samples: SampleSet) -> str:
     return "replay" if max(s.num_views for s in samples.stores) > 1 else "random"
 
 
-def build_data(cfg, env: D.DistEnv, data_config: dict[str, Any], *,
-               log: logging.Logger) -> TrainData:
-    """Open and check the training (and validation) data and build their loaders."""
+def build_data(cfg, env: D.DistEnv, data_config: dict[str, Any], *, log: logging.Logger,
+               teacher_classes: Optional[int] = None) -> TrainData:
+    """Open and check the training (and validation) data and build their loaders.
+
+    With an online teacher, the student has the teacher's ``teacher_classes`` classes and
+    the data must fit them; otherwise the stores (or the labeled source) set the count.
+    """
     if cfg.stores:
         samples = open_stores(cfg.stores, env=env)
     else:
         samples = open_source(cfg.data, cfg.root, env=env, what="--data")
+    if teacher_classes is not None:
+        if samples.stores and samples.num_classes != teacher_classes:
+            raise ValueError(f"label store {samples.stores[0].path} has {samples.num_classes} "
+                             f"classes but the teacher has {teacher_classes}")
+        if samples.labels.max() >= teacher_classes:
+            raise ValueError(f"--data {cfg.data} has label {samples.labels.max()} but the "
+                             f"teacher has {teacher_classes} classes")
+        samples.num_classes = teacher_classes
     describe: dict[str, Any] = {"store_top1": store_top1(samples)}
     if describe["store_top1"] is not None:
         log.info(f"stored labels' view-0 top-1 vs ground truth: {100 * describe['store_top1']:.2f}%"
@@ -241,7 +255,7 @@ def build_data(cfg, env: D.DistEnv, data_config: dict[str, Any], *,
     crop = training_crop(cfg, samples)
     decoder = resolve_decoder(cfg.decoder, env.device)
     workers = default_workers(env) if cfg.num_workers is None else cfg.num_workers
-    channels_last = env.device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
+    channels_last = D.resolve_channels_last(cfg.channels_last, env.device)
     sampler = ShardedSampler(len(samples), rank=env.rank, world_size=env.world_size,
                              seed=cfg.seed, shuffle=True)
     if len(sampler) < cfg.batch_size:

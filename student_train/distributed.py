@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import ContextManager
+from typing import ContextManager, Optional
 
 import torch
 import torch.distributed as dist
@@ -88,6 +88,11 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("--precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
     return precision
+
+
+def resolve_channels_last(channels_last: Optional[bool], device: torch.device) -> bool:
+    """``None`` → channels_last on GPUs (faster convolutions with tensor cores), not on CPUs."""
+    return device.type == "cuda" if channels_last is None else channels_last
 
 
 def autocast(precision: str, device: torch.device) -> ContextManager:

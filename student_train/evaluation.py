@@ -25,10 +25,10 @@ def evaluate(model: str, checkpoint: str, data: str, *, root: Optional[str] = No
     Returns an :class:`EvalResult` (fractions and images/s); runs under ``torchrun`` too,
     each rank evaluating a disjoint share.
     """
-    from teacher_infer.model import load_weights, read_state_dict, resolve_model_name
+    from teacher_infer.model import resolve_model_name
 
     from .data import CropDataset, default_workers, make_batches, resolve_decoder
-    from .models import create, data_config_for
+    from .models import data_config_for, load_model
     from .samples import open_source
     from .sampling import ShardedSampler
     from .trainer import validate
@@ -41,9 +41,7 @@ def evaluate(model: str, checkpoint: str, data: str, *, root: Optional[str] = No
         if input_size is None:
             input_size = (saved_data_config(checkpoint) or {}).get("input_size")
         data_config = data_config_for(name, input_size)
-        state, _ = read_state_dict(checkpoint)
-        net = create(name, _classes_in(state, name, checkpoint))
-        load_weights(net, checkpoint)
+        net = load_model(name, checkpoint)
         samples = open_source(data, root, env=env, what="--data")
         samples = samples.subset(samples.labels >= 0)
         num_classes = net.num_classes
@@ -52,7 +50,7 @@ def evaluate(model: str, checkpoint: str, data: str, *, root: Optional[str] = No
         if samples.labels.max() >= num_classes:
             raise ValueError(f"--data {data} has label {samples.labels.max()} but the checkpoint "
                              f"has {num_classes} classes")
-        channels_last = env.device.type == "cuda" if channels_last is None else channels_last
+        channels_last = D.resolve_channels_last(channels_last, env.device)
         net.to(env.device, memory_format=torch.channels_last if channels_last
                else torch.contiguous_format)
         dataset = CropDataset(samples, crop="center", data_config=data_config, seed=0,
@@ -67,21 +65,3 @@ def evaluate(model: str, checkpoint: str, data: str, *, root: Optional[str] = No
                                                                              env.device))
     finally:
         D.teardown(env)
-
-
-def _classes_in(state: dict, model_name: str, path: str) -> int:
-    """Output count of the checkpoint's classifier (timm's ``pretrained_cfg["classifier"]``)."""
-    from timm.models import get_pretrained_cfg
-
-    from teacher_infer.model import strip_prefixes
-
-    found = get_pretrained_cfg(model_name)
-    heads = (found.to_dict() if found is not None else {}).get("classifier", "fc")
-    heads = heads if isinstance(heads, (list, tuple)) else (heads,)
-    state = strip_prefixes(state)
-    for head in heads:
-        weight = state.get(f"{head}.weight")
-        if weight is not None:
-            return int(weight.shape[0])
-    raise ValueError(f"checkpoint {path} has no classifier weight {heads[0]}.weight for "
-                     f"{model_name}: is it a checkpoint of this model?")

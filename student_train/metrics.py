@@ -23,17 +23,21 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...]
 
 
 @dataclass
-class EvalResult:
-    """Top-1/top-5 accuracy (fractions) of a model on a data set, and its throughput."""
-
-    top1: float
-    top5: float
+class _Throughput:
     images: int
     seconds: float
 
     @property
     def images_per_s(self) -> float:
         return self.images / self.seconds if self.seconds > 0 else float("nan")
+
+
+@dataclass
+class EvalResult(_Throughput):
+    """Top-1/top-5 accuracy (fractions) of a model on a data set, and its throughput."""
+
+    top1: float = 0.0
+    top5: float = 0.0
 
     def __str__(self) -> str:
         return (f"top-1 {100 * self.top1:.2f}%  top-5 {100 * self.top5:.2f}%  on {self.images:,} "
@@ -41,18 +45,12 @@ class EvalResult:
 
 
 @dataclass
-class EpochStats:
+class EpochStats(_Throughput):
     """Global (all-rank) figures of one training epoch."""
 
-    loss: float
-    agreement: Optional[float]  # student top-1 == teacher top-1, None without a teacher
-    images: int
-    seconds: float
-    lr: float
-
-    @property
-    def images_per_s(self) -> float:
-        return self.images / self.seconds if self.seconds > 0 else float("nan")
+    loss: float = float("nan")
+    agreement: Optional[float] = None  # student top-1 == teacher top-1, None without a teacher
+    lr: float = 0.0
 
 
 @dataclass

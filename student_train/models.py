@@ -125,21 +125,43 @@ class OnlineTeacher(nn.Module):
         return self.model(images).float().softmax(dim=-1)
 
 
-def build_teacher(name: str, checkpoint: str, num_classes: int, *, student_mean_std,
-                  device: torch.device, channels_last: bool) -> OnlineTeacher:
-    """The online teacher of ``--teacher NAME --teacher-checkpoint FILE``."""
+def checkpoint_classes(path: str, model_name: str) -> int:
+    """Output count of a checkpoint's classifier (timm's ``pretrained_cfg["classifier"]``)."""
+    from timm.models import get_pretrained_cfg
+
+    state, _ = read_state_dict(path)
+    state = strip_prefixes(state)
+    found = get_pretrained_cfg(model_name)
+    heads = (found.to_dict() if found is not None else {}).get("classifier", "fc")
+    heads = heads if isinstance(heads, (list, tuple)) else (heads,)
+    for head in heads:
+        weight = state.get(f"{head}.weight")
+        if weight is not None:
+            return int(weight.shape[0])
+    raise ValueError(f"checkpoint {path} has no classifier weight {heads[0]}.weight for "
+                     f"{model_name}: is it a checkpoint of this model?")
+
+
+def load_model(model_name: str, checkpoint: str) -> nn.Module:
+    """A timm model with the class count and weights of ``checkpoint`` (EMA preferred)."""
     from teacher_infer.model import load_weights
 
+    model = create(model_name, checkpoint_classes(checkpoint, model_name))
+    load_weights(model, checkpoint)
+    return model
+
+
+def build_teacher(name: str, checkpoint: str, *, student_mean_std, device: torch.device,
+                  channels_last: bool) -> OnlineTeacher:
+    """The online teacher of ``--teacher NAME --teacher-checkpoint FILE``."""
     model_name = resolve_model_name(name)
-    model = create(model_name, num_classes)
-    try:
-        load_weights(model, checkpoint)
-    except ValueError as exc:
-        raise ValueError(f"--teacher-checkpoint: {exc} (the training data has {num_classes} "
-                         "classes)") from None
-    config = data_config_for(model_name)
-    teacher = OnlineTeacher(model, student_mean_std, (config["mean"], config["std"]))
+    teacher = OnlineTeacher(load_model(model_name, checkpoint), student_mean_std,
+                            _mean_std(data_config_for(model_name)))
     teacher.to(device)
     if channels_last:
         teacher.to(memory_format=torch.channels_last)
     return teacher
+
+
+def _mean_std(config: dict[str, Any]) -> tuple:
+    return config["mean"], config["std"]

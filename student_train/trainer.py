@@ -6,10 +6,13 @@ parameters, and DDP is a wrapper that the loop never needs to know about.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
-from typing import Callable, Iterable, Optional
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import nn
@@ -136,135 +139,185 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 
 def _train(cfg: TrainConfig, env: D.DistEnv) -> TrainResult:
-    from .data import build_data
-    from .models import build_student, build_teacher, student_data_config
-    from .losses import DistillationLoss
-
-    if env.is_main:
-        os.makedirs(cfg.out, exist_ok=True)
-    D.barrier(env)
-    log = setup_logger(cfg.out, is_main=env.is_main)
-    precision = D.resolve_precision(cfg.precision, env.device)
-    channels_last = env.device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
+    log = _open_run_dir(cfg, env)
     checkpoint = load_for_resume(cfg.out, cfg) if cfg.resume else None
+    torch.manual_seed(cfg.seed)
+    run = _build(cfg, env, log)  # every refusal about the data happens in here
+    start_epoch, step, best = _restore(run, checkpoint)
+    if env.is_main:
+        _write_config(run)
+    metrics = MetricsCSV(os.path.join(cfg.out, "metrics.csv"), keep_epochs=start_epoch) \
+        if env.is_main else None
+
+    images, seconds, last = 0, 0.0, {}
+    for epoch in range(start_epoch, cfg.epochs):
+        run.data.set_epoch(epoch)
+        try:
+            stats = train_one_epoch(run.net, run.data.train, run.loss_fn, run.optimizer,
+                                    run.schedule, first_step=step, env=env,
+                                    precision=run.precision, scaler=run.scaler, ema=run.ema,
+                                    teacher=run.teacher, desc=f"epoch {epoch + 1}/{cfg.epochs}")
+        except TrainingDiverged as exc:
+            kept = (f"the last good checkpoint {os.path.join(cfg.out, 'last.pt')} (epoch "
+                    f"{epoch}) is kept" if epoch else "no checkpoint was written")
+            log.error(f"stopped: {exc}; {kept}")
+            raise TrainingDiverged(f"{exc}; training stopped, {kept}") from None
+        step += run.steps_per_epoch
+        images, seconds = images + stats.images, seconds + stats.seconds
+        last = _evaluate_epoch(run, epoch, stats)
+        score = last.get("val_top1", -stats.loss)
+        improved = score > best["score"]
+        if improved:
+            best = {"top1": last.get("val_top1"), "epoch": epoch + 1, "score": score}
+        _save(run, epoch=epoch + 1, step=step, best=best, row=last, improved=improved)
+        if metrics is not None:
+            metrics.append(last)
+        log.info(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                          for k, v in last.items() if v is not None))
+
+    result = TrainResult(run_dir=cfg.out, epochs=cfg.epochs, best_epoch=best["epoch"],
+                         best_top1=best["top1"], last=last, seconds=seconds,
+                         images_per_s=images / seconds if seconds else 0.0,
+                         store_top1=run.data.describe.get("store_top1"))
+    log.info(result.summary())
+    return result
+
+
+@dataclass
+class _Run:
+    """What a run is made of once built: what the loop, evaluation and checkpoints use."""
+
+    cfg: TrainConfig
+    env: D.DistEnv
+    log: logging.Logger
+    data: Any                    # data.TrainData
+    model_name: str
+    data_config: dict
+    model: nn.Module             # the student itself (checkpoints, evaluation)
+    net: nn.Module               # what trains: the student, or DDP around it
+    teacher: Optional[nn.Module]
+    loss_fn: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: Callable[[int], float]
+    steps_per_epoch: int
+    precision: str
+    scaler: Any
+    ema: Any
+
+
+def _open_run_dir(cfg: TrainConfig, env: D.DistEnv) -> logging.Logger:
     if not cfg.resume and os.path.exists(os.path.join(cfg.out, "last.pt")):
         raise FileExistsError(f"{cfg.out} already holds a run (last.pt): pass --resume to "
                               "continue it, or choose another --out")
-    torch.manual_seed(cfg.seed)
+    if env.is_main:
+        os.makedirs(cfg.out, exist_ok=True)
+    D.barrier(env)
+    return setup_logger(cfg.out, is_main=env.is_main)
 
-    # -- data: every refusal (incomplete store, class count, missing images) happens here
+
+def _build(cfg: TrainConfig, env: D.DistEnv, log: logging.Logger) -> _Run:
+    """Data (with its checks), student, teacher, loss, optimizer and schedule."""
+    from .data import build_data
+    from .losses import DistillationLoss
+    from .models import build_student, build_teacher, student_data_config
+
+    precision = D.resolve_precision(cfg.precision, env.device)
+    channels_last = D.resolve_channels_last(cfg.channels_last, env.device)
     model_name, data_config = student_data_config(cfg)
-    data = build_data(cfg, env, data_config, log=log)
+    teacher = None
+    if cfg.teacher:
+        teacher = build_teacher(cfg.teacher, cfg.teacher_checkpoint,
+                                student_mean_std=(data_config["mean"], data_config["std"]),
+                                device=env.device, channels_last=channels_last)
+    data = build_data(cfg, env, data_config, log=log,
+                      teacher_classes=None if teacher is None else teacher.model.num_classes)
     model = build_student(model_name, data.num_classes, init=cfg.init, log=log)
     model.to(env.device, memory_format=torch.channels_last if channels_last else
              torch.contiguous_format)
-    teacher = None
-    if cfg.teacher:
-        teacher = build_teacher(cfg.teacher, cfg.teacher_checkpoint, data.num_classes,
-                                student_mean_std=(data_config["mean"], data_config["std"]),
-                                device=env.device, channels_last=channels_last)
-
-    # -- optimisation: lr given for 256 images, scaled to the global batch
-    global_batch = cfg.batch_size * env.world_size
-    base_lr = scale_lr(cfg.lr, global_batch)
+    loss_fn = HardLabelLoss(cfg.label_smoothing) if cfg.supervised else \
+        DistillationLoss(cfg.loss, cfg.temperature, cfg.label_weight)
+    # lr is given for 256 images per step: scale it to the global batch
+    base_lr = scale_lr(cfg.lr, cfg.batch_size * env.world_size)
     optimizer = build_optimizer(model, lr=base_lr, weight_decay=cfg.weight_decay,
                                 momentum=cfg.momentum, nesterov=cfg.nesterov,
                                 lr_mult=cfg.lr_mult, freeze_backbone=cfg.freeze_backbone)
     steps_per_epoch = len(data.train)
     total_steps = cfg.epochs * steps_per_epoch
     warmup_steps = min(round(cfg.warmup_epochs * steps_per_epoch), total_steps)
-    schedule = lambda step: lr_at(step, total_steps=total_steps,  # noqa: E731
-                                  warmup_steps=warmup_steps, base_lr=base_lr)
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-    ema = make_ema(model, cfg.ema) if cfg.ema is not None else None
-    if cfg.supervised:
-        loss_fn = HardLabelLoss(cfg.label_smoothing)
-    else:
-        loss_fn = DistillationLoss(cfg.loss, cfg.temperature, cfg.label_weight)
-
-    start_epoch, step, best = 0, 0, {"top1": None, "epoch": None, "score": -math.inf}
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["state_dict"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        if ema is not None:
-            ema.module.load_state_dict(checkpoint["state_dict_ema"])
-        if scaler is not None:
-            scaler.load_state_dict(checkpoint["scaler"])
-        set_rng_state(checkpoint["rng"][env.rank])
-        start_epoch, step, best = checkpoint["epoch"], checkpoint["step"], checkpoint["best"]
-        log.info(f"resuming {cfg.out} after epoch {start_epoch} (step {step})")
+    schedule = partial(lr_at, total_steps=total_steps, warmup_steps=warmup_steps,
+                       base_lr=base_lr)
     net = model
     if env.distributed:
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[env.device] if env.device.type == "cuda" else None)
-
-    if env.is_main:
-        resolved = {**cfg.to_dict(), "resolved": {
-            "model": model_name, "num_classes": data.num_classes, "data_config": data_config,
-            "world_size": env.world_size, "global_batch": global_batch, "base_lr": base_lr,
-            "steps_per_epoch": steps_per_epoch, "precision": precision,
-            "channels_last": channels_last, "device": str(env.device), **data.describe}}
-        with open(os.path.join(cfg.out, "config.json"), "w") as handle:
-            json.dump(resolved, handle, indent=2)
-    metrics = MetricsCSV(os.path.join(cfg.out, "metrics.csv"), keep_epochs=start_epoch) \
-        if env.is_main else None
     log.info(f"{model_name}: {data.num_train:,} training images, {steps_per_epoch} steps of "
-             f"{global_batch} per epoch, lr {base_lr:.4g}, {precision} on {env.device}"
-             f"{f' × {env.world_size}' if env.distributed else ''}")
+             f"{cfg.batch_size * env.world_size} per epoch, lr {base_lr:.4g}, {precision} on "
+             f"{env.device}{f' × {env.world_size}' if env.distributed else ''}")
+    return _Run(cfg=cfg, env=env, log=log, data=data, model_name=model_name,
+                data_config=data_config, model=model, net=net, teacher=teacher,
+                loss_fn=loss_fn, optimizer=optimizer, schedule=schedule,
+                steps_per_epoch=steps_per_epoch, precision=precision,
+                scaler=torch.amp.GradScaler("cuda") if precision == "fp16" else None,
+                ema=make_ema(model, cfg.ema) if cfg.ema is not None else None)
 
-    # -- the loop
-    run_start, images_total, train_seconds, last = time.perf_counter(), 0, 0.0, {}
-    for epoch in range(start_epoch, cfg.epochs):
-        data.set_epoch(epoch)
-        try:
-            stats = train_one_epoch(net, data.train, loss_fn, optimizer, schedule,
-                                    first_step=step, env=env, precision=precision, scaler=scaler,
-                                    ema=ema, teacher=teacher,
-                                    desc=f"epoch {epoch + 1}/{cfg.epochs}")
-        except TrainingDiverged as exc:
-            kept = (f"the last good checkpoint {os.path.join(cfg.out, 'last.pt')} (epoch "
-                    f"{epoch}) is kept" if epoch else "no checkpoint was written")
-            log.error(f"stopped: {exc}; {kept}")
-            raise TrainingDiverged(f"{exc}; training stopped, {kept}") from None
-        D.broadcast_buffers(model, env)
-        if ema is not None:
-            D.broadcast_buffers(ema.module, env)
-        step += steps_per_epoch
-        images_total += stats.images
-        train_seconds += stats.seconds
-        row = {"epoch": epoch + 1, "lr": stats.lr, "train_loss": stats.loss,
-               "agreement": stats.agreement, "images_per_s": stats.images_per_s,
-               "epoch_s": stats.seconds}
-        if data.val is not None:
-            result = validate(model, data.val, env=env, precision=precision)
-            row.update(val_top1=result.top1, val_top5=result.top5)
-            if ema is not None:
-                result = validate(ema.module, data.val, env=env, precision=precision,
-                                  desc="eval ema")
-                row.update(ema_top1=result.top1, ema_top5=result.top5)
-        score = row.get("val_top1", -stats.loss)
-        improved = score > best["score"]
+
+def _restore(run: _Run, checkpoint: Optional[dict]) -> tuple[int, int, dict]:
+    """(first epoch, global step, best-so-far) -- from the checkpoint when resuming."""
+    if checkpoint is None:
+        return 0, 0, {"top1": None, "epoch": None, "score": -math.inf}
+    run.model.load_state_dict(checkpoint["state_dict"])
+    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    if run.ema is not None:
+        run.ema.module.load_state_dict(checkpoint["state_dict_ema"])
+    if run.scaler is not None:
+        run.scaler.load_state_dict(checkpoint["scaler"])
+    set_rng_state(checkpoint["rng"][run.env.rank])
+    run.log.info(f"resuming {run.cfg.out} after epoch {checkpoint['epoch']} "
+                 f"(step {checkpoint['step']})")
+    return checkpoint["epoch"], checkpoint["step"], checkpoint["best"]
+
+
+def _write_config(run: _Run) -> None:
+    """``config.json``: the options as given plus what they resolved to."""
+    cfg, env = run.cfg, run.env
+    resolved = {"model": run.model_name, "num_classes": run.data.num_classes,
+                "data_config": run.data_config, "world_size": env.world_size,
+                "global_batch": cfg.batch_size * env.world_size,
+                "base_lr": scale_lr(cfg.lr, cfg.batch_size * env.world_size),
+                "steps_per_epoch": run.steps_per_epoch, "precision": run.precision,
+                "channels_last": D.resolve_channels_last(cfg.channels_last, env.device),
+                "device": str(env.device), **run.data.describe}
+    with open(os.path.join(cfg.out, "config.json"), "w") as handle:
+        json.dump({**cfg.to_dict(), "resolved": resolved}, handle, indent=2)
+
+
+def _evaluate_epoch(run: _Run, epoch: int, stats: EpochStats) -> dict[str, Any]:
+    """The epoch's metrics row; syncs batch-norm statistics and validates when asked."""
+    D.broadcast_buffers(run.model, run.env)
+    if run.ema is not None:
+        D.broadcast_buffers(run.ema.module, run.env)
+    row = {"epoch": epoch + 1, "lr": stats.lr, "train_loss": stats.loss,
+           "agreement": stats.agreement, "images_per_s": stats.images_per_s,
+           "epoch_s": stats.seconds}
+    if run.data.val is not None:
+        result = validate(run.model, run.data.val, env=run.env, precision=run.precision)
+        row.update(val_top1=result.top1, val_top5=result.top5)
+        if run.ema is not None:
+            result = validate(run.ema.module, run.data.val, env=run.env,
+                              precision=run.precision, desc="eval ema")
+            row.update(ema_top1=result.top1, ema_top5=result.top5)
+    return row
+
+
+def _save(run: _Run, *, epoch: int, step: int, best: dict, row: dict, improved: bool) -> None:
+    """``last.pt`` (and ``best.pt`` when improved) on rank 0, with every rank's RNG state."""
+    rngs = D.all_gather(rng_state(), run.env)
+    if run.env.is_main:
+        state = make_checkpoint(model=run.model, ema=run.ema, optimizer=run.optimizer,
+                                scaler=run.scaler, epoch=epoch, step=step, cfg=run.cfg,
+                                model_name=run.model_name, num_classes=run.data.num_classes,
+                                data_config=run.data_config, rng=rngs, best=best, metrics=row)
+        save_atomic(state, os.path.join(run.cfg.out, "last.pt"))
         if improved:
-            best = {"top1": row.get("val_top1"), "epoch": epoch + 1, "score": score}
-        rngs = D.all_gather(rng_state(), env)
-        if env.is_main:
-            state = make_checkpoint(model=model, ema=ema, optimizer=optimizer, scaler=scaler,
-                                    epoch=epoch + 1, step=step, cfg=cfg, model_name=model_name,
-                                    num_classes=data.num_classes, data_config=data_config,
-                                    rng=rngs, best=best, metrics=row)
-            save_atomic(state, os.path.join(cfg.out, "last.pt"))
-            if improved:
-                save_atomic(state, os.path.join(cfg.out, "best.pt"))
-            metrics.append(row)
-        D.barrier(env)
-        log.info(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                          for k, v in row.items() if v is not None))
-        last = row
-
-    seconds = time.perf_counter() - run_start
-    result = TrainResult(run_dir=cfg.out, epochs=cfg.epochs, best_epoch=best["epoch"],
-                         best_top1=best["top1"], last=last, seconds=seconds,
-                         images_per_s=images_total / train_seconds if train_seconds else 0.0,
-                         store_top1=data.describe.get("store_top1"))
-    log.info(result.summary())
-    return result
+            save_atomic(state, os.path.join(run.cfg.out, "best.pt"))
+    D.barrier(run.env)

@@ -184,7 +184,8 @@ def test_resume_after_one_epoch_equals_two_straight_epochs(dataset, tmp_path, mo
         [r["train_loss"] for r in read_metrics(tmp_path / "resumed")]
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(dataset, tmp_path, monkeypatch):
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(dataset, tmp_path, monkeypatch,
+                                                           capsys):
     from student_train import TrainingDiverged
     from student_train.losses import DistillationLoss
 
@@ -204,6 +205,15 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(dataset, tmp_path, mo
     assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values()
                if v.is_floating_point())
     assert [int(r["epoch"]) for r in read_metrics(out)] == [1]
+
+    from cli import main
+
+    calls["n"] = 0
+    code = main(["train-student", "--student", "test_resnet", "--store", dataset["store"],
+                 "--out", str(tmp_path / "nan-cli"), "--epochs", "3", "--batch-size", "20",
+                 "--input-size", str(SIZE), "--num-workers", "0", "--device", "cpu"])
+    assert code == 1
+    assert "ssld: training stopped: loss became nan" in capsys.readouterr().err
 
 
 def test_supervised_baseline_uses_labels_only(dataset, tmp_path):
@@ -232,6 +242,18 @@ def test_online_teacher_distils_from_a_forward_on_the_same_batch(dataset, tmp_pa
     row = read_metrics(out)[0]
     assert 0 <= float(row["agreement"]) <= 1
     assert json.load(open(out / "config.json"))["resolved"]["crop"] == "random"
+
+
+def test_online_teacher_sets_the_class_count(dataset, tmp_path, make_checkpoint,
+                                             unlabeled_folder):
+    six = make_checkpoint(model="test_efficientnet", num_classes=6, seed=2)
+    out = tmp_path / "unlabeled"
+    train(config(dataset, out, stores=(), data=str(unlabeled_folder.data), batch_size=4,
+                 teacher="test_efficientnet", teacher_checkpoint=str(six), epochs=1))
+    assert json.load(open(out / "config.json"))["resolved"]["num_classes"] == 6
+    with pytest.raises(ValueError, match="has 4 classes but the teacher has 6"):
+        train(config(dataset, tmp_path / "x", teacher="test_efficientnet",
+                     teacher_checkpoint=str(six)))
 
 
 def test_online_teacher_renormalises_to_its_own_statistics():
