@@ -192,7 +192,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, help="DataLoader workers [the run's default]")
     parser.add_argument("--device", choices=["cpu", "cuda"],
                         help="[cuda with --gpu, else cpu]; --gpu --device cpu is a dry run")
-    parser.add_argument("--rounds", type=int, default=3, help="best of N for every figure")
+    parser.add_argument("--rounds", type=int, help="best of N for every figure [CPU 3, GPU 2]")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads on the CPU [1: two spinning threads on a shared "
                         "two-core machine make every figure noise]")
@@ -201,10 +201,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.gpu:
         defaults = dict(images=6144, model="resnext101_32x16d", batch_size=256, precision="bf16",
-                        channels_last=True, device="cuda")
+                        channels_last=True, device="cuda", rounds=2)
     else:
         defaults = dict(images=256, model="mobilenetv3_large_100", batch_size=32,
-                        precision="fp32", channels_last=False, device="cpu")
+                        precision="fp32", channels_last=False, device="cpu", rounds=3)
     for key, value in defaults.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)

@@ -27,11 +27,12 @@ commands: list[click.Command] = []
 @click.option("--out", required=True, help="Label store to write or resume (NAME.zarr).")
 @click.option("--topk", default=10, show_default=True, help="Classes kept per view.")
 @click.option("--views", default=1, show_default=True,
-              help="Views per image: 0 = eval crop, 1.. = RandomResizedCrop + flip.")
+              help="Views per image (view 0: eval crop; the others: RandomResizedCrop + flip).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the view boxes.")
 @click.option("--crop-scale", nargs=2, type=float, default=(0.08, 1.0), show_default=True,
               help="Area range of the random views.")
-@click.option("--crop-ratio", nargs=2, type=float, default=(3 / 4, 4 / 3), show_default=True,
+@click.option("--crop-ratio", nargs=2, type=float, default=(3 / 4, 4 / 3),
+              show_default="0.75 1.333",
               help="Aspect-ratio range of the random views.")
 @click.option("--temperature", default=1.0, show_default=True, help="Softmax temperature.")
 @click.option("--input-size", type=int, help="Input side in pixels [model's].")

@@ -1,11 +1,14 @@
 """Decoding with NVIDIA DALI: one pipeline for the GPU (``mixed``: nvJPEG, hardware JPEG
 decoder where present) and the CPU (``device_id=None``, what CI runs).
 
-The pipeline decodes each image once and, per view, resamples the stored box
-(``fn.resize`` with a relative ``roi_start``/``roi_end`` — the same region PIL's
-``resize(box=...)`` reads, see views.py), mirrors and normalises it
-(``fn.crop_mirror_normalize``). Boxes and flips are planned before decoding from the
-image header and fed with ``fn.external_source``, so both decoders crop the same boxes.
+The pipeline decodes each image once and, per view, resamples the stored box with
+``fn.resize`` and relative ROIs — the same region PIL's ``resize(box=...)`` reads (see
+views.py) — in two 8-bit passes, horizontal then vertical, as PIL does, so both decoders
+differ by a grey level on a few pixels rather than by the rounding of every pixel. Then
+it mirrors and normalises (``fn.crop_mirror_normalize``). Boxes and flips are planned
+from the image header before decoding and fed with ``fn.external_source``: both decoders
+crop the same boxes. The pipeline runs one batch at a time on a background thread, up to
+``IN_FLIGHT`` batches ahead of the model.
 
 Failures: files that cannot be read or whose header does not parse never reach DALI
 (:class:`~teacher_infer.decode.ViewDataset` marks them invalid). DALI stops the whole

@@ -64,8 +64,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def _is_16bit_color(image: Image.Image) -> bool:
     """PIL reads 16-bit RGB(A) PNGs as 8-bit by dropping the low byte."""
-    return image.format == "PNG" and any(str(tile.args).endswith(";16B") and
-                                         not str(tile.args).startswith("I")
+    return image.format == "PNG" and any(str(tile[3]).startswith(("RGB;16", "RGBA;16"))
                                          for tile in image.tile)
 
 
