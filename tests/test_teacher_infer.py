@@ -473,3 +473,23 @@ def test_package_import_does_not_import_torch():
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_class_names_map_folders_to_model_classes(image_folder, make_checkpoint, tmp_path):
+    """With --class-names the folder names are looked up among the model's classes (a data
+    set holding 3 of a 10-class teacher's classes keeps the teacher's class ids)."""
+    names = [f"class{i}" for i in range(10)]
+    for position, folder in zip((7, 2, 5), image_folder.class_names):
+        names[position] = folder
+    names_file = tmp_path / "names.txt"
+    names_file.write_text("\n".join(names) + "\n")
+    summary = infer(image_folder.data, tmp_path / "n.zarr", decoder="pil", num_classes=10,
+                    checkpoint=str(make_checkpoint(num_classes=10)), class_names=str(names_file))
+    store = labelstore.open(summary.out)
+    assert store.class_names == names and store.num_classes == 10
+    expected = [(7, 2, 5)[label] for label in image_folder.labels]
+    assert store.labels.tolist() == expected
+    with pytest.raises(ValueError, match="has 9 names but the model has 10 classes"):
+        names_file.write_text("\n".join(names[:9]) + "\n")
+        infer(image_folder.data, tmp_path / "m.zarr", decoder="pil", num_classes=10,
+              checkpoint=str(make_checkpoint(num_classes=10)), class_names=str(names_file))
