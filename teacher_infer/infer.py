@@ -192,12 +192,23 @@ def check_resumable(store_attrs: dict[str, Any], attrs: dict[str, Any], out: str
                          "to resume)")
 
 
+def _exists(path: str) -> bool:
+    """Local paths and fsspec URLs (a store on object storage is resumed too)."""
+    local = _local_path(path)
+    if local is not None:
+        return os.path.exists(local)
+    import fsspec
+
+    fs, inner = fsspec.core.url_to_fs(path)
+    return fs.exists(inner)
+
+
 def _open_or_create(cfg: InferConfig, samples: Samples, labels: np.ndarray, attrs: dict,
                     num_classes: int, embedding_dim: int | None) -> tuple[int, bool]:
     """Rank 0: the store ready for writing; returns (rows already done, resumed?)."""
     import labelstore
 
-    if os.path.exists(cfg.out) and not cfg.overwrite:
+    if _exists(cfg.out) and not cfg.overwrite:
         store = labelstore.open(cfg.out)
         check_resumable(store.attrs, attrs, cfg.out, cfg.chunk_rows)
         done = len(store) - sum(b - a for a, b in store.missing())
