@@ -34,7 +34,7 @@ def _open_group(path: Any, mode: str) -> zarr.Group:
     if local is not None and not os.path.exists(local):
         raise FileNotFoundError(f"no label store at {local}")
     try:
-        group = zarr.open_group(path, mode=mode)
+        group = zarr.open_group(local if local is not None else path, mode=mode)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError,
             ValueError, KeyError) as exc:
         raise ValueError(f"{path} is not an ssld label store (no zarr group: {exc})") from None

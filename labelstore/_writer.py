@@ -115,7 +115,8 @@ def create(path: Any, *, keys: Sequence[str], num_classes: int, topk: int, views
                        num_classes=num_classes, topk=topk, views=views, chunk_rows=chunk_rows,
                        complete=False)
 
-    group = zarr.open_group(path, mode="w")
+    # file:// URLs go to zarr as plain paths: its fsspec store does not create directories
+    group = zarr.open_group(local if local is not None else path, mode="w")
     rows = min(chunk_rows, n)
     comp = fmt.compressors()
 

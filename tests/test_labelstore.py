@@ -180,7 +180,7 @@ def test_repr_info_and_dataframe(store_path):
 
 
 def test_read_from_fsspec_url(store_path):
-    data = make_store(store_path, n=100)
+    data = make_store("file://" + store_path, n=100)  # file:// URLs create stores too
     st = labelstore.open("file://" + store_path)
     np.testing.assert_array_equal(st.read([9, 1]).indices, data["indices"][[9, 1]])
     assert st.is_complete
