@@ -4,7 +4,8 @@ Run:  python benchmarks/select_bench.py [--rows 5000000] [--k 5000] [--classes 1
                                         [--workdir DIR] [--skip-pandas]
 
 A pool store of ``--rows`` teacher-like rows (k = 10 stored, one view, skewed class
-popularity ∝ 1/rank^0.6 — the top class is ~25× the rarest) is generated once through
+popularity ∝ 1/rank^0.6 — the top class is ~25× the rarest; keys in sorted path order,
+as infer-teacher writes them) is generated once through
 ``labelstore.create`` / ``write`` and kept in ``--workdir`` for later runs. Each
 measurement runs in a fresh process so that its peak RSS (``VmHWM``) is its own:
 
@@ -37,30 +38,34 @@ from labelstore_bench import teacher_like_rows  # noqa: E402  (same teacher-like
 import labelstore  # noqa: E402
 from labelstore import _select  # noqa: E402
 
-PIECE = 1_000_000   # rows generated at a time (bounds the generator's memory)
+PIECE = 1_000_000   # rows per call of the generator (its keys are numbered per call)
 
 
 def generate(path: str, rows: int, classes: int, topk: int) -> float:
-    """Write the pool store; returns seconds. Keys are made unique across pieces."""
+    """Write the pool store; returns seconds.
+
+    Rows are stored in sorted key order, as ``infer-teacher`` writes a folder (it walks
+    it sorted): the order matters to ``labelstore.create``, whose duplicate-key check
+    sorts the keys, and select-topk's output keeps pool order.
+    """
     start = time.perf_counter()
-    pieces = []
+    keys, parts = [], []
     for piece, lo in enumerate(range(0, rows, PIECE)):
-        keys, _, indices, probs, boxes = teacher_like_rows(min(PIECE, rows - lo), topk, classes,
-                                                           seed=piece)
-        pieces.append(([f"p{piece}/{key}" for key in keys], indices.astype(np.uint16),
-                       probs.astype(np.float16), boxes))
-    keys = [key for piece in pieces for key in piece[0]]
+        piece_keys, _, indices, probs, boxes = teacher_like_rows(min(PIECE, rows - lo), topk,
+                                                                 classes, seed=piece)
+        keys += [f"p{piece}/{key}" for key in piece_keys]   # unique across pieces
+        parts.append((indices.astype(np.uint16), probs.astype(np.float16), boxes))
+    order = np.asarray(sorted(range(rows), key=keys.__getitem__))
+    keys = [keys[i] for i in order]
+    indices, probs, boxes = (np.concatenate(arrays)[order] for arrays in zip(*parts))
+    del parts
     valid = np.random.default_rng(0).random(rows) >= 0.001  # a few undecodable images
     writer = labelstore.create(path, keys=keys, num_classes=classes, topk=topk, overwrite=True,
                                attrs={"dataset": {"root": "/data/pool"}})
     del keys
-    row = 0
-    for _, indices, probs, boxes in pieces:
-        for lo in range(0, len(indices), 65536):
-            hi = min(lo + 65536, len(indices))
-            writer.write(row + lo, indices[lo:hi], probs[lo:hi], boxes=boxes[lo:hi],
-                         valid=valid[row + lo:row + hi])
-        row += len(indices)
+    for lo in range(0, rows, 65536):
+        hi = min(lo + 65536, rows)
+        writer.write(lo, indices[lo:hi], probs[lo:hi], boxes=boxes[lo:hi], valid=valid[lo:hi])
     writer.close()
     return time.perf_counter() - start
 
@@ -174,7 +179,7 @@ def main() -> None:
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="ssld-select-bench-")
     os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, f"pool_{args.rows}_{args.classes}_{args.topk}.zarr")
+    path = os.path.join(workdir, f"pool_sorted_{args.rows}_{args.classes}_{args.topk}.zarr")
     if os.path.isdir(path) and labelstore.open(path).is_complete:
         print(f"reusing {path}")
     else:

@@ -10,11 +10,9 @@ Non-negative float16 values order like their bit patterns, so sorting keys
 ascending sorts by class, then stored probability descending, then pool row
 ascending — exactly the ranking asked for, ties included. Keys are only built for
 candidates that can still make their class's top K: one float16-bits threshold per
-class, raised by a histogram of what each class has kept (see ``_ClassTopK``) and
-started from a guess taken on a sample of blocks (see ``_guess_start_bits``; checked
-at the end, and the pool is streamed again if a guess starved a class), drops the
-rest with one gather and one comparison per block. The survivors are sorted once
-at the end, per class the first K kept.
+class, raised by a histogram of what each class has kept (see ``_ClassTopK``), drops
+the rest with one gather and one comparison per block. The survivors are sorted
+once at the end, per class the first K kept.
 """
 from __future__ import annotations
 
@@ -33,10 +31,7 @@ PROB_BITS = 15  # float16 without its sign bit: probabilities are >= 0
 BUCKET_SHIFT = 6     # histogram buckets of 64 consecutive float16 values (~3% apart)
 NUM_BUCKETS = 0x8000 >> BUCKET_SHIFT
 MIN_MERGE = 1 << 18  # smallest buffer worth filtering (test hook: small values force filters)
-# Starting thresholds guessed from a sample of blocks (a speed-up only; see _guess_start_bits).
-SAMPLE_BLOCKS = 4        # blocks sampled (~5% of a 5M-row pool), in pools of >= 4× as many
-GUESS_MARGIN = 1.25      # the guess leaves ~1.25·K candidates per class above it
-MIN_SAMPLE_COUNT = 64    # sampled candidates a guess needs (fewer: too noisy, no guess)
+FLOOR_EVERY = 4      # floors are recomputed after C·NUM_BUCKETS / FLOOR_EVERY new candidates
 
 
 # -- exclude lists ----------------------------------------------------------------
@@ -107,18 +102,17 @@ class _ClassTopK:
     is not enough (many ties) and once at the end.
     """
 
-    def __init__(self, num_classes: int, k: int, row_bits: int, start_bits: np.ndarray):
-        self.k, self.row_bits = k, row_bits
-        self.start_bits = start_bits         # per class: min_prob's bits, or a guess above it
+    def __init__(self, num_classes: int, k: int, row_bits: int, min_bits: int = 0):
+        self.k, self.row_bits, self.min_bits = k, row_bits, min_bits
         self.shift = PROB_BITS + row_bits
         self.counts = np.zeros((num_classes, NUM_BUCKETS), dtype=np.int64)
         self.counted = 0                     # candidates counted since the floors were updated
         self.floor_bucket = np.zeros(num_classes, dtype=np.uint16)
         self.trim_bits = np.zeros(num_classes, dtype=np.uint16)
-        self.entry_bits = start_bits.astype(np.uint16)
+        self.entry_bits = np.full(num_classes, min_bits, dtype=np.uint16)
         self.buffer: list[np.ndarray] = []
         self.buffered = 0
-        self.limit = max(2 * num_classes * k, MIN_MERGE)
+        self.limit = max(4 * num_classes * k, MIN_MERGE)   # 32 bytes per table slot at most
 
     def offer(self, classes: np.ndarray, bits: np.ndarray, rows: np.ndarray,
               use: np.ndarray) -> None:
@@ -131,14 +125,18 @@ class _ClassTopK:
         if not len(flat):
             return
         kept_classes = classes.ravel()[flat].astype(np.int64)
-        kept_bits = bits.ravel()[flat].astype(np.int64)
+        kept_bits = bits.ravel()[flat]
         self.counts += _histogram(kept_classes, kept_bits, len(self.counts))
         self.counted += len(flat)
-        self.buffer.append((kept_classes << self.shift) | ((0x7FFF - kept_bits) << self.row_bits)
-                           | rows[flat // bits.shape[1]])
-        self.buffered += len(flat)
-        if self.counted >= self.counts.size:   # amortised: O(1) per kept candidate, any C
+        keys = ((kept_classes << self.shift) | ((0x7FFF - kept_bits.astype(np.int64)) << self.row_bits)
+                | rows[flat // bits.shape[1]])
+        if self.counted >= self.counts.size // FLOOR_EVERY:   # amortised O(1) per candidate
+            # The floors now count this block too, so a block full of one class (pools
+            # stored in folder order) admits about K of it, not the whole block.
             self._update_floors()
+            keys = keys[keys < self._key_limits(self.entry_bits)[kept_classes]]
+        self.buffer.append(keys)
+        self.buffered += len(keys)
         if self.buffered >= self.limit:
             self._filter()
 
@@ -146,7 +144,7 @@ class _ClassTopK:
         self.counted = 0
         self.floor_bucket = np.maximum(_highest_bucket(self.counts, self.k), 0).astype(np.uint16)
         self.entry_bits = np.maximum(np.maximum(self.floor_bucket << BUCKET_SHIFT, self.trim_bits),
-                                     self.start_bits).astype(np.uint16)
+                                     self.min_bits).astype(np.uint16)
 
     def _filter(self) -> None:
         keys = self._filtered()
@@ -158,15 +156,18 @@ class _ClassTopK:
         """The buffer without keys below their class's (freshly updated) floor bucket.
 
         Only the histogram bound applies here: trim_bits judges newcomers, and the K-th
-        entry it was taken from is in this buffer, one bit pattern lower. In key space,
-        "bits at or above the floor bucket's first value" is "key below a class limit".
+        entry it was taken from is in this buffer, one bit pattern lower.
         """
         self._update_floors()
         keys = np.concatenate(self.buffer) if self.buffer else np.empty(0, dtype=np.int64)
-        classes = np.arange(len(self.floor_bucket), dtype=np.int64)
-        floor_bits = self.floor_bucket.astype(np.int64) << BUCKET_SHIFT
-        limit = (classes << self.shift) + ((0x8000 - floor_bits) << self.row_bits)  # may carry
-        return keys[keys < limit[keys >> self.shift]]
+        limits = self._key_limits(self.floor_bucket.astype(np.int64) << BUCKET_SHIFT)
+        return keys[keys < limits[keys >> self.shift]]
+
+    def _key_limits(self, min_bits: np.ndarray) -> np.ndarray:
+        """Per class, the first key of class c whose bits are below ``min_bits[c]``: a key
+        of class c has bits >= min_bits[c] iff it is below this limit."""
+        classes = np.arange(len(min_bits), dtype=np.int64)
+        return (classes << self.shift) + ((0x8000 - min_bits.astype(np.int64)) << self.row_bits)
 
     def _trim(self, keys: np.ndarray) -> np.ndarray:
         """Sort and keep the first K keys of every class; sets the exact entry bits."""
@@ -249,20 +250,11 @@ def rank(stores: Sequence[LabelStore], k: int, *, exclude: set[str] | None = Non
         raise ValueError(f"pool too large to rank: {total:,} rows × {num_classes:,} classes "
                          "exceed the 63-bit selection key; split the pool")
     min_bits = 0 if min_prob is None else _float16_at_least(min_prob)
-    floor = np.full(num_classes, min_bits, dtype=np.uint16)
-    guess = np.maximum(_guess_start_bits(stores, k, view=view, num_classes=num_classes), floor)
-    while True:
-        table = _ClassTopK(num_classes, k, row_bits, guess)
-        counters = _scan(stores, table, exclude=exclude, min_bits=min_bits, view=view,
-                         progress=progress)
-        classes, rows, probs = table.result()
-        # A raised start threshold is safe for a class that still got K rows (all of them
-        # are above it, so everything it kept out is beaten K times); else rank again.
-        short = (guess > floor) & (np.bincount(classes, minlength=num_classes) < k)
-        if not short.any():
-            return Selection(num_classes, k, classes=classes, rows=rows, probs=probs,
-                             **counters)
-        guess[short] = floor[short]
+    table = _ClassTopK(num_classes, k, row_bits, min_bits)
+    counters = _scan(stores, table, exclude=exclude, min_bits=min_bits, view=view,
+                     progress=progress)
+    classes, rows, probs = table.result()
+    return Selection(num_classes, k, classes=classes, rows=rows, probs=probs, **counters)
 
 
 def _scan(stores: Sequence[LabelStore], table: _ClassTopK, *, exclude: set[str] | None,
@@ -277,7 +269,7 @@ def _scan(stores: Sequence[LabelStore], table: _ClassTopK, *, exclude: set[str] 
             names = ("indices", "probs", "valid") + (("keys",) if exclude else ())
             for lo, hi, block in _derive.read_blocks(store, names, view=view):
                 bits = block["probs"].view(np.uint16) & 0x7FFF  # raw float16 bits rank exactly
-                use = block["valid"].astype(bool)
+                use = np.asarray(block["valid"], dtype=bool)
                 invalid += int((~use).sum())
                 if exclude:
                     skip = _excluded(block["keys"], listed) & use
@@ -292,37 +284,6 @@ def _scan(stores: Sequence[LabelStore], table: _ClassTopK, *, exclude: set[str] 
             offset += len(store)
     return dict(rows_scanned=scanned, rows_invalid=invalid, rows_excluded=excluded,
                 candidates=candidates)
-
-
-def _guess_start_bits(stores: Sequence[LabelStore], k: int, *, view: int,
-                      num_classes: int) -> np.ndarray:
-    """Optimistic per-class start thresholds (float16 bits) from a sample of blocks.
-
-    A single streaming pass admits every candidate of a class until K have been seen,
-    and then each one that beats the K-th so far: about K·(1 + ln(n/K)) admissions for
-    n candidates. Starting instead at a value that a sample of the pool already puts
-    about GUESS_MARGIN·K candidates above cuts that to ~1.3·K. It is only a guess —
-    ``rank`` checks that each class still got K rows and otherwise ranks it again.
-    """
-    blocks = [(store, lo, hi) for store in stores for lo, hi, _ in _derive.spans(store)]
-    none = np.zeros(num_classes, dtype=np.uint16)
-    if len(blocks) < 4 * SAMPLE_BLOCKS:
-        return none
-    step = len(blocks) // SAMPLE_BLOCKS
-    counts = np.zeros((num_classes, NUM_BUCKETS), dtype=np.int64)
-    sampled = 0
-    for store, lo, hi in blocks[step // 2::step][:SAMPLE_BLOCKS]:
-        group = store._group
-        valid = np.asarray(group["valid"][lo:hi], dtype=bool)
-        classes = np.asarray(group["indices"][lo:hi, view])[valid]
-        bits = np.asarray(group["probs"][lo:hi, view]).view(np.uint16)[valid] & 0x7FFF
-        counts += _histogram(classes.ravel(), bits.ravel(), num_classes)
-        sampled += hi - lo
-    need = int(np.ceil(GUESS_MARGIN * k * sampled / sum(len(s) for s in stores)))
-    if need < MIN_SAMPLE_COUNT:
-        return none
-    bucket = _highest_bucket(counts, need)
-    return np.where(bucket > 0, bucket.astype(np.int64) << BUCKET_SHIFT, 0).astype(np.uint16)
 
 
 # -- the command ------------------------------------------------------------------

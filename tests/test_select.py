@@ -79,8 +79,7 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(_select, "MIN_MERGE", 16)
     monkeypatch.setattr(_select, "BUCKET_SHIFT", 9)
     monkeypatch.setattr(_select, "NUM_BUCKETS", 0x8000 >> 9)
-    monkeypatch.setattr(_select, "SAMPLE_BLOCKS", 2)      # guess start thresholds...
-    monkeypatch.setattr(_select, "MIN_SAMPLE_COUNT", 1)   # ...even from a tiny sample
+    monkeypatch.setattr(_select, "FLOOR_EVERY", 64)       # floors move after few candidates
 
 
 def make_pools(tmp_path, sizes, *, classes=15, k=3, views=2, chunk_rows=32, roots=None,
@@ -135,17 +134,6 @@ def test_streaming_bounds_are_exercised(tmp_path, small_blocks, monkeypatch):
     assert as_dict(selection) == brute_force(pools, 4)
     # the histogram floors move, the buffer is filtered and trimmed while streaming
     assert calls["_update_floors"] >= 2 and calls["_filter"] >= 2 and calls["_trim"] >= 3, calls
-
-
-def test_a_too_optimistic_guess_is_caught_and_ranked_again(tmp_path, small_blocks, monkeypatch):
-    monkeypatch.setattr(_select, "GUESS_MARGIN", 0.05)   # start far above the true K-th
-    scans = []
-    original = _select._scan
-    monkeypatch.setattr(_select, "_scan", lambda *a, **kw: scans.append(1) or original(*a, **kw))
-    paths, pools = make_pools(tmp_path, (900,))
-    selection = _select.rank([labelstore.open(paths[0])], 30)
-    assert as_dict(selection) == brute_force(pools, 30)
-    assert len(scans) == 2
 
 
 def test_ties_break_by_pool_order_and_outside_topk_ranks_below(tmp_path):
