@@ -1,7 +1,8 @@
-"""``ssld train-student`` and ``ssld eval``: options → :class:`TrainConfig` → one library call."""
+"""``ssld train-student`` and ``ssld eval``: options → a config → one library call."""
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import click
 
@@ -121,7 +122,8 @@ def train_student_cmd(ctx: click.Context, **options) -> None:
     except TrainingDiverged as exc:
         click.echo(f"ssld: training stopped: {exc}", err=True)
         ctx.exit(1)
-    click.echo(result.summary())
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary
+        click.echo(result.summary())
 
 
 @_command

@@ -26,9 +26,9 @@ RESUMABLE_CHANGES = frozenset({"resume", "num_workers"})
 class TrainConfig:
     """Everything ``train(cfg)`` needs. ``None`` means "the model's / the data's default"."""
 
-    student: str                          # timm name (or PaddleClas name, e.g. MobileNetV3_large_x1_0)
+    student: str                          # timm name or PaddleClas name (MobileNetV3_large_x1_0)
     out: str                              # run directory: config.json, metrics.csv, *.pt, train.log
-    stores: tuple[str, ...] = ()          # label stores; several are concatenated into one training set
+    stores: tuple[str, ...] = ()          # label stores; several form one training set
     data: Optional[str] = None            # image source for --supervised / --teacher without stores
     root: Optional[str] = None            # root of a list-file --data
     val: Optional[str] = None             # validation source (class folder or list file)

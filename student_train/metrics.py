@@ -110,7 +110,11 @@ def _csv_value(value: Any) -> Any:
 
 
 def setup_logger(run_dir: Optional[str], *, is_main: bool) -> logging.Logger:
-    """The ``ssld.train`` logger: INFO to stderr and ``RUN_DIR/train.log`` on rank 0 only."""
+    """The ``ssld.train`` logger: INFO to stderr and ``RUN_DIR/train.log`` on rank 0 only.
+
+    Records logged with ``extra={"file_only": True}`` (the final summary, which the command
+    prints itself) go to the file only.
+    """
     logger = logging.getLogger("ssld.train")
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
@@ -120,6 +124,7 @@ def setup_logger(run_dir: Optional[str], *, is_main: bool) -> logging.Logger:
     if is_main:
         stream = logging.StreamHandler(sys.stderr)
         stream.setFormatter(logging.Formatter("%(message)s"))
+        stream.addFilter(lambda record: not getattr(record, "file_only", False))
         logger.addHandler(stream)
         if run_dir is not None:
             file = logging.FileHandler(os.path.join(run_dir, "train.log"))

@@ -83,7 +83,8 @@ def build_student(model_name: str, num_classes: int, *, init: Optional[str],
     bad = [k for k, v in state.items() if v.shape != own[k].shape]
     if bad:
         raise ValueError(f"--init {init} does not fit {model_name}: {bad[0]} has shape "
-                         f"{tuple(state[bad[0]].shape)}, the model expects {tuple(own[bad[0]].shape)}")
+                         f"{tuple(state[bad[0]].shape)}, the model expects "
+                         f"{tuple(own[bad[0]].shape)}")
     if skipped:
         log.info(f"--init {init}: its classifier has another class count; the {num_classes}-class "
                  "classifier starts from random weights")

@@ -179,7 +179,7 @@ def _train(cfg: TrainConfig, env: D.DistEnv) -> TrainResult:
                          best_top1=best["top1"], last=last, seconds=seconds,
                          images_per_s=images / seconds if seconds else 0.0,
                          store_top1=run.data.describe.get("store_top1"))
-    log.info(result.summary())
+    log.info(result.summary(), extra={"file_only": True})
     return result
 
 
@@ -265,6 +265,11 @@ def _restore(run: _Run, checkpoint: Optional[dict]) -> tuple[int, int, dict]:
     """(first epoch, global step, best-so-far) -- from the checkpoint when resuming."""
     if checkpoint is None:
         return 0, 0, {"top1": None, "epoch": None, "score": -math.inf}
+    if len(checkpoint["rng"]) != run.env.world_size:
+        # another process count changes the global batch, the lr and every rank's samples
+        raise ValueError(f"--resume: {run.cfg.out} was trained by {len(checkpoint['rng'])} "
+                         f"process(es), this run has {run.env.world_size}; resume with the "
+                         "same torchrun --nproc_per_node/--nnodes")
     run.model.load_state_dict(checkpoint["state_dict"])
     run.optimizer.load_state_dict(checkpoint["optimizer"])
     if run.ema is not None:

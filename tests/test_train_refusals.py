@@ -5,6 +5,7 @@ import os
 import shutil
 
 import pytest
+import torch
 
 import student_train.trainer as train_module
 from cli import main
@@ -93,6 +94,12 @@ def test_resume_with_changed_options_is_refused_naming_them(images, tmp_path, mo
         train(config(out, [store(images, "ok")], resume=True, lr=0.3, seed=1))
     with pytest.raises(FileExistsError, match="pass --resume"):
         train(config(out, [store(images, "ok")]))
+    # a checkpoint written by two processes cannot continue in one
+    saved = torch.load(out / "last.pt", weights_only=True)
+    torch.save({**saved, "rng": saved["rng"] * 2}, out / "last.pt")
+    with pytest.raises(ValueError, match="trained by 2 process\\(es\\), this run has 1"):
+        train(config(out, [store(images, "ok")], resume=True))
+    torch.save(saved, out / "last.pt")
     # more workers do not change the result, so they may change
     result = train(config(out, [store(images, "ok")], resume=True, num_workers=1))
     assert result.epochs == 2 and result.last["epoch"] == 2
