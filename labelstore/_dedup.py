@@ -92,7 +92,7 @@ def search(query: LabelStore, pool: LabelStore, *, threshold: float = DEFAULT_TH
     if query.embedding_dim != pool.embedding_dim:
         raise ValueError(f"embedding widths differ: {query.path} has {query.embedding_dim}, "
                          f"{pool.path} has {pool.embedding_dim}")
-    query_valid = np.asarray(query._group["valid"][:], dtype=bool)
+    query_valid = query.read(slice(None)).valid
     queries, usable = _normalised(query.read_embeddings(slice(None)))
     query_ids = np.flatnonzero(query_valid & usable)
     queries = np.ascontiguousarray(queries[query_ids])
@@ -100,10 +100,10 @@ def search(query: LabelStore, pool: LabelStore, *, threshold: float = DEFAULT_TH
     buffered = 0
     bound = max(4 * len(query_ids) * top_m, 1 << 16)
     with _derive.progress_bar(progress, len(pool), "dedup: cosine search") as bar:
-        for lo in range(0, len(pool), pool_batch):
-            hi = min(lo + pool_batch, len(pool))
-            block, usable = _normalised(pool.read_embeddings(slice(lo, hi)))
-            rows = np.flatnonzero(usable & np.asarray(pool._group["valid"][lo:hi], dtype=bool))
+        # the next block is read while this one is multiplied
+        for lo, hi, data in _derive.read_blocks(pool, ("embeddings", "valid"), step=pool_batch):
+            block, usable = _normalised(data["embeddings"].astype(np.float32))
+            rows = np.flatnonzero(usable & data["valid"].astype(bool))
             block = block[rows]
             for q0 in range(0, len(queries), query_batch):
                 sims = block @ queries[q0:q0 + query_batch].T     # (pool rows, queries)

@@ -140,13 +140,15 @@ def block_rows(store: LabelStore) -> int:
 VIEW_ARRAYS = ("indices", "probs", "residual", "boxes", "flips")
 
 
-def spans(store: LabelStore, rows: np.ndarray | None = None) -> list[tuple[int, int, Any]]:
+def spans(store: LabelStore, rows: np.ndarray | None = None,
+          step: int | None = None) -> list[tuple[int, int, Any]]:
     """Read blocks of whole chunks as (lo, hi, rows in [lo, hi) or None).
 
     Without ``rows`` the blocks cover the store; with sorted ``rows`` only blocks that
-    hold one are listed, each starting at the chunk of its first row.
+    hold one are listed, each starting at the chunk of its first row. ``step`` overrides
+    the block size (then blocks need not be whole chunks).
     """
-    step = block_rows(store)
+    step = step or block_rows(store)
     if rows is None:
         return [(lo, min(lo + step, len(store)), None) for lo in range(0, len(store), step)]
     chunk, out, pos = store.chunk_rows, [], 0
@@ -160,21 +162,24 @@ def spans(store: LabelStore, rows: np.ndarray | None = None) -> list[tuple[int, 
 
 
 def read_blocks(store: LabelStore, names: Sequence[str], *, rows: np.ndarray | None = None,
-                view: int | None = None) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
+                view: int | None = None,
+                step: int | None = None) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
     """Yield (lo, hi, {name: stored values}) block by block, in stored dtypes.
 
     With sorted unique ``rows`` only those rows are returned (so ``hi - lo`` is not
-    their count); with ``view``, per-view arrays are sliced to that view. The next
+    their count); with ``view``, per-view arrays are sliced to that view; ``step`` sets
+    the block size (default: whole chunks, about READ_ROWS rows). The next
     block is read in a background thread while the caller works on this one, so
     zarr's decompression overlaps the caller's numpy work.
     """
-    group = store._group  # same package: the reader's arrays, without dtype changes
+    # Same package: the reader's arrays, without dtype changes. Looked up once: each
+    # group lookup reads the array's metadata again.
+    arrays = {name: store._group[name] for name in names}
 
     def read(span: tuple[int, int, Any]) -> tuple[int, int, dict[str, np.ndarray]]:
         lo, hi, part = span
         out = {}
-        for name in names:
-            array = group[name]
+        for name, array in arrays.items():
             value = np.asarray(array[lo:hi, view] if view is not None and name in VIEW_ARRAYS
                                else array[lo:hi])
             out[name] = value if part is None else value[part - lo]
@@ -182,7 +187,8 @@ def read_blocks(store: LabelStore, names: Sequence[str], *, rows: np.ndarray | N
 
     with ThreadPoolExecutor(max_workers=1) as pool:
         ahead = None
-        for span in spans(store, None if rows is None else np.asarray(rows, dtype=np.int64)):
+        for span in spans(store, None if rows is None else np.asarray(rows, dtype=np.int64),
+                          step):
             future = pool.submit(read, span)
             if ahead is not None:
                 yield ahead.result()

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import click
 
+from ._dedup import DEFAULT_MIN_INLIERS, DEFAULT_THRESHOLD, DEFAULT_TOP_M
+
 commands: list[click.Command] = []
 
 
@@ -39,12 +41,14 @@ def select_topk_cmd(stores, k, out, exclude, min_prob, view, list_out, overwrite
 @click.option("--query", required=True, help="Store of the query set (e.g. val), with embeddings.")
 @click.option("--pool", required=True, help="Pool store with embeddings.")
 @click.option("--out", default="-", show_default=True, help="Duplicate list to write (- = stdout).")
-@click.option("--threshold", type=float, default=None,
-              help="Cosine similarity for stage-1 candidates  [default: 0.8]")
-@click.option("--verify", type=click.Choice(["sift", "none"]), default="sift", show_default=True)
-@click.option("--top-m", type=int, default=None, help="Candidates kept per query  [default: 5]")
-@click.option("--min-inliers", type=int, default=None,
-              help="RANSAC inliers that confirm a duplicate  [default: 20]")
+@click.option("--threshold", type=float, default=DEFAULT_THRESHOLD, show_default=True,
+              help="Cosine similarity of stage-1 candidates.")
+@click.option("--verify", type=click.Choice(["sift", "none"]), default="sift", show_default=True,
+              help="sift: confirm candidates on the images; none: report stage-1 pairs.")
+@click.option("--top-m", type=int, default=DEFAULT_TOP_M, show_default=True,
+              help="Stage-1 candidates kept per query.")
+@click.option("--min-inliers", type=int, default=DEFAULT_MIN_INLIERS, show_default=True,
+              help="RANSAC inliers that confirm a duplicate.")
 @click.option("--query-root", default=None, help="Image root of the query (default: its dataset.root).")
 @click.option("--pool-root", default=None, help="Image root of the pool (default: its dataset.root).")
 def dedup_cmd(query, pool, out, threshold, verify, top_m, min_inliers, query_root,
@@ -52,9 +56,9 @@ def dedup_cmd(query, pool, out, threshold, verify, top_m, min_inliers, query_roo
     """Find near-duplicates of query images in a pool: cosine candidates, SIFT verification."""
     from labelstore import dedup
 
-    options = {"threshold": threshold, "top_m": top_m, "min_inliers": min_inliers}
-    result = dedup(query, pool, out, verify=verify, query_root=query_root, pool_root=pool_root,
-                   progress=True, **{k: v for k, v in options.items() if v is not None})
+    result = dedup(query, pool, out, threshold=threshold, verify=verify, top_m=top_m,
+                   min_inliers=min_inliers, query_root=query_root, pool_root=pool_root,
+                   progress=True)
     click.echo(result, err=out == "-")   # keep stdout for the list itself
 
 
