@@ -38,7 +38,7 @@ PREPROCESSING = dict(input_size=INPUT_SIZE, crop_pct=1.0, interpolation="bilinea
 class QuickstartConfig:
     workdir: str = "ssld-quickstart"     # everything is written below this folder
     teacher_epochs: int = 60             # on 200 labeled images
-    student_epochs: int = 40             # label-only on L and SSLD on L + selected U
+    student_epochs: int = 40             # label-only on L; SSLD sees as many images on L + U
     select_k: int = 100                  # pool images kept per class (top-k per class)
     views: int = 4                       # stored teacher views per image (view 0 = eval crop)
     topk: int = 10                       # all 10 digit classes: the full distribution is kept
@@ -169,9 +169,13 @@ def run(cfg: QuickstartConfig, echo: Callable[[str], None] = print) -> Quickstar
     _timed(steps, "train label-only student", lambda: train_run(
         "student_labels", data=data.labeled, root=data.root, supervised=True,
         epochs=cfg.student_epochs))
+    # Same number of images seen as the label-only run: the gain must come from the teacher's
+    # labels and the pool's variety, not from a longer schedule.
+    ssld_epochs = max(1, round(cfg.student_epochs * data.num_labeled / len(labelstore.open(
+        train_store))))
     _timed(steps, "train SSLD student", lambda: train_run(
-        "student_ssld", stores=(train_store,), loss="js", epochs=cfg.student_epochs),
-        lambda r: "replay views")
+        "student_ssld", stores=(train_store,), loss="js", epochs=ssld_epochs),
+        lambda r: f"replay views, {ssld_epochs} epochs = same images seen")
 
     echo("[8/8] eval on the validation set")
 
