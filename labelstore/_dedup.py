@@ -11,6 +11,7 @@ pool key first, so it is a valid ``select-topk --exclude`` file.
 """
 from __future__ import annotations
 
+import functools
 import os
 import posixpath
 import sys
@@ -42,6 +43,7 @@ MAX_KEYPOINTS = 2000
 # Half OpenCV's default (0.04): JPEG-40 and contrast-reduced copies lose weak keypoints,
 # and low-texture images then keep too few to reach MIN_INLIERS.
 CONTRAST_THRESHOLD = 0.02
+FEATURE_CACHE = 512     # pool images whose SIFT features are kept (a few hundred KB each)
 
 
 @dataclass
@@ -183,14 +185,16 @@ def _image_root(store: LabelStore, override: str | None, role: str) -> str:
     return str(root)
 
 
-def verify_pairs(pairs: Candidates, query_keys: np.ndarray, pool_keys: np.ndarray, query_root: str,
-           pool_root: str, *, min_inliers: int = DEFAULT_MIN_INLIERS, ratio: float = RATIO,
-           workers: int | None = None, progress: bool = False) -> tuple[np.ndarray, int]:
+def verify_pairs(pairs: Candidates, query_keys: np.ndarray, pool_keys: np.ndarray,
+                 query_root: str, pool_root: str, *, ratio: float = RATIO,
+                 workers: int | None = None, progress: bool = False) -> tuple[np.ndarray, int]:
     """Stage 2: inlier count per pair (-1 where an image could not be read) and the number
-    of unreadable images. A pair is a duplicate when its count is >= ``min_inliers``."""
+    of failed image reads. A pair is a duplicate when its count reaches ``min_inliers``."""
     inliers = np.full(len(pairs), -1, dtype=np.int64)
     starts = np.flatnonzero(np.r_[True, pairs.query_rows[1:] != pairs.query_rows[:-1]])
     groups = np.split(np.arange(len(pairs)), starts[1:]) if len(pairs) else []
+    # A pool image near many queries (small or uniform data sets) is described once.
+    pool_features = functools.lru_cache(maxsize=FEATURE_CACHE)(_sift_features)
 
     def one_query(members: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
         # The query's features are computed once for all of its candidates.
@@ -198,7 +202,7 @@ def verify_pairs(pairs: Candidates, query_keys: np.ndarray, pool_keys: np.ndarra
         counts = np.full(len(members), -1, dtype=np.int64)
         unreadable = int(query is None)
         for i, pair in enumerate(members):
-            candidate = _sift_features(posixpath.join(pool_root, pool_keys[pairs.pool_rows[pair]]))
+            candidate = pool_features(posixpath.join(pool_root, pool_keys[pairs.pool_rows[pair]]))
             unreadable += candidate is None
             if query is not None and candidate is not None:
                 counts[i] = count_inliers(query, candidate, ratio=ratio)
@@ -313,8 +317,7 @@ def dedup(query: Any, pool: Any, out: str | None = None, *,
     if roots is None:
         inliers, confirmed = np.full(len(pairs), -1), np.ones(len(pairs), dtype=bool)
     else:
-        inliers, unreadable = verify_pairs(pairs, query_keys, pool_keys, *roots,
-                                           min_inliers=int(min_inliers), workers=workers,
+        inliers, unreadable = verify_pairs(pairs, query_keys, pool_keys, *roots, workers=workers,
                                            progress=progress)
         confirmed = inliers >= int(min_inliers)
     result = DedupResult(

@@ -310,7 +310,11 @@ def first_in_runs(sorted_groups: np.ndarray, m: int) -> np.ndarray:
 
 def progress_bar(enabled: bool, total: int, desc: str, unit: str = "rows"):
     """A tqdm bar on stderr, or a silent stand-in when ``enabled`` is false."""
+    import sys
+
     from tqdm.auto import tqdm
 
+    # In a log file (stderr not a terminal) every redraw is a line: redraw rarely.
     return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, disable=not enabled,
-                leave=False, dynamic_ncols=True)
+                leave=False, dynamic_ncols=True,
+                mininterval=0.1 if sys.stderr.isatty() else 30.0)
