@@ -135,7 +135,7 @@ def run(cfg: QuickstartConfig, echo: Callable[[str], None] = print) -> Quickstar
         summary = infer(InferConfig(
             model=TEACHER, checkpoint=teacher_ckpt, data=source, root=data.root, out=out,
             topk=cfg.topk, seed=cfg.seed, crop_scale=CROP_SCALE, batch_size=256,
-            class_names=data.class_names, num_classes=data.num_classes, progress=cfg.progress,
+            class_names=data.class_names, progress=cfg.progress,
             **PREPROCESSING,
             **{**common, **options}))
         return out, summary

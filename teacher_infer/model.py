@@ -283,6 +283,16 @@ def _json_safe(value: Any) -> Any:
     return str(value)
 
 
+def checkpoint_num_classes(model, path: str) -> int | None:
+    """Rows of the checkpoint's classifier weight (None when it has no such key)."""
+    classifier = model.default_cfg.get("classifier") if hasattr(model, "default_cfg") else None
+    if not isinstance(classifier, str):
+        return None
+    state, _ = read_state_dict(path)
+    weight = strip_prefixes(state).get(f"{classifier}.weight")
+    return None if weight is None else int(weight.shape[0])
+
+
 def load_teacher(cfg, device) -> Teacher:
     """Create the teacher of ``cfg`` (an InferConfig) on ``device`` with its weights."""
     import timm
@@ -308,6 +318,11 @@ def load_teacher(cfg, device) -> Teacher:
     except Exception as exc:  # noqa: BLE001 - timm raises RuntimeError/KeyError for bad args
         raise ValueError(f"cannot create model {name}: {' '.join(str(exc).split())}") from None
     if cfg.checkpoint:
+        if cfg.num_classes is None:
+            # a fine-tuned teacher (e.g. a train-student checkpoint) brings its own class count
+            classes = checkpoint_num_classes(model, cfg.checkpoint)
+            if classes is not None and classes != model.num_classes:
+                model.reset_classifier(classes)
         record["checkpoint_key"] = load_weights(model, cfg.checkpoint)
         record.update(weights="checkpoint", checkpoint=os.path.abspath(cfg.checkpoint),
                       checkpoint_sha256=sha256_file(cfg.checkpoint))

@@ -75,13 +75,18 @@ def test_checkpoint_forms_load_the_same_weights(make_checkpoint, tmp_path, form)
     assert not teacher.model.training
 
 
-def test_checkpoint_with_other_class_count_suggests_num_classes(make_checkpoint, tmp_path):
+def test_checkpoint_class_count_is_taken_from_the_checkpoint(make_checkpoint, tmp_path):
     path = make_checkpoint(num_classes=10)
+    reference = torch.load(path, weights_only=True)
+    for num_classes in (None, 10):  # read from the classifier, or given explicitly
+        teacher = load_teacher(_config(tmp_path, checkpoint=str(path), num_classes=num_classes),
+                               torch.device("cpu"))
+        assert teacher.num_classes == 10
+        for key, value in teacher.model.state_dict().items():
+            torch.testing.assert_close(value, reference[key], rtol=0, atol=0)
+    # an explicit count that contradicts the checkpoint is refused, naming the right one
     with pytest.raises(ValueError, match="pass --num-classes 10"):
-        load_teacher(_config(tmp_path, checkpoint=str(path)), torch.device("cpu"))
-    teacher = load_teacher(_config(tmp_path, checkpoint=str(path), num_classes=10),
-                           torch.device("cpu"))
-    assert teacher.num_classes == 10
+        load_teacher(_config(tmp_path, checkpoint=str(path), num_classes=7), torch.device("cpu"))
 
 
 def test_unreadable_checkpoints(tmp_path):
