@@ -73,14 +73,14 @@ def _excluded(keys: np.ndarray, exclude: set[str]) -> np.ndarray:
 def _highest_bucket(counts: np.ndarray, need: int) -> np.ndarray:
     """Per class (row of ``counts``), the highest bucket with at least ``need`` counted
     candidates at or above it; -1 where there are fewer."""
-    at_or_above = np.cumsum(counts[:, ::-1], axis=1)[:, ::-1]
+    at_or_above = np.cumsum(counts[:, ::-1], axis=1, dtype=counts.dtype)[:, ::-1]
     return (at_or_above >= need).sum(axis=1) - 1
 
 
 def _histogram(classes: np.ndarray, bits: np.ndarray, num_classes: int) -> np.ndarray:
     """(C, NUM_BUCKETS) counts of the candidates given as flat class ids and float16 bits."""
-    bins = (classes.astype(np.int64) << (15 - BUCKET_SHIFT)) | (bits.astype(np.int64)
-                                                                 >> BUCKET_SHIFT)
+    bins = ((classes.astype(np.int64, copy=False) << (15 - BUCKET_SHIFT))
+            | (bits >> BUCKET_SHIFT).astype(np.int64))
     return np.bincount(bins, minlength=num_classes * NUM_BUCKETS).reshape(num_classes, -1)
 
 
@@ -105,7 +105,10 @@ class _ClassTopK:
     def __init__(self, num_classes: int, k: int, row_bits: int, min_bits: int = 0):
         self.k, self.row_bits, self.min_bits = k, row_bits, min_bits
         self.shift = PROB_BITS + row_bits
-        self.counts = np.zeros((num_classes, NUM_BUCKETS), dtype=np.int64)
+        # int32 halves the memory traffic of the floor updates; it holds any count below
+        # 2**31 rows, and a pool that large gets int64
+        self.counts = np.zeros((num_classes, NUM_BUCKETS),
+                               dtype=np.int32 if row_bits < 31 else np.int64)
         self.counted = 0                     # candidates counted since the floors were updated
         self.floor_bucket = np.zeros(num_classes, dtype=np.uint16)
         self.trim_bits = np.zeros(num_classes, dtype=np.uint16)
@@ -159,9 +162,10 @@ class _ClassTopK:
         entry it was taken from is in this buffer, one bit pattern lower.
         """
         self._update_floors()
-        keys = np.concatenate(self.buffer) if self.buffer else np.empty(0, dtype=np.int64)
         limits = self._key_limits(self.floor_bucket.astype(np.int64) << BUCKET_SHIFT)
-        return keys[keys < limits[keys >> self.shift]]
+        # part by part (cache-sized) before one concatenation of what is left
+        return np.concatenate([np.empty(0, dtype=np.int64)]
+                              + [part[part < limits[part >> self.shift]] for part in self.buffer])
 
     def _key_limits(self, min_bits: np.ndarray) -> np.ndarray:
         """Per class, the first key of class c whose bits are below ``min_bits[c]``: a key
