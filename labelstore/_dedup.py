@@ -305,8 +305,10 @@ def dedup(query: Any, pool: Any, out: str | None = None, *,
         if int(value) < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     query_store, pool_store = (_open_embedded(query, "query"), _open_embedded(pool, "pool"))
-    roots = ((_image_root(query_store, query_root, "query"), _image_root(pool_store, pool_root, "pool"))
-             if verify == "sift" else None)
+    roots = None
+    if verify == "sift":
+        roots = (_image_root(query_store, query_root, "query"),
+                 _image_root(pool_store, pool_root, "pool"))
 
     started = time.perf_counter()
     pairs = search(query_store, pool_store, threshold=float(threshold), top_m=int(top_m),

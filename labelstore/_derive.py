@@ -100,8 +100,9 @@ def common_root(stores: Sequence[LabelStore]) -> tuple[str | None, list[str]]:
     split = [_split_scheme(str(root)) for root in roots]
     schemes = sorted({scheme for scheme, _ in split})
     if len(schemes) > 1:
-        raise ValueError(f"dataset roots use different schemes ({', '.join(s or 'local' for s in schemes)}): "
-                         f"{roots[0]!r} vs {next(r for r in roots if _split_scheme(r)[0] != split[0][0])!r}")
+        other = next(r for r, (scheme, _) in zip(roots, split) if scheme != split[0][0])
+        raise ValueError(f"dataset roots use different schemes "
+                         f"({', '.join(s or 'local' for s in schemes)}): {roots[0]!r} vs {other!r}")
     paths = [path for _, path in split]
     base = posixpath.commonpath(paths)
     prefixes = []

@@ -65,8 +65,8 @@ def merge(stores: Any, out: Any, *, chunk_rows: int | None = None, overwrite: bo
     notes = []
     teachers = sorted({str(s.teacher_name) for s in opened})
     if len(teachers) > 1:
-        notes.append(f"note: the stores were labeled by different teachers ({', '.join(teachers)}); "
-                     "the output records the first store's")
+        notes.append("note: the stores were labeled by different teachers "
+                     f"({', '.join(teachers)}); the output records the first store's")
     entry = {"command": "merge",
              "sources": [{**_derive.source_entry(s), "key_prefix": p, "rows_kept": len(rows)}
                          for s, p, rows in zip(opened, prefixes, chosen.per_store)],

@@ -98,7 +98,7 @@ class _ClassTopK:
 
     Both fold into one float16-bits threshold per class (with ``min_prob``), so a
     block costs one gather and one comparison before any int64 key is built. The
-    buffer is filtered again when it outgrows 2·C·K, and sorted only when filtering
+    buffer is filtered again when it outgrows 4·C·K, and sorted only when filtering
     is not enough (many ties) and once at the end.
     """
 
@@ -131,7 +131,8 @@ class _ClassTopK:
         kept_bits = bits.ravel()[flat]
         self.counts += _histogram(kept_classes, kept_bits, len(self.counts))
         self.counted += len(flat)
-        keys = ((kept_classes << self.shift) | ((0x7FFF - kept_bits.astype(np.int64)) << self.row_bits)
+        keys = ((kept_classes << self.shift)
+                | ((0x7FFF - kept_bits.astype(np.int64)) << self.row_bits)
                 | rows[flat // bits.shape[1]])
         if self.counted >= self.counts.size // FLOOR_EVERY:   # amortised O(1) per candidate
             # The floors now count this block too, so a block full of one class (pools
@@ -315,17 +316,16 @@ class SelectResult:
         sel = self.selection
         counts, thresholds = sel.counts, sel.thresholds
         scored = thresholds[~np.isnan(thresholds)]
-        stat = lambda a, fmt: ("-" if not len(a) else  # noqa: E731
-                               f"min {a.min():{fmt}} / median {np.median(a):{fmt}} / max {a.max():{fmt}}")
         lines = [
             f"scanned {sel.rows_scanned:,} rows in {len(self.stores)} store(s): "
             f"{sel.rows_invalid:,} invalid, {sel.rows_excluded:,} excluded, "
             f"{sel.candidates:,} (row, class) candidates",
             f"selected {self.rows_written:,} rows ({len(sel.rows):,} class picks, k = {sel.k}) "
             f"-> {self.out}",
-            f"classes with fewer than {sel.k} candidates: {self.classes_short:,} of {sel.num_classes:,}",
-            f"per-class count: {stat(counts, '.0f')}",
-            f"score threshold (lowest selected prob per class): {stat(scored, '.4g')}",
+            f"classes with fewer than {sel.k} candidates: {self.classes_short:,} of "
+            f"{sel.num_classes:,}",
+            f"per-class count: {_min_median_max(counts, '.0f')}",
+            f"score threshold (lowest selected prob per class): {_min_median_max(scored, '.4g')}",
         ]
         if self.duplicate_keys_dropped:
             lines.append(f"dropped {self.duplicate_keys_dropped:,} rows whose key repeats an "
@@ -336,6 +336,13 @@ class SelectResult:
             lines.append("time: " + ", ".join(f"{name} {value:.1f} s"
                                               for name, value in self.seconds.items()))
         return "\n".join(lines + self.notes)
+
+
+def _min_median_max(values: np.ndarray, spec: str) -> str:
+    if not len(values):
+        return "-"
+    return (f"min {values.min():{spec}} / median {np.median(values):{spec}} / "
+            f"max {values.max():{spec}}")
 
 
 def select_topk(stores: Any, k: int, out: Any, *, exclude: str | None = None,

@@ -24,7 +24,8 @@ _overwrite = click.option("--overwrite", is_flag=True, help="Replace --out if it
 @click.option("--out", required=True, help="Store to write (e.g. selected.zarr).")
 @click.option("--exclude", default=None,
               help="Keys to skip: one per line, first tab field (`ssld dedup` output works).")
-@click.option("--min-prob", type=float, default=None, help="Drop candidates below this probability.")
+@click.option("--min-prob", type=float, default=None,
+              help="Drop candidates below this probability.")
 @click.option("--view", default=0, show_default=True, help="View that ranks the rows.")
 @click.option("--list-out", default=None, help="Also write a PaddleClas list `key top1-class`.")
 @_overwrite
@@ -49,8 +50,10 @@ def select_topk_cmd(stores, k, out, exclude, min_prob, view, list_out, overwrite
               help="Stage-1 candidates kept per query.")
 @click.option("--min-inliers", type=int, default=DEFAULT_MIN_INLIERS, show_default=True,
               help="RANSAC inliers that confirm a duplicate.")
-@click.option("--query-root", default=None, help="Image root of the query (default: its dataset.root).")
-@click.option("--pool-root", default=None, help="Image root of the pool (default: its dataset.root).")
+@click.option("--query-root", default=None,
+              help="Image root of the query (default: its dataset.root).")
+@click.option("--pool-root", default=None,
+              help="Image root of the pool (default: its dataset.root).")
 def dedup_cmd(query, pool, out, threshold, verify, top_m, min_inliers, query_root,
               pool_root) -> None:
     """Find near-duplicates of query images in a pool: cosine candidates, SIFT verification."""

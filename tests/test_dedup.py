@@ -41,8 +41,8 @@ def natural_image(rng: np.random.Generator, background: np.ndarray | None = None
         if kind == 0:
             cv2.circle(image, (x, y), int(rng.integers(5, width // 4)), colour, thickness)
         elif kind == 1:
-            cv2.rectangle(image, (x, y), (int(rng.integers(0, width)), int(rng.integers(0, height))),
-                          colour, thickness)
+            corner = (int(rng.integers(0, width)), int(rng.integers(0, height)))
+            cv2.rectangle(image, (x, y), corner, colour, thickness)
         elif kind == 2:
             points = rng.integers(0, [width, height], size=(int(rng.integers(3, 7)), 2))
             cv2.fillPoly(image, [points.astype(np.int32)], colour)
@@ -155,7 +155,8 @@ def test_planted_duplicates_are_found_without_false_positives(planted, found):
     # the stage-1 candidates included look-alikes that SIFT had to reject
     assert result.candidates > len(found)
     lines = out.read_text().splitlines()
-    assert lines[0].startswith("# ssld dedup:") and lines[1] == "# pool_key\tquery_key\tcosine\tinliers"
+    assert lines[0].startswith("# ssld dedup:")
+    assert lines[1] == "# pool_key\tquery_key\tcosine\tinliers"
     fields = [line.split("\t") for line in lines[2:]]
     assert len(fields) == len(found) and all(len(f) == 4 for f in fields)
     assert all(float(f[2]) >= THRESHOLD and int(f[3]) >= _dedup.DEFAULT_MIN_INLIERS for f in fields)
@@ -204,7 +205,8 @@ def test_sift_rejects_unrelated_images_and_accepts_edited_copies(tmp_path, seed)
         (tmp_path / name).write_bytes(data)
         features[name] = _dedup._sift_features(str(tmp_path / name))
     assert _dedup.count_inliers(features["a.png"], features["b.jpg"]) >= _dedup.DEFAULT_MIN_INLIERS
-    assert _dedup.count_inliers(features["a.png"], features["c.png"]) < _dedup.DEFAULT_MIN_INLIERS / 2
+    unrelated = _dedup.count_inliers(features["a.png"], features["c.png"])
+    assert unrelated < _dedup.DEFAULT_MIN_INLIERS / 2
     assert _dedup._sift_features(str(tmp_path / "missing.jpg")) is None
 
 

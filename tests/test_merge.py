@@ -79,7 +79,8 @@ def test_merge_names_the_difference(tmp_path, kwargs, message):
 def test_merge_rejects_bad_input(tmp_path):
     a = make(tmp_path, "a.zarr", ["x", "y"])
     b = make(tmp_path, "b.zarr", ["z"])
-    zarr.open_group(b, mode="r+").attrs["class_names"] = ["c0", "dog"] + [f"c{i}" for i in range(2, 6)]
+    names = ["c0", "dog"] + [f"c{i}" for i in range(2, 6)]
+    zarr.open_group(b, mode="r+").attrs["class_names"] = names
     with pytest.raises(ValueError, match="class_names differ: .* 'c1' at class 1"):
         labelstore.merge([a, b], tmp_path / "m.zarr")
     with pytest.raises(ValueError, match="at least two stores"):

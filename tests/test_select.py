@@ -161,8 +161,10 @@ def read_raw(path) -> dict:
 def test_output_store_is_a_bit_exact_copy_with_provenance(tmp_path, small_blocks):
     paths, pools = make_pools(tmp_path, (300, 200), roots=["/data/pool_a", "/data/pool_a"])
     exclude = tmp_path / "dups.tsv"
-    exclude.write_text("# ssld dedup: pool=... query=...\n# pool_key\tquery_key\tcosine\tinliers\n"
-                       "img/0_00003.jpg\tval/x.jpg\t0.97\t120\n\nimg/1_00010.jpg\tval/y.jpg\t0.9\t55\n")
+    exclude.write_text("# ssld dedup: pool=... query=...\n"
+                       "# pool_key\tquery_key\tcosine\tinliers\n"
+                       "img/0_00003.jpg\tval/x.jpg\t0.97\t120\n\n"
+                       "img/1_00010.jpg\tval/y.jpg\t0.9\t55\n")
     out = tmp_path / "sel.zarr"
     listing = tmp_path / "sel.txt"
     result = labelstore.select_topk(paths, 12, out, exclude=str(exclude), list_out=str(listing),
