@@ -90,6 +90,9 @@ def _runtime(fn):
 @click.option("--views", type=click.Choice(["auto", "replay", "global"]), default="auto",
               show_default=True, help="replay: stored teacher views; global: RandomResizedCrop "
               "with view-0 targets; auto: replay when the stores hold > 1 view.")
+@click.option("--crop-scale", type=float, nargs=2, default=_default("crop_scale"),
+              show_default=True, metavar="MIN MAX",
+              help="RandomResizedCrop area range of global views and --supervised crops.")
 @click.option("--autoaugment", default=None, metavar="POLICY",
               help="timm policy after the crop (e.g. rand-m9-mstd0.5); weakens consistency.")
 @click.option("--lr-mult", callback=_lr_mult, default=None, metavar="M0,M1,M2,M3,M4",

@@ -10,7 +10,7 @@ commands: list[click.Command] = []
 @click.option("--workdir", default="ssld-quickstart", show_default=True,
               help="Folder for the data, stores, runs and quickstart.json.")
 @click.option("--teacher-epochs", default=60, show_default=True)
-@click.option("--student-epochs", default=40, show_default=True)
+@click.option("--student-epochs", default=60, show_default=True)
 @click.option("--select-k", default=100, show_default=True, help="Pool images kept per class.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               show_default=True)

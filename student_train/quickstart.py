@@ -38,11 +38,11 @@ PREPROCESSING = dict(input_size=INPUT_SIZE, crop_pct=1.0, interpolation="bilinea
 class QuickstartConfig:
     workdir: str = "ssld-quickstart"     # everything is written below this folder
     teacher_epochs: int = 60             # on 200 labeled images
-    student_epochs: int = 40             # label-only on L; SSLD sees as many images on L + U
+    student_epochs: int = 60             # label-only on L; SSLD sees as many images on L + U
     select_k: int = 100                  # pool images kept per class (top-k per class)
     views: int = 4                       # stored teacher views per image (view 0 = eval crop)
     topk: int = 10                       # all 10 digit classes: the full distribution is kept
-    batch_size: int = 64
+    batch_size: int = 32                 # small batches: more steps on 200 images
     seed: int = 0
     device: str = "auto"
     num_workers: int = 0                 # tiny images decode faster in-process than in workers
@@ -114,7 +114,7 @@ def run(cfg: QuickstartConfig, echo: Callable[[str], None] = print) -> Quickstar
     def train_run(name: str, **options) -> str:
         run_dir = work / "runs" / name
         options = {**dict(student=STUDENT, out=str(run_dir), val=data.val, val_root=data.root,
-                          input_size=INPUT_SIZE, batch_size=cfg.batch_size, lr=0.1,
+                          input_size=INPUT_SIZE, batch_size=cfg.batch_size, lr=0.4,
                           warmup_epochs=2, weight_decay=5e-5, crop_scale=CROP_SCALE,
                           seed=cfg.seed, precision="fp32", **common), **options}
         finished = run_dir / "quickstart.done"

@@ -169,9 +169,11 @@ def _train(cfg: TrainConfig, env: D.DistEnv) -> TrainResult:
         improved = score > best["score"]
         if improved:
             best = {"top1": last.get("val_top1"), "epoch": epoch + 1, "score": score}
-        _save(run, epoch=epoch + 1, step=step, best=best, row=last, improved=improved)
+        # The row goes first: a crash before the checkpoint repeats the epoch, and resuming
+        # drops rows after the checkpoint's epoch, so no epoch's row is lost or doubled.
         if metrics is not None:
             metrics.append(last)
+        _save(run, epoch=epoch + 1, step=step, best=best, row=last, improved=improved)
         log.info(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                           for k, v in last.items() if v is not None))
 

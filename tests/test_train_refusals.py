@@ -147,3 +147,20 @@ def test_cli_trains_and_prints_a_summary(images, tmp_path, capsys):
     assert code == 0, captured.err
     assert f"run {out}: 1 epoch(s)" in captured.out
     assert os.path.exists(out / "last.pt")
+
+
+def test_cli_crop_scale_reaches_the_config(monkeypatch, tmp_path):
+    """--crop-scale MIN MAX is passed to TrainConfig (it sets the random-crop area range)."""
+    import student_train.trainer as trainer
+    from cli import main
+
+    seen = {}
+
+    def fake_train(cfg):
+        seen["cfg"] = cfg
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(trainer, "train", fake_train)
+    code = main(["train-student", "--student", "resnet10t", "--data", str(tmp_path),
+                 "--supervised", "--out", str(tmp_path / "run"), "--crop-scale", "0.35", "1.0"])
+    assert code == 2 and seen["cfg"].crop_scale == (0.35, 1.0)
