@@ -159,6 +159,10 @@ class LabelStoreWriter:
         self.embedding_dim = attrs.get("embedding_dim")
         self._n = int(group["labels"].shape[0])
         self.num_chunks = _chunk_count(self._n, self.chunk_rows)
+        # Array handles looked up once: each group lookup re-reads the array's metadata.
+        self._arrays = {name: group[name] for name in (*fmt.LABEL_ARRAYS, "done")}
+        if self.embedding_dim is not None:
+            self._arrays["embeddings"] = group["embeddings"]
         self._buffers: dict[int, dict[str, np.ndarray]] = {}
         self._filled: dict[int, np.ndarray] = {}
         self._closed = False
@@ -187,7 +191,7 @@ class LabelStoreWriter:
 
     def done_chunks(self) -> np.ndarray:
         """Boolean flag per chunk, read from the store (what other writers finished counts)."""
-        return np.asarray(self._group["done"][:], dtype=bool)
+        return np.asarray(self._arrays["done"][:], dtype=bool)
 
     def missing(self) -> list[tuple[int, int]]:
         """Row ranges [start, stop) whose chunks are not yet written (merged, sorted)."""
@@ -255,9 +259,9 @@ class LabelStoreWriter:
     def _flush(self, chunk: int, data: dict[str, np.ndarray]) -> None:
         lo, hi = self.chunk_range(chunk)
         for name, value in data.items():
-            self._group[name][lo:hi] = value
+            self._arrays[name][lo:hi] = value
         # Set only after every array of the chunk is on storage.
-        self._group["done"][chunk] = True
+        self._arrays["done"][chunk] = True
 
     def close(self) -> None:
         """Drop unfinished chunk buffers (with a warning) and mark the store complete if it is."""
