@@ -55,6 +55,19 @@ def full_box() -> np.ndarray:
     return np.array([0.0, 0.0, 1.0, 1.0], dtype=np.float32)
 
 
+def missing_ranges(done: np.ndarray, chunk_rows: int, n: int) -> list[tuple[int, int]]:
+    """Row ranges [start, stop) of the chunks whose ``done`` flag is unset, merged and sorted."""
+    ranges: list[tuple[int, int]] = []
+    for chunk in np.flatnonzero(~np.asarray(done, dtype=bool)):
+        start = int(chunk) * chunk_rows
+        stop = min(start + chunk_rows, n)
+        if ranges and ranges[-1][1] == start:
+            ranges[-1] = (ranges[-1][0], stop)
+        else:
+            ranges.append((start, stop))
+    return ranges
+
+
 def fingerprint(keys: Iterable[str]) -> str:
     """sha256 of the key list, one key per line: identifies a dataset independent of root."""
     digest = hashlib.sha256()

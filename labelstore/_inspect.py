@@ -11,8 +11,10 @@ import numpy as np
 
 def _disk_bytes(path: str) -> int | None:
     """Bytes on disk of a local store directory (None for remote stores)."""
-    local = path[len("file://"):] if path.startswith("file://") else path
-    if "://" in local or not os.path.isdir(local):
+    from ._writer import _local_path
+
+    local = _local_path(path)
+    if local is None or not os.path.isdir(local):
         return None
     total = 0
     for root, _dirs, files in os.walk(local):

@@ -124,16 +124,7 @@ class LabelStore:
 
     def missing(self) -> list[tuple[int, int]]:
         """Row ranges not yet written; empty for a complete store."""
-        done = np.asarray(self._group["done"][:], dtype=bool)
-        ranges: list[tuple[int, int]] = []
-        for chunk in np.flatnonzero(~done):
-            start = int(chunk) * self.chunk_rows
-            stop = min(start + self.chunk_rows, self._n)
-            if ranges and ranges[-1][1] == start:
-                ranges[-1] = (ranges[-1][0], stop)
-            else:
-                ranges.append((start, stop))
-        return ranges
+        return fmt.missing_ranges(self._group["done"][:], self.chunk_rows, self._n)
 
     def require_complete(self) -> "LabelStore":
         """Raise ValueError unless the store is complete (training refuses partial stores)."""

@@ -195,14 +195,7 @@ class LabelStoreWriter:
 
     def missing(self) -> list[tuple[int, int]]:
         """Row ranges [start, stop) whose chunks are not yet written (merged, sorted)."""
-        ranges: list[tuple[int, int]] = []
-        for chunk in np.flatnonzero(~self.done_chunks()):
-            start, stop = self.chunk_range(int(chunk))
-            if ranges and ranges[-1][1] == start:
-                ranges[-1] = (ranges[-1][0], stop)
-            else:
-                ranges.append((start, stop))
-        return ranges
+        return fmt.missing_ranges(self.done_chunks(), self.chunk_rows, self._n)
 
     def write(self, start: int, indices: Any, probs: Any, *, residual: Any = None,
               boxes: Any = None, flips: Any = None, valid: Any = None,
