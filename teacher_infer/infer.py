@@ -312,7 +312,8 @@ def _batches(loader, decoder_name: str, dali_decoder, device, mean, std):
     from .decode import pixels_to_input
 
     if decoder_name == "dali":
-        yield from dali_decoder.decode(iter(loader))
+        if dali_decoder is not None:  # None when no chunk is left to compute (a finished store)
+            yield from dali_decoder.decode(iter(loader))
         return
     for batch in loader:
         if batch.pixels is None:  # every row failed

@@ -354,6 +354,21 @@ def test_resume_in_process_computes_only_missing_chunks(incomplete_store, image_
     assert again.images == 0 and again.skipped == len(image_folder)
 
 
+@pytest.mark.parametrize("decoder", ["pil", "dali"])
+def test_rerun_on_a_finished_store_computes_nothing(image_folder, make_checkpoint, tmp_path,
+                                                    decoder):
+    out = tmp_path / f"done-{decoder}.zarr"
+    options = dict(checkpoint=str(make_checkpoint()), chunk_rows=4, decoder=decoder)
+    first = infer(image_folder.data, out, **options)
+    before = store_arrays(out)
+    again = infer(image_folder.data, out, **options)
+    assert first.complete and again.complete
+    assert again.images == 0 and again.skipped == len(image_folder)
+    after = store_arrays(out)
+    for name in ("indices", "probs", "boxes"):
+        np.testing.assert_array_equal(before[name], after[name])
+
+
 @pytest.mark.parametrize("change,named", [
     ({"topk": 3}, "topk"),
     ({"views": 3}, "views"),
