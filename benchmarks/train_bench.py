@@ -190,10 +190,21 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int)
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--decoder", choices=["pil", "dali"],
+                        help="[GPU dali, CPU pil]; pil where DALI is not installed")
+    parser.add_argument("--device", choices=["cpu", "cuda"],
+                        help="[GPU cuda, CPU cpu]; --gpu --device cpu is a dry run")
+    parser.add_argument("--student")
+    parser.add_argument("--teacher")
+    parser.add_argument("--input-size", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--workers", type=int)
     args = parser.parse_args(argv)
     settings = dict(GPU if args.gpu else CPU)
     settings.update({k: v for k, v in vars(args).items()
-                     if k in ("images", "repeats", "epochs") and v is not None})
+                     if k in ("images", "repeats", "epochs", "decoder", "device", "student",
+                              "teacher", "input_size", "batch_size", "workers")
+                     and v is not None})
     work = tempfile.mkdtemp(prefix="train-bench-")
     try:
         started = time.perf_counter()
