@@ -88,7 +88,8 @@ def top1_cell(st: dict) -> str:
     return f"{100 * st['mean']:.2f}"
 
 
-def write_markdown(res: Results, path: Path, png: Path, source: Path) -> list[tuple]:
+def write_markdown(res: Results, path: Path, png: Path, source: Path,
+                   findings: Optional[str] = None) -> list[tuple]:
     d = res.data
     sc = d["scale_config"]
     smoke = d["scale"] != "full"
@@ -159,6 +160,10 @@ def write_markdown(res: Results, path: Path, png: Path, source: Path) -> list[tu
     main = by_group.get(f"ssld_L+U_top{sc['k_main']}")
     base = by_group.get("label_only")
     w("## Checks\n")
+    w("Differences in points of top-1. Where both rows have every seed, mean minus mean. Where "
+      "one row has one seed (seed 0), the difference is paired: that run minus the other row's "
+      "seed-0 run (same seed, so the same initialisation and the same data order where the data "
+      "are the same); the other row's mean and seed spread are given beside it.\n")
     if main and base and main["mean"] is not None and base["mean"] is not None:
         gap = main["mean"] - base["mean"]
         stds = [s for s in (main["std"], base["std"]) if s is not None]
@@ -173,6 +178,11 @@ def write_markdown(res: Results, path: Path, png: Path, source: Path) -> list[tu
              (f"ssld_L+U_top{sc['k_main']}_more", f"ssld_L+U_top{sc['k_main']}",
               "more steps on L + selected U vs equal steps"),
              ("ssld_L+U_all", f"ssld_L+U_top{sc['k_main']}", "all of U vs top-K selection"),
+             (f"ssld_L+U_top{sc['k_main']}_more", "ssld_L_more",
+              "L + selected U vs L alone, both with row 6's steps"),
+             ("ssld_L_more", "ssld_L", "SSLD on L, row 6's steps vs the budget"),
+             ("label_only_more", "label_only", "label-only on L, row 6's steps vs the budget"),
+             ("ssld_L_more", "label_only_more", "SSLD vs label-only on L, both with row 6's steps"),
              ("loss_kl", f"ssld_L+U_top{sc['k_main']}", "KL vs JS"),
              ("loss_skl", f"ssld_L+U_top{sc['k_main']}", "skl vs JS"),
              ("loss_soft-ce", f"ssld_L+U_top{sc['k_main']}", "soft-CE vs JS"),
@@ -181,9 +191,18 @@ def write_markdown(res: Results, path: Path, png: Path, source: Path) -> list[tu
              ("online_L", "ssld_L", "online teacher vs stored labels (on L)")]
     for a, b, label in pairs:
         sa, sb = by_group.get(a), by_group.get(b)
-        if sa and sb and sa["mean"] is not None and sb["mean"] is not None:
-            note = "" if sa["n"] > 1 and sb["n"] > 1 else " (one seed in at least one row)"
-            w(f"- {label}: {100 * (sa['mean'] - sb['mean']):+.2f} points{note}")
+        if not (sa and sb and sa["mean"] is not None and sb["mean"] is not None):
+            continue
+        if sa["n"] > 1 and sb["n"] > 1:
+            w(f"- {label}: {100 * (sa['mean'] - sb['mean']):+.2f} points (means of "
+              f"{sa['n']} and {sb['n']} seeds)")
+            continue
+        paired = 100 * (sa["top1"][0] - sb["top1"][0])
+        many = sa if sa["n"] > 1 else sb if sb["n"] > 1 else None
+        spread = "" if many is None else (
+            f"; vs the {many['n']}-seed mean {100 * (sa['mean'] - sb['mean']):+.2f}, that "
+            f"row's seed std {100 * many['std']:.2f}")
+        w(f"- {label}: {paired:+.2f} points (seed 0 vs seed 0{spread})")
     teacher_u = res.result("eval_teacher_s0_on_U")
     if teacher_u:
         w(f"- Teacher (seed 0) top-1 on U against the hidden pool labels (report only): "
@@ -205,6 +224,10 @@ def write_markdown(res: Results, path: Path, png: Path, source: Path) -> list[tu
     # dedup -------------------------------------------------------------------------------------
     cand, thr, dd = (res.result("dedup_candidates"), res.result("choose_dedup_threshold"),
                      res.result("dedup"))
+    if findings:
+        # hand-written reading of the numbers above, kept in its own file so that
+        # regenerating the tables never loses it
+        w(findings.strip() + "\n")
     w("## Near-duplicates of test images in the pool (`ssld dedup` U vs V)\n")
     if cand and thr:
         levels = ", ".join(f"≥ {t}: {n:,}" for t, n in thr["at_least"].items())
@@ -300,12 +323,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--results", default=str(HERE / "results" / "full.json"))
     parser.add_argument("--md", default=str(REPO / "docs" / "results.md"))
     parser.add_argument("--png", default=str(REPO / "docs" / "results_top1.png"))
+    parser.add_argument("--findings", default=str(HERE / "findings.md"),
+                        help="hand-written reading of the full run, inserted after the checks "
+                        "(not used for a smoke run; skipped when the file does not exist)")
     args = parser.parse_args(argv)
     source = Path(args.results)
     res = Results(json.loads(source.read_text()))
     md, png = Path(args.md), Path(args.png)
     smoke = res.data["scale"] != "full"
-    plotted = write_markdown(res, md, png, source)
+    findings_file = Path(args.findings)
+    findings = findings_file.read_text() if not smoke and findings_file.exists() else None
+    plotted = write_markdown(res, md, png, source, findings)
     write_plot(plotted, png, f"Fashion-MNIST: {res.data['student']} students, "
                f"{res.data['teacher']} teacher", smoke)
     print(f"wrote {md} and {png}" + (" (SMOKE: not results)" if smoke else ""))
