@@ -94,7 +94,7 @@ def search(query: LabelStore, pool: LabelStore, *, threshold: float = DEFAULT_TH
     if query.embedding_dim != pool.embedding_dim:
         raise ValueError(f"embedding widths differ: {query.path} has {query.embedding_dim}, "
                          f"{pool.path} has {pool.embedding_dim}")
-    query_valid = query.read(slice(None)).valid
+    query_valid = query.valid
     queries, usable = _normalised(query.read_embeddings(slice(None)))
     query_ids = np.flatnonzero(query_valid & usable)
     queries = np.ascontiguousarray(queries[query_ids])

@@ -118,6 +118,14 @@ class LabelStore:
         return np.asarray(self._group["labels"][:], dtype=np.int32)
 
     @property
+    def valid(self) -> np.ndarray:
+        """(N,) bool: False where the teacher had no image (read each time: a store being
+        written still changes; unlike ``read``, touches no other array)."""
+        if self._ram is not None:
+            return self._ram["valid"].astype(bool, copy=False)
+        return np.asarray(self._group["valid"][:], dtype=bool)
+
+    @property
     def is_complete(self) -> bool:
         """True once every chunk is written (reads the ``done`` flags)."""
         return bool(np.all(self._group["done"][:]))

@@ -483,13 +483,10 @@ def _run(cfg: InferConfig, dist: Dist, device, started: float) -> RunSummary:
 def _finish(cfg: InferConfig, dist: Dist, totals: list, *, started: float, skipped: int,
             resumed: bool, decoder_name: str, device, details: dict) -> RunSummary:
     """Rank 0, after every rank is done: failed.txt, completeness, the run's record."""
-    import zarr
-
     import labelstore
 
     store = labelstore.open(cfg.out)
-    valid = np.asarray(zarr.open_group(cfg.out, mode="r")["valid"][:], dtype=bool)
-    total_failures = _merge_failures(cfg.out, list(store.keys), valid)
+    total_failures = _merge_failures(cfg.out, list(store.keys), store.valid)
     missing = store.missing()
     wall = time.perf_counter() - started
     slowest = max(totals, key=lambda t: t[2]["loop_s"])[2]  # the rank that finished last

@@ -159,6 +159,8 @@ def test_valid_flags_and_embeddings(store_path):
     make_store(store_path, invalid=(4, 150))
     st = labelstore.open(store_path)
     assert np.flatnonzero(~st.read(slice(None)).valid).tolist() == [4, 150]
+    assert np.flatnonzero(~st.valid).tolist() == [4, 150]          # without reading the labels
+    assert np.flatnonzero(~st.in_memory().valid).tolist() == [4, 150]
     assert not st.has_embeddings
     with pytest.raises(ValueError, match="no embeddings"):
         st.read_embeddings([0])
