@@ -92,8 +92,10 @@ MEASURED = dict(teacher_train=134, student_train=312, ssld_train=322, global_tra
                 eval_teacher=467, sift_pairs=10, startup_s=10.0, two_jobs_speedup=1.4)
 
 
-def estimate(sc: Scale, L: int = 6000, U: int = 54000, V: int = 10000) -> dict[str, float]:
-    """Seconds per part of the protocol at the MEASURED rates, one step at a time."""
+def estimate(sc: Scale, steps: list["Step"], L: int = 6000, U: int = 54000,
+             V: int = 10000) -> dict[str, float]:
+    """Seconds per part of the protocol at the MEASURED rates, one step at a time; ``steps``
+    (``build_steps``) gives the number of ``ssld`` processes and of student evaluations."""
     m = MEASURED
     L = 10 * sc.labeled_per_class if sc.labeled_per_class else L
     U = sc.pool_size or U
@@ -114,7 +116,8 @@ def estimate(sc: Scale, L: int = 6000, U: int = 54000, V: int = 10000) -> dict[s
         "global views": (budget, m["global_train"]),
         "online teacher": (budget, m["online_train"]),
         "fine-tune": (sc.finetune_epochs * L, m["ssld_train"])}
-    n_students = 4 * n_seeds + len(sc.ks) - 1 + 1 + 2 + 1 + 2 + 1 + 1 + 1
+    n_processes = sum(step.command is not None for step in steps)
+    n_student_evals = sum(step.kind == "eval" and "teacher" not in step.name for step in steps)
     g_t, g_s = len(sc.teacher_grid), len(sc.student_grid)
     parts = {
         "tuning teacher": g_t * (Et * ltrain / m["teacher_train"] + Et * dev / m["eval_teacher"]),
@@ -126,8 +129,8 @@ def estimate(sc: Scale, L: int = 6000, U: int = 54000, V: int = 10000) -> dict[s
         + U / m["eval_teacher"],
         "dedup SIFT": min(sc.dedup_max_pairs, V) / m["sift_pairs"],
         "students": sum(n / r for n, r in students.values()),
-        "student evals": n_students * V / m["eval_student"],
-        "process start-ups": 85 * m["startup_s"]}
+        "student evals": n_student_evals * V / m["eval_student"],
+        "process start-ups": n_processes * m["startup_s"]}
     return parts
 
 
@@ -1024,7 +1027,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error("--jobs and --threads must be >= 1")
     scale = SCALES[args.scale]
     if args.estimate:
-        parts = estimate(scale)
+        parts = estimate(scale, build_steps(Context(args, scale)))
         total = sum(parts.values())
         for name, seconds in parts.items():
             print(f"{name:<24} {seconds / 60:6.1f} min")
