@@ -12,11 +12,15 @@ import sys
 
 import click
 
+from labelstore import IncompleteRunError, LockedError
 from labelstore._version import __version__
 
-# Errors that mean "the user gave us something wrong": one line, exit 2.
+# Errors that mean "the user gave us something wrong" (or another run holds the output):
+# one line, exit 2.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
-               PermissionError, ImportError)
+               PermissionError, ImportError, LockedError)
+# A run that could not finish what it was meant to write: one line, exit 1.
+RUN_ERRORS = (IncompleteRunError,)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"],
@@ -69,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         click.echo(f"ssld: error: {_one_line(str(exc)) or type(exc).__name__}", err=True)
         return 2
+    except RUN_ERRORS as exc:
+        if debug:
+            raise
+        click.echo(f"ssld: error: {_one_line(str(exc))}", err=True)
+        return 1
     except click.exceptions.Exit as exc:
         return exc.exit_code
     # standalone_mode=False returns the exit code of --help/--version, else the command's value

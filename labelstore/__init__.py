@@ -6,9 +6,11 @@
 (3, 1000)
 """
 from ._format import FORMAT, FORMAT_VERSION, dequantize_boxes, fingerprint, quantize_boxes
-from ._reader import LabelSlice, LabelStore, densify, open
+from ._lock import LockedError, OutputLock
+from ._paths import check_disjoint, disk_bytes, human_size, is_store_dir, local_path, real_path
+from ._reader import DamagedStoreError, LabelSlice, LabelStore, densify, open
 from ._version import __version__
-from ._writer import LabelStoreWriter, create
+from ._writer import IncompleteRunError, LabelStoreWriter, create
 from ._dedup import dedup
 from ._merge import merge
 from ._select import select_topk
@@ -16,17 +18,27 @@ from ._select import select_topk
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
+    "DamagedStoreError",
+    "IncompleteRunError",
     "LabelSlice",
     "LabelStore",
     "LabelStoreWriter",
+    "LockedError",
+    "OutputLock",
     "__version__",
+    "check_disjoint",
     "create",
     "dedup",
     "densify",
     "dequantize_boxes",
+    "disk_bytes",
     "fingerprint",
+    "human_size",
+    "is_store_dir",
+    "local_path",
     "merge",
     "open",
     "quantize_boxes",
+    "real_path",
     "select_topk",
 ]

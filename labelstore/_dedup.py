@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import _derive
+from ._paths import check_disjoint
 from ._reader import LabelStore, open as open_store
 
 # Stage 1. Teacher embeddings of an image and its resized / re-encoded / slightly
@@ -309,6 +310,9 @@ def dedup(query: Any, pool: Any, out: str | None = None, *,
     if verify == "sift":
         roots = (_image_root(query_store, query_root, "query"),
                  _image_root(pool_store, pool_root, "pool"))
+    if out is not None and str(out) != "-":
+        _check_out(out, {"--query": query_store.path, "--pool": pool_store.path,
+                         "an image root": list(roots or ())})
 
     started = time.perf_counter()
     pairs = search(query_store, pool_store, threshold=float(threshold), top_m=int(top_m),
@@ -338,6 +342,21 @@ def dedup(query: Any, pool: Any, out: str | None = None, *,
             with open(out, "w", encoding="utf-8") as handle:
                 handle.write(text)
     return result
+
+
+def _check_out(out: str, inputs: dict) -> None:
+    """Before the search: ``out`` overlaps no input, and replaces only an earlier dedup
+    output (its first line is the header this command writes)."""
+    check_disjoint(out, inputs)
+    if os.path.lexists(out):
+        try:
+            with open(out, encoding="utf-8") as handle:
+                ours = handle.readline().startswith("# ssld dedup:")
+        except (OSError, UnicodeDecodeError):
+            ours = False
+        if not ours or not os.path.isfile(out):
+            raise ValueError(f"--out {out} exists and is not an ssld dedup output; refusing to "
+                             "replace it (remove it yourself or choose another --out)")
 
 
 def _open_embedded(source: Any, role: str) -> LabelStore:

@@ -21,8 +21,9 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from . import _format as fmt
+from ._paths import check_disjoint, check_replaceable, real_path
 from ._reader import LabelStore, open as open_store
-from ._writer import create
+from ._writer import _exists, create
 
 # Rows read per zarr call when streaming: several chunks at once lets zarr decode
 # them concurrently, while memory stays a few MB per million-class-free row block.
@@ -36,7 +37,7 @@ def open_complete(stores: Sequence[Any]) -> list[LabelStore]:
     if not stores:
         raise ValueError("no input store given")
     opened = [s if isinstance(s, LabelStore) else open_store(s) for s in stores]
-    paths = [os.path.abspath(s.path) if "://" not in s.path else s.path for s in opened]
+    paths = [real_path(s.path) for s in opened]  # an alias through a symlink is the same store
     for i, path in enumerate(paths):
         if path in paths[:i]:
             raise ValueError(f"store {opened[i].path} is given twice")
@@ -61,13 +62,18 @@ def check_compatible(stores: Sequence[LabelStore]) -> None:
                              f"{where}, {other.path} has {names_b[where]!r}")
 
 
-def check_output(out: Any, stores: Sequence[LabelStore]) -> None:
-    """The output must not be one of the inputs (overwrite would delete the source first)."""
-    target = os.path.abspath(os.fspath(out)) if "://" not in str(out) else str(out)
-    for store in stores:
-        source = os.path.abspath(store.path) if "://" not in store.path else store.path
-        if source == target:
-            raise ValueError(f"--out {out} is one of the input stores")
+def check_output(out: Any, stores: Sequence[LabelStore], *, overwrite: bool,
+                 files: dict[str, Any] | None = None) -> None:
+    """Before any work: ``out`` overlaps no input (the stores and the ``files`` given), and an existing ``out`` is refused, or, with ``overwrite``, is a
+    label store ssld may replace (overwrite would otherwise delete an input or a
+    stranger's data at the end of a long run)."""
+    inputs: dict[str, Any] = {"one of the input stores": [s.path for s in stores]}
+    inputs.update(files or {})
+    check_disjoint(out, inputs)
+    if _exists(out):
+        if not overwrite:
+            raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
+        check_replaceable(out)
 
 
 def _dataset_root(store: LabelStore) -> str | None:
@@ -173,16 +179,13 @@ def read_blocks(store: LabelStore, names: Sequence[str], *, rows: np.ndarray | N
     block is read in a background thread while the caller works on this one, so
     zarr's decompression overlaps the caller's numpy work.
     """
-    # Same package: the reader's arrays, without dtype changes. Looked up once: each
-    # group lookup reads the array's metadata again.
-    arrays = {name: store._group[name] for name in names}
-
+    # Same package: the reader's arrays, without dtype changes, damage reported by chunk.
     def read(span: tuple[int, int, Any]) -> tuple[int, int, dict[str, np.ndarray]]:
         lo, hi, part = span
         out = {}
-        for name, array in arrays.items():
-            value = np.asarray(array[lo:hi, view] if view is not None and name in VIEW_ARRAYS
-                               else array[lo:hi])
+        for name in names:
+            value = store._get(name, (slice(lo, hi), view) if view is not None
+                               and name in VIEW_ARRAYS else slice(lo, hi))
             out[name] = value if part is None else value[part - lo]
         return lo, hi, out
 
@@ -205,7 +208,7 @@ def gather(store: LabelStore, rows: np.ndarray, names: Sequence[str]) -> dict[st
         for name in names:
             parts[name].append(data[name])
     return {name: np.concatenate(values) if values else
-            np.asarray(store._group[name][0:0]) for name, values in parts.items()}
+            store._get(name, slice(0, 0)) for name, values in parts.items()}
 
 
 def prefixed(keys: np.ndarray, prefix: str) -> list[str]:

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from . import _format as fmt
+from ._paths import check_disjoint
 
 
 def export_hdf5(store, out: str, rows: slice | None = None, *, overwrite: bool = False) -> int:
@@ -20,8 +21,14 @@ def export_hdf5(store, out: str, rows: slice | None = None, *, overwrite: bool =
     """
     import h5py
 
-    if os.path.exists(out) and not overwrite:
-        raise FileExistsError(f"{out} already exists (use --overwrite to replace it)")
+    check_disjoint(out, {"the store": store.path})
+    if os.path.lexists(out):
+        if not overwrite:
+            raise FileExistsError(f"{out} already exists (use --overwrite to replace it)")
+        if not _is_export(out):
+            raise ValueError(f"--out {out} exists and is not an HDF5 file exported by ssld; "
+                             "--overwrite only replaces those (remove it yourself or choose "
+                             "another --out)")
     rows = slice(None) if rows is None else rows
     start, stop, step = rows.indices(len(store))
     if step != 1 or stop <= start:
@@ -61,6 +68,19 @@ def export_hdf5(store, out: str, rows: slice | None = None, *, overwrite: bool =
         if os.path.exists(tmp):
             os.remove(tmp)
     return n
+
+
+def _is_export(path: str) -> bool:
+    """A regular HDF5 file carrying the store format attribute that exports copy."""
+    import h5py
+
+    if os.path.islink(path) or not os.path.isfile(path):
+        return False
+    try:
+        with h5py.File(path, "r") as h5:
+            return h5.attrs.get("format") == fmt.FORMAT
+    except (OSError, ValueError):
+        return False
 
 
 def parse_rows(text: str | None) -> slice | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Iterable, Sequence
 
@@ -28,16 +29,69 @@ PROB_SUM_TOLERANCE = 1e-3
 LABEL_ARRAYS = ("indices", "probs", "residual", "boxes", "flips", "valid")
 
 
+@dataclass(frozen=True)
+class ArraySpec:
+    """One array of the store: its dimension names (also zarr's ``dimension_names``, so
+    xarray opens a store as a labelled Dataset), stored dtype, fill value and codecs."""
+
+    name: str
+    dims: tuple[str, ...]      # sizes: row N, view V, rank k, box 4, feature D, chunk N/R
+    dtype: Any                 # a numpy dtype, "str", or "index" (uint16 / int32 by C)
+    fill: Any
+    compress: bool = True
+    optional: bool = False     # only in stores created with it (embeddings)
+
+
+SCHEMA = (
+    ArraySpec("keys", ("row",), "str", ""),
+    ArraySpec("labels", ("row",), np.int32, -1),
+    ArraySpec("indices", ("row", "view", "rank"), "index", 0),
+    ArraySpec("probs", ("row", "view", "rank"), np.float16, 0),
+    ArraySpec("residual", ("row", "view"), np.float32, 1.0),
+    ArraySpec("boxes", ("row", "view", "box"), np.uint16, 0),
+    ArraySpec("flips", ("row", "view"), bool, False),
+    ArraySpec("valid", ("row",), bool, False),
+    ArraySpec("embeddings", ("row", "feature"), np.float16, 0, optional=True),
+    # One flag per chunk, each in its own zarr chunk, so ranks never share a done-chunk.
+    ArraySpec("done", ("chunk",), bool, False, compress=False),
+)
+ARRAY_NAMES = tuple(spec.name for spec in SCHEMA)
+ROW_ARRAYS = tuple(spec.name for spec in SCHEMA if spec.dims[0] == "row")
+
+# What stores written by this version guarantee (recorded in the ``integrity`` attribute):
+# every array's chunk is on storage once the chunk is done, fill values included, and
+# every chunk carries a crc32c checksum. Stores without the attribute (written before)
+# still open; a chunk missing from them cannot be told from one of fill values.
+INTEGRITY = {"every_chunk_written": True, "checksum": "crc32c"}
+
+
+def sizes(*, rows: int, views: int, topk: int, chunk_rows: int,
+          embedding_dim: int | None) -> dict[str, int]:
+    """Length of each named dimension."""
+    return {"row": rows, "view": views, "rank": topk, "box": 4,
+            "feature": int(embedding_dim or 0), "chunk": (rows + chunk_rows - 1) // chunk_rows}
+
+
+def stored_dtype(spec: ArraySpec, num_classes: int) -> Any:
+    if spec.dtype == "index":
+        return index_dtype(num_classes)
+    return spec.dtype if spec.dtype == "str" else np.dtype(spec.dtype)
+
+
 def index_dtype(num_classes: int) -> np.dtype:
     """uint16 class ids while they fit (ids < 65535), else int32."""
     return np.dtype(np.uint16) if num_classes <= 65535 else np.dtype(np.int32)
 
 
-def compressors() -> tuple:
-    """Blosc-zstd with byte shuffle: fast (multi-threaded) and good on fp16/uint16 columns."""
-    from zarr.codecs import BloscCodec, BloscShuffle
+def compressors(compress: bool = True) -> tuple:
+    """Blosc-zstd with byte shuffle (fast, multi-threaded, good on fp16/uint16 columns),
+    then a crc32c checksum of the compressed chunk: a truncated or altered chunk is an
+    error on read instead of a decompression failure or, worse, plausible numbers."""
+    from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
-    return (BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.shuffle),)
+    if not compress:
+        return (Crc32cCodec(),)
+    return (BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.shuffle), Crc32cCodec())
 
 
 def quantize_boxes(boxes: np.ndarray) -> np.ndarray:

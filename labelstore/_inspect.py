@@ -2,39 +2,12 @@
 from __future__ import annotations
 
 import html
-import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
-
-def _disk_bytes(path: str) -> int | None:
-    """Bytes on disk of a local store directory (None for remote stores)."""
-    from ._writer import _local_path
-
-    local = _local_path(path)
-    if local is None or not os.path.isdir(local):
-        return None
-    total = 0
-    for root, _dirs, files in os.walk(local):
-        for name in files:
-            try:
-                total += os.path.getsize(os.path.join(root, name))
-            except OSError:
-                pass
-    return total
-
-
-def _human(nbytes: int | None) -> str:
-    if nbytes is None:
-        return "-"
-    size = float(nbytes)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{nbytes} B"
+from ._paths import disk_bytes as _disk_bytes, human_size as _human
 
 
 def _table(rows: list[tuple[str, Any]]) -> str:

@@ -58,7 +58,7 @@ def merge(stores: Any, out: Any, *, chunk_rows: int | None = None, overwrite: bo
     if len(opened) < 2:
         raise ValueError(f"merge needs at least two stores, got {len(opened)}")
     _derive.check_compatible(opened)
-    _derive.check_output(out, opened)
+    _derive.check_output(out, opened, overwrite=overwrite)
     root, prefixes = _derive.common_root(opened)
 
     chosen = _derive.collect_rows(opened, [np.arange(len(s)) for s in opened], prefixes)

@@ -10,7 +10,13 @@ import numpy as np
 import zarr
 
 from . import _format as fmt
-from ._writer import LabelStoreWriter, _local_path
+from ._paths import local_path
+from ._writer import LabelStoreWriter
+
+
+class DamagedStoreError(ValueError):
+    """A store whose arrays do not hold what its metadata promises (a chunk missing,
+    truncated or altered, an array removed or reshaped). Reported, never read as data."""
 
 
 @dataclass(frozen=True)
@@ -30,7 +36,7 @@ class LabelSlice:
 
 
 def _open_group(path: Any, mode: str) -> zarr.Group:
-    local = _local_path(path)
+    local = local_path(path)
     if local is not None and not os.path.exists(local):
         raise FileNotFoundError(f"no label store at {local}")
     try:
@@ -46,7 +52,92 @@ def _open_group(path: Any, mode: str) -> zarr.Group:
     if version != fmt.FORMAT_VERSION:
         raise ValueError(f"{path} has label-store format version {version!r}; this ssld reads "
                          f"version {fmt.FORMAT_VERSION}")
+    check_structure(group, path)
     return group
+
+
+def check_structure(group: zarr.Group, path: Any) -> None:
+    """DamagedStoreError unless every array is there with the shape and chunking the
+    attributes imply, and (for stores that promise it) every done chunk is on storage."""
+    attrs = group.attrs
+    try:
+        n = int(group["labels"].shape[0])
+        lengths = fmt.sizes(rows=n, views=int(attrs["views"]), topk=int(attrs["topk"]),
+                            chunk_rows=int(attrs["chunk_rows"]),
+                            embedding_dim=attrs.get("embedding_dim"))
+    except KeyError as exc:
+        raise DamagedStoreError(f"label store {path} is damaged: {exc} is missing") from None
+    rows = min(int(attrs["chunk_rows"]), n)
+    arrays = {}
+    for spec in fmt.SCHEMA:
+        if spec.optional and not lengths["feature"]:
+            continue
+        try:  # by name: listing the group's members would warn about failed.txt
+            array = arrays[spec.name] = group[spec.name]
+        except KeyError:
+            raise DamagedStoreError(f"label store {path} is damaged: array {spec.name!r} is "
+                                    "missing") from None
+        shape = tuple(lengths[dim] for dim in spec.dims)
+        chunks = (rows,) + shape[1:] if spec.dims[0] == "row" else (1,)
+        if tuple(array.shape) != shape or tuple(array.chunks) != chunks:
+            raise DamagedStoreError(
+                f"label store {path} is damaged: array {spec.name!r} has shape "
+                f"{tuple(array.shape)} chunks {tuple(array.chunks)}, its attributes say shape "
+                f"{shape} chunks {chunks}")
+    if (attrs.get("integrity") or {}).get("every_chunk_written"):
+        _check_chunks_present(group, path, arrays)
+
+
+def _stored_keys(group: zarr.Group) -> set[str]:
+    """Every key below the group (one listing; a few requests on object storage)."""
+    from zarr.core.sync import sync
+
+    prefix = f"{group.path}/" if group.path else ""
+
+    async def collect() -> set[str]:
+        return {key[len(prefix):] async for key in group.store.list_prefix(prefix)}
+
+    return sync(collect())
+
+
+def _check_chunks_present(group: zarr.Group, path: Any, arrays: dict) -> None:
+    done = _read_array(path, "done", arrays["done"], slice(None)).astype(bool)
+    stored = _stored_keys(group)
+    for name, array in arrays.items():
+        if name == "done":
+            continue
+        tail = (0,) * (array.ndim - 1)
+        for chunk in np.flatnonzero(done):
+            key = f"{name}/{array.metadata.encode_chunk_key((int(chunk),) + tail)}"
+            if key not in stored:
+                rows = int(array.chunks[0])
+                raise DamagedStoreError(
+                    f"label store {path} is damaged: chunk {int(chunk)} of array {name!r} (rows "
+                    f"{chunk * rows}:{min((chunk + 1) * rows, array.shape[0])}) is missing "
+                    "though the chunk is marked done")
+
+
+def _read_array(path: Any, name: str, array: zarr.Array, selection: Any,
+                orthogonal: bool = False) -> np.ndarray:
+    """``array[selection]`` as numpy; a chunk that cannot be decoded (bad checksum,
+    truncated, garbage) is a DamagedStoreError naming the array and the chunk."""
+    try:
+        return np.asarray(array.oindex[selection] if orthogonal else array[selection])
+    except Exception as exc:  # noqa: BLE001 - zarr/numcodecs raise many kinds on bad bytes
+        raise DamagedStoreError(f"label store {path} is damaged: {_bad_chunk(array, name)} "
+                                f"cannot be read ({type(exc).__name__}: {exc})") from None
+
+
+def _bad_chunk(array: zarr.Array, name: str) -> str:
+    """Names the first chunk of ``array`` that fails to decode (the error path only)."""
+    rows = int(array.chunks[0])
+    for chunk in range((array.shape[0] + rows - 1) // rows):
+        try:
+            array[chunk * rows:(chunk + 1) * rows]
+        except Exception:  # noqa: BLE001
+            return (f"chunk {chunk} of array {name!r} (rows {chunk * rows}:"
+                    f"{min((chunk + 1) * rows, array.shape[0])})")
+    return f"array {name!r}"
 
 
 def open(path: Any, mode: str = "r") -> "LabelStore | LabelStoreWriter":  # noqa: A001
@@ -70,6 +161,17 @@ class LabelStore:
         self._attrs = dict(group.attrs)
         self._n = int(group["labels"].shape[0])
         self._ram: dict[str, np.ndarray] | None = None
+
+    # -- raw access (every read of an array goes through here) ----------------
+    def _array(self, name: str) -> zarr.Array:
+        arrays = self.__dict__.setdefault("_arrays", {})
+        if name not in arrays:  # each group lookup re-reads the array's metadata
+            arrays[name] = self._group[name]
+        return arrays[name]
+
+    def _get(self, name: str, selection: Any, orthogonal: bool = False) -> np.ndarray:
+        """Stored values of one array; damage is a DamagedStoreError naming the chunk."""
+        return _read_array(self.path, name, self._array(name), selection, orthogonal)
 
     # -- shape and metadata -------------------------------------------------
     def __len__(self) -> int:
@@ -110,12 +212,12 @@ class LabelStore:
     @cached_property
     def keys(self) -> np.ndarray:
         """(N,) keys as a numpy object array of str (read once, then cached)."""
-        return np.asarray(self._group["keys"][:], dtype=object)
+        return np.asarray(self._get("keys", slice(None)), dtype=object)
 
     @cached_property
     def labels(self) -> np.ndarray:
         """(N,) int32 ground-truth labels, -1 where unknown (read once, then cached)."""
-        return np.asarray(self._group["labels"][:], dtype=np.int32)
+        return np.asarray(self._get("labels", slice(None)), dtype=np.int32)
 
     @property
     def valid(self) -> np.ndarray:
@@ -123,16 +225,16 @@ class LabelStore:
         written still changes; unlike ``read``, touches no other array)."""
         if self._ram is not None:
             return self._ram["valid"].astype(bool, copy=False)
-        return np.asarray(self._group["valid"][:], dtype=bool)
+        return np.asarray(self._get("valid", slice(None)), dtype=bool)
 
     @property
     def is_complete(self) -> bool:
         """True once every chunk is written (reads the ``done`` flags)."""
-        return bool(np.all(self._group["done"][:]))
+        return bool(np.all(self._get("done", slice(None))))
 
     def missing(self) -> list[tuple[int, int]]:
         """Row ranges not yet written; empty for a complete store."""
-        return fmt.missing_ranges(self._group["done"][:], self.chunk_rows, self._n)
+        return fmt.missing_ranges(self._get("done", slice(None)), self.chunk_rows, self._n)
 
     def require_complete(self) -> "LabelStore":
         """Raise ValueError unless the store is complete (training refuses partial stores)."""
@@ -163,7 +265,7 @@ class LabelStore:
         few million rows fit easily, and forked DataLoader workers share the pages.
         """
         if self._ram is None:
-            self._ram = {name: np.asarray(self._group[name][:]) for name in fmt.LABEL_ARRAYS}
+            self._ram = {name: self._get(name, slice(None)) for name in fmt.LABEL_ARRAYS}
         return self
 
     def in_memory(self) -> "LabelStore":
@@ -207,14 +309,14 @@ class LabelStore:
         if self._ram is not None:
             source = self._ram[name]
             return source[contiguous] if contiguous is not None else source[rows]
-        array = self._group[name]
         if contiguous is not None:
-            return np.asarray(array[contiguous])
+            return self._get(name, contiguous)
         if rows.size == 0:
+            array = self._array(name)
             return np.zeros((0,) + array.shape[1:], dtype=array.dtype)
         # zarr reads each touched chunk once for sorted unique rows; restore the asked order.
         unique, inverse = np.unique(rows, return_inverse=True)
-        return np.asarray(array.oindex[unique])[inverse]
+        return self._get(name, unique, orthogonal=True)[inverse]
 
     def read(self, rows: Any) -> LabelSlice:
         """Rows (int, slice, 1-D int array or bool mask), returned in the order asked."""

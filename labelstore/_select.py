@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import _derive
+from ._paths import check_disjoint
 from ._reader import LabelStore
 
 PROB_BITS = 15  # float16 without its sign bit: probabilities are >= 0
@@ -392,7 +393,10 @@ def select_topk(stores: Any, k: int, out: Any, *, exclude: str | None = None,
     """
     opened = _derive.open_complete(stores)
     _derive.check_compatible(opened)
-    _derive.check_output(out, opened)
+    _derive.check_output(out, opened, overwrite=overwrite, files={"--exclude": exclude})
+    if list_out:
+        check_disjoint(list_out, {"one of the input stores": [s.path for s in opened],
+                                  "--out": out}, option="--list-out")
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
     if min_prob is not None and not 0.0 <= float(min_prob) <= 1.0:

@@ -10,7 +10,6 @@ is what makes multi-rank inference safe on local disks and object stores alike.
 from __future__ import annotations
 
 import os
-import shutil
 import warnings
 from typing import Any, Mapping, Sequence
 
@@ -18,18 +17,29 @@ import numpy as np
 import zarr
 
 from . import _format as fmt
+from ._paths import local_path, remove_store
 
 
 def _chunk_count(n: int, chunk_rows: int) -> int:
     return (n + chunk_rows - 1) // chunk_rows
 
 
-def _local_path(path: Any) -> str | None:
-    """The filesystem path for local stores, None for fsspec URLs."""
-    text = os.fspath(path) if isinstance(path, os.PathLike) else str(path)
-    if "://" in text:
-        return text[len("file://"):] if text.startswith("file://") else None
-    return text
+_local_path = local_path  # the old private name, kept for code that still imports it
+
+# Chunks equal to the fill value are written too: a done chunk then has every array's
+# chunk on storage, so a missing one is damage, not a chunk of zeros (see _reader).
+_WRITE_ALL = {"write_empty_chunks": True}
+
+
+def _exists(path: Any) -> bool:
+    """Local paths and fsspec URLs alike."""
+    local = local_path(path)
+    if local is not None:
+        return os.path.lexists(local)
+    import fsspec
+
+    fs, inner = fsspec.core.url_to_fs(str(path))
+    return fs.exists(inner)
 
 
 def create(path: Any, *, keys: Sequence[str], num_classes: int, topk: int, views: int = 1,
@@ -81,15 +91,12 @@ def create(path: Any, *, keys: Sequence[str], num_classes: int, topk: int, views
     n = len(keys)
     labels = fmt.check_labels(labels, n, num_classes)
 
-    local = _local_path(path)
-    if local is not None and os.path.exists(local):
+    local = local_path(path)
+    if _exists(path):
         if not overwrite:
-            raise FileExistsError(f"{local} already exists (pass overwrite=True / --overwrite "
+            raise FileExistsError(f"{path} already exists (pass overwrite=True / --overwrite "
                                   "to replace it)")
-        if os.path.isdir(local):
-            shutil.rmtree(local)
-        else:
-            os.remove(local)
+        remove_store(path)  # refuses anything that is not recognisably a label store
 
     user_attrs = dict(attrs or {})
     dataset = dict(user_attrs.pop("dataset", {}) or {})
@@ -113,36 +120,35 @@ def create(path: Any, *, keys: Sequence[str], num_classes: int, topk: int, views
     # The structural fields are ours: a caller's attrs cannot contradict the arrays.
     group_attrs.update(format=fmt.FORMAT, format_version=fmt.FORMAT_VERSION,
                        num_classes=num_classes, topk=topk, views=views, chunk_rows=chunk_rows,
-                       complete=False)
+                       complete=False, integrity=dict(fmt.INTEGRITY))
 
     # file:// URLs go to zarr as plain paths: its fsspec store does not create directories
     group = zarr.open_group(local if local is not None else path, mode="w")
+    lengths = fmt.sizes(rows=n, views=views, topk=topk, chunk_rows=chunk_rows,
+                        embedding_dim=embedding_dim)
     rows = min(chunk_rows, n)
-    comp = fmt.compressors()
-
-    def array(name: str, shape: tuple, dtype: Any, fill: Any, compress: bool = True) -> zarr.Array:
-        return group.create_array(name, shape=shape, chunks=(rows,) + shape[1:], dtype=dtype,
-                                  fill_value=fill, compressors=comp if compress else None)
-
-    with warnings.catch_warnings():
-        # zarr warns that variable-length strings are not in the v3 core spec yet.
-        warnings.simplefilter("ignore", category=UserWarning)
-        key_array = group.create_array("keys", shape=(n,), chunks=(rows,), dtype=str)
-    key_array[:] = keys.astype(str)
-    array("labels", (n,), np.int32, -1)[:] = labels
-    array("indices", (n, views, topk), fmt.index_dtype(num_classes), 0)
-    array("probs", (n, views, topk), np.float16, 0)
-    array("residual", (n, views), np.float32, 1.0)
-    array("boxes", (n, views, 4), np.uint16, 0)
-    array("flips", (n, views), bool, False)
-    array("valid", (n,), bool, False)
-    if embedding_dim is not None:
-        array("embeddings", (n, int(embedding_dim)), np.float16, 0)
-    # One flag per chunk, each in its own zarr chunk, so ranks never share a done-chunk.
-    group.create_array("done", shape=(_chunk_count(n, chunk_rows),), chunks=(1,), dtype=bool,
-                       fill_value=False, compressors=None)
+    arrays = {}
+    for spec in fmt.SCHEMA:
+        if spec.optional and embedding_dim is None:
+            continue
+        shape = tuple(lengths[dim] for dim in spec.dims)
+        # A row array has one chunk per store chunk; done has one flag per zarr chunk.
+        chunks = (rows,) + shape[1:] if spec.dims[0] == "row" else (1,)
+        with warnings.catch_warnings():
+            # zarr warns that variable-length strings are not in the v3 core spec yet.
+            warnings.simplefilter("ignore", category=UserWarning)
+            arrays[spec.name] = group.create_array(
+                spec.name, shape=shape, chunks=chunks, dtype=fmt.stored_dtype(spec, num_classes),
+                fill_value=spec.fill, compressors=fmt.compressors(spec.compress),
+                dimension_names=spec.dims, config=_WRITE_ALL)
+    arrays["keys"][:] = keys.astype(str)
+    arrays["labels"][:] = labels
     group.attrs.update(group_attrs)
     return LabelStoreWriter(group, path)
+
+
+class IncompleteRunError(RuntimeError):
+    """A run ended with chunks it was meant to write still missing (never a success)."""
 
 
 class LabelStoreWriter:
@@ -160,9 +166,8 @@ class LabelStoreWriter:
         self._n = int(group["labels"].shape[0])
         self.num_chunks = _chunk_count(self._n, self.chunk_rows)
         # Array handles looked up once: each group lookup re-reads the array's metadata.
-        self._arrays = {name: group[name] for name in (*fmt.LABEL_ARRAYS, "done")}
-        if self.embedding_dim is not None:
-            self._arrays["embeddings"] = group["embeddings"]
+        names = (*fmt.LABEL_ARRAYS, "done") + (("embeddings",) if self.embedding_dim else ())
+        self._arrays = {name: group[name].with_config(_WRITE_ALL) for name in names}
         self._buffers: dict[int, dict[str, np.ndarray]] = {}
         self._filled: dict[int, np.ndarray] = {}
         self._closed = False

@@ -18,6 +18,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+import labelstore
+from labelstore import OutputLock, check_disjoint, is_store_dir, local_path
+
 from . import distributed as D
 from .checkpoint import load_for_resume, make_checkpoint, rng_state, save_atomic, set_rng_state
 from .config import TrainConfig
@@ -131,11 +134,36 @@ def validate(model: nn.Module, batches: Iterable, *, env: D.DistEnv, precision: 
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Train a student as ``cfg`` says; under ``torchrun`` every process calls this."""
+    _check_out(cfg)
     env = D.setup(cfg.device)
+    lock = OutputLock(cfg.out, command="train-student")
     try:
+        if env.is_main:  # one run per run directory; the processes of this run share it
+            lock.acquire()
         return _train(cfg, env)
     finally:
+        lock.release()
         D.teardown(env)
+
+
+def _check_out(cfg: TrainConfig) -> None:
+    """The run directory is no label store and overlaps no input (stores, images, files)."""
+    local = local_path(cfg.out)
+    if local is None:
+        raise ValueError(f"--out {cfg.out}: the run directory must be a local path")
+    if is_store_dir(local):
+        raise ValueError(f"--out {cfg.out} is a label store; a run directory must be another "
+                         "folder (e.g. runs/student)")
+    roots = []
+    for path in cfg.stores:
+        try:
+            roots.append((labelstore.open(path).attrs.get("dataset") or {}).get("root"))
+        except (ValueError, FileNotFoundError):
+            pass  # reported with its own message when the data is built
+    check_disjoint(cfg.out, {"a --store": list(cfg.stores), "the image root of a --store": roots,
+                             "--data": cfg.data, "--root": cfg.root, "--val": cfg.val,
+                             "--val-root": cfg.val_root, "--init": cfg.init,
+                             "--teacher-checkpoint": cfg.teacher_checkpoint})
 
 
 def _train(cfg: TrainConfig, env: D.DistEnv) -> TrainResult:

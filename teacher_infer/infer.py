@@ -20,8 +20,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from labelstore._inspect import _disk_bytes, _human  # the store's own size helpers
-from labelstore._writer import _local_path
+from labelstore import (IncompleteRunError, OutputLock, check_disjoint, disk_bytes, human_size,
+                        local_path)
 
 from .config import DEFAULT_CHUNK_ROWS, InferConfig
 from .data import Samples, find_samples, read_class_names
@@ -58,7 +58,7 @@ class RunSummary:
         return self.images / self.loop_s if self.loop_s > 0 else 0.0
 
     def __str__(self) -> str:
-        size = _human(self.store_bytes)
+        size = human_size(self.store_bytes)
         state = "complete" if self.complete else "INCOMPLETE"
         resumed = f", {self.skipped:,} already done" if self.skipped else ""
         return (f"infer-teacher: {self.images:,} images ({self.failures:,} failed{resumed}) in "
@@ -107,7 +107,8 @@ def _on_main(dist: Dist, make: Callable[[], Any]) -> Any:
     if dist.is_main:
         try:
             result = make()
-        except (ValueError, FileNotFoundError, FileExistsError, ImportError) as exc:
+        except (ValueError, FileNotFoundError, FileExistsError, ImportError, OSError,
+                RuntimeError) as exc:
             error = exc
     result, error = dist.broadcast((result, error))
     if error is not None:
@@ -194,37 +195,52 @@ def check_resumable(store_attrs: dict[str, Any], attrs: dict[str, Any], out: str
 
 def _exists(path: str) -> bool:
     """Local paths and fsspec URLs (a store on object storage is resumed too)."""
-    local = _local_path(path)
+    local = local_path(path)
     if local is not None:
-        return os.path.exists(local)
+        return os.path.lexists(local)
     import fsspec
 
     fs, inner = fsspec.core.url_to_fs(path)
     return fs.exists(inner)
 
 
+@dataclass(frozen=True)
+class Plan:
+    """Rank 0's view of the store before any rank writes: what this run computes."""
+
+    todo: list[int]        # chunks not done when the run started, in order
+    skipped: int           # rows already done (resume)
+    resumed: bool
+
+    def chunks_of(self, dist: Dist) -> list[int]:
+        """This rank's share, round-robin: a function of the plan alone, so ranks that
+        start seconds apart still split the same list and no chunk falls to nobody."""
+        return self.todo[dist.rank::dist.world_size]
+
+
 def _open_or_create(cfg: InferConfig, samples: Samples, labels: np.ndarray, attrs: dict,
-                    num_classes: int, embedding_dim: int | None) -> tuple[int, bool]:
-    """Rank 0: the store ready for writing; returns (rows already done, resumed?)."""
+                    num_classes: int, embedding_dim: int | None) -> Plan:
+    """Rank 0, before any rank writes: the store ready for writing, and the plan."""
     import labelstore
 
     if _exists(cfg.out) and not cfg.overwrite:
         store = labelstore.open(cfg.out)
         check_resumable(store.attrs, attrs, cfg.out, cfg.chunk_rows)
-        done = len(store) - sum(b - a for a, b in store.missing())
-        return done, True
+        writer = labelstore.open(cfg.out, mode="a")
+        done = writer.done_chunks()
+        skipped = sum(hi - lo for c in np.flatnonzero(done) for lo, hi in [writer.chunk_range(c)])
+        return Plan(todo=[int(c) for c in np.flatnonzero(~done)], skipped=skipped, resumed=True)
     writer = labelstore.create(cfg.out, keys=samples.keys, num_classes=num_classes,
                                topk=cfg.topk, views=cfg.views, labels=labels, attrs=attrs,
                                chunk_rows=cfg.chunk_rows or DEFAULT_CHUNK_ROWS,
                                overwrite=cfg.overwrite, embedding_dim=embedding_dim)
-    del writer  # every rank reopens it below
-    return 0, False
+    return Plan(todo=list(range(writer.num_chunks)), skipped=0, resumed=False)
 
 
 # -- failures -------------------------------------------------------------------------
 def _append_failures(out: str, rank: int, lines: list[str]) -> None:
     """Before a chunk can be marked done, its failures are on disk (a crash loses none)."""
-    folder = _local_path(out)
+    folder = local_path(out)
     if folder is None or not lines:
         return
     with open(os.path.join(folder, f"failed.rank{rank}.part"), "a", encoding="utf-8") as handle:
@@ -233,11 +249,13 @@ def _append_failures(out: str, rank: int, lines: list[str]) -> None:
         os.fsync(handle.fileno())
 
 
-def _merge_failures(out: str, keys: list[str], valid: np.ndarray) -> int:
-    """Rank 0, at the end: failed.txt = every invalid row with its latest reason."""
-    folder = _local_path(out)
+def _merge_failures(out: str, keys: list[str], failed: np.ndarray) -> int:
+    """Rank 0, at the end: failed.txt = every row that was tried and failed (``failed``:
+    invalid rows of done chunks; rows never written are missing, not failed), with its
+    latest reason. No failures, no file."""
+    folder = local_path(out)
     if folder is None:
-        return int((~valid).sum())
+        return int(failed.sum())
     reasons: dict[str, str] = {}
     parts = sorted(f for f in os.listdir(folder) if f.startswith("failed.rank"))
     for name in [FAILED_FILE] + parts:
@@ -247,10 +265,16 @@ def _merge_failures(out: str, keys: list[str], valid: np.ndarray) -> int:
                 for line in handle:
                     key, _, reason = line.rstrip("\n").partition("\t")
                     reasons[key] = reason
-    invalid = [keys[row] for row in np.flatnonzero(~valid)]
-    with open(os.path.join(folder, FAILED_FILE), "w", encoding="utf-8") as handle:
-        for key in invalid:
-            handle.write(f"{key}\t{reasons.get(key, 'unknown')}\n")
+    invalid = [keys[row] for row in np.flatnonzero(failed)]
+    target = os.path.join(folder, FAILED_FILE)
+    if invalid:
+        tmp = f"{target}.tmp"
+        with open(tmp, "w", encoding="utf-8") as handle:
+            for key in invalid:
+                handle.write(f"{key}\t{reasons.get(key, 'unknown')}\n")
+        os.replace(tmp, target)
+    elif os.path.exists(target):
+        os.remove(target)
     for name in parts:
         os.remove(os.path.join(folder, name))
     return len(invalid)
@@ -327,12 +351,17 @@ def _batches(loader, decoder_name: str, dali_decoder, device, mean, std):
 def run(cfg: InferConfig) -> RunSummary:
     """Run the teacher of ``cfg`` over its data set into ``cfg.out``; see the module doc."""
     started = time.perf_counter()
+    check_disjoint(cfg.out, {"--data": cfg.data, "--root": cfg.root,
+                             "--class-names": cfg.class_names, "--checkpoint": cfg.checkpoint})
     dist = Dist.from_env()
     device = resolve_device(cfg.device, dist)
     dist.init(device)
+    lock = OutputLock(cfg.out, command="infer-teacher")
     try:
+        _on_main(dist, lock.acquire)  # one run per store; the ranks of this run share it
         return _run(cfg, dist, device, started)
     finally:
+        lock.release()
         dist.close()
 
 
@@ -411,14 +440,14 @@ def _run(cfg: InferConfig, dist: Dist, device, started: float) -> RunSummary:
     embedding_dim = _embedding_dim(teacher.model, spec, device) if cfg.embeddings else None
     attrs = _store_attrs(cfg, samples, labels, teacher, spec, class_names, embedding_dim,
                          decoder_name, device)
-    skipped, resumed = _on_main(dist, lambda: _open_or_create(
+    plan: Plan = _on_main(dist, lambda: _open_or_create(
         cfg, samples, labels, attrs, teacher.num_classes, embedding_dim))
     dist.barrier()  # the store exists before any rank writes
     writer = labelstore.open(cfg.out, mode="a")
 
-    # Whole chunks, round-robin over the missing ones: every rank computes the same list.
-    todo = [c for c, done in enumerate(writer.done_chunks()) if not done]
-    batches = batch_ranges([writer.chunk_range(c) for c in todo[dist.rank::dist.world_size]],
+    # Whole chunks of rank 0's plan, round-robin: never re-read from the store here, where
+    # another rank may already have finished a chunk.
+    batches = batch_ranges([writer.chunk_range(c) for c in plan.chunks_of(dist)],
                            cfg.batch_size)
     cpus = _cpus_per_rank(dist)
     workers = cfg.num_workers if cfg.num_workers is not None else _default_workers(
@@ -471,23 +500,27 @@ def _run(cfg: InferConfig, dist: Dist, device, started: float) -> RunSummary:
     clock["loop_s"] = time.perf_counter() - loop_started
     totals = dist.gather((images_done, failures, clock))
     dist.barrier()  # every rank's chunks are written
-    summary = None
-    if dist.is_main:
-        summary = _finish(cfg, dist, totals, started=started, skipped=skipped, resumed=resumed,
-                          decoder_name=decoder_name, device=device,
-                          details={"dali_rebuilds": getattr(dali_decoder, "rebuilds", 0),
-                                   "num_workers": workers})
-    return dist.broadcast(summary)
+    return _on_main(dist, lambda: _finish(
+        cfg, dist, totals, started=started, plan=plan, decoder_name=decoder_name, device=device,
+        details={"dali_rebuilds": getattr(dali_decoder, "rebuilds", 0), "num_workers": workers}))
 
 
-def _finish(cfg: InferConfig, dist: Dist, totals: list, *, started: float, skipped: int,
-            resumed: bool, decoder_name: str, device, details: dict) -> RunSummary:
-    """Rank 0, after every rank is done: failed.txt, completeness, the run's record."""
+def _finish(cfg: InferConfig, dist: Dist, totals: list, *, started: float, plan: Plan,
+            decoder_name: str, device, details: dict) -> RunSummary:
+    """Rank 0, after every rank is done: failed.txt, completeness, the run's record.
+    Raises IncompleteRunError when chunks of the plan are still missing."""
     import labelstore
 
     store = labelstore.open(cfg.out)
-    total_failures = _merge_failures(cfg.out, list(store.keys), store.valid)
+    writer = labelstore.open(cfg.out, mode="a")
+    done = writer.done_chunks()
+    rows_done = np.zeros(len(store), dtype=bool)
+    for chunk in np.flatnonzero(done):
+        lo, hi = writer.chunk_range(int(chunk))
+        rows_done[lo:hi] = True
+    total_failures = _merge_failures(cfg.out, list(store.keys), rows_done & ~store.valid)
     missing = store.missing()
+    skipped, resumed = plan.skipped, plan.resumed
     wall = time.perf_counter() - started
     slowest = max(totals, key=lambda t: t[2]["loop_s"])[2]  # the rank that finished last
     details = {**details, **{k: round(v, 3) for k, v in slowest.items()}}
@@ -495,11 +528,19 @@ def _finish(cfg: InferConfig, dist: Dist, totals: list, *, started: float, skipp
               "wall_s": round(wall, 3), "images": sum(t[0] for t in totals),
               "failures": sum(t[1] for t in totals), "world_size": dist.world_size,
               "device": device.type, "decoder": decoder_name, "resumed": resumed, **details}
-    labelstore.open(cfg.out, mode="a").update_attrs(
-        complete=not missing, failures=total_failures,
-        runs=list(store.attrs.get("runs") or []) + [record])
+    unwritten = [c for c in plan.todo if not done[c]]
+    if unwritten:
+        record["incomplete_chunks"] = len(unwritten)
+    writer.update_attrs(complete=not missing, failures=total_failures,
+                        runs=list(store.attrs.get("runs") or []) + [record])
+    if unwritten:
+        first = writer.chunk_range(unwritten[0])
+        raise IncompleteRunError(
+            f"incomplete: {len(unwritten)} chunks missing from {cfg.out} after this run (first: "
+            f"chunk {unwritten[0]}, rows {first[0]}:{first[1]}); rerun the same command to "
+            "resume")
     return RunSummary(out=cfg.out, images=record["images"], failures=record["failures"],
                       skipped=skipped, total_failures=total_failures, wall_s=wall,
-                      loop_s=slowest["loop_s"], store_bytes=_disk_bytes(cfg.out),
+                      loop_s=slowest["loop_s"], store_bytes=disk_bytes(cfg.out),
                       complete=not missing, decoder=decoder_name, device=device.type,
                       world_size=dist.world_size, details=details)

@@ -96,6 +96,11 @@ def _save_png(array: np.ndarray, path: Path) -> None:
     Image.fromarray(array, mode="L").save(path, optimize=False, compress_level=1)
 
 
+# What a prepared folder holds (see the module doc); --overwrite deletes nothing else.
+PREPARED = frozenset({"images", "labeled.txt", "pool.txt", "val.txt", "pool_labels.txt",
+                      "classes.txt", "meta.json"})
+
+
 def write_layout(out: str | os.PathLike, *, class_names: list[str], train_images: np.ndarray,
                  train_labels: np.ndarray, labeled_rows: np.ndarray, val_images: np.ndarray,
                  val_labels: np.ndarray, train_prefix: str = "train", val_prefix: str = "test",
@@ -110,6 +115,13 @@ def write_layout(out: str | os.PathLike, *, class_names: list[str], train_images
         if not overwrite and any(out.iterdir()):
             raise FileExistsError(f"{out} exists and is not a finished prepared data set "
                                   "(use --overwrite)")
+        foreign = sorted(entry.name for entry in out.iterdir() if entry.name not in PREPARED)
+        if (out / "images").is_dir():
+            foreign += sorted(f"images/{entry.name}" for entry in (out / "images").iterdir()
+                              if entry.name not in ("labeled", "pool", "val"))
+        if foreign:  # --overwrite replaces a prepared data set, never anything else
+            raise ValueError(f"{out} holds {foreign[0]!r}, which prepare did not write; "
+                             "refusing to delete it (choose another --out)")
         shutil.rmtree(out)
     images = out / "images"
     folders = [f"{label}_{name}" for label, name in enumerate(class_names)]

@@ -1,0 +1,177 @@
+"""Where outputs may go, and what ssld may delete.
+
+Two promises live here, shared by every command that writes:
+
+- an output never overlaps an input: ``--out`` equal to, inside, or containing a data
+  root, a source store or any other input is refused, compared by *real* path, so a
+  symlinked alias of an input is caught too (:func:`check_disjoint`);
+- ``--overwrite`` only ever deletes what ssld wrote: a directory is removed only when
+  it is recognisably a label store and holds nothing but a store's own entries
+  (:func:`remove_store`); anything else is refused, naming what is there.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import shutil
+from typing import Any, Iterable, Mapping
+
+from . import _format as fmt
+
+# Top-level entries a label store directory may hold besides its arrays: the group's
+# metadata and the failure records infer-teacher keeps next to it.
+STORE_FILES = ("zarr.json", "failed.txt", "failed.txt.tmp", "failed.rank*.part")
+
+
+def local_path(path: Any) -> str | None:
+    """The filesystem path of a local store (``file://`` stripped), None for other URLs."""
+    text = os.fspath(path) if isinstance(path, os.PathLike) else str(path)
+    if "://" in text:
+        return text[len("file://"):] if text.startswith("file://") else None
+    return text
+
+
+def real_path(path: Any) -> str:
+    """Symlinks resolved (also through parents of a path that does not exist yet);
+    fsspec URLs are returned as they are."""
+    local = local_path(path)
+    return os.path.realpath(local) if local is not None else str(path).rstrip("/")
+
+
+def _overlap(out: str, other: str) -> str | None:
+    """How ``out`` relates to ``other`` (both real paths), or None when disjoint."""
+    if out == other:
+        return "is"
+    if out.startswith(other.rstrip("/") + "/"):
+        return "is inside"
+    if other.startswith(out.rstrip("/") + "/"):
+        return "contains"
+    return None
+
+
+def check_disjoint(out: Any, inputs: Mapping[str, Any | Iterable[Any]], *,
+                   option: str = "--out") -> None:
+    """ValueError when ``out`` is, is inside, or contains one of ``inputs``.
+
+    ``inputs`` maps a description (``"--data"``, ``"input store"``) to one path or a
+    list of paths; None entries are ignored. Paths are compared after resolving
+    symlinks, so an alias of an input cannot slip through.
+    """
+    target = real_path(out)
+    for what, paths in inputs.items():
+        if paths is None:
+            continue
+        if isinstance(paths, (str, os.PathLike)):
+            paths = [paths]
+        for path in paths:
+            if path is None:
+                continue
+            relation = _overlap(target, real_path(path))
+            if relation:
+                raise ValueError(f"{option} {out} {relation} {what} {path}: an output may not "
+                                 "overlap an input (nothing was written)")
+
+
+def is_store_dir(path: str) -> bool:
+    """True for a local directory whose zarr.json says it is an ssld label store."""
+    try:
+        with open(os.path.join(path, "zarr.json"), encoding="utf-8") as handle:
+            meta = json.load(handle)
+    except (OSError, ValueError):
+        return False
+    attrs = meta.get("attributes") if isinstance(meta, dict) else None
+    return isinstance(attrs, dict) and attrs.get("format") == fmt.FORMAT
+
+
+def _foreign_entries(path: str) -> list[str]:
+    """Top-level entries of a store directory that no store writes."""
+    arrays = set(fmt.ARRAY_NAMES)
+    foreign = []
+    for entry in sorted(os.listdir(path)):
+        full = os.path.join(path, entry)
+        if entry in arrays and os.path.isdir(full) and not os.path.islink(full):
+            continue
+        if any(fnmatch.fnmatch(entry, pattern) for pattern in STORE_FILES) \
+                and os.path.isfile(full) and not os.path.islink(full):
+            continue
+        foreign.append(entry)
+    return foreign
+
+
+def check_replaceable(path: Any, *, option: str = "--out") -> None:
+    """ValueError unless ``path`` is absent or a label store that ssld may delete."""
+    local = local_path(path)
+    if local is None:
+        return _check_remote_replaceable(path, option)
+    if not os.path.lexists(local):
+        return
+    if os.path.islink(local):
+        raise ValueError(f"{option} {path} is a symbolic link; refusing to replace it "
+                         "(point --out at the real location)")
+    if not os.path.isdir(local) or not is_store_dir(local):
+        kind = "a directory" if os.path.isdir(local) else "a file"
+        raise ValueError(f"{option} {path} exists and is {kind}, not an ssld label store; "
+                         "--overwrite only replaces label stores (remove it yourself or choose "
+                         "another --out)")
+    foreign = _foreign_entries(local)
+    if foreign:
+        raise ValueError(f"{option} {path} is a label store but also holds {foreign[0]!r}"
+                         f"{f' and {len(foreign) - 1} other entries' if len(foreign) > 1 else ''}"
+                         " that ssld did not write; refusing to delete it")
+
+
+def _check_remote_replaceable(url: Any, option: str) -> None:
+    import zarr
+
+    try:
+        import fsspec
+
+        fs, inner = fsspec.core.url_to_fs(str(url))
+        if not fs.exists(inner):
+            return
+        attrs = dict(zarr.open_group(str(url), mode="r").attrs)
+    except Exception as exc:  # noqa: BLE001 - any failure means "not recognisably ours"
+        raise ValueError(f"{option} {url} exists and could not be read as a label store "
+                         f"({type(exc).__name__}: {exc}); refusing to replace it") from None
+    if attrs.get("format") != fmt.FORMAT:
+        raise ValueError(f"{option} {url} exists and is not an ssld label store; refusing to "
+                         "replace it")
+
+
+def remove_store(path: Any, *, option: str = "--out") -> None:
+    """Delete a local label store after :func:`check_replaceable` (remote: zarr's mode "w"
+    clears the group when it is recreated)."""
+    check_replaceable(path, option=option)
+    local = local_path(path)
+    if local is not None and os.path.lexists(local):
+        shutil.rmtree(local)
+
+
+def disk_bytes(path: Any) -> int | None:
+    """Bytes on disk of a local store directory or file (None for remote stores)."""
+    local = local_path(path)
+    if local is None or not os.path.exists(local):
+        return None
+    if os.path.isfile(local):
+        return os.path.getsize(local)
+    total = 0
+    for root, _dirs, files in os.walk(local):
+        for name in files:
+            try:
+                total += os.path.getsize(os.path.join(root, name))
+            except OSError:
+                pass
+    return total
+
+
+def human_size(nbytes: int | None) -> str:
+    """``1536`` → ``"1.5 KiB"``; None → ``"-"``."""
+    if nbytes is None:
+        return "-"
+    size = float(nbytes)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{nbytes} B"
