@@ -269,11 +269,11 @@ def write_store(out: Any, stores: Sequence[LabelStore], rows: OutputRows, attrs:
     (only when every source has them with the same width)."""
     first = stores[0]
     dim = shared_embedding_dim(stores)
-    writer = create(out, keys=rows.keys, num_classes=first.num_classes, topk=first.topk,
-                    views=first.num_views, labels=rows.labels, attrs=attrs,
-                    chunk_rows=chunk_rows or first.chunk_rows, overwrite=overwrite,
-                    embedding_dim=dim)
-    with writer, progress_bar(progress, len(rows.keys), desc) as bar:
+    with create(
+            out, keys=rows.keys, num_classes=first.num_classes, topk=first.topk,
+            views=first.num_views, labels=rows.labels, attrs=attrs,
+            chunk_rows=chunk_rows or first.chunk_rows, overwrite=overwrite,
+            embedding_dim=dim) as writer, progress_bar(progress, len(rows.keys), desc) as bar:
         start = 0
         for store, local in zip(stores, rows.per_store):
             start = copy_rows(writer, store, local, start, embeddings=dim is not None,

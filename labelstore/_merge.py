@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from . import _derive
+from ._lock import OutputLock
 
 
 @dataclass
@@ -54,6 +55,12 @@ def merge(stores: Any, out: Any, *, chunk_rows: int | None = None, overwrite: bo
         names the difference, e.g. ``topk differs: a.zarr has 10, b.zarr has 5``),
         or when one is incomplete.
     """
+    with OutputLock(out, command="merge"):  # one writer per output, from the start
+        return _merge(stores, out, chunk_rows=chunk_rows, overwrite=overwrite, progress=progress)
+
+
+def _merge(stores: Any, out: Any, *, chunk_rows: int | None, overwrite: bool,
+           progress: bool) -> MergeResult:
     opened = _derive.open_complete(stores)
     if len(opened) < 2:
         raise ValueError(f"merge needs at least two stores, got {len(opened)}")

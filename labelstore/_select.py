@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import _derive
+from ._lock import OutputLock
 from ._paths import check_disjoint
 from ._reader import LabelStore
 
@@ -391,6 +392,15 @@ def select_topk(stores: Any, k: int, out: Any, *, exclude: str | None = None,
     >>> res = labelstore.select_topk("pool.zarr", 5000, "selected.zarr")  # doctest: +SKIP
     >>> print(res)                                                      # doctest: +SKIP
     """
+    with OutputLock(out, command="select-topk"):  # one writer per output, from the start
+        return _select_topk(stores, k, out, exclude=exclude, min_prob=min_prob, view=view,
+                            list_out=list_out, chunk_rows=chunk_rows, overwrite=overwrite,
+                            progress=progress)
+
+
+def _select_topk(stores: Any, k: int, out: Any, *, exclude: str | None, min_prob: float | None,
+                 view: int, list_out: str | None, chunk_rows: int | None, overwrite: bool,
+                 progress: bool) -> SelectResult:
     opened = _derive.open_complete(stores)
     _derive.check_compatible(opened)
     _derive.check_output(out, opened, overwrite=overwrite, files={"--exclude": exclude})

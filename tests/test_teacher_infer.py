@@ -425,6 +425,87 @@ def test_torchrun_two_processes_equal_one(image_folder, make_checkpoint, tmp_pat
     assert_same_store(out, tmp_path / "one.zarr")
 
 
+def _torchrun(nproc: int, args: list[str], **env):
+    """``ssld`` under torchrun through tests/chaos_cli.py (ranks out of step on request)."""
+    environ = dict(ONE_THREAD, PYTHONPATH=os.pathsep.join(
+        [str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p]), **env)
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone",
+         f"--nproc_per_node={nproc}", str(REPO / "tests" / "chaos_cli.py"), *args],
+        cwd=REPO, env=environ, capture_output=True, text=True, timeout=400)
+
+
+@pytest.mark.slow
+def test_a_rank_that_starts_late_still_gets_its_chunks(image_folder, make_checkpoint, tmp_path):
+    """Rank 1 reads nothing until rank 0 has finished a chunk: with a plan re-read from the
+    done flags at that point it would skip chunks; the plan is rank 0's, read before any
+    write, so the store is complete and equal to a one-process run."""
+    checkpoint = make_checkpoint()
+    options = dict(chunk_rows=2, batch_size=2, decoder="pil")
+    out = tmp_path / "late.zarr"
+    result = _torchrun(2, _cli_args(image_folder.data, out, checkpoint, **options),
+                       CHAOS_HOLD_RANK="1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    store = labelstore.open(str(out))
+    assert store.is_complete and store.valid.all()
+    assert not (out / "failed.txt").exists()  # nothing failed, and missing is not failed
+    infer(image_folder.data, tmp_path / "one.zarr", checkpoint=str(checkpoint), **options)
+    assert_same_store(out, tmp_path / "one.zarr")
+
+
+def test_a_run_that_ends_with_chunks_missing_fails(image_folder, make_checkpoint, tmp_path,
+                                                   monkeypatch, capsys):
+    """A chunk the run was meant to write but did not: exit 1, "incomplete: N chunks
+    missing", no success summary, its rows are not listed as failed; a rerun completes."""
+    from labelstore._writer import LabelStoreWriter
+
+    checkpoint = make_checkpoint()
+    out = tmp_path / "lost.zarr"
+    flush = LabelStoreWriter._flush
+
+    def losing_flush(self, chunk, data):
+        if chunk != 1:
+            flush(self, chunk, data)
+
+    monkeypatch.setattr(LabelStoreWriter, "_flush", losing_flush)
+    args = _cli_args(image_folder.data, out, checkpoint, chunk_rows=3, batch_size=3,
+                     decoder="pil")
+    status = cli_main(args)
+    captured = capsys.readouterr()
+    assert status == 1
+    assert "incomplete: 1 chunks missing" in captured.err and "rows 3:6" in captured.err
+    assert "infer-teacher:" not in captured.out
+    assert not (out / "failed.txt").exists()
+    assert labelstore.open(str(out)).missing() == [(3, 6)]
+
+    monkeypatch.setattr(LabelStoreWriter, "_flush", flush)
+    assert cli_main(args) == 0
+    assert labelstore.open(str(out)).is_complete
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2])
+def test_chaos_three_ranks_late_starts_one_killed_then_rerun(image_folder, make_checkpoint,
+                                                             tmp_path, seed):
+    """Three ranks start 0-2 s apart, one (chosen by the seed) is killed after its first
+    chunk; the rerun (late starts again) finishes a store equal to a one-process run."""
+    import random
+
+    checkpoint = make_checkpoint()
+    options = dict(chunk_rows=2, batch_size=2, decoder="pil")
+    out = tmp_path / "chaos.zarr"
+    args = _cli_args(image_folder.data, out, checkpoint, **options)
+    victim = random.Random(seed).randrange(3)
+    killed = _torchrun(3, args, CHAOS_DELAY_SEED=str(seed), CHAOS_KILL_RANK=str(victim))
+    assert killed.returncode != 0, killed.stdout[-2000:]
+    assert "infer-teacher:" not in killed.stdout
+    assert not labelstore.open(str(out)).is_complete
+    rerun = _torchrun(3, args, CHAOS_DELAY_SEED=str(seed + 100))
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    infer(image_folder.data, tmp_path / "one.zarr", checkpoint=str(checkpoint), **options)
+    assert_same_store(out, tmp_path / "one.zarr")
+
+
 # -- command line ----------------------------------------------------------------------------
 @pytest.mark.parametrize("extra,message", [
     (["--model", "resnet50_vdd", "--random-weights"], "close matches: resnet50_vd"),
