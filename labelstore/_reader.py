@@ -357,6 +357,20 @@ class LabelStore:
 
         return StoreInfo.from_store(self)
 
+    def to_xarray(self):
+        """The store as a lazy, labelled ``xarray.Dataset`` (dims ``row``, ``view``, ``rank``,
+        ``box``, ``feature``, ``chunk``; the group attributes as ``attrs``; xarray optional).
+        Same as ``xarray.open_zarr(path, consolidated=False)``."""
+        try:
+            import xarray as xr
+        except ImportError:
+            raise ImportError("to_xarray needs xarray: pip install xarray") from None
+        if not (self._attrs.get("integrity") or {}):
+            raise ValueError(f"{self.path} was written before stores carried dimension names; "
+                             "xarray cannot open it (rewrite it with this version of ssld)")
+        return xr.open_zarr(self._group.store, group=self._group.path or None,
+                            consolidated=False)
+
     def to_dataframe(self, rows: Any = None, view: int = 0):
         """A pandas DataFrame: key, label, top1, top1_prob, residual, valid (pandas optional)."""
         try:

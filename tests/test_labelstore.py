@@ -423,3 +423,20 @@ def test_writer_rejects_writes_after_close(store_path):
     w.close()
     with pytest.raises(ValueError, match="closed"):
         w.write(0, GOOD_INDICES, GOOD_PROBS)
+
+
+def test_xarray_opens_a_store_as_a_labelled_dataset(store_path):
+    xr = pytest.importorskip("xarray")
+    data = make_store(store_path, n=70, views=2, k=4, classes=20, chunk_rows=32,
+                      embedding_dim=None)
+    for ds in (xr.open_zarr(store_path, consolidated=False),
+               labelstore.open(store_path).to_xarray()):
+        assert ds.sizes == {"row": 70, "view": 2, "rank": 4, "box": 4, "chunk": 3}
+        assert ds["probs"].dims == ("row", "view", "rank")
+        assert ds["boxes"].dims == ("row", "view", "box") and ds["done"].dims == ("chunk",)
+        assert ds.attrs["format"] == "ssld.labelstore" and ds.attrs["topk"] == 4
+        np.testing.assert_array_equal(ds["indices"].values, data["indices"])
+        np.testing.assert_array_equal(ds["probs"].values, data["probs"].astype(np.float16))
+        assert ds["keys"].values.tolist() == data["keys"].tolist()
+        top1 = ds["probs"].isel(view=0, rank=0).to_pandas()   # a pandas view, labelled by row
+        assert len(top1) == 70
