@@ -7,7 +7,8 @@
 """
 from ._format import FORMAT, FORMAT_VERSION, dequantize_boxes, fingerprint, quantize_boxes
 from ._lock import LockedError, OutputLock
-from ._paths import check_disjoint, disk_bytes, human_size, is_store_dir, local_path, real_path
+from ._paths import (check_disjoint, disk_bytes, exists, human_size, is_store_dir, local_path,
+                     real_path)
 from ._reader import DamagedStoreError, LabelSlice, LabelStore, densify, open
 from ._version import __version__
 from ._writer import IncompleteRunError, LabelStoreWriter, create
@@ -32,6 +33,7 @@ __all__ = [
     "densify",
     "dequantize_boxes",
     "disk_bytes",
+    "exists",
     "fingerprint",
     "human_size",
     "is_store_dir",

@@ -32,6 +32,26 @@ def local_path(path: Any) -> str | None:
     return text
 
 
+def exists(path: Any) -> bool:
+    """Whether a local path or an fsspec URL exists. An unreachable endpoint, missing
+    credentials or a missing bucket is a ValueError with one line naming the URL (never a
+    traceback from the storage client)."""
+    local = local_path(path)
+    if local is not None:
+        return os.path.lexists(local)
+    try:
+        import fsspec
+
+        fs, inner = fsspec.core.url_to_fs(str(path))
+        return bool(fs.exists(inner))
+    except ImportError as exc:
+        raise ImportError(f"{path}: no filesystem for this URL ({exc}); for s3:// install "
+                          "s3fs") from None
+    except Exception as exc:  # noqa: BLE001 - botocore/aiohttp/gcsfs raise their own kinds
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        raise ValueError(f"cannot reach {path}: {type(exc).__name__}: {message}") from None
+
+
 def real_path(path: Any) -> str:
     """Symlinks resolved (also through parents of a path that does not exist yet);
     fsspec URLs are returned as they are."""
@@ -124,12 +144,9 @@ def check_replaceable(path: Any, *, option: str = "--out") -> None:
 def _check_remote_replaceable(url: Any, option: str) -> None:
     import zarr
 
+    if not exists(url):
+        return
     try:
-        import fsspec
-
-        fs, inner = fsspec.core.url_to_fs(str(url))
-        if not fs.exists(inner):
-            return
         attrs = dict(zarr.open_group(str(url), mode="r").attrs)
     except Exception as exc:  # noqa: BLE001 - any failure means "not recognisably ours"
         raise ValueError(f"{option} {url} exists and could not be read as a label store "

@@ -1,7 +1,6 @@
 """Opening and reading label stores."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -10,7 +9,7 @@ import numpy as np
 import zarr
 
 from . import _format as fmt
-from ._paths import local_path
+from ._paths import exists, local_path
 from ._writer import LabelStoreWriter
 
 
@@ -37,10 +36,11 @@ class LabelSlice:
 
 def _open_group(path: Any, mode: str) -> zarr.Group:
     local = local_path(path)
-    if local is not None and not os.path.exists(local):
-        raise FileNotFoundError(f"no label store at {local}")
+    if not exists(path):  # for URLs: one line when the endpoint or bucket is unreachable
+        raise FileNotFoundError(f"no label store at {local if local is not None else path}")
     try:
-        group = zarr.open_group(local if local is not None else path, mode=mode)
+        group = zarr.open_group(local if local is not None else _fresh_store(path, mode),
+                                mode=mode)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError,
             ValueError, KeyError) as exc:
         raise ValueError(f"{path} is not an ssld label store (no zarr group: {exc})") from None
@@ -54,6 +54,15 @@ def _open_group(path: Any, mode: str) -> zarr.Group:
                          f"version {fmt.FORMAT_VERSION}")
     check_structure(group, path)
     return group
+
+
+def _fresh_store(url: Any, mode: str):
+    """An fsspec-backed zarr store whose listing cache is dropped: s3fs caches listings per
+    process, and a store that other ranks or machines have written since would otherwise
+    read its new chunks as missing (fill values)."""
+    store = zarr.storage.FsspecStore.from_url(str(url), read_only=mode == "r")
+    store.fs.invalidate_cache()
+    return store
 
 
 def check_structure(group: zarr.Group, path: Any) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 import zarr
 
 from . import _format as fmt
-from ._paths import local_path, remove_store
+from ._paths import exists, local_path, remove_store
 
 
 def _chunk_count(n: int, chunk_rows: int) -> int:
@@ -31,15 +31,7 @@ _local_path = local_path  # the old private name, kept for code that still impor
 _WRITE_ALL = {"write_empty_chunks": True}
 
 
-def _exists(path: Any) -> bool:
-    """Local paths and fsspec URLs alike."""
-    local = local_path(path)
-    if local is not None:
-        return os.path.lexists(local)
-    import fsspec
-
-    fs, inner = fsspec.core.url_to_fs(str(path))
-    return fs.exists(inner)
+_exists = exists
 
 
 def create(path: Any, *, keys: Sequence[str], num_classes: int, topk: int, views: int = 1,

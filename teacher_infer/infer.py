@@ -193,17 +193,6 @@ def check_resumable(store_attrs: dict[str, Any], attrs: dict[str, Any], out: str
                          "to resume)")
 
 
-def _exists(path: str) -> bool:
-    """Local paths and fsspec URLs (a store on object storage is resumed too)."""
-    local = local_path(path)
-    if local is not None:
-        return os.path.lexists(local)
-    import fsspec
-
-    fs, inner = fsspec.core.url_to_fs(path)
-    return fs.exists(inner)
-
-
 @dataclass(frozen=True)
 class Plan:
     """Rank 0's view of the store before any rank writes: what this run computes."""
@@ -223,7 +212,7 @@ def _open_or_create(cfg: InferConfig, samples: Samples, labels: np.ndarray, attr
     """Rank 0, before any rank writes: the store ready for writing, and the plan."""
     import labelstore
 
-    if _exists(cfg.out) and not cfg.overwrite:
+    if labelstore.exists(cfg.out) and not cfg.overwrite:
         store = labelstore.open(cfg.out)
         check_resumable(store.attrs, attrs, cfg.out, cfg.chunk_rows)
         writer = labelstore.open(cfg.out, mode="a")
@@ -238,10 +227,15 @@ def _open_or_create(cfg: InferConfig, samples: Samples, labels: np.ndarray, attr
 
 
 # -- failures -------------------------------------------------------------------------
-def _append_failures(out: str, rank: int, lines: list[str]) -> None:
-    """Before a chunk can be marked done, its failures are on disk (a crash loses none)."""
+def _append_failures(out: str, rank: int, lines: list[str], pending: list[str]) -> None:
+    """Before a chunk can be marked done, its failures are on disk (a crash loses none).
+    Object storage cannot append: there the lines wait in ``pending`` for the end of the
+    run (a crashed run's reasons are lost; its rows stay invalid, listed as 'unknown')."""
+    if not lines:
+        return
     folder = local_path(out)
-    if folder is None or not lines:
+    if folder is None:
+        pending.extend(lines)
         return
     with open(os.path.join(folder, f"failed.rank{rank}.part"), "a", encoding="utf-8") as handle:
         handle.write("".join(lines))
@@ -249,30 +243,44 @@ def _append_failures(out: str, rank: int, lines: list[str]) -> None:
         os.fsync(handle.fileno())
 
 
-def _merge_failures(out: str, keys: list[str], failed: np.ndarray) -> int:
+def _read_reasons(handle, reasons: dict[str, str]) -> None:
+    for line in handle:
+        key, _, reason = line.rstrip("\n").partition("\t")
+        reasons[key] = reason
+
+
+def _merge_failures(out: str, keys: list[str], failed: np.ndarray, pending: list[str]) -> int:
     """Rank 0, at the end: failed.txt = every row that was tried and failed (``failed``:
     invalid rows of done chunks; rows never written are missing, not failed), with its
     latest reason. No failures, no file."""
-    folder = local_path(out)
-    if folder is None:
-        return int(failed.sum())
+    import fsspec
+
     reasons: dict[str, str] = {}
-    parts = sorted(f for f in os.listdir(folder) if f.startswith("failed.rank"))
-    for name in [FAILED_FILE] + parts:
-        path = os.path.join(folder, name)
-        if os.path.exists(path):
+    folder = local_path(out)
+    fs, inner = (None, None) if folder is not None else fsspec.core.url_to_fs(out)
+    target = os.path.join(folder, FAILED_FILE) if folder is not None else f"{inner}/{FAILED_FILE}"
+    parts = sorted(f for f in os.listdir(folder) if f.startswith("failed.rank")) if folder else []
+    for path in [target] + [os.path.join(folder, name) for name in parts]:
+        if fs is None and os.path.exists(path):
             with open(path, encoding="utf-8") as handle:
-                for line in handle:
-                    key, _, reason = line.rstrip("\n").partition("\t")
-                    reasons[key] = reason
+                _read_reasons(handle, reasons)
+        elif fs is not None and fs.exists(path):
+            with fs.open(path, "r", encoding="utf-8") as handle:
+                _read_reasons(handle, reasons)
+    _read_reasons(pending, reasons)
     invalid = [keys[row] for row in np.flatnonzero(failed)]
-    target = os.path.join(folder, FAILED_FILE)
+    text = "".join(f"{key}\t{reasons.get(key, 'unknown')}\n" for key in invalid)
+    if fs is not None:
+        if invalid:
+            with fs.open(target, "w", encoding="utf-8") as handle:
+                handle.write(text)
+        elif fs.exists(target):
+            fs.rm(target)
+        return len(invalid)
     if invalid:
-        tmp = f"{target}.tmp"
-        with open(tmp, "w", encoding="utf-8") as handle:
-            for key in invalid:
-                handle.write(f"{key}\t{reasons.get(key, 'unknown')}\n")
-        os.replace(tmp, target)
+        with open(f"{target}.tmp", "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(f"{target}.tmp", target)
     elif os.path.exists(target):
         os.remove(target)
     for name in parts:
@@ -468,6 +476,7 @@ def _run(cfg: InferConfig, dist: Dist, device, started: float) -> RunSummary:
                                    device=device, num_threads=max(1, cpus - workers))
     forward = _make_forward(teacher.model, cfg.embeddings, cfg.compile)
     images_done = failures = 0
+    pending_failures: list[str] = []  # failure lines of a store on object storage
     clock = {"wait_s": 0.0, "compute_s": 0.0, "store_s": 0.0}  # where the loop's time goes
     progress = tqdm(total=sum(len(b) for b in batches), unit="img", desc="infer-teacher",
                     disable=not (dist.is_main and cfg.progress), dynamic_ncols=True,
@@ -486,7 +495,7 @@ def _run(cfg: InferConfig, dist: Dist, device, started: float) -> RunSummary:
             boxes[failed], flips[failed] = 0, False  # the same meaningless rows for any decoder
             _append_failures(cfg.out, dist.rank, [
                 f"{samples.keys[batch.start + i]}\t{batch.reasons[i] or 'unknown'}\n"
-                for i in failed])
+                for i in failed], pending_failures)
             writer.write(batch.start, indices, probs, residual=residual, boxes=boxes,
                          flips=flips, valid=batch.valid, embeddings=embeddings)
             images_done += len(batch)
@@ -498,7 +507,7 @@ def _run(cfg: InferConfig, dist: Dist, device, started: float) -> RunSummary:
             clock["store_s"] += tick - computed
     writer.close()
     clock["loop_s"] = time.perf_counter() - loop_started
-    totals = dist.gather((images_done, failures, clock))
+    totals = dist.gather((images_done, failures, clock, pending_failures))
     dist.barrier()  # every rank's chunks are written
     return _on_main(dist, lambda: _finish(
         cfg, dist, totals, started=started, plan=plan, decoder_name=decoder_name, device=device,
@@ -518,7 +527,8 @@ def _finish(cfg: InferConfig, dist: Dist, totals: list, *, started: float, plan:
     for chunk in np.flatnonzero(done):
         lo, hi = writer.chunk_range(int(chunk))
         rows_done[lo:hi] = True
-    total_failures = _merge_failures(cfg.out, list(store.keys), rows_done & ~store.valid)
+    total_failures = _merge_failures(cfg.out, list(store.keys), rows_done & ~store.valid,
+                                     [line for t in totals for line in t[3]])
     missing = store.missing()
     skipped, resumed = plan.skipped, plan.resumed
     wall = time.perf_counter() - started
