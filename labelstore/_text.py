@@ -18,7 +18,9 @@ _BAD_CHAR = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]")
 _EDGE_SPACE = re.compile(r"^\s|\s$")
 # The same two checks over all keys joined by "\n" (one regex pass instead of one per key).
 _BAD_JOINED = re.compile(r"[\x00-\x09\x0b-\x1f\x7f\x85\u2028\u2029]|(?:^|\n)[^\S\n]|[^\S\n](?:\n|$)")
-_CHAR_NAMES = {"\n": "a newline", "\t": "a tab", "\r": "a carriage return"}
+_CHAR_NAMES = {"\n": "a newline", "\t": "a tab", "\r": "a carriage return",
+               "\x85": "a next-line character", "\u2028": "a line separator",
+               "\u2029": "a paragraph separator"}
 _NEWLINES = re.compile(r"\r\n|\r|\n")
 
 KEY_RULE = ("keys go one per line into failed.txt, list files and exclude lists, so names with "
