@@ -258,3 +258,34 @@ def test_init_from_another_architecture_is_one_line_naming_the_parameter(images,
     assert err[-1].startswith(f"ssld: error: --init {other} does not fit test_resnet: conv1.0.weight "
                           "has shape")
     assert_nothing_trained(str(tmp_path / "run"))
+
+
+def test_missing_val_is_reported_as_val(images, tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"--val {tmp_path / 'nope'} does not exist"):
+        train(config(tmp_path / "run", [store(images, "ok")], val=str(tmp_path / "nope")))
+    (tmp_path / "val.txt").write_text("a.png 0\n")
+    with pytest.raises(FileNotFoundError, match="--val-root .* is not a folder"):
+        train(config(tmp_path / "run", [store(images, "ok")], val=str(tmp_path / "val.txt"),
+                     val_root=str(tmp_path / "none")))
+
+
+@pytest.mark.parametrize("key", ["../outside/x.png", "c0/../../outside/x.png", "/outside/x.png"])
+def test_store_keys_outside_the_dataset_root_are_refused(images, tmp_path, capsys, key):
+    root, keys, labels = images
+    data = tmp_path / "data"
+    shutil.copytree(root / "images", data / "images")
+    outside = data / "outside"  # the file ../outside/x.png names: it exists, and is not ours
+    outside.mkdir()
+    shutil.copy(root / "images" / keys[0], outside / "x.png")
+    path = str(tmp_path / "escape.zarr")
+    make_store(path, str(data / "images"), keys, labels, classes=CLASSES)
+    import zarr
+    zarr.open_array(f"{path}/keys", mode="r+")[3] = key  # what a hand-made store might hold
+    code = main(["train-student", "--student", "test_resnet", "--store", path, "--out",
+                 str(tmp_path / "run"), "--input-size", "32", "--device", "cpu",
+                 "--num-workers", "0", "--batch-size", "8", "--epochs", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"ssld: error: label store {path}: key {key!r} points outside its "
+                          "dataset root")
+    assert_nothing_trained(str(tmp_path / "run"))
