@@ -118,6 +118,9 @@ def test_resume_with_changed_options_is_refused_naming_them(images, tmp_path, mo
     (dict(data="images"), "either as --store or as --data"),
     (dict(batch_size=0), "batch_size must be >= 1"),
     (dict(temperature=2.0), "only applies to --loss kl"),
+    (dict(lr=float("inf")), "--lr must be finite, got inf"),
+    (dict(label_weight=float("nan")), "--label-weight must be finite"),
+    (dict(lr_mult=(1, 1, float("nan"), 1, 1)), "--lr-mult must be finite"),
 ])
 def test_bad_option_combinations(options, message, tmp_path):
     values = dict(student="test_resnet", out=str(tmp_path), stores=("a.zarr",))
