@@ -8,6 +8,7 @@ status 2. Nothing here imports torch, so ``ssld --help`` is instant.
 """
 from __future__ import annotations
 
+import errno
 import sys
 
 import click
@@ -18,7 +19,7 @@ from labelstore._version import __version__
 # Errors that mean "the user gave us something wrong" (or another run holds the output):
 # one line, exit 2.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
-               PermissionError, ImportError, LockedError)
+               IsADirectoryError, PermissionError, ImportError, LockedError)
 # A run that could not finish what it was meant to write: one line, exit 1.
 RUN_ERRORS = (IncompleteRunError,)
 
@@ -53,6 +54,19 @@ def _one_line(message: str) -> str:
     return " ".join(message.split())
 
 
+def _os_error(exc: OSError) -> str:
+    """``No space left on device (errno 28): runs/a/last.pt`` plus what to do about it."""
+    text = exc.strerror or _one_line(str(exc)) or type(exc).__name__
+    if exc.errno is not None:
+        text += f" (errno {exc.errno})"
+    if exc.filename is not None:
+        text += f": {exc.filename}"
+    if exc.errno == errno.ENOSPC:
+        text += ("; free some space and run the same command again (infer-teacher resumes "
+                 "the store, train-student continues with --resume)")
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: run the group, mapping user errors to exit status 2."""
     args = sys.argv[1:] if argv is None else list(argv)
@@ -77,6 +91,11 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         click.echo(f"ssld: error: {_one_line(str(exc))}", err=True)
+        return 1
+    except OSError as exc:  # the machine failed us (disk full, I/O error): one line, exit 1
+        if debug:
+            raise
+        click.echo(f"ssld: failed: {_os_error(exc)}", err=True)
         return 1
     except click.exceptions.Exit as exc:
         return exc.exit_code

@@ -36,14 +36,23 @@ def inspect_cmd(store: str, view: int, as_json: bool) -> None:
 @click.option("--out", required=True, help="HDF5 file to write (e.g. labels.h5).")
 @click.option("--rows", default=None, metavar="A:B", help="Export only rows A to B (half-open).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
-def export_cmd(store: str, out: str, rows: str | None, overwrite: bool) -> None:
+@click.option("--allow-incomplete", is_flag=True,
+              help="Export an unfinished store; rows not written yet have valid=False.")
+def export_cmd(store: str, out: str, rows: str | None, overwrite: bool,
+               allow_incomplete: bool) -> None:
     """Export a label store (or a row range of it) to HDF5 with h5py."""
     import os
 
     import labelstore
-    from labelstore._export import export_hdf5, parse_rows
+    from labelstore._export import export_hdf5, parse_rows, unwritten_rows
 
     st = labelstore.open(store)
-    n = export_hdf5(st, out, parse_rows(rows), overwrite=overwrite)
+    selected = parse_rows(rows)
+    n = export_hdf5(st, out, selected, overwrite=overwrite, allow_incomplete=allow_incomplete)
+    start, stop, _ = (selected or slice(None)).indices(len(st))
+    missing = unwritten_rows(st, start, stop)
+    if missing:
+        click.echo(f"warning: {store} is incomplete: {missing:,} exported rows are not written "
+                   "yet (valid=False)", err=True)
     click.echo(f"exported {n:,} rows × {st.num_views} view(s) of {store} to {out} "
                f"({os.path.getsize(out) / 2**20:.1f} MiB)")

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import _derive
-from ._paths import check_disjoint
+from ._paths import check_disjoint, check_output_file
 from ._reader import LabelStore, open as open_store
 
 # Stage 1. Teacher embeddings of an image and its resized / re-encoded / slightly
@@ -347,6 +347,7 @@ def dedup(query: Any, pool: Any, out: str | None = None, *,
 def _check_out(out: str, inputs: dict) -> None:
     """Before the search: ``out`` overlaps no input, and replaces only an earlier dedup
     output (its first line is the header this command writes)."""
+    check_output_file(str(out), "--out")  # not a folder, its folder exists
     check_disjoint(out, inputs)
     if os.path.lexists(out):
         try:

@@ -8,19 +8,22 @@ from typing import Any
 import numpy as np
 
 from . import _format as fmt
-from ._paths import check_disjoint
+from ._paths import check_disjoint, check_output_file
 
 
-def export_hdf5(store, out: str, rows: slice | None = None, *, overwrite: bool = False) -> int:
+def export_hdf5(store, out: str, rows: slice | None = None, *, overwrite: bool = False,
+                allow_incomplete: bool = False) -> int:
     """Write ``store`` rows to ``out`` (HDF5) and return the number of rows written.
 
     Datasets carry the store's names and stored dtypes (``boxes`` as float32
     fractions); group attributes are the store's, JSON-encoded where they are not
     scalars. Written to a temporary name and renamed, so a failed export leaves
-    no half-file behind.
+    no half-file behind. Rows of an unfinished store that are not written yet are
+    refused unless ``allow_incomplete`` (they are exported with ``valid=False``).
     """
     import h5py
 
+    check_output_file(out, "--out")  # a folder is never replaced, even with --overwrite
     check_disjoint(out, {"the store": store.path})
     if os.path.lexists(out):
         if not overwrite:
@@ -34,6 +37,12 @@ def export_hdf5(store, out: str, rows: slice | None = None, *, overwrite: bool =
     if step != 1 or stop <= start:
         raise ValueError(f"--rows must be a non-empty range A:B inside [0, {len(store)}), "
                          f"got {start}:{stop}")
+    missing = unwritten_rows(store, start, stop)
+    if missing and not allow_incomplete:
+        raise ValueError(f"label store {store.path} is incomplete: {missing:,} of the "
+                         f"{stop - start:,} rows to export are not written yet; finish it "
+                         "(rerun infer-teacher), or pass --allow-incomplete to export them "
+                         "with valid=False")
     n = stop - start
     tmp = f"{out}.tmp-{os.getpid()}"
     chunk = store.chunk_rows
@@ -68,6 +77,11 @@ def export_hdf5(store, out: str, rows: slice | None = None, *, overwrite: bool =
         if os.path.exists(tmp):
             os.remove(tmp)
     return n
+
+
+def unwritten_rows(store, start: int, stop: int) -> int:
+    """How many rows in [start, stop) lie in chunks not marked done."""
+    return sum(max(0, min(b, stop) - max(a, start)) for a, b in store.missing())
 
 
 def _is_export(path: str) -> bool:

@@ -14,6 +14,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from ._text import KEY_RULE, first_bad_key
+
 FORMAT = "ssld.labelstore"
 FORMAT_VERSION = 1
 DEFAULT_CHUNK_ROWS = 16384
@@ -155,6 +157,10 @@ def check_keys(keys: Sequence[str]) -> np.ndarray:
     empty = np.flatnonzero(keys == "")
     if len(empty):
         raise ValueError(f"key at row {int(empty[0])} is empty")
+    bad = first_bad_key(keys.tolist())
+    if bad is not None:
+        row, problem = bad
+        raise ValueError(f"key {keys[row]!r} at row {row} {problem}; {KEY_RULE}")
     if len(set(keys.tolist())) != len(keys):  # a set is ~6x faster than sorting str objects
         first: dict[str, int] = {}
         duplicates = 0

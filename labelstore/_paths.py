@@ -8,6 +8,9 @@ Two promises live here, shared by every command that writes:
 - ``--overwrite`` only ever deletes what ssld wrote: a directory is removed only when
   it is recognisably a label store and holds nothing but a store's own entries
   (:func:`remove_store`); anything else is refused, naming what is there.
+
+An output file that cannot be written at all (a directory, a missing folder) is refused
+before the work that would fill it (:func:`check_output_file`).
 """
 from __future__ import annotations
 
@@ -91,6 +94,18 @@ def check_disjoint(out: Any, inputs: Mapping[str, Any | Iterable[Any]], *,
             if relation:
                 raise ValueError(f"{option} {out} {relation} {what} {path}: an output may not "
                                  "overlap an input (nothing was written)")
+
+
+def check_output_file(path: str, option: str) -> None:
+    """Refuse, before any work, an output file path that cannot be written: an existing
+    directory, a missing or unwritable parent folder. ``option`` names it in the message."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{option} {path} is a directory; give a file name")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"{option} {path}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise PermissionError(f"{option} {path}: not writable")
 
 
 def is_store_dir(path: str) -> bool:

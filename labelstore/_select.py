@@ -26,8 +26,9 @@ import numpy as np
 
 from . import _derive
 from ._lock import OutputLock
-from ._paths import check_disjoint
+from ._paths import check_disjoint, check_output_file
 from ._reader import LabelStore
+from ._text import decode_lines
 
 PROB_BITS = 15  # float16 without its sign bit: probabilities are >= 0
 BUCKET_SHIFT = 6     # histogram buckets of 64 consecutive float16 values (~3% apart)
@@ -50,7 +51,7 @@ def read_exclude(path: str) -> tuple[set[str], str]:
     with open(path, "rb") as handle:
         raw = handle.read()
     keys = set()
-    for line in raw.decode("utf-8").splitlines():
+    for line in decode_lines(raw, path, "exclude file"):
         text = line.strip()
         if text and not text.startswith("#"):
             keys.add(text.split("\t", 1)[0].strip())
@@ -407,6 +408,7 @@ def _select_topk(stores: Any, k: int, out: Any, *, exclude: str | None, min_prob
     if list_out:
         check_disjoint(list_out, {"one of the input stores": [s.path for s in opened],
                                   "--out": out}, option="--list-out")
+        check_output_file(list_out, "--list-out")  # before the long pass, not after it
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
     if min_prob is not None and not 0.0 <= float(min_prob) <= 1.0:

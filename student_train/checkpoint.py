@@ -10,7 +10,10 @@ leaves a half-written checkpoint under either name.
 """
 from __future__ import annotations
 
+import logging
+import math
 import os
+import shutil
 from typing import Any, Optional
 
 import torch
@@ -22,11 +25,20 @@ FORMAT_VERSION = 1
 
 
 def save_atomic(obj: dict[str, Any], path: str) -> None:
-    """``torch.save`` to ``path`` through a temporary file and an atomic rename."""
+    """``torch.save`` to ``path`` through a temporary file, fsync and an atomic rename.
+
+    Written through a Python file object so that a full disk is an ``OSError`` naming
+    ``path`` (torch's own file writer reports it as a bare RuntimeError).
+    """
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror or str(exc), path) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -73,26 +85,81 @@ def make_checkpoint(*, model: torch.nn.Module, ema: Optional[torch.nn.Module],
     }
 
 
-def load_for_resume(run_dir: str, cfg: TrainConfig) -> dict[str, Any]:
+def read_checkpoint(path: str, what: str) -> Any:
+    """``torch.load`` a checkpoint file; a truncated or garbage file is a ValueError naming it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # zip, pickle and EOF errors of a damaged file all look different
+        reason = " ".join(str(exc).split())[:160] or type(exc).__name__
+        raise ValueError(f"{what}: {path} cannot be read (truncated or not a torch checkpoint: "
+                         f"{reason})") from None
+
+
+def load_for_resume(run_dir: str, cfg: TrainConfig, *, write: bool = True,
+                    log: Optional[logging.Logger] = None) -> dict[str, Any]:
     """``RUN_DIR/last.pt``, after checking it belongs to this run with the same options.
 
     Raises FileNotFoundError when there is nothing to resume and ValueError naming every
     option that differs from the checkpoint's (changing them would silently train a
-    different run than the one being continued).
+    different run than the one being continued). ``best.pt`` is brought in line with the
+    checkpoint's record first (:func:`restore_best`; ``write`` on one process only).
     """
     path = os.path.join(run_dir, "last.pt")
     if not os.path.exists(path):
         raise FileNotFoundError(f"--resume: no checkpoint {path} to continue from")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = read_checkpoint(path, "--resume")
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
         raise ValueError(f"--resume: {path} is not a train-student checkpoint")
     changes = changed_options(checkpoint["config"], cfg)
     if changes:
         raise ValueError(f"--resume: options differ from {path}: {'; '.join(changes)} "
                          "(resume with the original options, or start a new --out)")
+    note = restore_best(run_dir, checkpoint, write=write)
+    if note and log is not None:
+        log.warning(note)
     if checkpoint["epoch"] >= cfg.epochs:
-        raise ValueError(f"--resume: {path} already finished all {cfg.epochs} epochs")
+        raise ValueError(f"--resume: {path} already finished all {cfg.epochs} epochs"
+                         + (f" ({note})" if note else ""))
     return checkpoint
+
+
+def _saved_epoch(path: str) -> Optional[int]:
+    """The ``epoch`` recorded in a checkpoint file; None when it is missing or unreadable."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return int(saved["epoch"])
+    except Exception:
+        return None
+
+
+def restore_best(run_dir: str, checkpoint: dict[str, Any], *, write: bool) -> Optional[str]:
+    """Make ``best.pt`` hold the epoch that ``checkpoint["best"]`` records; say what was done.
+
+    ``last.pt`` is saved before ``best.pt``, so a save that fails in between (a full disk)
+    leaves a ``last.pt`` whose best epoch is its own epoch while ``best.pt`` is older or
+    missing: then ``best.pt`` is rewritten as a copy of ``last.pt``, the same state. A
+    ``best.pt`` lost any other way cannot be rebuilt: the record is reset (in ``checkpoint``),
+    so the next epoch writes a new ``best.pt`` and the run reports the best from here on.
+    """
+    best = checkpoint.get("best") or {}
+    epoch = best.get("epoch")
+    best_path = os.path.join(run_dir, "best.pt")
+    if epoch is None or _saved_epoch(best_path) == epoch:
+        return None
+    if epoch == checkpoint["epoch"]:
+        if write:
+            tmp = f"{best_path}.tmp.{os.getpid()}"
+            try:
+                shutil.copyfile(os.path.join(run_dir, "last.pt"), tmp)
+                os.replace(tmp, best_path)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+        return (f"{best_path} did not hold the best epoch {epoch} (an interrupted save): "
+                "rewritten from last.pt, which is that epoch")
+    checkpoint["best"] = {"top1": None, "epoch": None, "score": -math.inf}
+    return (f"{best_path} (best epoch {epoch}) is missing or damaged and cannot be rebuilt; "
+            "the best epoch from here on will be written as the new best.pt")
 
 
 def saved_data_config(path: str) -> Optional[dict[str, Any]]:

@@ -8,6 +8,7 @@ configuration is written to ``RUN_DIR/config.json`` and stored in every checkpoi
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -84,6 +85,14 @@ class TrainConfig:
                                      ("precision", self.precision, PRECISIONS)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        numbers = {"lr": self.lr, "weight_decay": self.weight_decay, "momentum": self.momentum,
+                   "warmup_epochs": self.warmup_epochs, "temperature": self.temperature,
+                   "label_weight": self.label_weight, "label_smoothing": self.label_smoothing,
+                   "ema": self.ema, "crop_scale": self.crop_scale, "lr_mult": self.lr_mult}
+        for name, value in numbers.items():  # click's float type accepts "nan" and "inf"
+            values = value if isinstance(value, tuple) else (value,)
+            if any(v is not None and not math.isfinite(v) for v in values):
+                raise ValueError(f"--{name.replace('_', '-')} must be finite, got {value}")
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")

@@ -75,16 +75,18 @@ def build_student(model_name: str, num_classes: int, *, init: Optional[str],
                and k.startswith(head)]
     for key in skipped:
         del state[key]
+    # Shapes first: torch's load_state_dict raises a many-line RuntimeError on a mismatch
+    # (a checkpoint of another architecture), even with strict=False.
+    bad = [k for k, v in state.items() if k in own and v.shape != own[k].shape]
+    if bad:
+        raise ValueError(f"--init {init} does not fit {model_name}: {bad[0]} has shape "
+                         f"{tuple(state[bad[0]].shape)}, the model expects "
+                         f"{tuple(own[bad[0]].shape)} (a checkpoint of another architecture?)")
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if k not in skipped]
     if missing or result.unexpected_keys:
         raise ValueError(f"--init {init} does not fit {model_name}: missing {missing[:3]}, "
                          f"unexpected {list(result.unexpected_keys)[:3]}")
-    bad = [k for k, v in state.items() if v.shape != own[k].shape]
-    if bad:
-        raise ValueError(f"--init {init} does not fit {model_name}: {bad[0]} has shape "
-                         f"{tuple(state[bad[0]].shape)}, the model expects "
-                         f"{tuple(own[bad[0]].shape)}")
     if skipped:
         log.info(f"--init {init}: its classifier has another class count; the {num_classes}-class "
                  "classifier starts from random weights")

@@ -2,7 +2,7 @@
 
 Everything a run refuses about its data is refused here, before the first epoch, with a message
 that names the store: an incomplete store, a class count that differs from the student's (the
-first store's), images missing under a store's recorded root.
+first store's), images missing under a store's recorded root, keys that point outside it.
 
 Label arrays are loaded into RAM once (``LabelStore.load``); DataLoader workers are forked and
 share those pages. Image paths are kept as one byte buffer plus offsets rather than a list of
@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 import labelstore
+from labelstore._text import first_escaping_key
 from teacher_infer.data import find_samples
 
 from . import distributed as D
@@ -92,6 +93,7 @@ def open_stores(paths: Sequence[str], *, env: D.DistEnv) -> SampleSet:
             raise FileNotFoundError(f"label store {store.path}: its image root {root} does not "
                                     "exist")
         keys = store.keys
+        _refuse_escaping_keys(store, keys[valid].tolist(), root)
         all_paths += [os.path.join(root, *str(keys[i]).split("/")) for i in valid]
         labels.append(store.labels[valid].astype(np.int64))
         store_of.append(np.full(len(valid), number, dtype=np.int16))
@@ -106,9 +108,20 @@ def open_stores(paths: Sequence[str], *, env: D.DistEnv) -> SampleSet:
                      stores[0].class_names)
 
 
+def _refuse_escaping_keys(store, keys: list[str], root: str) -> None:
+    """Keys are paths below the store's root: an absolute key or one with ``..`` would make
+    training open a file outside it."""
+    row = first_escaping_key(keys)
+    if row is not None:
+        raise ValueError(f"label store {store.path}: key {keys[row]!r} points outside its "
+                         f"dataset root {root}; keys must be relative paths below the root")
+
+
 def open_source(data: str, root: Optional[str], *, env: D.DistEnv, what: str) -> SampleSet:
-    """An image source (class folder, unlabeled folder or list file) as a sample set."""
-    found = find_samples(data, root=root)
+    """An image source (class folder, unlabeled folder or list file) as a sample set;
+    ``what`` (``--data`` or ``--val``) names it, and its root option, in errors."""
+    found = find_samples(data, root=root, option=what,
+                         root_option="--val-root" if what == "--val" else "--root")
     paths = [found.path(i) for i in range(len(found))]
     require_files(paths, 0, len(paths), f"{what} {data} (root {found.root})", env)
     num_classes = len(found.class_names) if found.class_names else int(found.labels.max()) + 1

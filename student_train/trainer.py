@@ -168,7 +168,8 @@ def _check_out(cfg: TrainConfig) -> None:
 
 def _train(cfg: TrainConfig, env: D.DistEnv) -> TrainResult:
     log = _open_run_dir(cfg, env)
-    checkpoint = load_for_resume(cfg.out, cfg) if cfg.resume else None
+    checkpoint = load_for_resume(cfg.out, cfg, write=env.is_main,
+                                 log=log if env.is_main else None) if cfg.resume else None
     torch.manual_seed(cfg.seed)
     run = _build(cfg, env, log)  # every refusal about the data happens in here
     start_epoch, step, best = _restore(run, checkpoint)

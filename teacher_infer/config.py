@@ -5,6 +5,7 @@ Every field has the default the ``ssld infer-teacher`` command shows; ``None`` m
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -89,13 +90,13 @@ class InferConfig:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if self.num_workers is not None and self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 < self.temperature < math.inf:
+            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}")
         low, high = self.crop_scale
         if not 0 < low <= high <= 1:
             raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {self.crop_scale}")
         low, high = self.crop_ratio
-        if not 0 < low <= high:
+        if not 0 < low <= high < math.inf:
             raise ValueError(f"crop_ratio must satisfy 0 < min <= max, got {self.crop_ratio}")
         if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
             raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
@@ -103,8 +104,12 @@ class InferConfig:
             value = getattr(self, name)
             if value is not None and len(value) != 3:
                 raise ValueError(f"{name} needs 3 values (R G B), got {len(value)}")
+            if value is not None and not all(math.isfinite(v) for v in value):
+                # NaN would only surface after inference, as NaN probabilities
+                raise ValueError(f"--{name} must be finite numbers, got "
+                                 f"{' '.join(str(v) for v in value)}")
         if self.std is not None and min(self.std) <= 0:
-            raise ValueError(f"std must be > 0, got {self.std}")
+            raise ValueError(f"--std must be > 0, got {' '.join(str(v) for v in self.std)}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from labelstore._text import KEY_RULE, escapes_root, first_bad_key, key_problem, read_lines
+
 # Common image extensions, matched case-insensitively (.JPG, .Jpeg ...).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".tif", ".tiff", ".webp",
                     ".gif", ".ppm", ".pgm", ".pbm", ".pnm")
@@ -46,17 +48,52 @@ def is_image_file(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _walk_images(top: str, root: str) -> list[str]:
-    """Image keys under ``top`` (recursive, symlinks followed, hidden entries skipped)."""
+def _walk_images(top: str, root: str, seen: set[str]) -> list[str]:
+    """Image keys under ``top``, recursively, in ``os.walk`` top-down order (sorted names,
+    hidden entries skipped).
+
+    Directory links are followed, but each real folder is listed at most once (``seen``
+    holds the real paths listed so far): a link back into the data root is skipped (its
+    images are listed under their own path), and a second link to the same outside folder
+    too, so a ``loop -> ..`` neither multiplies the keys nor hangs the listing.
+    """
+    real_root = os.path.realpath(root)
     keys = []
-    for folder, dirs, files in os.walk(top, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    stack = [top]
+    while stack:
+        folder = stack.pop()
+        real = os.path.realpath(folder)
+        if real in seen:
+            continue
+        seen.add(real)
+        with os.scandir(folder) as listing:
+            entries = sorted(listing, key=lambda e: e.name)
         rel = os.path.relpath(folder, root)
-        for name in sorted(files):
-            if not name.startswith(".") and is_image_file(name):
-                key = name if rel == "." else posixpath.join(rel.replace(os.sep, "/"), name)
-                keys.append(key)
+        subfolders = []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():
+                if not (entry.is_symlink() and _inside(os.path.realpath(entry.path), real_root)):
+                    subfolders.append(entry.path)
+            elif is_image_file(entry.name):
+                keys.append(entry.name if rel == "." else
+                            posixpath.join(rel.replace(os.sep, "/"), entry.name))
+        stack.extend(reversed(subfolders))
     return keys
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _check_keys(samples: "Samples") -> "Samples":
+    """Refuse file names that cannot be keys (see ``labelstore._text``), naming the file."""
+    bad = first_bad_key(samples.keys)
+    if bad is not None:
+        row, problem = bad
+        raise ValueError(f"{samples.path(row)!r}: the file name {problem}; {KEY_RULE}")
+    return samples
 
 
 def _class_dirs(root: str) -> list[str]:
@@ -69,43 +106,49 @@ def _has_top_level_images(root: str) -> bool:
         return any(e.is_file() and is_image_file(e.name) for e in entries)
 
 
-def detect_source(data: str) -> str:
+def detect_source(data: str, option: str = "--data") -> str:
     """``list`` for a file; for a folder ``folder`` when its images all sit in
     sub-folders, ``unlabeled`` when some lie at the top level."""
     if os.path.isfile(data):
         return "list"
     if not os.path.isdir(data):
-        raise FileNotFoundError(f"--data {data} does not exist")
+        raise FileNotFoundError(f"{option} {data} does not exist")
     if _has_top_level_images(data) or not _class_dirs(data):
         return "unlabeled"
     return "folder"
 
 
-def find_samples(data: str, *, root: str | None = None, source: str = "auto") -> Samples:
+def find_samples(data: str, *, root: str | None = None, source: str = "auto",
+                 option: str = "--data", root_option: str = "--root") -> Samples:
     """List the images of ``data`` (see the module docstring for the three kinds).
+
+    ``option`` and ``root_option`` are the names errors give ``data`` and ``root``
+    (``--val`` / ``--val-root`` for a validation set).
 
     >>> find_samples("imagenet/val").source        # doctest: +SKIP
     'folder'
     """
     data = os.fspath(data)
     if not os.path.exists(data):
-        raise FileNotFoundError(f"--data {data} does not exist")
-    kind = detect_source(data) if source == "auto" else source
+        raise FileNotFoundError(f"{option} {data} does not exist")
+    kind = detect_source(data, option) if source == "auto" else source
     if kind == "list":
         if not os.path.isfile(data):
-            raise ValueError(f"--data {data} is a folder, not a list file")
-        return _from_list(data, root)
+            raise ValueError(f"{option} {data} is a folder, not a list file")
+        return _from_list(data, root, root_option)
     if not os.path.isdir(data):
-        raise ValueError(f"--data {data} is a file; --source {kind} needs a folder")
+        raise ValueError(f"{option} {data} is a file; --source {kind} needs a folder")
     if root is not None:
-        raise ValueError("--root is only for list files (folder keys are relative to --data)")
+        raise ValueError(f"{root_option} is only for list files (folder keys are relative to "
+                         f"{option})")
     top = os.path.abspath(data)
     if kind == "folder":
-        return _from_class_folders(top)
-    keys = _walk_images(top, top)
+        return _check_keys(_from_class_folders(top))
+    keys = _walk_images(top, top, set())
     if not keys:
         raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS[:5])}, ...) under {data}")
-    return Samples(top, "unlabeled", keys, np.full(len(keys), -1, dtype=np.int64), None)
+    return _check_keys(Samples(top, "unlabeled", keys, np.full(len(keys), -1, dtype=np.int64),
+                               None))
 
 
 def _from_class_folders(top: str) -> Samples:
@@ -114,8 +157,9 @@ def _from_class_folders(top: str) -> Samples:
         raise ValueError(f"{top} has no class sub-folders")
     keys: list[str] = []
     labels: list[int] = []
+    seen = {os.path.realpath(top)}  # a class folder linked to the root itself is a loop
     for label, name in enumerate(classes):
-        found = _walk_images(os.path.join(top, name), top)
+        found = _walk_images(os.path.join(top, name), top, seen)
         keys += found
         labels += [label] * len(found)
     if not keys:
@@ -137,54 +181,55 @@ def _parse_list_line(line: str, where: str) -> tuple[str, int]:
     return parts[0], -1
 
 
-def _from_list(list_file: str, root: str | None) -> Samples:
+def _from_list(list_file: str, root: str | None, root_option: str = "--root") -> Samples:
     base = os.path.abspath(root if root is not None else os.path.dirname(list_file) or ".")
     if not os.path.isdir(base):
-        raise FileNotFoundError(f"--root {base} is not a folder")
+        raise FileNotFoundError(f"{root_option} {base} is not a folder")
     keys: list[str] = []
     labels: list[int] = []
     seen: dict[str, int] = {}
-    with open(list_file, encoding="utf-8") as handle:
-        for number, raw in enumerate(handle, start=1):
-            line = raw.strip()
-            if not line or line.startswith("#"):
-                continue
-            where = f"{list_file}:{number}"
-            path, label = _parse_list_line(line, where)
-            key = _relative_key(path, base, where)
-            if key in seen:
-                raise ValueError(f"{where}: {key!r} is listed twice (first at line {seen[key]})")
-            seen[key] = number
-            keys.append(key)
-            labels.append(label)
+    for number, raw in enumerate(read_lines(list_file, "list file"), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        where = f"{list_file}:{number}"
+        path, label = _parse_list_line(line, where)
+        key = _relative_key(path, base, where, root_option)
+        problem = key_problem(key)
+        if problem:
+            raise ValueError(f"{where}: {key!r} {problem}; {KEY_RULE}")
+        if key in seen:
+            raise ValueError(f"{where}: {key!r} is listed twice (first at line {seen[key]})")
+        seen[key] = number
+        keys.append(key)
+        labels.append(label)
     if not keys:
         raise ValueError(f"list file {list_file} has no entries")
     return Samples(base, "list", keys, np.asarray(labels, dtype=np.int64), None)
 
 
-def _relative_key(path: str, base: str, where: str) -> str:
+def _relative_key(path: str, base: str, where: str, root_option: str = "--root") -> str:
     path = path.replace("\\", "/")
     if os.path.isabs(path):
         rel = os.path.relpath(path, base)
-        if rel.startswith(".."):
-            raise ValueError(f"{where}: {path} is not under --root {base}")
+        if escapes_root(rel.replace(os.sep, "/")):
+            raise ValueError(f"{where}: {path} is not under {root_option} {base}")
         path = rel.replace(os.sep, "/")
     key = posixpath.normpath(path)
-    if key.startswith("../") or key in (".", ".."):
-        raise ValueError(f"{where}: {path} points outside --root {base}")
+    if escapes_root(key) or key == ".":
+        raise ValueError(f"{where}: {path} points outside {root_option} {base}")
     return key
 
 
 def read_class_names(path: str) -> list[str]:
     """One class name per non-empty line (PaddleClas label lists ``id name`` are accepted)."""
     names = []
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            line = line.strip()
-            if not line:
-                continue
-            first, _, rest = line.partition(" ")
-            names.append(rest.strip() if first.isdigit() and rest.strip() else line)
+    for line in read_lines(path, "class-names file"):
+        line = line.strip()
+        if not line:
+            continue
+        first, _, rest = line.partition(" ")
+        names.append(rest.strip() if first.isdigit() and rest.strip() else line)
     if not names:
         raise ValueError(f"class-names file {path} is empty")
     return names

@@ -241,3 +241,18 @@ def test_cli_dedup_writes_the_list(planted, capsys):
                  "--threshold", str(THRESHOLD), "--verify", "none"])
     captured = capsys.readouterr()
     assert code == 0 and captured.out.startswith("# ssld dedup:") and "compared" in captured.err
+
+
+def test_cli_dedup_out_that_cannot_be_written_is_refused_before_the_search(planted, tmp_path,
+                                                                           capsys, monkeypatch):
+    import labelstore._dedup as dedup_module
+
+    monkeypatch.setattr(dedup_module, "search", lambda *a, **k: pytest.fail("searched first"))
+    folder = tmp_path / "out_dir"
+    folder.mkdir()
+    for out, message in ((folder, f"--out {folder} is a directory"),
+                         (tmp_path / "no" / "pairs.tsv", "does not exist")):
+        code = main(["dedup", "--query", planted["query"], "--pool", planted["pool"],
+                     "--out", str(out)])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and message in err, err

@@ -341,6 +341,14 @@ def test_open_rejects_other_format_version(store_path):
     (dict(labels=[0, -2, 1]), "label -2 at row 1"),
     (dict(labels=[0.5, 1, 1]), "must be integers"),
     (dict(labels=[0, 1]), r"shape \(3,\)"),
+    # keys travel one per line through failed.txt, --list-out and --exclude files
+    (dict(keys=["a", "b\nc", "d"]), r"key 'b\\nc' at row 1 contains a newline; keys go one"),
+    (dict(keys=["a", "b", "c\td"]), r"key 'c\\td' at row 2 contains a tab"),
+    (dict(keys=["a\r", "b", "c"]), "at row 0 contains a carriage return"),
+    (dict(keys=["a", " b", "c"]), "at row 1 starts or ends with whitespace"),
+    (dict(keys=["a", "b", "c "]), "at row 2 starts or ends with whitespace"),
+    (dict(keys=["a", "b\u2028", "c"]), "at row 1 contains a line separator"),
+    (dict(keys=["a", "b", "\udcff.jpg"]), "at row 2 is not valid UTF-8"),
 ])
 def test_create_rejects_bad_arguments(store_path, kwargs, message):
     args = dict(keys=["a", "b", "c"], num_classes=10, topk=3)

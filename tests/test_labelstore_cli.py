@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -84,6 +85,38 @@ def test_export_hdf5_round_trip(store, tmp_path, capsys):
     # exporting again without --overwrite is refused, and nothing is lost
     code, _, err = run_cli(capsys, "export", path, "--out", out_file)
     assert code == 2 and "already exists" in err
+
+
+def test_export_out_directory_is_refused_even_with_overwrite(store, tmp_path, capsys):
+    path, _ = store
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    (folder / "keep.h5").write_text("mine")
+    code, _, err = run_cli(capsys, "export", path, "--out", str(folder), "--overwrite")
+    assert code == 2 and err == f"ssld: error: --out {folder} is a directory; give a file name\n"
+    assert (folder / "keep.h5").read_text() == "mine" and os.listdir(folder) == ["keep.h5"]
+
+
+def test_export_of_an_incomplete_store_is_refused_unless_allowed(tmp_path, capsys):
+    path = str(tmp_path / "part.zarr")
+    w = labelstore.create(path, keys=[f"k{i}" for i in range(200)], num_classes=10, topk=2,
+                          chunk_rows=64)
+    w.write(0, np.tile([[[1, 2]]], (64, 1, 1)), np.full((64, 1, 2), 0.25))
+    w.close()
+    out_file = tmp_path / "part.h5"
+    code, out, err = run_cli(capsys, "export", path, "--out", str(out_file))
+    assert code == 2 and err.count("\n") == 1 and not out_file.exists()
+    assert f"label store {path} is incomplete: 136 of the 200 rows" in err
+    assert "--allow-incomplete" in err
+    code, out, err = run_cli(capsys, "export", path, "--out", str(out_file), "--rows", "0:64")
+    assert code == 0 and err == "", err  # the written rows alone: nothing to warn about
+    code, out, err = run_cli(capsys, "export", path, "--out", str(out_file), "--overwrite",
+                             "--allow-incomplete")
+    assert code == 0 and "exported 200 rows" in out
+    assert err == f"warning: {path} is incomplete: 136 exported rows are not written yet " \
+                  "(valid=False)\n"
+    with h5py.File(out_file, "r") as h5:
+        assert h5["valid"][:64].all() and not h5["valid"][64:].any()
 
 
 @pytest.mark.parametrize("args, message", [

@@ -289,3 +289,32 @@ def test_cli_select_topk(tmp_path, capsys):
     code = main(["select-topk", "--store", paths[0], "--k", "3", "--out", out])
     assert code == 2 and "already exists" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "b.zarr")
+
+
+@pytest.mark.parametrize("where", ["directory", "missing folder"])
+def test_cli_list_out_that_cannot_be_written_is_refused_before_the_work(tmp_path, capsys,
+                                                                        monkeypatch, where):
+    paths, _ = make_pools(tmp_path, (60,), classes=6, k=2, views=1)
+    listing = tmp_path / "lists"
+    if where == "directory":
+        listing.mkdir()
+        (listing / "keep.txt").write_text("mine")
+    else:
+        listing = listing / "sub" / "list.txt"
+    monkeypatch.setattr(_select, "rank", lambda *a, **k: pytest.fail("ranked before refusing"))
+    code = main(["select-topk", "--store", paths[0], "--k", "3", "--out",
+                 str(tmp_path / "sel.zarr"), "--list-out", str(listing)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("ssld: error: --list-out "), err
+    assert ("is a directory" if where == "directory" else "does not exist") in err
+    assert not (tmp_path / "sel.zarr").exists()
+    if where == "directory":
+        assert (listing / "keep.txt").read_text() == "mine"
+
+
+def test_exclude_file_with_invalid_utf8_names_the_file_and_line(tmp_path):
+    path = tmp_path / "x.txt"
+    path.write_bytes(b"a.jpg\nb.jpg\r\nc\xff.jpg\n")
+    with pytest.raises(ValueError, match=f"exclude file {path}:3: not valid UTF-8 "
+                                         r"\(byte 0xff\)"):
+        _select.read_exclude(str(path))

@@ -1,9 +1,14 @@
 """teacher_infer.data: the three data-source kinds, keys, labels and their errors."""
 from __future__ import annotations
 
+import os
+import re
+
 import numpy as np
 import pytest
 
+from cli import main
+from conftest import make_image
 from teacher_infer.data import detect_source, find_samples, read_class_names
 
 
@@ -82,3 +87,91 @@ def test_keys_are_unique_and_labels_int(image_folder):
     samples = find_samples(str(image_folder.data))
     assert len(set(samples.keys)) == len(samples.keys)
     assert samples.labels.dtype == np.int64
+
+
+def _list_within(seconds, *args, **kwargs):
+    """find_samples in a thread: a listing that loops forever fails the test instead of hanging."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=1)
+    try:
+        return pool.submit(find_samples, *args, **kwargs).result(timeout=seconds)
+    finally:
+        pool.shutdown(wait=False)
+
+
+def test_symlink_loops_are_followed_once_by_real_path(tmp_path):
+    root, outside = tmp_path / "data", tmp_path / "outside"
+    for key in ("a.jpg", "sub/b.jpg"):
+        make_image(root / key)
+    make_image(outside / "c.jpg")
+    os.symlink("..", root / "sub" / "loop")            # back to the root
+    os.symlink("../sub", root / "sub" / "loop2")       # a second loop
+    os.symlink(outside, root / "ext1")                 # a folder outside: listed once
+    os.symlink(outside, root / "ext2")                 # ... not twice
+    os.symlink(".", outside / "self")                  # a loop outside the root
+    samples = _list_within(30, str(root))
+    assert samples.keys == ["a.jpg", "ext1/c.jpg", "sub/b.jpg"]
+    # class folders: a class linked into another class, and one linked to the root
+    classes = tmp_path / "classes"
+    make_image(classes / "c0" / "x.jpg")
+    make_image(classes / "c1" / "y.jpg")
+    os.symlink("../c0", classes / "c1" / "alias")
+    os.symlink("..", classes / "c0" / "loop")
+    samples = _list_within(30, str(classes))
+    assert samples.source == "folder" and samples.keys == ["c0/x.jpg", "c1/y.jpg"]
+    assert samples.labels.tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("name, problem", [
+    ("new\nline.jpg", "contains a newline"), ("a\tb.jpg", "contains a tab"),
+    ("cr\r.jpg", "contains a carriage return"), (" lead.jpg", "starts or ends with whitespace"),
+    ("sub\x1bdir/x.jpg", "contains the control character '\\x1b'"),
+])
+def test_file_names_that_cannot_be_keys_are_refused_naming_the_file(tmp_path, capsys, name,
+                                                                    problem):
+    make_image(tmp_path / "data" / "good.jpg")
+    make_image(tmp_path / "data" / name)
+    with pytest.raises(ValueError, match=re.escape(f"{str(tmp_path / 'data' / name)!r}: the "
+                                                   f"file name {problem}; keys go one per line")):
+        find_samples(str(tmp_path / "data"))
+    code = main(["infer-teacher", "--model", "test_convnext", "--random-weights", "--data",
+                 str(tmp_path / "data"), "--out", str(tmp_path / "x.zarr")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and problem in err, err
+    assert not (tmp_path / "x.zarr").exists()
+
+
+def test_list_file_line_that_cannot_be_a_key_is_refused(tmp_path):
+    (tmp_path / "list.txt").write_text("a.jpg 1\nb\tc.jpg 2\n")
+    with pytest.raises(ValueError, match=f"{tmp_path / 'list.txt'}:2: 'b\\\\tc.jpg' contains a "
+                                         "tab"):
+        find_samples(str(tmp_path / "list.txt"))
+
+
+def test_list_file_with_invalid_utf8_names_the_file_and_line(tmp_path):
+    (tmp_path / "list.txt").write_bytes(b"a.jpg 1\r\n# caf\xc3\xa9\r\n\xff.jpg 2\r\n")
+    with pytest.raises(ValueError, match=f"list file {tmp_path / 'list.txt'}:3: not valid UTF-8"):
+        find_samples(str(tmp_path / "list.txt"))
+    (tmp_path / "names.txt").write_bytes(b"tench\n\xe9\n")
+    with pytest.raises(ValueError, match=f"class-names file {tmp_path / 'names.txt'}:2: not "
+                                         "valid UTF-8"):
+        read_class_names(str(tmp_path / "names.txt"))
+
+
+def test_list_file_paths_outside_the_root_are_refused(tmp_path):
+    for line in ("sub/../../x.jpg 1", f"{tmp_path.parent}/x.jpg 1", "../../etc/x.png"):
+        (tmp_path / "list.txt").write_text(line + "\n")
+        with pytest.raises(ValueError, match="(outside|not under) --root"):
+            find_samples(str(tmp_path / "list.txt"))
+    (tmp_path / "list.txt").write_text("..a/x.jpg 1\n")  # a folder named "..a" is inside
+    assert find_samples(str(tmp_path / "list.txt")).keys == ["..a/x.jpg"]
+
+
+def test_error_messages_name_the_option(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--val .*nope does not exist"):
+        find_samples(str(tmp_path / "nope"), option="--val")
+    (tmp_path / "list.txt").write_text("a.jpg\n")
+    with pytest.raises(FileNotFoundError, match="--val-root .* is not a folder"):
+        find_samples(str(tmp_path / "list.txt"), root=str(tmp_path / "none"), option="--val",
+                     root_option="--val-root")

@@ -3,6 +3,7 @@ on every data-source kind with both decoders; embeddings; failures; resume after
 refusal of changed settings; two torchrun processes; the CLI's errors."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -516,6 +517,13 @@ def test_chaos_three_ranks_late_starts_one_killed_then_rerun(image_folder, make_
     (["--model", TINY_MODEL, "--random-weights", "--views", "0"], "views must be >= 1"),
     (["--model", TINY_MODEL, "--random-weights", "--topk", "2000"], "exceeds the model's 1000"),
     (["--model", TINY_MODEL, "--random-weights", "--crop-scale", "0.5", "0.2"], "crop_scale"),
+    # refused before the model runs, not as NaN probabilities after inference
+    (["--model", TINY_MODEL, "--random-weights", "--mean", "nan", "0", "0"],
+     "--mean must be finite numbers, got nan 0.0 0.0"),
+    (["--model", TINY_MODEL, "--random-weights", "--std", "0.2", "inf", "0.2"],
+     "--std must be finite"),
+    (["--model", TINY_MODEL, "--random-weights", "--std", "0.2", "0", "0.2"], "--std must be > 0"),
+    (["--model", TINY_MODEL, "--random-weights", "--temperature", "inf"], "temperature must be"),
 ])
 def test_cli_errors_are_one_line_with_status_2(image_folder, tmp_path, capsys, extra, message):
     status = cli_main(["infer-teacher", "--data", str(image_folder.data), "--out",
@@ -524,6 +532,22 @@ def test_cli_errors_are_one_line_with_status_2(image_folder, tmp_path, capsys, e
     err = capsys.readouterr().err.strip()
     assert status == 2
     assert err.startswith("ssld: error:") and "\n" not in err and message in err
+    assert not (tmp_path / "x.zarr").exists()
+
+
+def test_cli_disk_full_is_one_line(image_folder, tmp_path, capsys, monkeypatch):
+    """ENOSPC while writing the store: one line naming the file and the way on, no traceback."""
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "d.zarr/probs/c/0"))
+
+    monkeypatch.setattr(labelstore.LabelStoreWriter, "write", full)
+    status = cli_main(["infer-teacher", "--model", TINY_MODEL, "--random-weights", "--data",
+                       str(image_folder.data), "--out", str(tmp_path / "d.zarr"), "--input-size",
+                       "32", "--no-progress", "--num-workers", "0"])
+    err = capsys.readouterr().err.strip()
+    assert status == 1 and "\n" not in err, err
+    assert err.startswith(f"ssld: failed: No space left on device (errno 28): {tmp_path}/d.zarr/")
+    assert "run the same command again" in err
 
 
 def test_cli_missing_data_and_foreign_out(image_folder, tmp_path, capsys):

@@ -118,6 +118,9 @@ def test_resume_with_changed_options_is_refused_naming_them(images, tmp_path, mo
     (dict(data="images"), "either as --store or as --data"),
     (dict(batch_size=0), "batch_size must be >= 1"),
     (dict(temperature=2.0), "only applies to --loss kl"),
+    (dict(lr=float("inf")), "--lr must be finite, got inf"),
+    (dict(label_weight=float("nan")), "--label-weight must be finite"),
+    (dict(lr_mult=(1, 1, float("nan"), 1, 1)), "--lr-mult must be finite"),
 ])
 def test_bad_option_combinations(options, message, tmp_path):
     values = dict(student="test_resnet", out=str(tmp_path), stores=("a.zarr",))
@@ -164,3 +167,128 @@ def test_cli_crop_scale_reaches_the_config(monkeypatch, tmp_path):
     code = main(["train-student", "--student", "resnet10t", "--data", str(tmp_path),
                  "--supervised", "--out", str(tmp_path / "run"), "--crop-scale", "0.35", "1.0"])
     assert code == 2 and seen["cfg"].crop_scale == (0.35, 1.0)
+
+
+def cli_train(out, stores, *extra):
+    return main(["train-student", "--student", "test_resnet", *[a for s in stores
+                                                                for a in ("--store", s)],
+                 "--out", str(out), "--epochs", "2", "--batch-size", "8", "--input-size", "32",
+                 "--num-workers", "0", "--device", "cpu", *extra])
+
+
+def test_disk_full_before_best_pt_is_one_line_and_resume_rewrites_best(images, tmp_path, capsys,
+                                                                       monkeypatch):
+    """A full disk after last.pt and before best.pt: one line, exit 1; --resume rewrites
+    best.pt (last.pt is the best epoch) instead of trusting the record."""
+    out = tmp_path / "run"
+    save = torch.save
+
+    def full_for_best(obj, f, *args, **kwargs):
+        if "best.pt" in str(getattr(f, "name", f)):
+            raise OSError(28, "No space left on device")
+        return save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_for_best)
+    code = cli_train(out, [store(images, "ok")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and err[-1].startswith("ssld: failed: No space left on device (errno 28): "
+                                            f"{out / 'best.pt'}"), err
+    assert "Traceback" not in "\n".join(err)
+    assert not (out / "best.pt").exists() and not any(p.name.startswith("best.pt.tmp")
+                                                       for p in out.iterdir())
+    last = torch.load(out / "last.pt", weights_only=True)
+    assert last["epoch"] == 1 and last["best"]["epoch"] == 1
+    monkeypatch.setattr(torch, "save", save)
+    assert cli_train(out, [store(images, "ok")], "--resume") == 0, capsys.readouterr().err
+    assert "did not hold the best epoch 1 (an interrupted save): rewritten from last.pt" in \
+        (out / "train.log").read_text()
+    final = torch.load(out / "last.pt", weights_only=True)
+    assert torch.load(out / "best.pt", weights_only=True)["epoch"] == final["best"]["epoch"]
+
+
+def test_resume_of_a_finished_run_rewrites_a_missing_best_pt(images, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli_train(out, [store(images, "ok")], "--epochs", "1") == 0
+    last = torch.load(out / "last.pt", weights_only=True)
+    os.remove(out / "best.pt")
+    capsys.readouterr()
+    assert cli_train(out, [store(images, "ok")], "--epochs", "1", "--resume") == 2
+    assert "already finished all 1 epochs" in capsys.readouterr().err
+    best = torch.load(out / "best.pt", weights_only=True)
+    assert best["epoch"] == 1
+    assert all(torch.equal(best["state_dict"][k], v) for k, v in last["state_dict"].items())
+
+
+def test_a_lost_best_pt_that_cannot_be_rebuilt_is_reported_and_re_established(tmp_path):
+    from student_train.checkpoint import restore_best
+
+    torch.save({"epoch": 1}, tmp_path / "best.pt")  # best.pt of another epoch than recorded
+    checkpoint = {"epoch": 3, "best": {"top1": 0.5, "epoch": 2, "score": 0.5}}
+    note = restore_best(str(tmp_path), checkpoint, write=True)
+    assert "best epoch 2) is missing or damaged and cannot be rebuilt" in note
+    assert checkpoint["best"]["epoch"] is None and checkpoint["best"]["score"] == -float("inf")
+    checkpoint = {"epoch": 3, "best": {"top1": 0.5, "epoch": 1, "score": 0.5}}
+    assert restore_best(str(tmp_path), checkpoint, write=True) is None  # best.pt is epoch 1
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_resume_from_a_damaged_last_pt_is_one_line_naming_it(images, tmp_path, capsys, damage):
+    out = tmp_path / "run"
+    out.mkdir()
+    if damage == "garbage":
+        (out / "last.pt").write_bytes(b"\x00not a checkpoint\n" * 10)
+    else:
+        torch.save({"format": "ssld.train-student", "weights": torch.zeros(10000)},
+                   out / "last.pt")
+        data = (out / "last.pt").read_bytes()
+        (out / "last.pt").write_bytes(data[:len(data) // 2])
+    code = cli_train(out, [store(images, "ok")], "--resume")
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"ssld: error: --resume: {out / 'last.pt'} cannot be read (truncated or "
+                          "not a torch checkpoint")
+
+
+def test_init_from_another_architecture_is_one_line_naming_the_parameter(images, tmp_path,
+                                                                         capsys):
+    import timm
+
+    other = tmp_path / "resnet10t.pth"
+    torch.save(timm.create_model("resnet10t", num_classes=CLASSES).state_dict(), other)
+    code = cli_train(tmp_path / "run", [store(images, "ok")], "--init", str(other))
+    err = capsys.readouterr().err.strip().splitlines()  # after the data log lines: one line
+    assert code == 2 and not any("Traceback" in line for line in err), err
+    assert err[-1].startswith(f"ssld: error: --init {other} does not fit test_resnet: conv1.0.weight "
+                          "has shape")
+    assert_nothing_trained(str(tmp_path / "run"))
+
+
+def test_missing_val_is_reported_as_val(images, tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"--val {tmp_path / 'nope'} does not exist"):
+        train(config(tmp_path / "run", [store(images, "ok")], val=str(tmp_path / "nope")))
+    (tmp_path / "val.txt").write_text("a.png 0\n")
+    with pytest.raises(FileNotFoundError, match="--val-root .* is not a folder"):
+        train(config(tmp_path / "run", [store(images, "ok")], val=str(tmp_path / "val.txt"),
+                     val_root=str(tmp_path / "none")))
+
+
+@pytest.mark.parametrize("key", ["../outside/x.png", "c0/../../outside/x.png", "/outside/x.png"])
+def test_store_keys_outside_the_dataset_root_are_refused(images, tmp_path, capsys, key):
+    root, keys, labels = images
+    data = tmp_path / "data"
+    shutil.copytree(root / "images", data / "images")
+    outside = data / "outside"  # the file ../outside/x.png names: it exists, and is not ours
+    outside.mkdir()
+    shutil.copy(root / "images" / keys[0], outside / "x.png")
+    path = str(tmp_path / "escape.zarr")
+    make_store(path, str(data / "images"), keys, labels, classes=CLASSES)
+    import zarr
+    zarr.open_array(f"{path}/keys", mode="r+")[3] = key  # what a hand-made store might hold
+    code = main(["train-student", "--student", "test_resnet", "--store", path, "--out",
+                 str(tmp_path / "run"), "--input-size", "32", "--device", "cpu",
+                 "--num-workers", "0", "--batch-size", "8", "--epochs", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"ssld: error: label store {path}: key {key!r} points outside its "
+                          "dataset root")
+    assert_nothing_trained(str(tmp_path / "run"))
