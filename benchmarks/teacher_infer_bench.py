@@ -65,6 +65,7 @@ def config(args, data: str, out: str, decoder: str):
 
     return InferConfig(model=args.model, random_weights=True, data=data, out=out,
                        decoder=decoder, batch_size=args.batch_size, precision=args.precision,
+                       views=args.views,
                        channels_last=args.channels_last, device=args.device, topk=10,
                        num_workers=args.workers, progress=False, overwrite=True)
 
@@ -102,7 +103,8 @@ def model_only(args, data: str, out: str) -> float:
     batch = collate([dataset[i] for i in range(args.batch_size)])
     mean = torch.tensor(teacher.data_config["mean"], device=device)
     std = torch.tensor(teacher.data_config["std"], device=device)
-    x = pixels_to_input(batch.pixels.to(device), mean, std)[0]
+    # every view of the batch in one forward, view-major as the loop feeds them
+    x = pixels_to_input(batch.pixels.to(device), mean, std).flatten(0, 1)
     if cfg.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     if device.type == "cuda":
@@ -189,6 +191,7 @@ def main() -> None:
     parser.add_argument("--model", help="teacher [CPU mobilenetv3_large_100, GPU "
                         "resnext101_32x16d]")
     parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--views", type=int, default=1, help="views per image [1]")
     parser.add_argument("--workers", type=int, help="DataLoader workers [the run's default]")
     parser.add_argument("--device", choices=["cpu", "cuda"],
                         help="[cuda with --gpu, else cpu]; --gpu --device cpu is a dry run")
@@ -244,8 +247,8 @@ def main() -> None:
                 runs[decoder] = result
     device = torch.cuda.get_device_name() if args.device == "cuda" else \
         f"CPU, {torch.get_num_threads()} torch threads"
-    print(f"\nteacher {args.model}, {args.precision}, batch {args.batch_size}, one view, "
-          f"{args.images} images, {device}")
+    print(f"\nteacher {args.model}, {args.precision}, batch {args.batch_size}, "
+          f"{args.views} view(s), {args.images} images, {device}")
     print(f"{'measure':<34}{'img/s':>10}{'vs model-only':>15}")
     print(f"{'model only (pre-decoded tensors)':<34}{figures['model_only']:>10.1f}{1:>15.2f}")
     for decoder in args.decoders:
