@@ -143,6 +143,10 @@ class DaliDecoder:
         height, width = self.spec.input_size
         images = torch.empty((self.spec.views, len(encoded), 3, height, width),
                              dtype=torch.float32, device=self.device)
+        if self._stream is not None:
+            # ``images`` may reuse memory that kernels queued on the current stream (the
+            # model's forward) still read: our copy stream waits for them before writing.
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))
         for view, output in enumerate(outputs):
             feed_ndarray(output.as_tensor(), images[view], cuda_stream=self._stream)
         if self._stream is not None:

@@ -133,3 +133,40 @@ def test_open_rgb_reasons(tmp_path):
         open_rgb(tmp_path / "absent.jpg")
     with pytest.raises(DecodeError, match="not an image"):
         open_rgb(io.BytesIO(b"GIF89a but not really"))
+
+
+def test_dali_output_copies_wait_for_the_current_stream(image_folder, monkeypatch):
+    """On a GPU the output copies run on the decoder's own stream into freshly allocated
+    memory that the current stream (the model) may still be reading: the copy stream must
+    wait for the current stream first and be synchronised before DALI reuses its buffers.
+    Checked on the CPU with a stand-in stream that records the order of events."""
+    import nvidia.dali.plugin.pytorch as dali_torch
+
+    events = []
+
+    class RecordingStream:
+        def wait_stream(self, stream):
+            events.append(("wait", stream))
+
+        def synchronize(self):
+            events.append(("synchronize", None))
+
+    copy = dali_torch.feed_ndarray
+
+    def recorded_copy(output, tensor, cuda_stream=None):
+        events.append(("copy", cuda_stream))
+        return copy(output, tensor)
+
+    keys = image_folder.keys[:4]
+    dataset = ViewDataset([str(image_folder.path(k)) for k in keys], keys, SPEC, "bicubic",
+                          mode="bytes")
+    batch = collate([dataset[i] for i in range(len(keys))])
+    decoder = _dali()
+    expected = decoder.decode_batch(batch)
+    stream = RecordingStream()
+    decoder._stream = stream
+    monkeypatch.setattr(dali_torch, "feed_ndarray", recorded_copy)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: "current")
+    torch.testing.assert_close(decoder.decode_batch(batch), expected, rtol=0, atol=0)
+    assert events == ([("wait", "current")] + [("copy", stream)] * SPEC.views
+                      + [("synchronize", None)])
