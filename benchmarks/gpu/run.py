@@ -380,6 +380,13 @@ def _ssld(args: list[str], timeout: float) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=max(1.0, timeout), cwd=ROOT)
 
 
+def _failed(command: str, done: subprocess.CompletedProcess) -> str:
+    """First line: ssld's own error (its last line on stderr); then the tail of stderr."""
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    return (f"ssld {command} exited {done.returncode}: {lines[-1] if lines else ''}\n"
+            + done.stderr[-1500:])
+
+
 def part_quickstart(rec: Recorder, cfg: dict, ctx) -> None:
     q = cfg["quickstart"]
     work = os.path.join(ctx.work, "quickstart")
@@ -415,8 +422,7 @@ def part_quickstart(rec: Recorder, cfg: dict, ctx) -> None:
                   "wall_s": round(time.perf_counter() - started, 2),
                   "stdout_tail": done.stdout[-3000:], "stderr_tail": done.stderr[-3000:]}
         if done.returncode != 0:
-            raise RuntimeError(f"ssld quickstart exited {done.returncode}: "
-                               f"{done.stderr.strip()[-1500:]}")
+            raise RuntimeError(_failed("quickstart", done))
         with open(os.path.join(work, "quickstart.json")) as handle:
             result["quickstart"] = json.load(handle)
         result["decoders_used"] = _quickstart_decoders(work)
@@ -495,7 +501,7 @@ def part_dedup(rec: Recorder, cfg: dict, ctx) -> None:
         started = time.perf_counter()
         done = _ssld(args, rec.left_s() - 2)
         if done.returncode != 0:
-            raise RuntimeError(f"ssld dedup exited {done.returncode}: {done.stderr[-1500:]}")
+            raise RuntimeError(_failed("dedup", done))
         with open(out) as handle:
             lines = [line for line in handle if line.strip() and not line.startswith("#")]
         return {"command": "ssld " + " ".join(args), "wall_s": round(
