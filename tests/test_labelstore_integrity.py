@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import labelstore
-from cli import main as cli_main
 from test_labelstore import make_store
+from test_labelstore_paths import refused
 
 N, CHUNK = 10, 4          # chunks of rows 0:4, 4:8, 8:10
 
@@ -30,16 +30,6 @@ def chunk_file(store, array: str, chunk: int):
         folder = folder / "0"
     assert folder.is_file(), folder
     return folder
-
-
-def assert_one_line_exit_2(capsys, argv, *fragments):
-    status = cli_main(argv)
-    err = capsys.readouterr().err.strip()
-    assert status == 2, err
-    assert len(err.splitlines()) == 1, err
-    for fragment in fragments:
-        assert fragment in err, err
-    return err
 
 
 def test_every_array_chunk_is_written_even_when_it_holds_fill_values(finished):
@@ -63,7 +53,7 @@ def test_missing_chunk_of_a_done_chunk_is_an_error_naming_it(finished, capsys, a
     for argv in (["inspect", str(finished)], ["select-topk", "--store", str(finished), "--k", "2",
                                               "--out", out],
                  ["export", str(finished), "--out", str(finished.parent / "x.h5")]):
-        assert_one_line_exit_2(capsys, argv, f"chunk 1 of array '{array}'", "damaged")
+        refused(capsys, argv, f"chunk 1 of array '{array}'", "damaged")
     assert not os.path.exists(out)
 
 
@@ -84,20 +74,20 @@ def test_truncated_or_altered_chunk_fails_its_checksum(finished, capsys, damage)
         st.read(slice(0, N))
     with pytest.raises(labelstore.DamagedStoreError, match="chunk 2 of array 'probs'"):
         st.load()
-    assert_one_line_exit_2(capsys, ["inspect", str(finished)], "chunk 2 of array 'probs'")
+    refused(capsys, ["inspect", str(finished)], "chunk 2 of array 'probs'")
 
 
 def test_removed_array_and_edited_shape_are_one_line_errors(finished, capsys):
     broken = finished.parent / "broken.zarr"
     shutil.copytree(finished, broken)
     shutil.rmtree(broken / "residual")
-    assert_one_line_exit_2(capsys, ["inspect", str(broken)], "array 'residual' is missing")
+    refused(capsys, ["inspect", str(broken)], "array 'residual' is missing")
 
     meta_path = finished / "probs" / "zarr.json"
     meta = json.loads(meta_path.read_text())
     meta["shape"] = [N + 3] + meta["shape"][1:]
     meta_path.write_text(json.dumps(meta))
-    assert_one_line_exit_2(capsys, ["inspect", str(finished)], "array 'probs' has shape (13,")
+    refused(capsys, ["inspect", str(finished)], "array 'probs' has shape (13,")
 
 
 def test_stores_without_the_integrity_promise_still_open(finished):
