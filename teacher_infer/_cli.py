@@ -19,8 +19,10 @@ commands: list[click.Command] = []
               "a network: fails at once when they are not cached and the hub is unreachable).")
 @click.option("--random-weights", is_flag=True,
               help="Run without weights (seeded by --seed); for tests and benchmarks.")
-@click.option("--data", required=True, help="Class-folder root, unlabeled image folder, or a "
-              "list file of 'relative/path [label]' lines.")
+@click.option("--data", help="Class-folder root, unlabeled image folder, or a list file of "
+              "'relative/path [label]' lines (optional with --views-from).")
+@click.option("--views-from", type=click.Path(), help="Label store whose rows, dataset root, "
+              "views, boxes and flips to reuse: this teacher labels exactly its crops.")
 @click.option("--root", help="Folder the list file's paths are relative to (default: its folder).")
 @click.option("--source", type=click.Choice(SOURCES), default="auto", show_default=True,
               help="Kind of --data when a folder is ambiguous.")
@@ -56,23 +58,24 @@ commands: list[click.Command] = []
 @click.option("--embeddings", is_flag=True, help="Also store view 0's pooled features (fp16).")
 @click.option("--overwrite", is_flag=True, help="Replace --out instead of resuming it.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def infer_teacher(model, checkpoint, pretrained, random_weights, data, root, source, out, topk,
-                  views, seed, crop_scale, crop_ratio, temperature, input_size, interpolation,
-                  mean, std, crop_pct, batch_size, device, decoder, precision, channels_last,
+def infer_teacher(model, checkpoint, pretrained, random_weights, data, views_from, root, source,
+                  out, topk, views, seed, crop_scale, crop_ratio, temperature, input_size,
+                  interpolation, mean, std, crop_pct, batch_size, device, decoder, precision, channels_last,
                   compile_model, num_workers, num_classes, class_names, chunk_rows, embeddings,
                   overwrite, no_progress) -> None:
     """Run a teacher once over a data set and write its top-k soft labels to a label store.
 
     Rerunning the same command resumes an interrupted store; under torchrun every rank
-    takes whole store chunks.
+    takes whole store chunks. With --views-from STORE the rows, views, boxes and flips are
+    STORE's (--views and the view-sampling options are not used), e.g. to ensemble teachers.
     """
     from teacher_infer import InferConfig, run
 
     cfg = InferConfig(
         model=model, data=data, out=out, root=root, source=source, checkpoint=checkpoint,
         pretrained=pretrained, random_weights=random_weights, num_classes=num_classes,
-        class_names=class_names, topk=topk, views=views, seed=seed, crop_scale=crop_scale,
-        crop_ratio=crop_ratio, temperature=temperature, input_size=input_size,
+        class_names=class_names, views_from=views_from, topk=topk, views=views, seed=seed,
+        crop_scale=crop_scale, crop_ratio=crop_ratio, temperature=temperature, input_size=input_size,
         interpolation=interpolation, mean=mean or None, std=std or None, crop_pct=crop_pct,
         batch_size=batch_size, device=device, decoder=decoder, precision=precision,
         channels_last=channels_last, compile=compile_model, num_workers=num_workers,

@@ -21,7 +21,7 @@ class InferConfig:
     """What to run, on what, and how; ``teacher_infer.run(cfg)`` executes it."""
 
     model: str                          # timm name, "arch.tag", or a PaddleClas name
-    data: str                           # class-folder root, unlabeled folder, or list file
+    data: str | None                    # class-folder root, unlabeled folder, or list file
     out: str                            # label store to write (NAME.zarr)
     root: str | None = None             # list files: paths are relative to this (default: its folder)
     source: str = "auto"                # force the data-source kind when a folder is ambiguous
@@ -30,6 +30,7 @@ class InferConfig:
     random_weights: bool = False        # allow running without weights (tests, benchmarks)
     num_classes: int | None = None      # classifier size when it differs from the model default
     class_names: str | None = None      # file with one class name per line (recorded in the store)
+    views_from: str | None = None       # label store whose rows, root, boxes and flips to reuse
 
     topk: int = 10                      # classes kept per view
     views: int = 1                      # view 0 = eval crop; 1.. = RandomResizedCrop + flip
@@ -75,6 +76,8 @@ class InferConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}; "
                                  f"got {getattr(self, name)!r}")
+        if self.data is None and self.views_from is None:
+            raise ValueError("no data: pass --data (or --views-from STORE to label its crops)")
         if sum([self.checkpoint is not None, self.pretrained, self.random_weights]) > 1:
             raise ValueError("give only one of --checkpoint, --pretrained, --random-weights")
         if not (self.checkpoint or self.pretrained or self.random_weights):

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .views import ViewSpec, eval_geometry, pixel_box, plan_views
+from .views import PlannedViews, ViewSpec, eval_geometry, is_eval_box, pixel_box, plan_views
 
 # PIL resampling filters by timm's interpolation names.
 PIL_FILTERS = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
@@ -133,11 +133,13 @@ def render_eval(image: Image.Image, spec: ViewSpec, interpolation: str) -> Image
 
 def render_views(image: Image.Image, boxes: np.ndarray, flips: np.ndarray, spec: ViewSpec,
                  interpolation: str) -> torch.Tensor:
-    """The views of an RGB image as a (V, 3, H, W) uint8 tensor (see views.py)."""
+    """The views of an RGB image as a (V, 3, H, W) uint8 tensor (see views.py). View 0 is
+    rendered as timm's eval transform when its box is that transform's (always, unless the
+    boxes come from another store: then any box is resampled like the other views)."""
     height, width = spec.input_size
     out = torch.empty((len(boxes), 3, height, width), dtype=torch.uint8)
     for view, (box, flip) in enumerate(zip(boxes, flips)):
-        if view == 0:
+        if view == 0 and is_eval_box(box, flip, image.height, image.width, spec):
             crop = render_eval(image, spec, interpolation)
         else:
             crop = render_box(image, box, flip, spec.input_size, interpolation)
@@ -176,14 +178,21 @@ class Item:
 
 
 class ViewDataset(torch.utils.data.Dataset):
-    """Row ``i`` of ``paths``/``keys`` → :class:`Item`; ``mode`` is ``pil`` or ``bytes``."""
+    """Row ``i`` of ``paths``/``keys`` → :class:`Item`; ``mode`` is ``pil`` or ``bytes``.
+    With ``planned`` the views are those boxes and flips instead of drawn ones."""
 
     def __init__(self, paths: list[str], keys: list[str], spec: ViewSpec, interpolation: str,
-                 mode: str = "pil"):
+                 mode: str = "pil", planned: PlannedViews | None = None):
         if mode not in ("pil", "bytes"):
             raise ValueError(f"mode must be 'pil' or 'bytes', got {mode!r}")
         self.paths, self.keys, self.spec = paths, keys, spec
         self.interpolation, self.mode = interpolation, mode
+        self.planned = planned
+
+    def _plan(self, row: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.planned is None:
+            return plan_views(self.keys[row], height, width, self.spec)
+        return self.planned.boxes[row], self.planned.flips[row]
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -193,6 +202,8 @@ class ViewDataset(torch.utils.data.Dataset):
         return Item(row, np.zeros((views, 4), np.uint16), np.zeros(views, bool), False, reason)
 
     def __getitem__(self, row: int) -> Item:
+        if self.planned is not None and not self.planned.usable[row]:
+            return self._failed(row, self.planned.reason)
         try:
             if self.mode == "pil":
                 return self._decode(row, self.paths[row])
@@ -201,7 +212,7 @@ class ViewDataset(torch.utils.data.Dataset):
             height, width, fmt = header_size(data)
             if fmt not in DALI_FORMATS:
                 return self._decode(row, io.BytesIO(data))
-            boxes, flips = plan_views(self.keys[row], height, width, self.spec)
+            boxes, flips = self._plan(row, height, width)
             return Item(row, boxes, flips, True, encoded=np.frombuffer(data, dtype=np.uint8),
                         height=height)
         except FileNotFoundError:
@@ -218,7 +229,7 @@ class ViewDataset(torch.utils.data.Dataset):
         return self.render(row, image)
 
     def render(self, row: int, image: Image.Image) -> Item:
-        boxes, flips = plan_views(self.keys[row], image.height, image.width, self.spec)
+        boxes, flips = self._plan(row, image.height, image.width)
         pixels = render_views(image, boxes, flips, self.spec, self.interpolation)
         return Item(row, boxes, flips, True, pixels=pixels)
 

@@ -10,6 +10,7 @@ on a deterministic device.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -171,6 +172,7 @@ def _settings(attrs: dict[str, Any]) -> dict[str, Any]:
     flat.update({f"preprocessing.{k}": v for k, v in (attrs.get("preprocessing") or {}).items()})
     flat.update({k: attrs.get(k) for k in ("topk", "views", "temperature", "embedding_dim")})
     flat["compute.precision"] = (attrs.get("compute") or {}).get("precision")
+    flat["views_from.fingerprint"] = (attrs.get("views_from") or {}).get("fingerprint")
     return {k: json.loads(json.dumps(v)) for k, v in flat.items()}
 
 
@@ -360,7 +362,8 @@ def run(cfg: InferConfig) -> RunSummary:
     """Run the teacher of ``cfg`` over its data set into ``cfg.out``; see the module doc."""
     started = time.perf_counter()
     check_disjoint(cfg.out, {"--data": cfg.data, "--root": cfg.root,
-                             "--class-names": cfg.class_names, "--checkpoint": cfg.checkpoint})
+                             "--class-names": cfg.class_names, "--checkpoint": cfg.checkpoint,
+                             "--views-from": cfg.views_from})
     dist = Dist.from_env()
     device = resolve_device(cfg.device, dist)
     dist.init(device)
@@ -375,15 +378,16 @@ def run(cfg: InferConfig) -> RunSummary:
 
 def _store_attrs(cfg: InferConfig, samples: Samples, labels: np.ndarray, teacher, spec: ViewSpec,
                  class_names: list[str] | None, embedding_dim: int | None,
-                 decoder_name: str, device) -> dict[str, Any]:
+                 decoder_name: str, device, views_from: dict | None) -> dict[str, Any]:
     import labelstore
 
-    return {
+    extra = {} if views_from is None else {"views_from": views_from}
+    return {**extra,
         "teacher": teacher.record,
         "preprocessing": _preprocessing(spec, teacher.data_config),
         # fingerprint and num_samples are labelstore.create's too; here so a resume compares them
         "dataset": {"root": samples.root, "source": samples.source,
-                    "data": os.path.abspath(cfg.data), "num_samples": len(samples),
+                    "data": cfg.data and os.path.abspath(cfg.data), "num_samples": len(samples),
                     "fingerprint": labelstore.fingerprint(samples.keys),
                     "labels_sha256": labelstore.fingerprint(str(v) for v in labels)},
         "temperature": float(cfg.temperature),
@@ -434,8 +438,18 @@ def _run(cfg: InferConfig, dist: Dist, device, started: float) -> RunSummary:
     from .model import load_teacher
 
     decoder_name = resolve_decoder(cfg.decoder)
-    samples: Samples = _on_main(dist, lambda: find_samples(cfg.data, root=cfg.root,
-                                                            source=cfg.source))
+    reference = None
+    if cfg.views_from is not None:  # rows, root, views, boxes and flips of another store
+        from .reference import load_reference
+
+        reference = _on_main(dist, lambda: load_reference(
+            cfg.views_from, data=cfg.data, root=cfg.root, source=cfg.source, views=cfg.views,
+            box_convention=BOX_CONVENTION))
+        samples: Samples = reference.samples
+        cfg = dataclasses.replace(cfg, views=reference.views)
+    else:
+        samples = _on_main(dist, lambda: find_samples(cfg.data, root=cfg.root,
+                                                      source=cfg.source))
     teacher = load_teacher(cfg, device)
     labels, class_names = _labels_and_names(samples, teacher.num_classes, cfg.class_names)
     if cfg.topk > teacher.num_classes:
@@ -444,10 +458,17 @@ def _run(cfg: InferConfig, dist: Dist, device, started: float) -> RunSummary:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest kernels
     spec = _data_config_view_spec(cfg, teacher.data_config)
+    if reference is not None:  # recorded as the reference drew them; never drawn here
+        drawn = reference.preprocessing
+        spec = dataclasses.replace(
+            spec, crop_scale=tuple(drawn.get("crop_scale", spec.crop_scale)),
+            crop_ratio=tuple(drawn.get("crop_ratio", spec.crop_ratio)),
+            flip_prob=float(drawn.get("flip_prob", spec.flip_prob)),
+            seed=int(drawn.get("seed", spec.seed)))
     interpolation = teacher.data_config["interpolation"]
     embedding_dim = _embedding_dim(teacher.model, spec, device) if cfg.embeddings else None
     attrs = _store_attrs(cfg, samples, labels, teacher, spec, class_names, embedding_dim,
-                         decoder_name, device)
+                         decoder_name, device, reference and reference.record)
     plan: Plan = _on_main(dist, lambda: _open_or_create(
         cfg, samples, labels, attrs, teacher.num_classes, embedding_dim))
     dist.barrier()  # the store exists before any rank writes
@@ -461,7 +482,8 @@ def _run(cfg: InferConfig, dist: Dist, device, started: float) -> RunSummary:
     workers = cfg.num_workers if cfg.num_workers is not None else _default_workers(
         decoder_name, cpus)
     dataset = ViewDataset([samples.path(i) for i in range(len(samples))], samples.keys, spec,
-                          interpolation, mode="bytes" if decoder_name == "dali" else "pil")
+                          interpolation, mode="bytes" if decoder_name == "dali" else "pil",
+                          planned=reference and reference.planned)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
         pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)

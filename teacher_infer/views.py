@@ -138,6 +138,25 @@ def plan_views(key: str, height: int, width: int,
     return quantize_inside(boxes), flips
 
 
+def is_eval_box(box: np.ndarray, flip: bool, height: int, width: int, spec: ViewSpec) -> bool:
+    """Whether a stored view is exactly this spec's evaluation view of a ``height × width``
+    image (then it is rendered with timm's own two steps, bit-identical to its transform)."""
+    planned = quantize_inside(eval_box(height, width, spec)[None])[0]
+    return not bool(flip) and np.array_equal(np.asarray(box, dtype=np.uint16), planned)
+
+
+@dataclass(frozen=True)
+class PlannedViews:
+    """Boxes and flips fixed in advance (``infer-teacher --views-from``, ``ssld verify``):
+    row ``i`` is cropped with ``boxes[i]`` / ``flips[i]`` instead of views drawn here;
+    rows with ``usable[i]`` false are not read and become invalid with ``reason``."""
+
+    boxes: np.ndarray      # (N, V, 4) uint16, the store's grid
+    flips: np.ndarray      # (N, V) bool
+    usable: np.ndarray     # (N,) bool
+    reason: str = "invalid in the reference store"
+
+
 def pixel_box(box: np.ndarray, height: int, width: int) -> tuple[float, float, float, float]:
     """A stored (quantised or fractional) box as PIL's (left, upper, right, lower) in pixels."""
     y0, x0, h, w = (dequantize_boxes(box) if box.dtype == np.uint16 else box).astype(np.float64)
