@@ -13,6 +13,7 @@ from ._reader import DamagedStoreError, LabelSlice, LabelStore, densify, open
 from ._version import __version__
 from ._writer import IncompleteRunError, LabelStoreWriter, create
 from ._dedup import dedup
+from ._ensemble import EnsembleResult, ensemble
 from ._merge import merge
 from ._select import select_topk
 
@@ -20,6 +21,7 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "DamagedStoreError",
+    "EnsembleResult",
     "IncompleteRunError",
     "LabelSlice",
     "LabelStore",
@@ -31,6 +33,7 @@ __all__ = [
     "create",
     "dedup",
     "densify",
+    "ensemble",
     "dequantize_boxes",
     "disk_bytes",
     "exists",

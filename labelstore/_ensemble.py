@@ -1,0 +1,291 @@
+"""``ensemble``: one store whose rows are a weighted combination of several teachers' rows.
+
+The members must label the same crops: the same keys in the same order and, row by row
+and view by view, the same box and flip (``infer-teacher --views-from`` makes such
+stores). Each output row-view is the weighted mean — or the normalised weighted
+geometric mean — of the members' dense distributions (marginal smoothing, as
+``LabelStore.dense``), cut to its top-k plus the residual like a teacher's row. A row
+invalid in any member is invalid.
+
+The work streams chunk by chunk (memory: one chunk's top-k rows plus a block of dense
+rows, O(chunk × C) at most) and writes whole chunks through the writer, so an
+interrupted ensemble is resumed by rerunning the same command: only chunks not done are
+computed. The settings (members, weights, rule, k) are kept in the store and a rerun
+with other settings is refused.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import _derive
+from . import _format as fmt
+from ._lock import OutputLock
+from ._paths import check_disjoint, check_replaceable, real_path
+from ._reader import LabelStore, densify, open as open_store
+from ._writer import _exists, create
+
+RULES = ("mean", "geomean")
+# Dense values per block (rows × classes): 2^22 float64 = 32 MiB per member array.
+DENSE_VALUES = 1 << 22
+# Floor of a probability under the logarithm (geomean): a class that a member gives
+# exactly 0 (k = C with a zero entry) keeps a tiny share instead of -inf.
+LOG_FLOOR = 1e-30
+
+
+@dataclass
+class EnsembleResult:
+    """What ``ensemble`` did; ``str()`` is the summary the CLI prints."""
+
+    out: str
+    members: list[str]
+    weights: list[float]
+    rule: str
+    topk: int
+    rows: int
+    rows_computed: int
+    rows_skipped: int              # already done (resume)
+    invalid: int                   # invalid rows in the output
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows_computed / self.seconds if self.seconds > 0 else 0.0
+
+    def __str__(self) -> str:
+        weights = ", ".join(f"{w:g}" for w in self.weights)
+        resumed = f" ({self.rows_skipped:,} already done)" if self.rows_skipped else ""
+        lines = [f"ensemble ({self.rule}, weights {weights}, k={self.topk}) of "
+                 f"{len(self.members)} stores -> {self.out}: {self.rows_computed:,} rows "
+                 f"computed{resumed} in {self.seconds:.1f} s ({self.rows_per_s:,.0f} rows/s), "
+                 f"{self.invalid:,} invalid"]
+        lines += [f"  {path}" for path in self.members]
+        return "\n".join(lines + self.notes)
+
+
+def ensemble(stores: Sequence[Any], out: Any, *, weights: Sequence[float] | None = None,
+             topk: int | None = None, rule: str = "mean", overwrite: bool = False,
+             progress: bool = False) -> EnsembleResult:
+    """Combine stores that label the same crops into ``out``.
+
+    Parameters
+    ----------
+    stores : paths or LabelStore readers (two or more, complete)
+    out : the store to write; when it exists (and ``overwrite`` is false) it must be an
+        ensemble of the same members with the same settings, and only its missing chunks
+        are computed (resume).
+    weights : one non-negative weight per member (normalised to sum 1); default equal.
+    topk : classes kept per view; default the largest member k.
+    rule : ``mean`` (weighted arithmetic mean of the distributions) or ``geomean``
+        (weighted geometric mean, renormalised: a product of experts).
+
+    Raises
+    ------
+    ValueError
+        Naming the first difference when the members do not match (classes, views, class
+        names, rows, key, box or flip of a row), or bad weights / k / rule.
+    """
+    with OutputLock(out, command="ensemble"):  # one writer per output, from the start
+        return _ensemble(stores, out, weights=weights, topk=topk, rule=rule,
+                         overwrite=overwrite, progress=progress)
+
+
+def _weights(weights: Sequence[float] | None, n: int) -> list[float]:
+    if weights is None:
+        return [1.0 / n] * n
+    weights = [float(w) for w in weights]
+    if len(weights) != n:
+        raise ValueError(f"--weights has {len(weights)} values for {n} stores")
+    if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"--weights must be finite, >= 0 and not all 0, got "
+                         f"{','.join(f'{w:g}' for w in weights)}")
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+def check_same_rows(members: Sequence[LabelStore]) -> None:
+    """ValueError naming the first row whose key, box or flip differs between members
+    (boxes and flips are compared where both rows are valid: invalid rows have none)."""
+    first = members[0]
+    for other in members[1:]:
+        if len(other) != len(first):
+            raise ValueError(f"rows differ: {first.path} has {len(first)}, {other.path} has "
+                             f"{len(other)}")
+        differ = np.flatnonzero(first.keys != other.keys)
+        if len(differ):
+            row = int(differ[0])
+            raise ValueError(f"row {row} differs: key {first.keys[row]!r} in {first.path}, "
+                             f"{other.keys[row]!r} in {other.path} (ensemble needs the same "
+                             "rows in the same order: infer-teacher --views-from)")
+    names = ("boxes", "flips", "valid")
+    step = _derive.block_rows(first)
+    streams = [_derive.read_blocks(store, names, step=step) for store in members]
+    for blocks in zip(*streams):
+        lo = blocks[0][0]
+        base = blocks[0][2]
+        for store, (_, _, data) in zip(members[1:], blocks[1:]):
+            both = base["valid"].astype(bool) & data["valid"].astype(bool)
+            for name in ("boxes", "flips"):
+                a, b = base[name], data[name]
+                bad = (a != b).reshape(len(a), -1).any(axis=1) if name == "boxes" else \
+                    (a != b).any(axis=1)
+                bad &= both
+                if bad.any():
+                    row = lo + int(np.flatnonzero(bad)[0])
+                    i = row - lo
+                    view = int(np.flatnonzero((a[i] != b[i]).reshape(a.shape[1], -1)
+                                              .any(axis=1))[0])
+                    show = (lambda x: tuple(np.round(fmt.dequantize_boxes(x), 4).tolist())) \
+                        if name == "boxes" else bool
+                    raise ValueError(
+                        f"row {row} (key {first.keys[row]!r}) view {view}: {name[:-1]} "
+                        f"differs: {show(a[i, view])} in {first.path}, {show(b[i, view])} in "
+                        f"{store.path} (the members must label the same crops: infer-teacher "
+                        "--views-from)")
+
+
+def combine(dense: Sequence[np.ndarray], weights: Sequence[float], rule: str) -> np.ndarray:
+    """(n, C) float64 combination of members' (n, C) distributions, rows summing to 1."""
+    total = np.zeros(dense[0].shape, dtype=np.float64)
+    if rule == "mean":
+        for probs, weight in zip(dense, weights):
+            total += weight * probs
+    else:
+        for probs, weight in zip(dense, weights):
+            total += weight * np.log(np.maximum(probs, LOG_FLOOR))
+        total -= total.max(axis=1, keepdims=True)
+        np.exp(total, out=total)
+    return total / total.sum(axis=1, keepdims=True)
+
+
+def top_k(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-k class ids (best first), their probabilities and the residual of (n, C) rows."""
+    n, classes = probs.shape
+    part = np.argpartition(-probs, k - 1, axis=1)[:, :k] if k < classes else \
+        np.tile(np.arange(classes), (n, 1))
+    values = np.take_along_axis(probs, part, axis=1)
+    order = np.argsort(-values, axis=1, kind="stable")
+    indices = np.take_along_axis(part, order, axis=1)
+    values = np.take_along_axis(values, order, axis=1)
+    return indices, values, np.clip(1.0 - values.sum(axis=1), 0.0, 1.0)
+
+
+def _member_record(store: LabelStore) -> dict[str, Any]:
+    """What identifies a member (resume compares it): where, which rows, written when."""
+    attrs = store.attrs
+    return {"path": real_path(store.path), "rows": len(store),
+            "fingerprint": (attrs.get("dataset") or {}).get("fingerprint"),
+            "created": attrs.get("created"), "teacher": store.teacher_name}
+
+
+def _settings(members, weights, rule, k) -> dict[str, Any]:
+    return json.loads(json.dumps({"members": [_member_record(m) for m in members],
+                                  "weights": weights, "rule": rule, "topk": k}))
+
+
+def _resume(out: Any, settings: dict[str, Any]):
+    """The writer of an existing ensemble store with the same settings; ValueError else."""
+    store = open_store(out)
+    before = store.attrs.get("ensemble")
+    if before is None:
+        raise FileExistsError(f"{out} already exists and is not an ensemble store (pass "
+                              "--overwrite to replace it)")
+    diffs = [name for name in ("members", "weights", "rule", "topk")
+             if before.get(name) != settings[name]]
+    if diffs:
+        what = diffs[0]
+        raise ValueError(f"{out} is an ensemble with other {what} (store {before.get(what)!r}, "
+                         f"now {settings[what]!r}); pass --overwrite to replace it (or rerun "
+                         "with its settings to resume)")
+    return open_store(out, mode="a")
+
+
+def _ensemble(stores, out, *, weights, topk, rule, overwrite, progress) -> EnsembleResult:
+    started = time.perf_counter()
+    if rule not in RULES:
+        raise ValueError(f"--rule must be one of {', '.join(RULES)}, got {rule!r}")
+    members = _derive.open_complete(stores)
+    if len(members) < 2:
+        raise ValueError(f"ensemble needs at least two stores, got {len(members)}")
+    weights = _weights(weights, len(members))
+    first = members[0]
+    classes = first.num_classes
+    k = int(topk) if topk is not None else max(m.topk for m in members)
+    if not 1 <= k <= classes:
+        raise ValueError(f"--topk must be in [1, {classes}], got {k}")
+    check_disjoint(out, {"one of the input stores": [m.path for m in members]})
+    _derive.check_compatible(members, topk=False)
+    check_same_rows(members)
+
+    settings = _settings(members, weights, rule, k)
+    if _exists(out) and not overwrite:
+        writer = _resume(out, settings)
+    else:
+        if _exists(out):
+            check_replaceable(out)
+        root = (first.attrs.get("dataset") or {}).get("root")
+        entry = {"command": "ensemble", "rule": rule, "weights": weights, "topk": k,
+                 "sources": [_derive.source_entry(m) for m in members]}
+        attrs = _derive.derived_attrs(first, root, "ensemble", entry)
+        attrs["teacher"] = {"model": "ensemble(" + "+".join(str(m.teacher_name)
+                                                           for m in members) + ")",
+                            "members": [m.attrs.get("teacher") for m in members],
+                            "weights": weights, "rule": rule}
+        attrs["ensemble"] = settings
+        writer = create(out, keys=first.keys.tolist(), num_classes=classes, topk=k,
+                        views=first.num_views, labels=first.labels, attrs=attrs,
+                        chunk_rows=first.chunk_rows, overwrite=overwrite)
+    todo = [int(c) for c in np.flatnonzero(~writer.done_chunks())]
+    computed = 0
+    total = sum(hi - lo for lo, hi in map(writer.chunk_range, todo))
+    with _derive.progress_bar(progress, total, "ensemble") as bar:
+        for chunk in todo:
+            lo, hi = writer.chunk_range(chunk)
+            writer.write(lo, **_chunk(members, weights, rule, k, lo, hi))
+            computed += hi - lo
+            bar.update(hi - lo)
+    writer.close()
+    result_store = open_store(out)
+    notes = []
+    roots = {str((m.attrs.get("dataset") or {}).get("root")) for m in members}
+    if len(roots) > 1:
+        notes.append(f"note: the members name different dataset roots; the output records "
+                     f"{first.path}'s")
+    return EnsembleResult(out=str(out), members=[m.path for m in members], weights=weights,
+                          rule=rule, topk=k, rows=len(first), rows_computed=computed,
+                          rows_skipped=len(first) - computed,
+                          invalid=int((~result_store.valid).sum()),
+                          seconds=time.perf_counter() - started, notes=notes)
+
+
+def _chunk(members: Sequence[LabelStore], weights: Sequence[float], rule: str, k: int,
+           lo: int, hi: int) -> dict[str, np.ndarray]:
+    """The output rows [lo, hi) as keyword arguments of ``LabelStoreWriter.write``."""
+    names = ("indices", "probs", "residual", "valid")
+    parts = [{name: m._get(name, slice(lo, hi)) for name in names} for m in members]
+    n, views, classes = hi - lo, members[0].num_views, members[0].num_classes
+    valid = np.logical_and.reduce([p["valid"].astype(bool) for p in parts])
+    # Invalid rows as infer-teacher writes them: no information, no box.
+    indices = np.tile(np.arange(k, dtype=np.int64), (n, views, 1))
+    probs = np.zeros((n, views, k), dtype=np.float32)
+    residual = np.ones((n, views), dtype=np.float32)
+    rows = np.flatnonzero(valid)
+    step = max(1, DENSE_VALUES // classes)
+    for start in range(0, len(rows), step):
+        block = rows[start:start + step]
+        for view in range(views):
+            dense = [densify(p["indices"][block, view], p["probs"][block, view],
+                             p["residual"][block, view], classes) for p in parts]
+            top_i, top_p, rest = top_k(combine(dense, weights, rule), k)
+            indices[block, view], probs[block, view], residual[block, view] = top_i, top_p, rest
+    boxes = members[0]._get("boxes", slice(lo, hi))
+    flips = members[0]._get("flips", slice(lo, hi))
+    boxes[~valid], flips[~valid] = 0, False
+    return {"indices": indices, "probs": probs, "residual": residual, "boxes": boxes,
+            "flips": flips, "valid": valid}
