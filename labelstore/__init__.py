@@ -16,6 +16,7 @@ from ._dedup import dedup
 from ._ensemble import EnsembleResult, ensemble
 from ._merge import merge
 from ._select import select_topk
+from ._verify import VerifyResult, verify
 
 __all__ = [
     "FORMAT",
@@ -28,6 +29,7 @@ __all__ = [
     "LabelStoreWriter",
     "LockedError",
     "OutputLock",
+    "VerifyResult",
     "__version__",
     "check_disjoint",
     "create",
@@ -46,4 +48,5 @@ __all__ = [
     "quantize_boxes",
     "real_path",
     "select_topk",
+    "verify",
 ]

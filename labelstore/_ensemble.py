@@ -184,6 +184,15 @@ def _member_record(store: LabelStore) -> dict[str, Any]:
             "created": attrs.get("created"), "teacher": store.teacher_name}
 
 
+def _teacher_entry(store: LabelStore) -> dict[str, Any]:
+    """A member's teacher with what recomputing its rows needs (``ssld verify``)."""
+    attrs = store.attrs
+    compute = attrs.get("compute") or {}
+    return {"teacher": attrs.get("teacher"), "preprocessing": attrs.get("preprocessing"),
+            "temperature": attrs.get("temperature", 1.0), "topk": store.topk,
+            **{name: compute.get(name) for name in ("precision", "decoder", "batch_size")}}
+
+
 def _settings(members, weights, rule, k) -> dict[str, Any]:
     return json.loads(json.dumps({"members": [_member_record(m) for m in members],
                                   "weights": weights, "rule": rule, "topk": k}))
@@ -235,7 +244,7 @@ def _ensemble(stores, out, *, weights, topk, rule, overwrite, progress) -> Ensem
         attrs = _derive.derived_attrs(first, root, "ensemble", entry)
         attrs["teacher"] = {"model": "ensemble(" + "+".join(str(m.teacher_name)
                                                            for m in members) + ")",
-                            "members": [m.attrs.get("teacher") for m in members],
+                            "members": [_teacher_entry(m) for m in members],
                             "weights": weights, "rule": rule}
         attrs["ensemble"] = settings
         writer = create(out, keys=first.keys.tolist(), num_classes=classes, topk=k,

@@ -1,0 +1,234 @@
+"""``verify``: is a store what its attributes say?
+
+Two levels:
+
+- **structure** (no teacher, reads every chunk once): the arrays are there with the
+  shapes the attributes imply and every done chunk is on storage and decodes (its
+  crc32c checksum holds: ``check_structure`` and the reader), every chunk is done,
+  the keys hash to the recorded fingerprint, and each row obeys the format: class ids
+  distinct and < C (valid rows), probabilities finite, >= 0 and best first, residual
+  = 1 − Σ probs within fp16 rounding, the k-th probability at least the mean of the
+  other classes (it is a top-k), labels in [-1, C), boxes of valid rows non-empty and
+  inside the image, and as many invalid rows as the run recorded;
+- **teacher** (``teacher_infer.verify``): ``sample`` random rows, every view, are
+  recomputed with the teacher and preprocessing the store records, on the stored boxes
+  and flips, and compared with the stored top-k.
+
+A row-view *agrees* when the recomputed top-1 class is the stored one (or ties with it
+within ``atol``) and no stored probability differs from the recomputed one by more than
+``atol``; the store passes when at least ``min_agreement`` of the compared row-views
+agree. The defaults (``atol`` 0.05, ``min_agreement`` 0.99) are what the two decoders
+guarantee against each other (tests/test_teacher_infer.py: DALI vs PIL); recomputing with
+the recorded decoder on the same kind of device agrees to fp16 rounding (~5e-4).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import _derive
+from . import _format as fmt
+from ._reader import DamagedStoreError, LabelStore, open as open_store
+
+ATOL = 0.05              # largest |Δp| of an agreeing row-view
+MIN_AGREEMENT = 0.99     # fraction of compared row-views that must agree
+# residual vs 1 − Σ probs: k fp16 roundings of probabilities summing to <= 1 stay below 2^-11.
+RESIDUAL_TOLERANCE = fmt.PROB_SUM_TOLERANCE
+SHOWN = 5                # problems / worst rows listed
+
+
+@dataclass
+class TeacherCheck:
+    """The teacher recomputation of ``verify``."""
+
+    rows: int                          # rows compared (all their views)
+    row_views: int                     # valid row-views compared
+    top1_equal: float                  # fraction of row-views with the same top-1 class
+    max_abs_diff: float                # largest |Δp| over the stored top-k
+    agreement: float                   # fraction of row-views that agree (see module doc)
+    validity_mismatches: int           # rows valid in the store but not now, or the reverse
+    worst: list[str] = field(default_factory=list)   # the worst rows, one line each
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class VerifyResult:
+    """What ``verify`` found; ``ok`` is the verdict, ``str()`` the report the CLI prints."""
+
+    path: str
+    rows: int
+    problems: list[str]                # structure problems, one line each (empty: fine)
+    teacher: TeacherCheck | None       # None with structure_only
+    atol: float
+    min_agreement: float
+    structure_seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        if self.problems:
+            return False
+        return self.teacher is None or (self.teacher.agreement >= self.min_agreement
+                                        and not self.teacher.validity_mismatches)
+
+    def __str__(self) -> str:
+        lines = [f"verify {self.path}: {'OK' if self.ok else 'FAILED'}"]
+        rate = self.rows / self.structure_seconds if self.structure_seconds > 0 else 0.0
+        if self.problems:
+            lines.append(f"structure: {len(self.problems)} problem(s)")
+            lines += [f"  {p}" for p in self.problems]
+        else:
+            lines.append(f"structure: {self.rows:,} rows consistent "
+                         f"({self.structure_seconds:.1f} s, {rate:,.0f} rows/s)")
+        check = self.teacher
+        if check is not None:
+            lines.append(
+                f"teacher: {check.rows} rows ({check.row_views} row-views) recomputed in "
+                f"{check.seconds:.1f} s ({check.rows_per_s:.1f} rows/s): top-1 equal "
+                f"{check.top1_equal:.1%}, max |Δp| {check.max_abs_diff:.4f}, agreement "
+                f"{check.agreement:.1%} (needs >= {self.min_agreement:.0%} within "
+                f"|Δp| <= {self.atol:g})")
+            if check.validity_mismatches:
+                lines.append(f"  {check.validity_mismatches} row(s) valid in the store but "
+                             "not decodable now, or the reverse")
+            if check.worst and not self.ok:
+                lines.append("  worst rows:")
+                lines += [f"    {line}" for line in check.worst]
+            lines += [f"  {note}" for note in check.notes]
+        return "\n".join(lines)
+
+
+def verify(store: Any, *, sample: int = 64, checkpoint: Sequence[str] | str | None = None,
+           structure_only: bool = False, seed: int = 0, root: str | None = None,
+           device: str = "auto", decoder: str | None = None, atol: float = ATOL,
+           min_agreement: float = MIN_AGREEMENT, batch_size: int = 32,
+           progress: bool = False) -> VerifyResult:
+    """Check ``store`` (path or reader); returns a :class:`VerifyResult` (``.ok``).
+
+    ``sample`` rows (drawn with ``seed``; all rows when the store is smaller) are
+    recomputed with the recorded teacher unless ``structure_only``; ``checkpoint``
+    replaces the recorded weights (one file per teacher, in member order for an
+    ensemble), ``root`` the recorded dataset root, ``decoder`` the recorded decoder.
+    A damaged store is a failed verification, not an exception.
+    """
+    if not 0 <= atol <= 1:
+        raise ValueError(f"atol must be in [0, 1], got {atol}")
+    if not 0 <= min_agreement <= 1:
+        raise ValueError(f"min_agreement must be in [0, 1], got {min_agreement}")
+    if int(sample) < 1:
+        raise ValueError(f"sample must be >= 1, got {sample}")
+    started = time.perf_counter()
+    try:
+        opened = store if isinstance(store, LabelStore) else open_store(store)
+    except DamagedStoreError as exc:
+        return VerifyResult(str(store), 0, [str(exc)], None, atol, min_agreement)
+    problems = check_rows(opened)
+    result = VerifyResult(opened.path, len(opened), problems, None, atol, min_agreement,
+                          structure_seconds=time.perf_counter() - started)
+    if structure_only or any(p.startswith("damaged") for p in problems):
+        return result
+    from teacher_infer.verify import check_teacher  # torch and timm only for this part
+
+    result.teacher = check_teacher(opened, sample=int(sample), checkpoint=checkpoint, seed=seed,
+                                   root=root, device=device, decoder=decoder, atol=atol,
+                                   batch_size=batch_size, progress=progress)
+    return result
+
+
+class _Problems:
+    """Counts per kind of problem, with the first example of each."""
+
+    def __init__(self) -> None:
+        self.first: dict[str, str] = {}
+        self.count: dict[str, int] = {}
+
+    def add(self, kind: str, mask: np.ndarray, lo: int, describe) -> None:
+        """Record the True entries of ``mask`` (rows, or rows × views, from row ``lo``)."""
+        hits = np.argwhere(mask)
+        if not len(hits):
+            return
+        self.count[kind] = self.count.get(kind, 0) + len(hits)
+        if kind not in self.first:
+            where = tuple(int(v) for v in hits[0])
+            self.first[kind] = describe(lo + where[0], *where[1:], *where)
+
+    def lines(self) -> list[str]:
+        return [f"{kind}: {self.count[kind]:,}, first {self.first[kind]}" for kind in self.first]
+
+
+def check_rows(store: LabelStore) -> list[str]:
+    """Structure problems of an opened store, one line each (empty when consistent)."""
+    problems: list[str] = []
+    missing = store.missing()
+    if missing:
+        rows = sum(b - a for a, b in missing)
+        problems.append(f"not every chunk is done: {rows:,} of {len(store):,} rows missing "
+                        f"(first {missing[0][0]}:{missing[0][1]})")
+    classes, k = store.num_classes, store.topk
+    found = _Problems()
+    invalid_rows = 0
+    names = fmt.LABEL_ARRAYS + ("labels",)
+    try:
+        if fmt.fingerprint(store.keys.tolist()) != (store.attrs.get("dataset") or {}).get(
+                "fingerprint"):
+            problems.append("keys do not hash to dataset.fingerprint")
+        for lo, hi, data in _derive.read_blocks(store, names):
+            invalid_rows += _check_block(found, lo, data, classes, k)
+    except DamagedStoreError as exc:
+        return problems + [f"damaged: {exc}"]
+    problems += found.lines()
+    recorded = store.attrs.get("failures")
+    if recorded is not None and not missing and int(recorded) != invalid_rows:
+        problems.append(f"{invalid_rows:,} invalid rows, but the run recorded "
+                        f"{int(recorded):,} failures")
+    return problems[:SHOWN * 4]
+
+
+def _check_block(found: _Problems, lo: int, data: dict[str, np.ndarray], classes: int,
+                 k: int) -> int:
+    """Add the problems of one block of stored rows; returns its number of invalid rows."""
+    valid = data["valid"].astype(bool)
+    indices = data["indices"].astype(np.int64)
+    probs = data["probs"].astype(np.float64)
+    residual = data["residual"].astype(np.float64)
+    boxes = data["boxes"].astype(np.int64)
+    row_view = lambda what: (lambda row, view, *_: f"row {row} view {view} ({what})")  # noqa: E731
+
+    found.add("class id >= num_classes", (indices >= classes).any(-1) & valid[:, None], lo,
+              row_view(f"C = {classes}"))
+    if k > 1:
+        ordered = np.sort(indices, axis=-1)
+        repeated = (ordered[..., 1:] == ordered[..., :-1]).any(-1) & valid[:, None]
+        found.add("repeated class id in a top-k", repeated, lo, row_view("valid row"))
+    bad_probs = ~np.isfinite(probs).all(-1) | (probs < 0).any(-1)
+    found.add("probability NaN, inf or < 0", bad_probs, lo, row_view("stored probs"))
+    if k > 1:
+        found.add("probabilities not best first", (np.diff(probs, axis=-1) > 0).any(-1)
+                  & valid[:, None], lo, row_view("probs increase along k"))
+    rest = 1.0 - probs.sum(-1)
+    off = np.abs(residual - rest) > RESIDUAL_TOLERANCE
+    off |= ~np.isfinite(residual) | (residual < 0) | (residual > 1 + RESIDUAL_TOLERANCE)
+    found.add(f"residual != 1 - sum(probs) (tolerance {RESIDUAL_TOLERANCE:g})", off, lo,
+              lambda row, view, i, j: f"row {row} view {view} (residual {residual[i, j]:.4g}, "
+                                      f"1 - sum {rest[i, j]:.4g})")
+    if k < classes:
+        # Every other class has at most the k-th probability, so their mean does too.
+        floor = residual / (classes - k) - RESIDUAL_TOLERANCE
+        found.add("k-th probability below the mean of the other classes (not a top-k)",
+                  (probs[..., -1] < floor) & valid[:, None], lo, row_view("valid row"))
+    labels = data["labels"].astype(np.int64)
+    found.add("label outside [-1, C)", (labels < -1) | (labels >= classes), lo,
+              lambda row, *_: f"row {row}")
+    y0, x0, h, w = (boxes[..., i] for i in range(4))
+    outside = (h <= 0) | (w <= 0) | (y0 + h > fmt.BOX_SCALE) | (x0 + w > fmt.BOX_SCALE)
+    found.add("box empty or outside the image", outside & valid[:, None], lo,
+              lambda row, view, i, j: f"row {row} view {view} (y0, x0, h, w = "
+                                      f"{tuple(np.round(boxes[i, j] / fmt.BOX_SCALE, 4))})")
+    return int((~valid).sum())

@@ -1,0 +1,253 @@
+"""The teacher half of ``ssld verify``: recompute sampled rows and compare with the store.
+
+The teacher (model, weights, class count), preprocessing (input size, interpolation,
+mean, std, crop_pct), temperature, precision and decoder are the ones the store records;
+the crops are the stored boxes and flips (views.PlannedViews), so nothing is redrawn.
+For an ensemble store every member teacher is recomputed and combined with the recorded
+rule and weights from its own top-k, as ``labelstore.ensemble`` did. See
+labelstore/_verify.py for what "agree" means.
+"""
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from labelstore import LabelStore, densify, quantize_boxes
+from labelstore._ensemble import combine, top_k
+from labelstore._verify import SHOWN, TeacherCheck
+
+from .config import InferConfig
+from .decode import DecodeError, open_rgb
+from .views import PlannedViews, ViewSpec
+
+
+@dataclass(frozen=True)
+class TeacherRecord:
+    """One teacher as a store records it (a plain store has one, an ensemble several)."""
+
+    teacher: dict[str, Any]
+    preprocessing: dict[str, Any]
+    temperature: float
+    topk: int
+    precision: str
+    decoder: str | None
+    batch_size: int | None
+
+
+def teacher_records(store: LabelStore) -> tuple[list[TeacherRecord], list[float], str | None]:
+    """The store's teachers, the ensemble weights and rule (None for a plain store)."""
+    attrs = store.attrs
+    teacher = attrs.get("teacher") or {}
+    if "members" in teacher:
+        records = [TeacherRecord(m.get("teacher") or {}, m.get("preprocessing") or {},
+                                 float(m.get("temperature", 1.0)), int(m["topk"]),
+                                 m.get("precision") or "fp32", m.get("decoder"),
+                                 m.get("batch_size"))
+                   for m in teacher["members"]]
+        return records, list(teacher["weights"]), teacher["rule"]
+    compute = attrs.get("compute") or {}
+    return [TeacherRecord(teacher, attrs.get("preprocessing") or {},
+                          float(attrs.get("temperature", 1.0)), store.topk,
+                          compute.get("precision") or "fp32", compute.get("decoder"),
+                          compute.get("batch_size"))], [1.0], None
+
+
+def _config(record: TeacherRecord, checkpoint: str | None, root: str) -> InferConfig:
+    """An InferConfig that loads the recorded teacher with its preprocessing."""
+    teacher, pre = record.teacher, record.preprocessing
+    if not teacher.get("model") or not pre.get("input_size"):
+        raise ValueError("the store records no teacher model or preprocessing to recompute "
+                         "with (use --structure-only)")
+    weights = str(teacher.get("weights") or "")
+    seed = int(pre.get("seed", 0))
+    random_seed = re.fullmatch(r"random\(seed=(-?\d+)\)", weights)
+    if random_seed:
+        seed = int(random_seed.group(1))
+    if checkpoint is None and weights == "checkpoint":
+        checkpoint = teacher.get("checkpoint")
+        if not checkpoint or not os.path.isfile(checkpoint):
+            raise FileNotFoundError(f"the teacher's checkpoint {checkpoint} is not here; pass "
+                                    "--checkpoint FILE")
+    _, height, width = (int(v) for v in pre["input_size"])
+    if height != width:
+        raise ValueError(f"recorded input size {height}x{width} is not square; cannot recompute")
+    return InferConfig(
+        model=teacher["model"], data=root, out="-", checkpoint=checkpoint,
+        pretrained=checkpoint is None and weights == "pretrained",
+        random_weights=checkpoint is None and bool(random_seed),
+        num_classes=teacher.get("num_classes"), seed=seed, input_size=height,
+        interpolation=pre.get("interpolation"), mean=pre.get("mean"), std=pre.get("std"),
+        crop_pct=pre.get("crop_pct"), views=int(pre.get("views", 1)), progress=False)
+
+
+def recompute(record: TeacherRecord, cfg: InferConfig, *, paths: list[str], keys: list[str],
+              planned: PlannedViews, device_name: str, decoder: str | None,
+              batch_size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Full softmax (n, V, C) of the rows at the planned views, their validity and notes."""
+    import torch
+
+    from .decode import ViewDataset, batch_ranges, collate
+    from .distributed import Dist
+    from .infer import _autocast, _batches, resolve_decoder, resolve_device
+    from .model import load_teacher
+
+    notes = []
+    device = resolve_device(device_name, Dist.from_env())
+    wanted = decoder or record.decoder or "pil"
+    if wanted == "dali" and decoder is None:
+        from .dali import dali_available
+        if not dali_available():
+            notes.append("the store was decoded with DALI, which is not installed: PIL here")
+            wanted = "pil"
+    decoder_name = resolve_decoder(wanted)
+    precision = record.precision
+    if precision == "fp16" and device.type != "cuda":
+        notes.append("the store was computed in fp16 on CUDA; bf16 here")
+        precision = "bf16"
+    teacher = load_teacher(cfg, device)
+    pre = record.preprocessing
+    views = planned.boxes.shape[1]
+    spec = ViewSpec(views=views, input_size=(cfg.input_size, cfg.input_size),
+                    crop_pct=float(teacher.data_config["crop_pct"]),
+                    crop_mode=pre.get("crop_mode") or "center")
+    interpolation = teacher.data_config["interpolation"]
+    dataset = ViewDataset(paths, keys, spec, interpolation,
+                          mode="bytes" if decoder_name == "dali" else "pil", planned=planned)
+    batches = batch_ranges([(0, len(paths))], batch_size)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=0,
+                                         collate_fn=collate)
+    mean = torch.tensor(teacher.data_config["mean"], dtype=torch.float32, device=device)
+    std = torch.tensor(teacher.data_config["std"], dtype=torch.float32, device=device)
+    dali_decoder = None
+    if decoder_name == "dali":
+        from .dali import DaliDecoder
+        dali_decoder = DaliDecoder(spec=spec, interpolation=interpolation,
+                                   mean=teacher.data_config["mean"],
+                                   std=teacher.data_config["std"], max_batch=batch_size,
+                                   device=device, num_threads=max(1, os.cpu_count() or 1))
+    probs = np.zeros((len(paths), views, teacher.num_classes), dtype=np.float32)
+    valid = np.zeros(len(paths), dtype=bool)
+    with torch.inference_mode():
+        for batch, images in _batches(loader, decoder_name, dali_decoder, device, mean, std):
+            rows = slice(batch.start, batch.start + len(batch))
+            valid[rows] = batch.valid
+            if images is None or not batch.valid.any():
+                continue
+            n = len(batch)
+            with _autocast(device, precision):
+                logits = teacher.model(images.reshape((views * n,) + tuple(images.shape[2:])))
+            out = torch.softmax(logits.float() / record.temperature, dim=-1)
+            probs[rows] = out.view(views, n, -1).transpose(0, 1).cpu().numpy()
+    return probs, valid, notes
+
+
+def _member_dense(probs: np.ndarray, k: int) -> np.ndarray:
+    """What a member store holds of full softmax rows (n, C): top-k + marginal smoothing."""
+    indices, values, residual = top_k(probs.astype(np.float64), k)
+    return densify(indices, values.astype(np.float16), residual.astype(np.float32),
+                   probs.shape[1])
+
+
+def check_teacher(store: LabelStore, *, sample: int, checkpoint: Sequence[str] | str | None,
+                  seed: int, root: str | None, device: str, decoder: str | None, atol: float,
+                  batch_size: int, progress: bool = False) -> TeacherCheck:
+    """Recompute ``sample`` random rows of ``store`` and compare them with the stored top-k."""
+    started = time.perf_counter()
+    records, weights, rule = teacher_records(store)
+    checkpoints = [checkpoint] if isinstance(checkpoint, (str, os.PathLike)) else \
+        list(checkpoint or [])
+    if checkpoints and len(checkpoints) != len(records):
+        raise ValueError(f"{store.path} has {len(records)} teacher(s); got {len(checkpoints)} "
+                         "--checkpoint")
+    image_root = root or (store.attrs.get("dataset") or {}).get("root")
+    if not image_root or not os.path.isdir(str(image_root)):
+        raise FileNotFoundError(f"dataset root {image_root!r} of {store.path} is not a folder "
+                                "here; pass --root")
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(len(store), size=min(sample, len(store)), replace=False))
+    stored = store.read(rows)
+    keys = [str(key) for key in store.keys[rows]]
+    paths = [os.path.join(str(image_root), *key.split("/")) for key in keys]
+    planned = PlannedViews(boxes=quantize_boxes(stored.boxes), flips=stored.flips,
+                           usable=stored.valid, reason="invalid in the store")
+
+    notes, members, now_valid = [], [], np.ones(len(rows), dtype=bool)
+    for i, record in enumerate(records):
+        cfg = _config(record, checkpoints[i] if checkpoints else None, str(image_root))
+        recorded_sha = record.teacher.get("checkpoint_sha256")
+        if checkpoints and recorded_sha:
+            from .model import sha256_file
+            if sha256_file(checkpoints[i]) != recorded_sha:
+                notes.append(f"--checkpoint {checkpoints[i]} is not the file the store was "
+                             "computed with (sha256 differs)")
+        probs, valid, more = recompute(record, cfg, paths=paths, keys=keys, planned=planned,
+                                       device_name=device, decoder=decoder,
+                                       batch_size=batch_size or record.batch_size or 32)
+        notes += [note for note in more if note not in notes]
+        members.append((probs, record.topk))
+        now_valid &= valid
+    # Rows invalid in the store were not cropped (no boxes): does the image decode now?
+    for i in np.flatnonzero(~stored.valid):
+        try:
+            open_rgb(paths[i])
+        except DecodeError:
+            continue
+        now_valid[i] = True
+    expected = _expected(members, weights, rule, stored.valid & now_valid)
+    return _compare(store, rows, keys, stored, expected, now_valid, atol, notes,
+                    time.perf_counter() - started)
+
+
+def _expected(members, weights, rule, rows_ok: np.ndarray) -> np.ndarray:
+    """(n, V, C) distributions the store should hold (an ensemble: combined like ensemble)."""
+    if rule is None:
+        return members[0][0]
+    probs0 = members[0][0]
+    out = np.zeros(probs0.shape, dtype=np.float64)
+    for view in range(probs0.shape[1]):
+        dense = [_member_dense(probs[:, view], k) for probs, k in members]
+        out[:, view] = combine(dense, weights, rule)
+    return out
+
+
+def _compare(store, rows, keys, stored, expected, now_valid, atol, notes,
+             seconds) -> TeacherCheck:
+    both = stored.valid & now_valid
+    mismatched = int((stored.valid != now_valid).sum())
+    recomputed_at_stored = np.take_along_axis(expected, stored.indices, axis=-1)
+    diff = np.abs(recomputed_at_stored - stored.probs)[both]          # (m, V, k)
+    best = expected.argmax(-1)[both]                                  # (m, V)
+    stored_top1 = stored.indices[..., 0][both]
+    top1_equal = best == stored_top1
+    near_tie = expected.max(-1)[both] - recomputed_at_stored[..., 0][both] <= atol
+    max_diff = diff.max(-1) if diff.size else np.zeros((0, stored.probs.shape[1]))
+    agree = (top1_equal | near_tie) & (max_diff <= atol)
+    worst = []
+    local = np.flatnonzero(both)
+    if len(local):
+        score = np.where(agree, 0.0, 1.0) + max_diff                  # disagreeing first
+        for flat in np.argsort(-score, axis=None)[:SHOWN]:
+            i, view = np.unravel_index(flat, score.shape)
+            if agree[i, view]:
+                break
+            row = local[i]
+            worst.append(f"row {int(rows[row])} ({keys[row]}) view {int(view)}: stored top-1 "
+                         f"{int(stored_top1[i, view])} (p {stored.probs[row, view, 0]:.4f}), "
+                         f"recomputed {int(best[i, view])} "
+                         f"(p {expected[row, view].max():.4f}), max |Δp| "
+                         f"{max_diff[i, view]:.4f}")
+    for row in np.flatnonzero(stored.valid != now_valid)[:SHOWN]:
+        state = "valid in the store, cannot be decoded now" if stored.valid[row] else \
+            "invalid in the store, but decodes now"
+        worst.append(f"row {int(rows[row])} ({keys[row]}): {state}")
+    return TeacherCheck(
+        rows=len(rows), row_views=int(agree.size),
+        top1_equal=float(top1_equal.mean()) if top1_equal.size else 1.0,
+        max_abs_diff=float(max_diff.max()) if max_diff.size else 0.0,
+        agreement=float(agree.mean()) if agree.size else 1.0,
+        validity_mismatches=mismatched, worst=worst, notes=notes, seconds=seconds)
