@@ -131,23 +131,26 @@ def check_same_rows(members: Sequence[LabelStore]) -> None:
         base = blocks[0][2]
         for store, (_, _, data) in zip(members[1:], blocks[1:]):
             both = base["valid"].astype(bool) & data["valid"].astype(bool)
-            for name in ("boxes", "flips"):
+            for name, what in (("boxes", "box"), ("flips", "flip")):
                 a, b = base[name], data[name]
-                bad = (a != b).reshape(len(a), -1).any(axis=1) if name == "boxes" else \
-                    (a != b).any(axis=1)
-                bad &= both
+                bad = (a != b).reshape(len(a), -1).any(axis=1) & both
                 if bad.any():
-                    row = lo + int(np.flatnonzero(bad)[0])
-                    i = row - lo
+                    i = int(np.flatnonzero(bad)[0])
+                    row = lo + i
                     view = int(np.flatnonzero((a[i] != b[i]).reshape(a.shape[1], -1)
                                               .any(axis=1))[0])
-                    show = (lambda x: tuple(np.round(fmt.dequantize_boxes(x), 4).tolist())) \
-                        if name == "boxes" else bool
                     raise ValueError(
-                        f"row {row} (key {first.keys[row]!r}) view {view}: {name[:-1]} "
-                        f"differs: {show(a[i, view])} in {first.path}, {show(b[i, view])} in "
+                        f"row {row} (key {first.keys[row]!r}) view {view}: {what} differs: "
+                        f"{_show(a[i, view])} in {first.path}, {_show(b[i, view])} in "
                         f"{store.path} (the members must label the same crops: infer-teacher "
                         "--views-from)")
+
+
+def _show(value: np.ndarray) -> str:
+    """A stored box as rounded fractions, a flip as a bool."""
+    if value.dtype == np.uint16:
+        return "(" + ", ".join(f"{v:.4f}" for v in fmt.dequantize_boxes(value)) + ")"
+    return str(bool(value))
 
 
 def combine(dense: Sequence[np.ndarray], weights: Sequence[float], rule: str) -> np.ndarray:
