@@ -446,7 +446,8 @@ def _run(cfg: InferConfig, dist: Dist, device, started: float) -> RunSummary:
             cfg.views_from, data=cfg.data, root=cfg.root, source=cfg.source, views=cfg.views,
             box_convention=BOX_CONVENTION))
         samples: Samples = reference.samples
-        cfg = dataclasses.replace(cfg, views=reference.views)
+        cfg = dataclasses.replace(cfg, views=reference.views,
+                                  chunk_rows=cfg.chunk_rows or reference.chunk_rows)
     else:
         samples = _on_main(dist, lambda: find_samples(cfg.data, root=cfg.root,
                                                       source=cfg.source))

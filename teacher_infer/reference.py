@@ -30,6 +30,7 @@ class Reference:
     samples: Samples
     planned: PlannedViews
     views: int
+    chunk_rows: int                 # the default of the new store: chunks aligned with these
     preprocessing: dict[str, Any]   # the reference's view-sampler settings, recorded again
     record: dict[str, Any]          # the store's ``views_from`` attribute
 
@@ -42,11 +43,14 @@ def stored_views(store) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             np.asarray(store._get("valid", slice(None)), dtype=bool))
 
 
-def views_fingerprint(key_fingerprint: str, boxes: np.ndarray, flips: np.ndarray) -> str:
-    """sha256 of the keys' fingerprint, boxes and flips: equal iff a run crops the same views."""
+def views_fingerprint(key_fingerprint: str, boxes: np.ndarray, flips: np.ndarray,
+                      valid: np.ndarray) -> str:
+    """sha256 of the keys' fingerprint, boxes, flips and valid flags (invalid rows are not
+    cropped): equal iff a run crops the same views."""
     digest = hashlib.sha256(str(key_fingerprint).encode("utf-8"))
     digest.update(np.ascontiguousarray(boxes, dtype="<u2").tobytes())
     digest.update(np.ascontiguousarray(flips, dtype=np.uint8).tobytes())
+    digest.update(np.ascontiguousarray(valid, dtype=np.uint8).tobytes())
     return digest.hexdigest()
 
 
@@ -117,8 +121,10 @@ def load_reference(path: str, *, data: str | None, root: str | None, source: str
     preprocessing = {name: before[name] for name in ("crop_scale", "crop_ratio", "flip_prob",
                                                      "seed") if name in before}
     record = {"path": os.path.abspath(path) if "://" not in str(path) else str(path),
-              "fingerprint": views_fingerprint(labelstore.fingerprint(keys), boxes, flips), "rows": len(store),
+              "fingerprint": views_fingerprint(labelstore.fingerprint(keys), boxes, flips,
+                                                 valid), "rows": len(store),
               "views": store.num_views, "invalid_rows": int((~valid).sum()),
               "teacher": store.teacher_name}
     return Reference(samples=samples, planned=planned, views=store.num_views,
+                     chunk_rows=store.chunk_rows,
                      preprocessing=preprocessing, record=record)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,8 +33,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def infer(data, out, **options):
     """One in-process run with the test defaults (tiny model at 64 px, no workers, quiet)."""
-    settings = dict(model=TINY_MODEL, data=str(data), out=str(out), input_size=TINY_INPUT,
-                    topk=TOPK, num_workers=0, progress=False, batch_size=8)
+    settings = dict(model=TINY_MODEL, data=data and str(data), out=str(out),
+                    input_size=TINY_INPUT, topk=TOPK, num_workers=0, progress=False, batch_size=8)
     settings.update(options)
     return run(InferConfig(**settings))
 
@@ -613,3 +614,95 @@ def test_class_names_map_folders_to_model_classes(image_folder, make_checkpoint,
         names_file.write_text("\n".join(names[:9]) + "\n")
         infer(image_folder.data, tmp_path / "m.zarr", decoder="pil", num_classes=10,
               checkpoint=str(make_checkpoint(num_classes=10)), class_names=str(names_file))
+
+
+# -- --views-from: a second teacher on the same crops -------------------------------------
+@pytest.fixture(scope="module")
+def reference_store(image_folder, make_checkpoint, tmp_path_factory):
+    """A 3-view store of teacher 0 in chunks of 4 rows: the crops other teachers reuse."""
+    out = tmp_path_factory.mktemp("reference") / "a.zarr"
+    torch.set_num_threads(1)
+    infer(image_folder.data, out, checkpoint=str(make_checkpoint(seed=0)), views=3,
+          chunk_rows=4, decoder="pil")
+    return out
+
+
+def test_views_from_labels_exactly_the_reference_crops(reference_store, make_checkpoint,
+                                                       image_folder, tmp_path):
+    from teacher_infer.decode import open_rgb, render_box
+
+    checkpoint = make_checkpoint(seed=1)
+    summary = infer(None, tmp_path / "b.zarr", checkpoint=str(checkpoint),
+                    views_from=str(reference_store), input_size=48, decoder="pil")
+    a, b = store_arrays(reference_store), store_arrays(summary.out)
+    for name in ("keys", "labels", "boxes", "flips", "valid", "done"):
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    assert not np.array_equal(a["indices"], b["indices"])   # another teacher
+    store = labelstore.open(summary.out)
+    assert store.num_views == 3
+    assert store.class_names == labelstore.open(str(reference_store)).class_names
+    assert store.attrs["views_from"]["path"] == str(reference_store)
+    assert store.attrs["preprocessing"]["input_size"] == [3, 48, 48]
+    # view 2 of row 5 is the reference's box, resampled at this teacher's 48 px
+    model = reference_model(checkpoint)
+    row, view = 5, 2
+    crop = render_box(open_rgb(image_folder.path(store.keys[row])), a["boxes"][row, view],
+                      bool(a["flips"][row, view]), (48, 48), "bicubic")
+    x = torch.from_numpy(np.array(crop)).permute(2, 0, 1).float().div(255).sub(0.5).div(0.5)
+    with torch.no_grad():
+        probs = torch.softmax(model(x[None]), -1)[0].numpy()
+    stored = store.read(row)
+    np.testing.assert_allclose(probs[stored.indices[0, view]], stored.probs[0, view], atol=1e-3)
+
+
+def test_views_from_refuses_what_cannot_give_the_same_crops(reference_store, list_file,
+                                                            make_checkpoint, tmp_path, capsys):
+    checkpoint = str(make_checkpoint(seed=1))
+    with pytest.raises(ValueError, match=r"does not list the rows .*row 0 is 'n01_cat/img0.jpg' "
+                                         r"in the store but 'n03_fox/img3.Jpg' in --data"):
+        infer(list_file.data, tmp_path / "x.zarr", checkpoint=checkpoint,
+              views_from=str(reference_store))
+    with pytest.raises(ValueError, match="--views 2 differs from the 3 views"):
+        infer(None, tmp_path / "x.zarr", checkpoint=checkpoint, views=2,
+              views_from=str(reference_store))
+    partial = tmp_path / "partial.zarr"
+    shutil.copytree(reference_store, partial)
+    zarr.open_group(str(partial), mode="r+")["done"][1] = False
+    args = ["infer-teacher", "--model", TINY_MODEL, "--checkpoint", checkpoint, "--views-from",
+            str(partial), "--out", str(tmp_path / "x.zarr"), "--no-progress"]
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is incomplete (4 rows missing, first 4:8)" in err
+    assert cli_main(args[:-3] + ["--views-from", str(reference_store), "--out",
+                                 str(reference_store / "inside.zarr")]) == 2
+    assert "may not overlap an input" in capsys.readouterr().err
+
+
+def test_views_from_resume_and_a_reference_with_invalid_rows(reference_store, make_checkpoint,
+                                                             tmp_path):
+    checkpoint = str(make_checkpoint(seed=1))
+    out = tmp_path / "b.zarr"
+    first = infer(None, out, checkpoint=checkpoint, views_from=str(reference_store),
+                  decoder="pil")
+    zarr.open_group(str(out), mode="r+")["done"][1] = False
+    again = infer(None, out, checkpoint=checkpoint, views_from=str(reference_store),
+                  decoder="pil")
+    assert first.complete and (again.images, again.skipped, again.complete) == (4, 8, True)
+    # A reference whose row 2 is invalid (no box): another views fingerprint, and row 2 is
+    # invalid in the new store too, listed in failed.txt.
+    other = tmp_path / "other.zarr"
+    shutil.copytree(reference_store, other)
+    group = zarr.open_group(str(other), mode="r+")
+    valid = group["valid"][:]
+    valid[2] = False
+    group["valid"][:] = valid
+    with pytest.raises(ValueError, match="views_from.fingerprint"):
+        infer(None, out, checkpoint=checkpoint, views_from=str(other), decoder="pil")
+    summary = infer(None, tmp_path / "c.zarr", checkpoint=checkpoint, views_from=str(other),
+                    decoder="dali")
+    store = labelstore.open(summary.out)
+    assert store.valid.tolist() == valid.tolist()
+    failed = (Path(summary.out) / "failed.txt").read_text()
+    assert failed == f"{store.keys[2]}\tinvalid in the --views-from store (no box to crop)\n"
+    np.testing.assert_array_equal(store_arrays(summary.out)["boxes"][valid],
+                                  store_arrays(reference_store)["boxes"][valid])
