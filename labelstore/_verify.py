@@ -149,15 +149,17 @@ class _Problems:
         self.first: dict[str, str] = {}
         self.count: dict[str, int] = {}
 
-    def add(self, kind: str, mask: np.ndarray, lo: int, describe) -> None:
-        """Record the True entries of ``mask`` (rows, or rows × views, from row ``lo``)."""
+    def add(self, kind: str, mask: np.ndarray, lo: int, describe=None) -> None:
+        """Record the True entries of ``mask`` ((n,) rows or (n, V) row-views of a block
+        starting at row ``lo``); ``describe(i, view)`` adds detail on the first (local row i)."""
         hits = np.argwhere(mask)
         if not len(hits):
             return
         self.count[kind] = self.count.get(kind, 0) + len(hits)
         if kind not in self.first:
-            where = tuple(int(v) for v in hits[0])
-            self.first[kind] = describe(lo + where[0], *where[1:], *where)
+            i, view = int(hits[0][0]), (int(hits[0][1]) if mask.ndim > 1 else None)
+            where = f"row {lo + i}" + ("" if view is None else f" view {view}")
+            self.first[kind] = where + (f" ({describe(i, view)})" if describe else "")
 
     def lines(self) -> list[str]:
         return [f"{kind}: {self.count[kind]:,}, first {self.first[kind]}" for kind in self.first]
@@ -199,36 +201,33 @@ def _check_block(found: _Problems, lo: int, data: dict[str, np.ndarray], classes
     probs = data["probs"].astype(np.float64)
     residual = data["residual"].astype(np.float64)
     boxes = data["boxes"].astype(np.int64)
-    row_view = lambda what: (lambda row, view, *_: f"row {row} view {view} ({what})")  # noqa: E731
+    on_valid = valid[:, None]
 
-    found.add("class id >= num_classes", (indices >= classes).any(-1) & valid[:, None], lo,
-              row_view(f"C = {classes}"))
+    found.add(f"class id >= num_classes ({classes})", (indices >= classes).any(-1) & on_valid, lo)
     if k > 1:
         ordered = np.sort(indices, axis=-1)
-        repeated = (ordered[..., 1:] == ordered[..., :-1]).any(-1) & valid[:, None]
-        found.add("repeated class id in a top-k", repeated, lo, row_view("valid row"))
-    bad_probs = ~np.isfinite(probs).all(-1) | (probs < 0).any(-1)
-    found.add("probability NaN, inf or < 0", bad_probs, lo, row_view("stored probs"))
-    if k > 1:
+        found.add("repeated class id in a top-k",
+                  (ordered[..., 1:] == ordered[..., :-1]).any(-1) & on_valid, lo)
         found.add("probabilities not best first", (np.diff(probs, axis=-1) > 0).any(-1)
-                  & valid[:, None], lo, row_view("probs increase along k"))
+                  & on_valid, lo)
+    found.add("probability NaN, inf or < 0", ~np.isfinite(probs).all(-1) | (probs < 0).any(-1),
+              lo)
     rest = 1.0 - probs.sum(-1)
     off = np.abs(residual - rest) > RESIDUAL_TOLERANCE
     off |= ~np.isfinite(residual) | (residual < 0) | (residual > 1 + RESIDUAL_TOLERANCE)
     found.add(f"residual != 1 - sum(probs) (tolerance {RESIDUAL_TOLERANCE:g})", off, lo,
-              lambda row, view, i, j: f"row {row} view {view} (residual {residual[i, j]:.4g}, "
-                                      f"1 - sum {rest[i, j]:.4g})")
+              lambda i, v: f"residual {residual[i, v]:.4g}, 1 - sum {rest[i, v]:.4g}")
     if k < classes:
         # Every other class has at most the k-th probability, so their mean does too.
         floor = residual / (classes - k) - RESIDUAL_TOLERANCE
         found.add("k-th probability below the mean of the other classes (not a top-k)",
-                  (probs[..., -1] < floor) & valid[:, None], lo, row_view("valid row"))
+                  (probs[..., -1] < floor) & on_valid, lo)
     labels = data["labels"].astype(np.int64)
     found.add("label outside [-1, C)", (labels < -1) | (labels >= classes), lo,
-              lambda row, *_: f"row {row}")
+              lambda i, _: f"label {labels[i]}")
     y0, x0, h, w = (boxes[..., i] for i in range(4))
     outside = (h <= 0) | (w <= 0) | (y0 + h > fmt.BOX_SCALE) | (x0 + w > fmt.BOX_SCALE)
-    found.add("box empty or outside the image", outside & valid[:, None], lo,
-              lambda row, view, i, j: f"row {row} view {view} (y0, x0, h, w = "
-                                      f"{tuple(np.round(boxes[i, j] / fmt.BOX_SCALE, 4))})")
+    found.add("box empty or outside the image", outside & on_valid, lo,
+              lambda i, v: "y0, x0, h, w = " + ", ".join(
+                  f"{x:.4f}" for x in boxes[i, v] / fmt.BOX_SCALE))
     return int((~valid).sum())
