@@ -72,7 +72,9 @@ def command(*args: str) -> tuple[float, str]:
 def report(what: str, rows: int, wall: float, output: str, pattern: str) -> None:
     found = re.search(pattern, output)
     own = f" [{found.group(1)} rows/s reported]" if found else ""
-    print(f"{what}: {rows:,} rows in {wall:.1f} s wall = {rows / wall:,.0f} rows/s{own}")
+    rate = rows / wall
+    shown = f"{rate:,.0f}" if rate >= 100 else f"{rate:.2f}"
+    print(f"{what}: {rows:,} rows in {wall:.1f} s wall = {shown} rows/s{own}")
 
 
 def main() -> None:
