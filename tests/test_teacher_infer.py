@@ -706,3 +706,23 @@ def test_views_from_resume_and_a_reference_with_invalid_rows(reference_store, ma
     assert failed == f"{store.keys[2]}\tinvalid in the --views-from store (no box to crop)\n"
     np.testing.assert_array_equal(store_arrays(summary.out)["boxes"][valid],
                                   store_arrays(reference_store)["boxes"][valid])
+
+
+@pytest.mark.slow
+def test_views_from_under_torchrun_equals_one_process(reference_store, make_checkpoint,
+                                                      tmp_path):
+    checkpoint = make_checkpoint(seed=1)
+    out = tmp_path / "two.zarr"
+    args = ["infer-teacher", "--model", TINY_MODEL, "--checkpoint", str(checkpoint),
+            "--views-from", str(reference_store), "--out", str(out), "--input-size", "48",
+            "--topk", str(TOPK), "--num-workers", "0", "--no-progress", "--decoder", "pil",
+            "--batch-size", "2"]
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "cli", *args], cwd=REPO, env=ONE_THREAD, capture_output=True, text=True,
+        timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "on 2× cpu" in result.stdout
+    infer(None, tmp_path / "one.zarr", checkpoint=str(checkpoint), input_size=48,
+          views_from=str(reference_store), decoder="pil", batch_size=2)
+    assert_same_store(out, tmp_path / "one.zarr")
