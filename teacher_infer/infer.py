@@ -381,8 +381,7 @@ def _store_attrs(cfg: InferConfig, samples: Samples, labels: np.ndarray, teacher
                  decoder_name: str, device, views_from: dict | None) -> dict[str, Any]:
     import labelstore
 
-    extra = {} if views_from is None else {"views_from": views_from}
-    return {**extra,
+    attrs = {
         "teacher": teacher.record,
         "preprocessing": _preprocessing(spec, teacher.data_config),
         # fingerprint and num_samples are labelstore.create's too; here so a resume compares them
@@ -399,6 +398,9 @@ def _store_attrs(cfg: InferConfig, samples: Samples, labels: np.ndarray, teacher
                     "batch_size": cfg.batch_size},
         "config": cfg.to_dict(),
     }
+    if views_from is not None:  # compared on resume: the same reference crops
+        attrs["views_from"] = views_from
+    return attrs
 
 
 def _label_batch(forward, images, valid: np.ndarray, *, views: int, k: int, temperature: float,
