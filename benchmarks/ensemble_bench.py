@@ -99,6 +99,8 @@ def main() -> None:
         report(f"ensemble --rule {rule}", args.rows, wall, out, r"\(([\d,]+) rows/s\)")
     wall, out = command("verify", e, "--structure-only")
     report("verify --structure-only", args.rows, wall, out, r"s, ([\d,]+) rows/s\)")
+    if args.images < 1:  # --images 0: the store-only commands alone
+        return
 
     from conftest import make_image  # tests/conftest.py: smooth random pictures
 

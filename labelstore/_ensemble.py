@@ -7,8 +7,9 @@ geometric mean — of the members' dense distributions (marginal smoothing, as
 ``LabelStore.dense``), cut to its top-k plus the residual like a teacher's row. A row
 invalid in any member is invalid.
 
-The work streams chunk by chunk (memory: one chunk's top-k rows plus a block of dense
-rows, O(chunk × C) at most) and writes whole chunks through the writer, so an
+The work streams chunk by chunk and never builds a dense row: outside the union of the
+members' top-k every class has the same combined value (:func:`combine_top_k`), so memory
+is O(chunk × Σ k) whatever C. Whole chunks are written through the writer, so an
 interrupted ensemble is resumed by rerunning the same command: only chunks not done are
 computed. The settings (members, weights, rule, k) are kept in the store and a rerun
 with other settings is refused.
@@ -27,12 +28,12 @@ from . import _derive
 from . import _format as fmt
 from ._lock import OutputLock
 from ._paths import check_disjoint, check_replaceable, real_path
-from ._reader import LabelStore, densify, open as open_store
+from ._reader import LabelStore, open as open_store
 from ._writer import _exists, create
 
 RULES = ("mean", "geomean")
-# Dense values per block (rows × classes): 2^22 float64 = 32 MiB per member array.
-DENSE_VALUES = 1 << 22
+# Rows combined at once: temporaries are (rows × sum k_i × k_i), a few MiB.
+BLOCK_ROWS = 4096
 # Floor of a probability under the logarithm (geomean): a class that a member gives
 # exactly 0 (k = C with a zero entry) keeps a tiny share instead of -inf.
 LOG_FLOOR = 1e-30
@@ -288,16 +289,83 @@ def _chunk(members: Sequence[LabelStore], weights: Sequence[float], rule: str, k
     probs = np.zeros((n, views, k), dtype=np.float32)
     residual = np.ones((n, views), dtype=np.float32)
     rows = np.flatnonzero(valid)
-    step = max(1, DENSE_VALUES // classes)
-    for start in range(0, len(rows), step):
-        block = rows[start:start + step]
+    for start in range(0, len(rows), BLOCK_ROWS):
+        block = rows[start:start + BLOCK_ROWS]
         for view in range(views):
-            dense = [densify(p["indices"][block, view], p["probs"][block, view],
-                             p["residual"][block, view], classes) for p in parts]
-            top_i, top_p, rest = top_k(combine(dense, weights, rule), k)
+            tops = [(p["indices"][block, view], p["probs"][block, view],
+                     p["residual"][block, view]) for p in parts]
+            top_i, top_p, rest = combine_top_k(tops, weights, rule, classes, k)
             indices[block, view], probs[block, view], residual[block, view] = top_i, top_p, rest
     boxes = members[0]._get("boxes", slice(lo, hi))
     flips = members[0]._get("flips", slice(lo, hi))
     boxes[~valid], flips[~valid] = 0, False
     return {"indices": indices, "probs": probs, "residual": residual, "boxes": boxes,
             "flips": flips, "valid": valid}
+
+
+def _smoothed(indices: np.ndarray, probs: np.ndarray, residual: np.ndarray, classes: int,
+              candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One member's dense row (``densify``: marginal smoothing, renormalised) at the
+    ``candidates`` (n, K) classes, and its shared value at every class outside its top-k."""
+    k = indices.shape[1]
+    probs = probs.astype(np.float64)
+    shared = (np.clip(residual.astype(np.float64), 0, None) / (classes - k) if classes > k
+              else np.zeros(len(probs)))
+    total = probs.sum(axis=1) + (classes - k) * shared
+    empty = total <= 0                     # no mass at all: uniform, as densify
+    probs[empty], shared[empty], total[empty] = 1.0 / classes, 1.0 / classes, 1.0
+    match = candidates[:, :, None] == indices[:, None, :].astype(np.int64)   # (n, K, k)
+    at = np.where(match.any(-1), (match * probs[:, None, :]).sum(-1), shared[:, None])
+    return at / total[:, None], shared / total
+
+
+def combine_top_k(tops: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
+                  weights: Sequence[float], rule: str, classes: int,
+                  k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-k class ids, probabilities and residual of the members' combined dense rows,
+    computed from their top-k alone.
+
+    ``tops`` holds each member's (indices (n, k_i), probs (n, k_i), residual (n,)). Under
+    marginal smoothing every class outside a member's top-k gets the same share, so the
+    combination (mean or geometric mean) takes one common value on every class outside
+    the union of the members' top-k: only that union (<= sum k_i classes a row) and the
+    common value are computed, O(n · sum k_i) instead of O(n · C), with the same result
+    as ``top_k(combine(densified rows))`` up to the order of tied classes.
+    """
+    n = len(tops[0][0])
+    candidates = np.concatenate([idx for idx, _, _ in tops], axis=1).astype(np.int64)
+    width = candidates.shape[1]
+    values = np.zeros((n, width))
+    common = np.zeros(n)
+    for (idx, probs, residual), weight in zip(tops, weights):
+        at, shared = _smoothed(idx, probs, residual, classes, candidates)
+        if rule == "mean":
+            values += weight * at
+            common += weight * shared
+        else:
+            values += weight * np.log(np.maximum(at, LOG_FLOOR))
+            common += weight * np.log(np.maximum(shared, LOG_FLOOR))
+    # A class in several members' top-k appears several times: count it once.
+    order = np.argsort(candidates, axis=1, kind="stable")
+    repeated = np.zeros((n, width), dtype=bool)
+    ordered = np.take_along_axis(candidates, order, axis=1)
+    np.put_along_axis(repeated, order[:, 1:], ordered[:, 1:] == ordered[:, :-1], axis=1)
+    distinct = width - repeated.sum(axis=1)
+    if rule != "mean":  # exponentiate, shifted by the row's largest log value
+        peak = np.maximum(np.where(repeated, -np.inf, values).max(axis=1), common)
+        values, common = np.exp(values - peak[:, None]), np.exp(common - peak)
+    values[repeated] = -np.inf
+    total = np.where(repeated, 0.0, values).sum(axis=1) + (classes - distinct) * common
+    # Classes outside the union, enough to fill a top-k: the smallest ids not in it.
+    ids = np.arange(min(width + k, classes))
+    inside = (ids[None, :, None] == candidates[:, None, :]).any(-1)           # (n, ids)
+    fill = np.argsort(inside, axis=1, kind="stable")[:, :k]
+    fill_inside = np.take_along_axis(inside, fill, axis=1)
+    pool_ids = np.concatenate([candidates, ids[fill]], axis=1)
+    pool = np.concatenate([values, np.where(fill_inside, -np.inf, common[:, None])], axis=1)
+    best = np.argpartition(-pool, k - 1, axis=1)[:, :k]
+    best = np.take_along_axis(best, np.argsort(-np.take_along_axis(pool, best, axis=1), axis=1,
+                                               kind="stable"), axis=1)
+    top = np.take_along_axis(pool, best, axis=1) / total[:, None]
+    return (np.take_along_axis(pool_ids, best, axis=1), top,
+            np.clip(1.0 - top.sum(axis=1), 0.0, 1.0))

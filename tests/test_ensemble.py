@@ -77,7 +77,7 @@ def assert_matches_reference(out, expected, valid):
 
 @pytest.mark.parametrize("rule", ["mean", "geomean"])
 def test_equals_a_float64_reference(members, tmp_path, rule, monkeypatch):
-    monkeypatch.setattr(_ensemble, "DENSE_VALUES", 5 * CLASSES)  # several blocks per chunk
+    monkeypatch.setattr(_ensemble, "BLOCK_ROWS", 5)  # several blocks per chunk
     weights = [0.5, 0.3, 0.2]
     out = str(tmp_path / "e.zarr")
     result = labelstore.ensemble(members, out, weights=[5, 3, 2], rule=rule, topk=5)
@@ -194,3 +194,33 @@ def test_train_student_runs_on_an_ensemble_store(image_folder, make_checkpoint, 
                  str(run_dir), "--epochs", "1", "--batch-size", "6", "--input-size", "32",
                  "--num-workers", "0", "--device", "cpu"]) == 0
     assert (run_dir / "last.pt").exists()
+
+
+@pytest.mark.parametrize("rule", ["mean", "geomean"])
+@pytest.mark.parametrize("k_out", [1, 3, 9, 12])
+def test_sparse_combination_equals_the_dense_one(rule, k_out):
+    """combine_top_k works on the union of the members' top-k; it must equal the top-k of
+    the dense combination, also when k exceeds the union (filler classes), k = C, members
+    share classes, and a row has no residual."""
+    rng = np.random.default_rng(k_out)
+    n, classes = 50, 12
+    tops, dense = [], []
+    for k_member in (3, 5, 12):
+        logits = rng.normal(scale=2.0, size=(n, classes))
+        logits[:, :4] += 3.0      # the members agree on a few classes
+        probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+        idx = np.argsort(-probs, axis=1)[:, :k_member]
+        top = np.take_along_axis(probs, idx, axis=1).astype(np.float16).astype(np.float32)
+        residual = np.clip(1 - top.sum(1), 0, 1).astype(np.float32)
+        residual[:5] = 0.0        # all the mass in the top-k
+        tops.append((idx, top, residual))
+        dense.append(labelstore.densify(idx, top, residual, classes).astype(np.float64))
+    weights = [0.2, 0.5, 0.3]
+    expected = _ensemble.combine(dense, weights, rule)
+    idx, top, residual = _ensemble.combine_top_k(tops, weights, rule, classes, k_out)
+    assert idx.shape == (n, k_out)
+    assert (np.sort(idx, 1)[:, 1:] != np.sort(idx, 1)[:, :-1]).all()    # distinct classes
+    # densify works in float32: the two agree to its rounding
+    np.testing.assert_allclose(top, -np.sort(-expected, 1)[:, :k_out], atol=1e-6)
+    np.testing.assert_allclose(top, np.take_along_axis(expected, idx, 1), atol=1e-6)
+    np.testing.assert_allclose(residual, 1 - top.sum(1), atol=1e-12)
