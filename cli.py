@@ -37,13 +37,13 @@ def ssld(ctx: click.Context, debug: bool) -> None:
 def _register() -> None:
     from labelstore._cli import commands as store_commands
     from labelstore._select_cli import commands as select_commands
-    from labelstore._teachers_cli import commands as teachers_commands
+    from labelstore._ensemble_cli import commands as ensemble_commands
     from teacher_infer._cli import commands as infer_commands
     from teacher_infer._prepare_cli import commands as prepare_commands
     from student_train._cli import commands as train_commands
     from student_train._quickstart_cli import commands as quickstart_commands
 
-    for command in (*store_commands, *select_commands, *teachers_commands, *infer_commands,
+    for command in (*store_commands, *select_commands, *ensemble_commands, *infer_commands,
                     *prepare_commands, *train_commands, *quickstart_commands):
         ssld.add_command(command)
 

@@ -13,10 +13,10 @@ from ._reader import DamagedStoreError, LabelSlice, LabelStore, densify, open
 from ._version import __version__
 from ._writer import IncompleteRunError, LabelStoreWriter, create
 from ._dedup import dedup
-from ._ensemble import EnsembleResult, ensemble
+from ._ensemble import EnsembleResult, combine_distributions, combine_top_k, ensemble
 from ._merge import merge
 from ._select import select_topk
-from ._verify import VerifyResult, verify
+from ._verify import TeacherCheck, VerifyResult, verify
 
 __all__ = [
     "FORMAT",
@@ -29,9 +29,12 @@ __all__ = [
     "LabelStoreWriter",
     "LockedError",
     "OutputLock",
+    "TeacherCheck",
     "VerifyResult",
     "__version__",
     "check_disjoint",
+    "combine_distributions",
+    "combine_top_k",
     "create",
     "dedup",
     "densify",

@@ -154,8 +154,14 @@ def _show(value: np.ndarray) -> str:
     return str(bool(value))
 
 
-def combine(dense: Sequence[np.ndarray], weights: Sequence[float], rule: str) -> np.ndarray:
-    """(n, C) float64 combination of members' (n, C) distributions, rows summing to 1."""
+def combine_distributions(dense: Sequence[np.ndarray], weights: Sequence[float],
+                          rule: str = "mean") -> np.ndarray:
+    """(n, C) float64 combination of members' dense (n, C) distributions, rows summing to 1:
+    the weighted mean, or (``geomean``) the renormalised weighted geometric mean.
+
+    >>> combine_distributions([np.array([[0.5, 0.5]]), np.array([[0.9, 0.1]])], [0.5, 0.5])
+    array([[0.7, 0.3]])
+    """
     total = np.zeros(dense[0].shape, dtype=np.float64)
     if rule == "mean":
         for probs, weight in zip(dense, weights):
@@ -166,18 +172,6 @@ def combine(dense: Sequence[np.ndarray], weights: Sequence[float], rule: str) ->
         total -= total.max(axis=1, keepdims=True)
         np.exp(total, out=total)
     return total / total.sum(axis=1, keepdims=True)
-
-
-def top_k(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Top-k class ids (best first), their probabilities and the residual of (n, C) rows."""
-    n, classes = probs.shape
-    part = np.argpartition(-probs, k - 1, axis=1)[:, :k] if k < classes else \
-        np.tile(np.arange(classes), (n, 1))
-    values = np.take_along_axis(probs, part, axis=1)
-    order = np.argsort(-values, axis=1, kind="stable")
-    indices = np.take_along_axis(part, order, axis=1)
-    values = np.take_along_axis(values, order, axis=1)
-    return indices, values, np.clip(1.0 - values.sum(axis=1), 0.0, 1.0)
 
 
 def _member_record(store: LabelStore) -> dict[str, Any]:
@@ -330,7 +324,8 @@ def combine_top_k(tops: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
     combination (mean or geometric mean) takes one common value on every class outside
     the union of the members' top-k: only that union (<= sum k_i classes a row) and the
     common value are computed, O(n · sum k_i) instead of O(n · C), with the same result
-    as ``top_k(combine(densified rows))`` up to the order of tied classes.
+    as the top-k of ``combine_distributions`` of the densified rows, up to the order of
+    tied classes.
     """
     n = len(tops[0][0])
     candidates = np.concatenate([idx for idx, _, _ in tops], axis=1).astype(np.int64)

@@ -10,7 +10,8 @@ Two levels:
   = 1 − Σ probs within fp16 rounding, the k-th probability at least the mean of the
   other classes (it is a top-k), labels in [-1, C), boxes of valid rows non-empty and
   inside the image, and as many invalid rows as the run recorded;
-- **teacher** (``teacher_infer.verify``): ``sample`` random rows, every view, are
+- **teacher** (``teacher_infer.verify``, which starts with the structure check here):
+  ``sample`` random rows, every view, are
   recomputed with the teacher and preprocessing the store records, on the stored boxes
   and flips, and compared with the stored top-k.
 
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -105,41 +106,24 @@ class VerifyResult:
         return "\n".join(lines)
 
 
-def verify(store: Any, *, sample: int = 64, checkpoint: Sequence[str] | str | None = None,
-           structure_only: bool = False, seed: int = 0, root: str | None = None,
-           device: str = "auto", decoder: str | None = None, atol: float = ATOL,
-           min_agreement: float = MIN_AGREEMENT, batch_size: int = 32,
-           progress: bool = False) -> VerifyResult:
-    """Check ``store`` (path or reader); returns a :class:`VerifyResult` (``.ok``).
-
-    ``sample`` rows (drawn with ``seed``; all rows when the store is smaller) are
-    recomputed with the recorded teacher unless ``structure_only``; ``checkpoint``
-    replaces the recorded weights (one file per teacher, in member order for an
-    ensemble), ``root`` the recorded dataset root, ``decoder`` the recorded decoder.
-    A damaged store is a failed verification, not an exception.
+def verify(store: Any, *, atol: float = ATOL, min_agreement: float = MIN_AGREEMENT
+           ) -> VerifyResult:
+    """Check the structure of ``store`` (path or reader); returns a :class:`VerifyResult`
+    (``.ok``, ``.problems``). A damaged store is a failed verification, not an exception.
+    The teacher half is ``teacher_infer.verify`` (teacher_infer/recompute.py: it needs torch and timm), which starts
+    with this; ``atol`` / ``min_agreement`` are its tolerances, recorded in the result.
     """
     if not 0 <= atol <= 1:
         raise ValueError(f"atol must be in [0, 1], got {atol}")
     if not 0 <= min_agreement <= 1:
         raise ValueError(f"min_agreement must be in [0, 1], got {min_agreement}")
-    if int(sample) < 1:
-        raise ValueError(f"sample must be >= 1, got {sample}")
     started = time.perf_counter()
     try:
         opened = store if isinstance(store, LabelStore) else open_store(store)
     except DamagedStoreError as exc:
         return VerifyResult(str(store), 0, [str(exc)], None, atol, min_agreement)
-    problems = check_rows(opened)
-    result = VerifyResult(opened.path, len(opened), problems, None, atol, min_agreement,
-                          structure_seconds=time.perf_counter() - started)
-    if structure_only or any(p.startswith("damaged") for p in problems):
-        return result
-    from teacher_infer.verify import check_teacher  # torch and timm only for this part
-
-    result.teacher = check_teacher(opened, sample=int(sample), checkpoint=checkpoint, seed=seed,
-                                   root=root, device=device, decoder=decoder, atol=atol,
-                                   batch_size=batch_size, progress=progress)
-    return result
+    return VerifyResult(opened.path, len(opened), check_rows(opened), None, atol, min_agreement,
+                        structure_seconds=time.perf_counter() - started)
 
 
 class _Problems:

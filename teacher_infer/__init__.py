@@ -18,7 +18,8 @@ from .data import Samples, find_samples
 if TYPE_CHECKING:  # pragma: no cover
     from .infer import RunSummary
 
-__all__ = ["InferConfig", "RunSummary", "Samples", "find_samples", "resolve_model_name", "run"]
+__all__ = ["InferConfig", "RunSummary", "Samples", "find_samples", "resolve_model_name", "run",
+           "verify"]
 
 
 def run(cfg: InferConfig) -> "RunSummary":
@@ -26,6 +27,14 @@ def run(cfg: InferConfig) -> "RunSummary":
     from .infer import run as _run
 
     return _run(cfg)
+
+
+def verify(store, **options):
+    """``ssld verify``: the store's structure, then sampled rows recomputed with its recorded
+    teacher(s); returns a ``labelstore.VerifyResult`` (see ``teacher_infer.recompute.verify``)."""
+    from .recompute import verify as _verify
+
+    return _verify(store, **options)
 
 
 def resolve_model_name(name: str) -> str:

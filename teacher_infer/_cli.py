@@ -1,4 +1,5 @@
-"""``ssld infer-teacher``: options → :class:`InferConfig` → ``teacher_infer.run``."""
+"""``ssld infer-teacher``: options → :class:`InferConfig` → ``teacher_infer.run``; ``ssld verify``
+(a store against its recorded teacher) → ``teacher_infer.verify``."""
 from __future__ import annotations
 
 import os
@@ -87,3 +88,45 @@ def infer_teacher(model, checkpoint, pretrained, random_weights, data, views_fro
 
 
 commands.append(infer_teacher)
+
+
+@click.command("verify")
+@click.argument("store")
+@click.option("--sample", default=64, show_default=True,
+              help="Rows recomputed with the teacher (all their views).")
+@click.option("--checkpoint", "checkpoints", multiple=True, type=click.Path(dir_okay=False),
+              help="Teacher weights instead of the recorded file; one per teacher, in member "
+              "order for an ensemble store.")
+@click.option("--structure-only", is_flag=True, help="Check the arrays only, no teacher.")
+@click.option("--root", help="Image folder instead of the recorded dataset root.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the row sample.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              show_default=True)
+@click.option("--decoder", type=click.Choice(["dali", "pil"]), help="[the recorded one]")
+@click.option("--atol", type=float, default=None, help="Largest |Δp| of an agreeing row-view "
+              "[0.05].")
+@click.option("--min-agreement", type=float, default=None,
+              help="Fraction of row-views that must agree [0.99].")
+@click.pass_context
+def verify_cmd(ctx, store, sample, checkpoints, structure_only, root, seed, device, decoder,
+               atol, min_agreement) -> None:
+    """Check a store: its structure, and sampled rows recomputed with its teacher.
+
+    Exit status 1 (with the problems and the worst rows) when it fails.
+    """
+    options = {"atol": atol, "min_agreement": min_agreement}
+    if structure_only:  # the store alone: no torch
+        from labelstore import verify as verify_structure
+
+        result = verify_structure(store, **{k: v for k, v in options.items() if v is not None})
+    else:
+        from teacher_infer import verify
+
+        result = verify(store, sample=sample, checkpoint=list(checkpoints) or None, root=root,
+                        seed=seed, device=device, decoder=decoder, **options)
+    click.echo(result)
+    if not result.ok:
+        ctx.exit(1)
+
+
+commands.append(verify_cmd)

@@ -96,7 +96,7 @@ def test_equals_a_float64_reference(members, tmp_path, rule, monkeypatch):
     np.testing.assert_array_equal(got.boxes[valid], first.boxes[valid])
     np.testing.assert_array_equal(got.flips[valid], first.flips[valid])
     assert not got.boxes[~valid].any()
-    assert labelstore.verify(out, structure_only=True).ok
+    assert labelstore.verify(out).ok
 
 
 def test_default_k_and_weights(members, tmp_path):
@@ -216,8 +216,8 @@ def test_sparse_combination_equals_the_dense_one(rule, k_out):
         tops.append((idx, top, residual))
         dense.append(labelstore.densify(idx, top, residual, classes).astype(np.float64))
     weights = [0.2, 0.5, 0.3]
-    expected = _ensemble.combine(dense, weights, rule)
-    idx, top, residual = _ensemble.combine_top_k(tops, weights, rule, classes, k_out)
+    expected = labelstore.combine_distributions(dense, weights, rule)
+    idx, top, residual = labelstore.combine_top_k(tops, weights, rule, classes, k_out)
     assert idx.shape == (n, k_out)
     assert (np.sort(idx, 1)[:, 1:] != np.sort(idx, 1)[:, :-1]).all()    # distinct classes
     # densify works in float32: the two agree to its rounding

@@ -1,6 +1,6 @@
-"""labelstore.verify / ``ssld verify``: passes on fresh stores (plain and ensemble), fails on
-altered probabilities, on a chunk marked done over zeros, with another checkpoint, and on a
-damaged chunk; --structure-only needs no teacher."""
+"""labelstore.verify (structure), teacher_infer.verify (teacher) and ``ssld verify``: passes
+on fresh stores (plain and ensemble), fails on altered probabilities, on a chunk marked done
+over zeros, with another checkpoint, and on a damaged chunk; --structure-only needs no teacher."""
 from __future__ import annotations
 
 import shutil
@@ -10,6 +10,7 @@ import pytest
 import zarr
 
 import labelstore
+import teacher_infer
 from cli import main
 from conftest import TINY_INPUT, TINY_MODEL
 
@@ -47,7 +48,7 @@ def arrays(path: str):
 
 def test_fresh_stores_pass(stores):
     for name in ("a", "b"):
-        result = labelstore.verify(stores[name], sample=100)
+        result = teacher_infer.verify(stores[name], sample=100)
         assert result.ok, result
         assert result.teacher.rows == 12 and result.teacher.row_views == 24
         assert result.teacher.top1_equal == 1.0
@@ -67,7 +68,7 @@ def test_altered_probabilities_fail_but_keep_a_valid_structure(stores, tmp_path,
     probs = get("probs")[lo:hi].astype(np.float32) * 0.5
     get("probs")[lo:hi] = probs.astype(np.float16)
     get("residual")[lo:hi] = 1 - probs.astype(np.float16).astype(np.float32).sum(-1)
-    assert labelstore.verify(path, structure_only=True).ok   # plausible rows, valid checksums
+    assert labelstore.verify(path).ok   # plausible rows, valid checksums
     assert main(["verify", path, "--sample", "100"]) == 1
     out = capsys.readouterr().out
     assert "FAILED" in out and "worst rows:" in out
@@ -86,7 +87,7 @@ def test_a_done_flag_over_zeros_fails(stores, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "residual != 1 - sum(probs)" in out and f"first row {lo} view 0" in out
     assert "4 invalid rows, but the run recorded 0 failures" in out
-    result = labelstore.verify(path, sample=100)
+    result = teacher_infer.verify(path, sample=100)
     assert not result.ok
 
 
@@ -96,7 +97,7 @@ def test_the_teacher_check_sees_rows_marked_invalid_that_decode(stores, tmp_path
     valid = get("valid")[:]
     valid[1] = False
     get("valid")[:] = valid
-    result = labelstore.verify(path, sample=100)
+    result = teacher_infer.verify(path, sample=100)
     assert not result.ok and result.teacher.validity_mismatches == 1
     assert any("invalid in the store, but decodes now" in line for line in result.teacher.worst)
 

@@ -17,13 +17,42 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from labelstore import LabelStore, densify, quantize_boxes
-from labelstore._ensemble import combine, top_k
-from labelstore._verify import SHOWN, TeacherCheck
+import labelstore
+from labelstore import (LabelStore, TeacherCheck, VerifyResult, combine_distributions, densify,
+                        quantize_boxes)
 
 from .config import InferConfig
 from .decode import DecodeError, open_rgb
 from .views import PlannedViews, ViewSpec
+
+
+WORST_SHOWN = 5   # worst rows listed
+
+
+def verify(store: Any, *, sample: int = 64, checkpoint: Sequence[str] | str | None = None,
+           seed: int = 0, root: str | None = None, device: str = "auto",
+           decoder: str | None = None, atol: float | None = None,
+           min_agreement: float | None = None, batch_size: int | None = None) -> VerifyResult:
+    """``labelstore.verify`` (the structure), then ``sample`` random rows (drawn with
+    ``seed``; all of them in a smaller store) recomputed with the recorded teacher(s).
+
+    ``checkpoint`` replaces the recorded weights (one file per teacher, in member order for
+    an ensemble store), ``root`` the recorded dataset root, ``decoder`` the recorded decoder;
+    ``atol`` / ``min_agreement`` default to labelstore's documented tolerances. The teacher
+    part is skipped when the structure check found the store damaged.
+    """
+    if int(sample) < 1:
+        raise ValueError(f"sample must be >= 1, got {sample}")
+    tolerances = {k: v for k, v in (("atol", atol), ("min_agreement", min_agreement))
+                  if v is not None}
+    result = labelstore.verify(store, **tolerances)
+    if any(problem.startswith(("damaged", "label store")) for problem in result.problems):
+        return result
+    opened = store if isinstance(store, LabelStore) else labelstore.open(store)
+    result.teacher = check_teacher(opened, sample=int(sample), checkpoint=checkpoint, seed=seed,
+                                   root=root, device=device, decoder=decoder, atol=result.atol,
+                                   batch_size=batch_size)
+    return result
 
 
 @dataclass(frozen=True)
@@ -148,14 +177,16 @@ def recompute(record: TeacherRecord, cfg: InferConfig, *, paths: list[str], keys
 
 def _member_dense(probs: np.ndarray, k: int) -> np.ndarray:
     """What a member store holds of full softmax rows (n, C): top-k + marginal smoothing."""
-    indices, values, residual = top_k(probs.astype(np.float64), k)
+    indices = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    values = np.take_along_axis(probs, indices, axis=1)
+    residual = np.clip(1.0 - values.astype(np.float64).sum(axis=1), 0.0, 1.0)
     return densify(indices, values.astype(np.float16), residual.astype(np.float32),
                    probs.shape[1])
 
 
 def check_teacher(store: LabelStore, *, sample: int, checkpoint: Sequence[str] | str | None,
                   seed: int, root: str | None, device: str, decoder: str | None, atol: float,
-                  batch_size: int, progress: bool = False) -> TeacherCheck:
+                  batch_size: int | None) -> TeacherCheck:
     """Recompute ``sample`` random rows of ``store`` and compare them with the stored top-k."""
     started = time.perf_counter()
     records, weights, rule = teacher_records(store)
@@ -211,7 +242,7 @@ def _expected(members, weights, rule, rows_ok: np.ndarray) -> np.ndarray:
     out = np.zeros(probs0.shape, dtype=np.float64)
     for view in range(probs0.shape[1]):
         dense = [_member_dense(probs[:, view], k) for probs, k in members]
-        out[:, view] = combine(dense, weights, rule)
+        out[:, view] = combine_distributions(dense, weights, rule)
     return out
 
 
@@ -231,7 +262,7 @@ def _compare(store, rows, keys, stored, expected, now_valid, atol, notes,
     local = np.flatnonzero(both)
     if len(local):
         score = np.where(agree, 0.0, 1.0) + max_diff                  # disagreeing first
-        for flat in np.argsort(-score, axis=None)[:SHOWN]:
+        for flat in np.argsort(-score, axis=None)[:WORST_SHOWN]:
             i, view = np.unravel_index(flat, score.shape)
             if agree[i, view]:
                 break
@@ -241,7 +272,7 @@ def _compare(store, rows, keys, stored, expected, now_valid, atol, notes,
                          f"recomputed {int(best[i, view])} "
                          f"(p {expected[row, view].max():.4f}), max |Δp| "
                          f"{max_diff[i, view]:.4f}")
-    for row in np.flatnonzero(stored.valid != now_valid)[:SHOWN]:
+    for row in np.flatnonzero(stored.valid != now_valid)[:WORST_SHOWN]:
         state = "valid in the store, cannot be decoded now" if stored.valid[row] else \
             "invalid in the store, but decodes now"
         worst.append(f"row {int(rows[row])} ({keys[row]}): {state}")

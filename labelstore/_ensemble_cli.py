@@ -1,0 +1,36 @@
+"""``ssld ensemble``: one store from several teachers' stores on the same crops."""
+from __future__ import annotations
+
+import click
+
+commands: list[click.Command] = []
+
+
+def _weights(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return [float(v) for v in value.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
+
+
+@click.command("ensemble")
+@click.argument("stores", nargs=-1, required=True)
+@click.option("--out", required=True, help="Store to write or resume (e.g. ensemble.zarr).")
+@click.option("--weights", callback=_weights, help="One weight per store, e.g. 0.5,0.5 "
+              "(normalised) [equal].")
+@click.option("--topk", type=int, help="Classes kept per view [the largest member k].")
+@click.option("--rule", type=click.Choice(["mean", "geomean"]), default="mean",
+              show_default=True, help="Weighted mean of the distributions, or their "
+              "normalised weighted geometric mean.")
+@click.option("--overwrite", is_flag=True, help="Replace --out instead of resuming it.")
+def ensemble_cmd(stores, out, weights, topk, rule, overwrite) -> None:
+    """Combine stores that label the same crops (infer-teacher --views-from) into one."""
+    from labelstore import ensemble
+
+    click.echo(ensemble(list(stores), out, weights=weights, topk=topk, rule=rule,
+                        overwrite=overwrite, progress=True))
+
+
+commands.append(ensemble_cmd)
