@@ -13,6 +13,7 @@ import zarr
 import labelstore
 from cli import main
 from labelstore import _ensemble
+from test_labelstore_paths import refused
 
 CLASSES, VIEWS, ROWS, CHUNK = 20, 2, 37, 8
 FP16 = 1e-3   # k fp16 roundings of probabilities summing to <= 1, with room
@@ -106,15 +107,6 @@ def test_default_k_and_weights(members, tmp_path):
     valid = np.ones(ROWS, dtype=bool)
     valid[[3, 10, 11]] = False
     assert_matches_reference(out, reference(members[:2], [0.5, 0.5], "mean"), valid)
-
-
-def refused(capsys, args, *needles):
-    assert main(args) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("ssld: error:") and err.count("\n") == 1, err
-    for needle in needles:
-        assert needle in err, err
-    return err
 
 
 def test_mismatched_members_are_refused_with_one_line(members, tmp_path, capsys):
