@@ -170,13 +170,15 @@ def spans(store: LabelStore, rows: np.ndarray | None = None,
 
 
 def read_blocks(store: LabelStore, names: Sequence[str], *, rows: np.ndarray | None = None,
-                view: int | None = None,
-                step: int | None = None) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
+                view: int | None = None, step: int | None = None,
+                part: tuple[int, int] | None = None
+                ) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
     """Yield (lo, hi, {name: stored values}) block by block, in stored dtypes.
 
     With sorted unique ``rows`` only those rows are returned (so ``hi - lo`` is not
     their count); with ``view``, per-view arrays are sliced to that view; ``step`` sets
-    the block size (default: whole chunks, about READ_ROWS rows). The next
+    the block size (default: whole chunks, about READ_ROWS rows); ``part=(i, n)``
+    yields only blocks i, i + n, i + 2n, ... (one share of n disjoint ones). The next
     block is read in a background thread while the caller works on this one, so
     zarr's decompression overlaps the caller's numpy work.
     """
@@ -192,8 +194,8 @@ def read_blocks(store: LabelStore, names: Sequence[str], *, rows: np.ndarray | N
 
     with ThreadPoolExecutor(max_workers=1) as pool:
         ahead = None
-        for span in spans(store, None if rows is None else np.asarray(rows, dtype=np.int64),
-                          step):
+        blocks = spans(store, None if rows is None else np.asarray(rows, dtype=np.int64), step)
+        for span in blocks if part is None else blocks[part[0]::part[1]]:
             future = pool.submit(read, span)
             if ahead is not None:
                 yield ahead.result()

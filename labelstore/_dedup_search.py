@@ -1,0 +1,317 @@
+"""Stage 1 of ``dedup``: exact top-m cosine search of a query set against a streamed pool.
+
+The result is defined without reference to how it is computed, so that the numpy
+path and the torch path (CPU or CUDA, any block size, any number of ranks) return
+the same pairs:
+
+- an embedding takes part when its row is valid and its stored values are finite
+  and not all zero;
+- the cosine of a pair is ``x·y / (‖x‖ ‖y‖)`` of the stored values in float64,
+  rounded to float32: that float32 value is the pair's score;
+- a pair is a candidate when its score >= ``threshold`` (compared in float64); per query the ``top_m``
+  candidates with the highest score are kept, equal scores ordered by lower pool
+  row first (exact copies of one image are ties, and the first copy wins).
+
+Both paths score blocks fast and approximately (float32 BLAS; fp16 query and pool
+on CUDA), keep what could be in the top m given a proven bound on the approximation
+error (:func:`slack`), and re-score those pairs exactly on the CPU from the block
+that is already in memory. The torch path keeps a running top-K (K = top_m + EXTRA)
+per query on the device and afterwards certifies each query: no pair outside its
+top-K can beat its m-th exact score. The rare query that cannot be certified (more
+than K rows within the error bound of its m-th score: many copies of one image) is
+searched again with a larger K.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+from . import _derive
+from ._reader import LabelStore
+
+# Candidates the device keeps per query beyond top_m: room for near-ties at the m-th
+# place, so that nearly every query is certified in one pass over the pool.
+EXTRA = 16
+# Scores held at once per pool block: queries × block rows × 4 bytes stays under this.
+SCORE_BYTES = {"cpu": 256 << 20, "cuda": 2 << 30}
+MAX_BLOCK = 1 << 16
+
+
+@dataclass
+class Candidates:
+    """Stage-1 pairs, sorted by query row, then score descending, then pool row."""
+
+    query_rows: np.ndarray   # (P,) int64
+    pool_rows: np.ndarray    # (P,) int64
+    cosines: np.ndarray      # (P,) float32: the score defined above
+    passes: int = 1          # passes over the pool (more when a query had many near-ties)
+
+    def __len__(self) -> int:
+        return len(self.query_rows)
+
+    @classmethod
+    def empty(cls) -> "Candidates":
+        none = np.zeros(0, dtype=np.int64)
+        return cls(none, none, np.zeros(0, dtype=np.float32))
+
+    @classmethod
+    def best_of(cls, parts: list["Candidates"], top_m: int) -> "Candidates":
+        """The top ``top_m`` per query of the union of ``parts`` (e.g. one per pool share)."""
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            return cls.empty()
+        return cls(*keep_best(np.concatenate([p.query_rows for p in parts]),
+                              np.concatenate([p.pool_rows for p in parts]),
+                              np.concatenate([p.cosines for p in parts]), top_m))
+
+
+def keep_best(query_rows, pool_rows, cosines, top_m: int) -> tuple[np.ndarray, ...]:
+    """Per query the ``top_m`` highest scores, ties by lower pool row; sorted as Candidates."""
+    order = np.lexsort((pool_rows, -cosines, query_rows))
+    query_rows, pool_rows, cosines = query_rows[order], pool_rows[order], cosines[order]
+    keep = _derive.first_in_runs(query_rows, top_m)
+    return query_rows[keep], pool_rows[keep], cosines[keep]
+
+
+def usable_rows(embeddings: np.ndarray) -> np.ndarray:
+    """Mask of rows that are finite and not all zero (the same test on every path)."""
+    return np.isfinite(embeddings).all(axis=1) & (embeddings != 0).any(axis=1)
+
+
+def exact_scores(query_raw: np.ndarray, query_norms: np.ndarray, query_pos: np.ndarray,
+                 pool_raw: np.ndarray, pool_pos: np.ndarray) -> np.ndarray:
+    """float32 scores of pairs (query_raw[query_pos], pool_raw[pool_pos]): float64 cosine.
+
+    Each pair's dot product is summed on its own (einsum over one row pair), so the
+    value does not depend on which other pairs are in the batch.
+    """
+    q = query_raw[query_pos].astype(np.float64)
+    p = pool_raw[pool_pos].astype(np.float64)
+    pool_norms = np.sqrt(np.einsum("ij,ij->i", p, p))
+    return (np.einsum("ij,ij->i", q, p) / (query_norms[query_pos] * pool_norms)).astype(np.float32)
+
+
+def eligible(scores: np.ndarray, threshold: float) -> np.ndarray:
+    """score >= threshold, compared in float64 (not in float32, NumPy's default here)."""
+    return scores.astype(np.float64) >= threshold
+
+
+def slack(dim: int, half: bool) -> float:
+    """Bound on |approximate − float64 cosine| of unit vectors, with a factor 2 of margin.
+
+    Rounding the unit vectors to the compute dtype costs ≤ u_in relative error per
+    side (u_in = 2^-11 for fp16, 2^-24 for fp32, plus 4·2^-24 for the float32
+    normalisation); a length-D dot product accumulated in float32 adds ≤ (D + 2)·2^-24
+    (Higham's γ_D, with ‖x‖ = ‖y‖ = 1); 1e-6 covers fp16 subnormals and the final
+    float32 rounding of the score.
+    """
+    u_in = 2.0 ** -11 if half else 2.0 ** -24
+    return 2 * (2 * u_in + 4 * 2.0 ** -24 + (dim + 2) * 2.0 ** -24) + 1e-6
+
+
+def _queries(query: LabelStore) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows taking part, their stored embeddings as float32, their float64 norms)."""
+    raw = query.read_embeddings(slice(None))
+    ids = np.flatnonzero(query.valid & usable_rows(raw))
+    raw = np.ascontiguousarray(raw[ids])
+    norms = np.concatenate([np.zeros(0)] + [
+        np.sqrt(np.einsum("ij,ij->i", part, part)) for part in
+        (raw[i:i + 4096].astype(np.float64) for i in range(0, len(raw), 4096))])
+    return ids, raw, norms
+
+
+def _unit(raw: np.ndarray, norms: np.ndarray) -> np.ndarray:
+    return raw / norms.astype(np.float32)[:, None]
+
+
+def _pool_blocks(pool: LabelStore, part) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(first row, usable rows within the block, stored embeddings) per prefetched block."""
+    for lo, _, data in _derive.read_blocks(pool, ("embeddings", "valid"), part=part):
+        raw = data["embeddings"]
+        yield lo, np.flatnonzero(data["valid"].astype(bool) & usable_rows(raw)), raw
+
+
+# -- numpy: the reference -------------------------------------------------------------
+
+def search_numpy(query: LabelStore, pool: LabelStore, *, threshold: float, top_m: int,
+                 query_batch: int = 4096, pool_batch: int | None = None,
+                 part: tuple[int, int] | None = None, bar=None) -> Candidates:
+    """Stage 1 in numpy (float32 BLAS), the baseline the torch path is checked against.
+
+    Every pair within :func:`slack` of ``threshold`` is re-scored exactly, so the
+    kept set can be trimmed to ``top_m`` per query at any time.
+    """
+    ids, queries_raw, query_norms = _queries(query)
+    queries = _unit(queries_raw, query_norms)
+    low = threshold - slack(queries.shape[1], half=False)
+    found: list[tuple[np.ndarray, ...]] = []
+    buffered, bound = 0, max(4 * len(ids) * top_m, 1 << 16)
+    for lo, rows, raw in _pool_blocks(pool, part):
+        step = pool_batch or 16384
+        for b0 in range(0, len(rows), step):
+            sub = rows[b0:b0 + step]
+            block = raw[sub].astype(np.float32)
+            block /= np.linalg.norm(block, axis=1, keepdims=True)
+            for q0 in range(0, len(queries), query_batch):
+                sims = block @ queries[q0:q0 + query_batch].T     # (pool rows, queries)
+                hit_pool, hit_query = np.nonzero(sims >= low)
+                if not len(hit_pool):
+                    continue
+                scores = exact_scores(queries_raw, query_norms, q0 + hit_query, raw,
+                                      sub[hit_pool])
+                keep = eligible(scores, threshold)
+                found.append((q0 + hit_query[keep], lo + sub[hit_pool[keep]], scores[keep]))
+                buffered += int(keep.sum())
+                if buffered > bound:  # a low threshold: trim to top_m per query now
+                    found = [keep_best(*map(np.concatenate, zip(*found)), top_m)]
+                    buffered = len(found[0][0])
+        if bar is not None:
+            bar.update(len(raw))
+    if not found:
+        return Candidates.empty()
+    positions, pool_rows, scores = keep_best(*map(np.concatenate, zip(*found)), top_m)
+    return Candidates(ids[positions], pool_rows, scores)
+
+
+# -- torch: queries on the device, running top-K ----------------------------------------
+
+def resolve_device(device: str):
+    """``auto`` → CUDA when available, else CPU; ``cuda`` without a GPU is a ValueError."""
+    import torch
+
+    if device not in ("auto", "cpu", "cuda") and not str(device).startswith("cuda:"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but torch sees no CUDA device")
+    return torch.device(device)
+
+
+@contextmanager
+def _exact_matmul():
+    """No TF32 and no fp16 partial sums while searching: :func:`slack` assumes fp32 sums."""
+    import torch
+
+    saved = (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32,
+             torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction)
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved[0])
+        torch.backends.cuda.matmul.allow_tf32 = saved[1]
+        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = saved[2]
+
+
+def block_rows(num_queries: int, device_type: str) -> int:
+    """Pool rows per matrix product: the (queries × rows) score matrix stays bounded."""
+    return int(min(MAX_BLOCK, max(256, SCORE_BYTES[device_type] // (4 * max(num_queries, 1)))))
+
+
+def search_torch(query: LabelStore, pool: LabelStore, *, threshold: float, top_m: int,
+                 device: str = "auto", pool_batch: int | None = None,
+                 part: tuple[int, int] | None = None, bar=None,
+                 half: bool | None = None) -> Candidates:
+    """Stage 1 with torch: the same pairs as :func:`search_numpy`.
+
+    Memory on the device: queries × D × (2 bytes on CUDA, 4 on CPU), one pool block
+    × D, the (queries × block) score matrix (bounded by ``SCORE_BYTES``, or set by
+    ``pool_batch``) and the running top-K, queries × K × 12 bytes. ``half`` (default:
+    on CUDA only) scores in fp16; the tests set it on the CPU to check the CUDA path.
+    """
+    import torch
+
+    dev = resolve_device(device)
+    half = dev.type == "cuda" if half is None else bool(half)
+    ids, queries_raw, query_norms = _queries(query)
+    if not len(ids):
+        return Candidates.empty()
+    dim = queries_raw.shape[1]
+    low = threshold - slack(dim, half)
+    pending = np.arange(len(ids))
+    width = top_m + EXTRA
+    kept: list[tuple[np.ndarray, ...]] = []
+    passes = 0
+    with torch.inference_mode(), _exact_matmul():
+        while len(pending):
+            unit = torch.from_numpy(_unit(queries_raw[pending], query_norms[pending]))
+            on_device = unit.to(dev, torch.float16 if half else torch.float32)
+            found, kth, total = _stream(on_device, pool, width, low, threshold, queries_raw,
+                                        query_norms, pending, pool_batch, part, bar)
+            bar = None     # a second pass is not drawn as progress
+            positions, pool_rows, scores = keep_best(*found, top_m)
+            done = _certified(positions, scores, pending, kth, slack(dim, half), threshold,
+                              top_m, width >= total)
+            mine = np.isin(positions, pending[done])
+            kept.append((positions[mine], pool_rows[mine], scores[mine]))
+            pending, width = pending[~done], width * 4
+            passes += 1
+    positions, pool_rows, scores = keep_best(*map(np.concatenate, zip(*kept)), top_m)
+    return Candidates(ids[positions], pool_rows, scores, passes=passes)
+
+
+def _stream(queries, pool, width, low, threshold, queries_raw, query_norms, pending,
+            pool_batch, part, bar):
+    """One pass over the pool: every pair that ever entered a query's running top-K,
+    re-scored exactly; the final K-th approximate score per query; usable pool rows."""
+    import torch
+
+    dev, n = queries.device, len(queries)
+    step = pool_batch or block_rows(n, dev.type)
+    top_values = torch.full((n, width), -math.inf, device=dev)
+    top_rows = torch.full((n, width), -1, dtype=torch.int64, device=dev)
+    found: list[tuple[np.ndarray, ...]] = []
+    total = 0
+    for lo, rows, raw in _pool_blocks(pool, part):
+        total += len(rows)
+        for b0 in range(0, len(rows), step):
+            sub = rows[b0:b0 + step]
+            block = torch.from_numpy(raw[sub]).to(dev).float()
+            block = (block / block.norm(dim=1, keepdim=True)).to(queries.dtype)
+            scores = queries @ block.T                                   # (queries, rows)
+            values, where = scores.topk(min(width, len(sub)), dim=1)
+            values = values.float().masked_fill_(values < low, -math.inf)
+            block_rows_ = torch.from_numpy(lo + sub).to(dev)[where]
+            values = torch.cat([top_values, values], dim=1)
+            top_values, slot = values.topk(width, dim=1)
+            top_rows = torch.cat([top_rows, block_rows_], dim=1).gather(1, slot)
+            entered = (slot >= width) & torch.isfinite(top_values)
+            query_pos, rank = (t.cpu().numpy() for t in entered.nonzero(as_tuple=True))
+            if len(query_pos):
+                pool_rows = top_rows[query_pos, rank].cpu().numpy()
+                exact = exact_scores(queries_raw, query_norms, pending[query_pos], raw,
+                                     pool_rows - lo)
+                keep = eligible(exact, threshold)
+                found.append((pending[query_pos[keep]], pool_rows[keep], exact[keep]))
+        if bar is not None:
+            bar.update(len(raw))
+    found_arrays = (tuple(map(np.concatenate, zip(*found))) if found else
+                    (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)))
+    return found_arrays, top_values[:, -1].cpu().numpy().astype(np.float64), total
+
+
+def _certified(positions, scores, pending, kth, error, threshold, top_m, saw_all) -> np.ndarray:
+    """Per pending query: True when no pair outside its running top-K can enter its top m.
+
+    A pair that never entered has approximate score <= the final K-th one, so its
+    exact score is <= kth + error and its float32 score <= float32(kth + error) = bar.
+    Certified when the top-K never filled (every pair above threshold − error
+    entered), when bar < threshold, or when the m-th kept score exceeds bar.
+    """
+    if saw_all:
+        return np.ones(len(pending), dtype=bool)
+    bar = (kth + error).astype(np.float32).astype(np.float64)
+    index = np.searchsorted(pending, positions)
+    counts = np.bincount(index, minlength=len(pending))
+    mth = np.full(len(pending), np.inf)
+    last = np.flatnonzero(_derive.first_in_runs(positions, top_m)
+                          & ~_derive.first_in_runs(positions, top_m - 1))
+    mth[index[last]] = scores[last]
+    return ~np.isfinite(kth) | (bar < threshold) | ((counts >= top_m) & (bar < mth))
