@@ -54,15 +54,34 @@ def select_topk_cmd(stores, k, out, exclude, min_prob, view, list_out, overwrite
               help="Image root of the query (default: its dataset.root).")
 @click.option("--pool-root", default=None,
               help="Image root of the pool (default: its dataset.root).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              show_default=True, help="Where stage 1 multiplies (queries held there, fp16 on "
+              "CUDA); the result is the same on every device.")
+@click.option("--rule", type=click.Choice(["best", "component"]), default="best",
+              show_default=True, help="best: drop confirmed matches; component: drop every "
+              "connected component of pairs above the threshold that holds one (DINOv2).")
+@click.option("--report-threshold", "report_thresholds", type=float, multiple=True,
+              help="Threshold of the per-rule report (repeat; default: threshold +0, .05, "
+              ".1, .15).")
+@click.option("--workers", type=int, default=None,
+              help="SIFT threads per process (default: CPU count).")
 def dedup_cmd(query, pool, out, threshold, verify, top_m, min_inliers, query_root,
-              pool_root) -> None:
-    """Find near-duplicates of query images in a pool: cosine candidates, SIFT verification."""
+              pool_root, device, rule, report_thresholds, workers) -> None:
+    """Find near-duplicates of query images in a pool: cosine candidates, SIFT verification.
+
+    Under torchrun every rank searches a share of the pool and verifies a share of the
+    pairs; rank 0 writes --out. A killed run resumes stage 2 from OUT.progress.* files.
+    """
+    import os
+
     from labelstore import dedup
 
     result = dedup(query, pool, out, threshold=threshold, verify=verify, top_m=top_m,
                    min_inliers=min_inliers, query_root=query_root, pool_root=pool_root,
-                   progress=True)
-    click.echo(result, err=out == "-")   # keep stdout for the list itself
+                   device=device, rule=rule, report_thresholds=list(report_thresholds) or None,
+                   workers=workers, progress=True)
+    if int(os.environ.get("RANK", "0") or 0) == 0:
+        click.echo(result, err=out == "-")   # keep stdout for the list itself
 
 
 @_command
