@@ -1,5 +1,8 @@
 """``dedup``: planted near-duplicates of query images inside a pool of distinct images.
 
+Stage 1 is also checked on random embeddings against a brute-force float64 cosine matrix,
+on every path (numpy, torch fp32, torch fp16 as on CUDA, pool shares as under torchrun).
+
 The images are generated (colour fields, shapes, text, noise) and written to disk under
 dataset roots; the embeddings are a deterministic "tiny image" descriptor (16×16 gray,
 mean-free, unit norm — Torralba et al.'s near-duplicate feature), written into the stores
@@ -7,7 +10,12 @@ with ``labelstore.create(..., embedding_dim=256)`` as ``infer-teacher --embeddin
 """
 from __future__ import annotations
 
+import json
+import os
 import string
+import subprocess
+import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -15,7 +23,10 @@ import pytest
 
 import labelstore
 from cli import main
-from labelstore import _dedup
+from labelstore import _dedup, _dedup_rules, _dedup_search, _derive
+from labelstore._dedup_search import Candidates
+
+REPO = Path(__file__).resolve().parents[1]
 
 FONTS = (cv2.FONT_HERSHEY_SIMPLEX, cv2.FONT_HERSHEY_DUPLEX, cv2.FONT_HERSHEY_COMPLEX,
          cv2.FONT_HERSHEY_TRIPLEX, cv2.FONT_HERSHEY_SCRIPT_SIMPLEX)
@@ -256,3 +267,232 @@ def test_cli_dedup_out_that_cannot_be_written_is_refused_before_the_search(plant
                      "--out", str(out)])
         err = capsys.readouterr().err
         assert code == 2 and err.count("\n") == 1 and message in err, err
+
+
+# -- stage 1 on random embeddings: every path equals a brute-force float64 reference ---------
+
+def _embedding_store(path, embeddings, valid=None):
+    n = len(embeddings)
+    with labelstore.create(path, keys=[f"img_{i:05d}" for i in range(n)], num_classes=3,
+                           topk=1, embedding_dim=embeddings.shape[1], chunk_rows=64) as writer:
+        writer.write(0, np.zeros((n, 1, 1), dtype=int), np.full((n, 1, 1), 0.5), valid=valid,
+                     embeddings=embeddings)
+    return labelstore.open(path)
+
+
+@pytest.fixture(scope="module")
+def random_stores(tmp_path_factory):
+    """40 queries, 3,000 pool rows (D = 48, float16 as stored): near-copies of most
+    queries at several noise levels, 3 exact copies of query 0 and 30 of query 1 (ties;
+    30 > top_m + EXTRA forces a second pass), invalid rows, an all-zero row and a NaN row."""
+    base = tmp_path_factory.mktemp("random")
+    rng = np.random.default_rng(7)
+    queries = rng.normal(size=(40, 48)).astype(np.float16)
+    pool = rng.normal(size=(3000, 48)).astype(np.float16)
+    for row in range(0, 3000, 9):
+        noise = rng.choice([0.05, 0.3, 0.8])
+        pool[row] = queries[row % 40].astype(np.float32) + rng.normal(scale=noise, size=48)
+    copies_of_0 = [17, 1400, 2999]
+    copies_of_1 = list(range(5, 3000, 100))
+    pool[copies_of_0], pool[copies_of_1] = queries[0], queries[1]
+    pool[22], pool[23] = 0, np.nan
+    valid = np.ones(3000, dtype=bool)
+    valid[[1400, 38]] = False                 # an exact copy that is not valid takes no part
+    query_valid = np.ones(40, dtype=bool)
+    query_valid[39] = False
+    return dict(query=_embedding_store(base / "q.zarr", queries, query_valid),
+                pool=_embedding_store(base / "p.zarr", pool, valid),
+                queries=queries, pool_embeddings=pool, valid=valid, query_valid=query_valid,
+                copies_of_1=copies_of_1)
+
+
+def brute_force(stores, threshold, top_m):
+    """Per query the top_m pool rows by float32(float64 cosine), ties to the lower row."""
+    q = stores["queries"].astype(np.float64)
+    p = stores["pool_embeddings"].astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sims = (q @ p.T) / np.outer(np.linalg.norm(q, axis=1), np.linalg.norm(p, axis=1))
+    sims = sims.astype(np.float32)
+    usable = stores["valid"] & np.isfinite(sims).all(axis=0)
+    expected = []
+    for row in np.flatnonzero(stores["query_valid"]):
+        order = np.lexsort((np.arange(len(p)), -sims[row]))
+        order = [c for c in order if usable[c] and float(sims[row, c]) >= threshold][:top_m]
+        expected += [(int(row), int(c), float(sims[row, c])) for c in order]
+    return expected
+
+
+def as_list(pairs: Candidates):
+    return list(zip(pairs.query_rows.tolist(), pairs.pool_rows.tolist(),
+                    pairs.cosines.astype(float).tolist()))
+
+
+@pytest.mark.parametrize("threshold,top_m", [(0.5, 5), (0.9, 1), (-1.0, 3)])
+def test_stage_one_is_exact_on_every_path(random_stores, monkeypatch, threshold, top_m):
+    query, pool = random_stores["query"], random_stores["pool"]
+    expected = brute_force(random_stores, threshold, top_m)
+    runs = {
+        "numpy": _dedup.search(query, pool, threshold=threshold, top_m=top_m, device="numpy",
+                               pool_batch=250, query_batch=7),
+        "torch cpu": _dedup.search(query, pool, threshold=threshold, top_m=top_m, device="cpu"),
+        "torch cpu, blocks of 97": _dedup.search(query, pool, threshold=threshold, top_m=top_m,
+                                                 device="cpu", pool_batch=97),
+        "torch fp16 (the CUDA path)": _dedup_search.search_torch(
+            query, pool, threshold=threshold, top_m=top_m, device="cpu", pool_batch=500,
+            half=True),
+    }
+    # torchrun: three ranks, each a share of the pool blocks (blocks of 256 rows here)
+    monkeypatch.setattr(_derive, "READ_ROWS", 256)
+    shares = [_dedup.search(query, pool, threshold=threshold, top_m=top_m, device="cpu",
+                            part=(rank, 3)) for rank in range(3)]
+    for rank, share in enumerate(shares):      # each rank saw only its own blocks
+        assert set((share.pool_rows // 256 % 3).tolist()) <= {rank}
+    runs["3 pool shares"] = Candidates.best_of(shares, top_m)
+    for name, pairs in runs.items():
+        assert as_list(pairs) == expected, name
+    # the ties: query 1's copies in pool-row order, the invalid copy of query 0 absent
+    first = [c for r, c, _ in expected if r == 1]
+    assert first == random_stores["copies_of_1"][:top_m]
+    assert 1400 not in [c for r, c, _ in expected if r == 0]
+    if threshold == 0.5:
+        assert runs["torch cpu"].passes == 2    # 30 tied copies > top_m + EXTRA
+
+
+def test_certification_needs_a_second_pass_only_for_the_tied_query(random_stores):
+    pairs = _dedup_search.search_torch(random_stores["query"], random_stores["pool"],
+                                       threshold=0.5, top_m=2, device="cpu")
+    assert pairs.passes == 2
+    widened = _dedup_search.EXTRA
+    try:
+        _dedup_search.EXTRA = 40
+        again = _dedup_search.search_torch(random_stores["query"], random_stores["pool"],
+                                           threshold=0.5, top_m=2, device="cpu")
+    finally:
+        _dedup_search.EXTRA = widened
+    assert again.passes == 1 and as_list(again) == as_list(pairs)
+
+
+def test_error_bound_covers_fp16_rounding():
+    rng = np.random.default_rng(3)
+    for dim in (48, 2048):
+        a = rng.normal(size=(200, dim)).astype(np.float16).astype(np.float64)
+        b = rng.normal(size=(200, dim)).astype(np.float16).astype(np.float64)
+        a /= np.linalg.norm(a, axis=1, keepdims=True)
+        b /= np.linalg.norm(b, axis=1, keepdims=True)
+        exact = np.einsum("ij,ij->i", a, b)
+        half = np.einsum("ij,ij->i", a.astype(np.float16).astype(np.float32),
+                         b.astype(np.float16).astype(np.float32))
+        assert np.abs(half - exact).max() < _dedup_search.slack(dim, half=True) / 2
+
+
+def test_unknown_or_missing_device_is_a_clear_error(random_stores):
+    with pytest.raises(ValueError, match="device must be"):
+        _dedup.search(random_stores["query"], random_stores["pool"], device="tpu")
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            _dedup.search(random_stores["query"], random_stores["pool"], device="cuda")
+
+
+# -- rules ------------------------------------------------------------------------------------
+
+def test_component_rule_drops_whole_components():
+    # q0 —p10 (confirmed), q0 —p11, q1 —p11, q1 —p12 (a chain through p11); q2 —p13 alone and
+    # unconfirmed; q3 —p14 confirmed but below 0.9.
+    pairs = Candidates(np.array([0, 0, 1, 1, 2, 3]), np.array([10, 11, 11, 12, 13, 14]),
+                       np.array([0.99, 0.95, 0.93, 0.91, 0.97, 0.85], dtype=np.float32))
+    confirmed = np.array([True, False, False, False, False, True])
+    best = _dedup_rules.removed_pairs(pairs, confirmed, "best", 0.8)
+    component = _dedup_rules.removed_pairs(pairs, confirmed, "component", 0.8)
+    assert best.tolist() == [True, False, False, False, False, True]
+    assert component.tolist() == [True, True, True, True, False, True]
+    # at 0.94 the chain is cut after p11: q1's pairs fall below the threshold
+    assert _dedup_rules.removed_pairs(pairs, confirmed, "component", 0.94).tolist() == \
+        [True, True, False, False, False, False]
+    report = _dedup_rules.rule_report(pairs, confirmed, [0.8, 0.94, 0.99])
+    assert report == [{"threshold": 0.8, "pairs": 6, "best": 2, "component": 4},
+                      {"threshold": 0.94, "pairs": 3, "best": 1, "component": 2},
+                      {"threshold": 0.99, "pairs": 1, "best": 1, "component": 1}]
+    assert _dedup_rules.report_thresholds(0.8) == [0.8, 0.85, 0.9, 0.95]
+    assert _dedup_rules.report_thresholds(0.8, [0.7, 0.9]) == [0.9]
+
+
+def test_dedup_component_rule_and_report_beside_the_output(planted, found, tmp_path):
+    result, out = found
+    out_component = tmp_path / "component.tsv"
+    component = labelstore.dedup(planted["query"], planted["pool"], str(out_component),
+                                 threshold=THRESHOLD, rule="component",
+                                 report_thresholds=[THRESHOLD, 0.7, 0.9])
+    assert set(result.pool_keys) <= set(component.pool_keys)
+    assert component.confirmed == result.confirmed
+    report = json.loads((tmp_path / "component.tsv.rules.json").read_text())
+    assert report["rule"] == "component" and [r["threshold"] for r in report["thresholds"]] \
+        == [THRESHOLD, 0.7, 0.9]
+    first = report["thresholds"][0]
+    assert first["best"] == len(set(result.pool_keys))
+    assert first["component"] == len(set(component.pool_keys)) >= first["best"]
+    assert "component" in str(component) and "rule=component" in component.lines()[0]
+    assert json.loads((out.parent / (out.name + ".rules.json")).read_text())["rule"] == "best"
+
+
+# -- stage 2: resume and torchrun -------------------------------------------------------------
+
+def test_killed_stage_two_resumes_from_the_progress_file(planted, found, tmp_path, monkeypatch):
+    _, reference = found
+    out = tmp_path / "resumed.tsv"
+    options = dict(threshold=THRESHOLD, workers=1)
+    real = _dedup.count_inliers
+    calls = []
+
+    def dies_after_30(*args, **kwargs):
+        if len(calls) == 30:
+            raise RuntimeError("injected failure")
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_dedup, "count_inliers", dies_after_30)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        labelstore.dedup(planted["query"], planted["pool"], str(out), **options)
+    assert not out.exists()
+    progress = tmp_path / "resumed.tsv.progress.0"
+    recorded = progress.read_text().splitlines()
+    assert recorded[0].startswith("# ssld dedup progress {") and 0 < len(recorded) - 1 <= 30
+    with open(progress, "ab") as handle:   # the run died in the middle of a line
+        handle.write(b"12\t3")
+
+    calls.clear()
+    monkeypatch.setattr(_dedup, "count_inliers", lambda *a, **k: calls.append(1) or real(*a, **k))
+    result = labelstore.dedup(planted["query"], planted["pool"], str(out), **options)
+    assert result.resumed_pairs == len(recorded) - 1
+    assert len(calls) == result.candidates - result.resumed_pairs     # only the rest
+    assert out.read_text() == reference.read_text()
+    assert not list(tmp_path.glob("resumed.tsv.progress*"))
+
+    # a progress file of other stores is refused, not silently mixed in
+    progress.write_text('# ssld dedup progress {"other": 1}\n0\t0\t50\t0\n')
+    with pytest.raises(ValueError, match="other stores or stage-2 settings"):
+        labelstore.dedup(planted["query"], planted["pool"], str(out), **options)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_equal_one(planted, tmp_path):
+    options = ["--threshold", str(THRESHOLD), "--top-m", "2", "--workers", "1",
+               "--rule", "component"]
+    out_two = tmp_path / "two.tsv"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "cli", "dedup", "--query", planted["query"], "--pool", planted["pool"],
+         "--out", str(out_two), "--device", "cpu", *options],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("compared ") == 1 and "on 2 ranks" in run.stdout
+    out_one = tmp_path / "one.tsv"
+    assert main(["dedup", "--query", planted["query"], "--pool", planted["pool"],
+                 "--out", str(out_one), "--device", "cpu", *options]) == 0
+    assert out_two.read_text() == out_one.read_text()
+    assert len(out_one.read_text().splitlines()) > 20
+    one, two = (json.loads((tmp_path / f"{n}.tsv.rules.json").read_text()) for n in ("one", "two"))
+    assert one == two
+    assert not list(tmp_path.glob("*.progress*"))
