@@ -210,9 +210,11 @@ def _exact_matmul():
         torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = saved[2]
 
 
-def block_rows(num_queries: int, device_type: str) -> int:
-    """Pool rows per matrix product: the (queries × rows) score matrix stays bounded."""
-    return int(min(MAX_BLOCK, max(256, SCORE_BYTES[device_type] // (4 * max(num_queries, 1)))))
+def block_rows(num_queries: int, dim: int, device_type: str) -> int:
+    """Pool rows per matrix product: the (queries × rows) score matrix and the float32
+    (rows × D) block each stay under SCORE_BYTES."""
+    widest = 4 * max(num_queries, dim, 1)
+    return int(min(MAX_BLOCK, max(256, SCORE_BYTES[device_type] // widest)))
 
 
 def search_torch(query: LabelStore, pool: LabelStore, *, threshold: float, top_m: int,
@@ -264,24 +266,31 @@ def _stream(queries, pool, width, low, threshold, queries_raw, query_norms, pend
     import torch
 
     dev, n = queries.device, len(queries)
-    step = pool_batch or block_rows(n, dev.type)
+    step = pool_batch or block_rows(n, queries.shape[1], dev.type)
     top_values = torch.full((n, width), -math.inf, device=dev)
     top_rows = torch.full((n, width), -1, dtype=torch.int64, device=dev)
     found: list[tuple[np.ndarray, ...]] = []
     total = 0
-    for lo, rows, raw in _pool_blocks(pool, part):
-        total += len(rows)
-        for b0 in range(0, len(rows), step):
-            sub = rows[b0:b0 + step]
-            block = torch.from_numpy(raw[sub]).to(dev).float()
+    for lo, _, data in _derive.read_blocks(pool, ("embeddings", "valid"), part=part):
+        raw = data["embeddings"]
+        stored, valid = torch.from_numpy(raw), torch.from_numpy(data["valid"].astype(bool))
+        for b0 in range(0, len(raw), step):
+            # usable rows (the test of usable_rows) picked on the device: no pass over
+            # the block in numpy float16, which costs more than a GPU's matrix product
+            block = stored[b0:b0 + step].to(dev).float()
+            usable = (valid[b0:b0 + step].to(dev) & torch.isfinite(block).all(dim=1)
+                      & (block != 0).any(dim=1)).nonzero().squeeze(1)
+            if not len(usable):
+                continue
+            total += len(usable)
+            block = block[usable]
             block = (block / block.norm(dim=1, keepdim=True)).to(queries.dtype)
             scores = queries @ block.T                                   # (queries, rows)
-            values, where = scores.topk(min(width, len(sub)), dim=1)
+            values, where = scores.topk(min(width, len(usable)), dim=1)
             values = values.float().masked_fill_(values < low, -math.inf)
-            block_rows_ = torch.from_numpy(lo + sub).to(dev)[where]
             values = torch.cat([top_values, values], dim=1)
             top_values, slot = values.topk(width, dim=1)
-            top_rows = torch.cat([top_rows, block_rows_], dim=1).gather(1, slot)
+            top_rows = torch.cat([top_rows, (usable + lo + b0)[where]], dim=1).gather(1, slot)
             entered = (slot >= width) & torch.isfinite(top_values)
             query_pos, rank = (t.cpu().numpy() for t in entered.nonzero(as_tuple=True))
             if len(query_pos):
