@@ -346,11 +346,10 @@ class DedupResult:
                  f"duplicates: {verified}; rule {self.rule}: {self.duplicates:,} pairs listed, "
                  f"{len(set(self.pool_keys)):,} distinct pool keys to exclude"]
         if self.rules:
-            lines.append("pool images removed  threshold  " + "  ".join(
-                f"{r['threshold']:>6g}" for r in self.rules))
-            for rule in ("best", "component"):
-                lines.append(f"{'':<21}{rule:>9}  " + "  ".join(f"{r[rule]:>6,}"
-                                                                for r in self.rules))
+            lines.append("pool images each rule removes, by threshold:")
+            for name, key, spec in (("threshold", "threshold", "g"), ("pairs", "pairs", ","),
+                                    ("best", "best", ","), ("component", "component", ",")):
+                lines.append(f"  {name:<10}" + "".join(f"{r[key]:>9{spec}}" for r in self.rules))
         if self.unreadable_images:
             lines.append(f"warning: {self.unreadable_images:,} images could not be read; "
                          "their pairs were not confirmed")

@@ -283,8 +283,9 @@ def _stream(queries, pool, width, low, threshold, queries_raw, query_norms, pend
             if not len(usable):
                 continue
             total += len(usable)
-            block = block[usable]
-            block = (block / block.norm(dim=1, keepdim=True)).to(queries.dtype)
+            if len(usable) < len(block):
+                block = block[usable]
+            block = block.div_(block.norm(dim=1, keepdim=True)).to(queries.dtype)  # in place
             scores = queries @ block.T                                   # (queries, rows)
             values, where = scores.topk(min(width, len(usable)), dim=1)
             values = values.float().masked_fill_(values < low, -math.inf)
