@@ -4,7 +4,8 @@ Run:  python benchmarks/dedup_bench.py [--queries 2048] [--pool 100000] [--dim 2
                                        [--device cpu|cuda] [--skip-numpy] [--sift-pairs 48]
                                        [--workdir DIR] [--json FILE]
 
-Query and pool stores of random float16 embeddings (every 50th pool row a noisy copy
+On the CPU a third run multiplies in bf16 (``--precision bf16``; ``--skip-bf16``
+leaves it out). Query and pool stores of random float16 embeddings (every 50th pool row a noisy copy
 of a query, so stage 1 has pairs to keep) are generated once in ``--workdir`` and
 reused. Each stage-1 measurement runs in a fresh process, so its peak RSS (VmHWM) is
 its own; both read the same stores through ``dedup.search``, and their pairs are
@@ -67,7 +68,8 @@ def peak_rss_mib() -> float:
     return float("nan")
 
 
-def _stage1(query: str, pool: str, device: str, top_m: int, threshold: float, queue) -> None:
+def _stage1(query: str, pool: str, device: str, precision: str, top_m: int, threshold: float,
+            queue) -> None:
     query_store, pool_store = labelstore.open(query), labelstore.open(pool)
     warm = 0.0
     if device != "numpy":   # import torch and start its kernels outside the timed search
@@ -83,7 +85,7 @@ def _stage1(query: str, pool: str, device: str, top_m: int, threshold: float, qu
     start_rss = peak_rss_mib()
     started = time.perf_counter()
     pairs = _dedup.search(query_store, pool_store, threshold=threshold, top_m=top_m,
-                          device=device)
+                          device=device, precision=precision)
     seconds = time.perf_counter() - started
     gpu = None
     if device.startswith("cuda"):
@@ -96,12 +98,13 @@ def _stage1(query: str, pool: str, device: str, top_m: int, threshold: float, qu
                            pairs.cosines.tolist())))
 
 
-def stage1(query: str, pool: str, device: str, top_m: int, threshold: float) -> dict:
+def stage1(query: str, pool: str, device: str, precision: str, top_m: int,
+           threshold: float) -> dict:
     """One search in a fresh process (spawned: its own peak RSS)."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    process = context.Process(target=_stage1, args=(query, pool, device, top_m, threshold,
-                                                    queue))
+    process = context.Process(target=_stage1, args=(query, pool, device, precision, top_m,
+                                                    threshold, queue))
     process.start()
     result = queue.get()
     process.join()
@@ -150,6 +153,8 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=0.8)
     parser.add_argument("--device", default="cpu", help="torch device of stage 1 (cpu, cuda)")
     parser.add_argument("--skip-numpy", action="store_true", help="no numpy baseline")
+    parser.add_argument("--skip-bf16", action="store_true",
+                        help="on the CPU, no extra run with --precision bf16")
     parser.add_argument("--sift-pairs", type=int, default=48, help="0: no stage-2 timing")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "dedup_bench"))
     parser.add_argument("--json", default=None, help="Also write the figures here.")
@@ -170,26 +175,29 @@ def main() -> None:
     figures: dict = dict(queries=args.queries, pool=args.pool, dim=args.dim, top_m=args.top_m,
                          threshold=args.threshold, cpu_count=os.cpu_count())
     runs = {}
-    for label, device in (("numpy", "numpy"), (f"torch {args.device}", args.device)):
+    plan = [("numpy", "numpy", "auto"), (f"torch {args.device}", args.device, "auto")]
+    if args.device == "cpu" and not args.skip_bf16:
+        plan.append(("torch cpu bf16", "cpu", "bf16"))
+    for label, device, precision in plan:
         if label == "numpy" and args.skip_numpy:
             continue
-        run = stage1(query, pool, device, args.top_m, args.threshold)
+        run = stage1(query, pool, device, precision, args.top_m, args.threshold)
         run["pairs_per_s"] = pairs_total / run["seconds"]
         runs[label] = run
         gpu = f", GPU peak {run['gpu_peak_mib']:,.0f} MiB" if run["gpu_peak_mib"] else ""
-        print(f"stage 1 {label:>10}: {run['seconds']:7.2f} s  {run['pairs_per_s']:.3g} pairs/s  "
+        print(f"stage 1 {label:>14}: {run['seconds']:7.2f} s  {run['pairs_per_s']:.3g} pairs/s  "
               f"({run['pairs']:,} pairs kept, {run['passes']} pass(es)), peak RSS "
               f"{run['peak_rss_mib']:,.0f} MiB (after opening the stores "
               f"{run['rss_before_mib']:,.0f}){gpu}")
-    results = [run.pop("result") for run in runs.values()]
+    results = {label: run.pop("result") for label, run in runs.items()}
     figures["stage1"] = runs
-    if len(results) == 2:
-        same = results[0] == results[1]
-        ratio = runs["numpy"]["seconds"] / runs[f"torch {args.device}"]["seconds"]
-        figures["stage1_speedup_vs_numpy"] = ratio
-        figures["stage1_same_pairs"] = same
-        print(f"stage 1 torch {args.device} vs numpy: {ratio:.2f}× faster; identical pairs: "
-              f"{same}")
+    if "numpy" in runs:
+        for label in list(runs)[1:]:
+            same = results[label] == results["numpy"]
+            ratio = runs["numpy"]["seconds"] / runs[label]["seconds"]
+            figures.setdefault("stage1_speedup_vs_numpy", {})[label] = ratio
+            figures.setdefault("stage1_same_pairs", {})[label] = same
+            print(f"stage 1 {label} vs numpy: {ratio:.2f}× the pairs/s; identical pairs: {same}")
     scale = FULL_POOL * FULL_QUERIES * FULL_DIM / (pairs_total * args.dim)
     for label, run in runs.items():
         hours = run["seconds"] * scale / 3600

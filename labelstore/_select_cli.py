@@ -57,6 +57,9 @@ def select_topk_cmd(stores, k, out, exclude, min_prob, view, list_out, overwrite
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               show_default=True, help="Where stage 1 multiplies (queries held there, fp16 on "
               "CUDA); the result is the same on every device.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
+              show_default=True, help="dtype of the stage-1 products (auto: fp16 on CUDA, fp32 "
+              "on CPU; bf16 is fast on CPUs with AVX512-BF16/AMX); the result is the same.")
 @click.option("--rule", type=click.Choice(["best", "component"]), default="best",
               show_default=True, help="best: drop confirmed matches; component: drop every "
               "connected component of pairs above the threshold that holds one (DINOv2).")
@@ -66,7 +69,7 @@ def select_topk_cmd(stores, k, out, exclude, min_prob, view, list_out, overwrite
 @click.option("--workers", type=int, default=None,
               help="SIFT threads per process (default: CPU count).")
 def dedup_cmd(query, pool, out, threshold, verify, top_m, min_inliers, query_root,
-              pool_root, device, rule, report_thresholds, workers) -> None:
+              pool_root, device, precision, rule, report_thresholds, workers) -> None:
     """Find near-duplicates of query images in a pool: cosine candidates, SIFT verification.
 
     Under torchrun every rank searches a share of the pool and verifies a share of the
@@ -78,7 +81,7 @@ def dedup_cmd(query, pool, out, threshold, verify, top_m, min_inliers, query_roo
 
     result = dedup(query, pool, out, threshold=threshold, verify=verify, top_m=top_m,
                    min_inliers=min_inliers, query_root=query_root, pool_root=pool_root,
-                   device=device, rule=rule, report_thresholds=list(report_thresholds) or None,
+                   device=device, precision=precision, rule=rule, report_thresholds=list(report_thresholds) or None,
                    workers=workers, progress=True)
     if int(os.environ.get("RANK", "0") or 0) == 0:
         click.echo(result, err=out == "-")   # keep stdout for the list itself

@@ -339,7 +339,9 @@ def test_stage_one_is_exact_on_every_path(random_stores, monkeypatch, threshold,
                                                  device="cpu", pool_batch=97),
         "torch fp16 (the CUDA path)": _dedup_search.search_torch(
             query, pool, threshold=threshold, top_m=top_m, device="cpu", pool_batch=500,
-            half=True),
+            precision="fp16"),
+        "torch bf16": _dedup.search(query, pool, threshold=threshold, top_m=top_m,
+                                    device="cpu", precision="bf16"),
     }
     # torchrun: three ranks, each a share of the pool blocks (blocks of 256 rows here)
     monkeypatch.setattr(_derive, "READ_ROWS", 256)
@@ -372,17 +374,22 @@ def test_certification_needs_a_second_pass_only_for_the_tied_query(random_stores
     assert again.passes == 1 and as_list(again) == as_list(pairs)
 
 
-def test_error_bound_covers_fp16_rounding():
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+def test_error_bound_covers_the_device_products(precision):
+    import torch
+
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     rng = np.random.default_rng(3)
     for dim in (48, 2048):
-        a = rng.normal(size=(200, dim)).astype(np.float16).astype(np.float64)
-        b = rng.normal(size=(200, dim)).astype(np.float16).astype(np.float64)
+        a = rng.normal(size=(64, dim)).astype(np.float16).astype(np.float64)
+        b = rng.normal(size=(64, dim)).astype(np.float16).astype(np.float64)
+        b[:8] = a[:8] + rng.normal(scale=0.01, size=(8, dim))   # cosines near 1 as well
         a /= np.linalg.norm(a, axis=1, keepdims=True)
         b /= np.linalg.norm(b, axis=1, keepdims=True)
-        exact = np.einsum("ij,ij->i", a, b)
-        half = np.einsum("ij,ij->i", a.astype(np.float16).astype(np.float32),
-                         b.astype(np.float16).astype(np.float32))
-        assert np.abs(half - exact).max() < _dedup_search.slack(dim, half=True) / 2
+        exact = a @ b.T
+        approx = (torch.from_numpy(a).float().to(dtype) @ torch.from_numpy(b).float().to(dtype).T)
+        error = np.abs(approx.float().numpy() - exact).max()
+        assert error < _dedup_search.slack(dim, precision) / 2, (dim, error)
 
 
 def test_unknown_or_missing_device_is_a_clear_error(random_stores):
