@@ -50,11 +50,12 @@ def make_store(path: str, rows: int, dim: int, seed: int, copies_of: np.ndarray 
     rng = np.random.default_rng(seed)
     for lo in range(0, rows, PIECE):
         n = min(PIECE, rows - lo)
-        embeddings = rng.normal(size=(n, dim)).astype(np.float32)
+        embeddings = rng.standard_normal((n, dim), dtype=np.float32)
         if copies_of is not None:   # every 50th row: a noisy copy of a query
             planted = np.arange(lo + (-lo) % 50, lo + n, 50)
-            embeddings[planted - lo] = (copies_of[planted % len(copies_of)]
-                                        + rng.normal(scale=0.3, size=(len(planted), dim)))
+            embeddings[planted - lo] = (copies_of[planted % len(copies_of)] + 0.3
+                                        * rng.standard_normal((len(planted), dim),
+                                                              dtype=np.float32))
         writer.write(lo, np.zeros((n, 1, 1), dtype=np.int64), np.full((n, 1, 1), 0.5),
                      embeddings=embeddings.astype(np.float16))
     writer.close()
