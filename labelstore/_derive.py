@@ -184,12 +184,12 @@ def read_blocks(store: LabelStore, names: Sequence[str], *, rows: np.ndarray | N
     """
     # Same package: the reader's arrays, without dtype changes, damage reported by chunk.
     def read(span: tuple[int, int, Any]) -> tuple[int, int, dict[str, np.ndarray]]:
-        lo, hi, part = span
+        lo, hi, subset = span
         out = {}
         for name in names:
             value = store._get(name, (slice(lo, hi), view) if view is not None
                                and name in VIEW_ARRAYS else slice(lo, hi))
-            out[name] = value if part is None else value[part - lo]
+            out[name] = value if subset is None else value[subset - lo]
         return lo, hi, out
 
     with ThreadPoolExecutor(max_workers=1) as pool:
