@@ -437,7 +437,8 @@ def dedup(query: Any, pool: Any, out: str | None = None, *,
     try:
         return _run(query_store, pool_store, out, dist, roots, threshold=float(threshold),
                     verify=verify, top_m=int(top_m), min_inliers=int(min_inliers),
-                    device=device, precision=precision, rule=rule, report_thresholds=report_thresholds,
+                    device=device, precision=precision, rule=rule,
+                    report_thresholds=report_thresholds,
                     query_batch=int(query_batch), pool_batch=pool_batch, workers=workers,
                     progress=progress)
     finally:

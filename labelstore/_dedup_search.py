@@ -8,18 +8,19 @@ the same pairs:
   and not all zero;
 - the cosine of a pair is ``x·y / (‖x‖ ‖y‖)`` of the stored values in float64,
   rounded to float32: that float32 value is the pair's score;
-- a pair is a candidate when its score >= ``threshold`` (compared in float64); per query the ``top_m``
-  candidates with the highest score are kept, equal scores ordered by lower pool
-  row first (exact copies of one image are ties, and the first copy wins).
+- a pair is a candidate when its score >= ``threshold`` (compared in float64); per
+  query the ``top_m`` candidates with the highest score are kept, equal scores
+  ordered by lower pool row first (exact copies of one image are ties, and the first
+  copy wins).
 
 Both paths score blocks fast and approximately (float32 BLAS; fp16 query and pool
-on CUDA; bf16 on request), keep what could be in the top m given a proven bound on the approximation
-error (:func:`slack`), and re-score those pairs exactly on the CPU from the block
-that is already in memory. The torch path keeps a running top-K (K = top_m + EXTRA)
-per query on the device and afterwards certifies each query: no pair outside its
-top-K can beat its m-th exact score. The rare query that cannot be certified (more
-than K rows within the error bound of its m-th score: many copies of one image) is
-searched again with a larger K.
+on CUDA; bf16 on request), keep what could be in the top m given a proven bound on
+the approximation error (:func:`slack`), and re-score those pairs exactly on the CPU
+from the block that is already in memory. The torch path keeps a running top-K
+(K = top_m + EXTRA) per query on the device and afterwards certifies each query: no
+pair outside its top-K can beat its m-th exact score. The rare query that cannot be
+certified (more than K rows within the error bound of its m-th score: many copies of
+one image) is searched again with a larger K.
 """
 from __future__ import annotations
 

@@ -81,7 +81,8 @@ def dedup_cmd(query, pool, out, threshold, verify, top_m, min_inliers, query_roo
 
     result = dedup(query, pool, out, threshold=threshold, verify=verify, top_m=top_m,
                    min_inliers=min_inliers, query_root=query_root, pool_root=pool_root,
-                   device=device, precision=precision, rule=rule, report_thresholds=list(report_thresholds) or None,
+                   device=device, precision=precision, rule=rule,
+                   report_thresholds=list(report_thresholds) or None,
                    workers=workers, progress=True)
     if int(os.environ.get("RANK", "0") or 0) == 0:
         click.echo(result, err=out == "-")   # keep stdout for the list itself

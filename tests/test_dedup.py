@@ -405,8 +405,8 @@ def test_unknown_or_missing_device_is_a_clear_error(random_stores):
 # -- rules ------------------------------------------------------------------------------------
 
 def test_component_rule_drops_whole_components():
-    # q0 —p10 (confirmed), q0 —p11, q1 —p11, q1 —p12 (a chain through p11); q2 —p13 alone and
-    # unconfirmed; q3 —p14 confirmed but below 0.9.
+    # q0 —p10 (confirmed), q0 —p11, q1 —p11, q1 —p12 (a chain through p11);
+    # q2 —p13 alone and unconfirmed; q3 —p14 confirmed but below 0.9.
     pairs = Candidates(np.array([0, 0, 1, 1, 2, 3]), np.array([10, 11, 11, 12, 13, 14]),
                        np.array([0.99, 0.95, 0.93, 0.91, 0.97, 0.85], dtype=np.float32))
     confirmed = np.array([True, False, False, False, False, True])
