@@ -471,8 +471,9 @@ def _dedup_stores(folder: str, queries: int, pool: int, dim: int) -> tuple[str, 
                 if name == "query":
                     embeddings = query_embeddings[start:start + n]
                 else:
-                    planted = np.arange(start, start + n) < copies
-                    embeddings[planted] = query_embeddings[start:start + n][planted] + \
+                    rows_here = np.arange(start, start + n)
+                    planted = rows_here < copies      # pool row i copies query i
+                    embeddings[planted] = query_embeddings[rows_here[planted]] + \
                         0.2 * rng.standard_normal((int(planted.sum()), dim))
                 writer.write(start, np.zeros((n, 1, 1), np.int64), np.ones((n, 1, 1)),
                              embeddings=embeddings)
