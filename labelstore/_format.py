@@ -126,10 +126,17 @@ def missing_ranges(done: np.ndarray, chunk_rows: int, n: int) -> list[tuple[int,
 
 def fingerprint(keys: Iterable[str]) -> str:
     """sha256 of the key list, one key per line: identifies a dataset independent of root."""
+    # Keys joined in blocks: the same bytes as updating key by key, ~10x faster for
+    # millions of keys, with memory bounded by one block.
     digest = hashlib.sha256()
+    block: list[str] = []
     for key in keys:
-        digest.update(str(key).encode("utf-8"))
-        digest.update(b"\n")
+        block.append(str(key))
+        if len(block) == 65536:
+            digest.update(("\n".join(block) + "\n").encode("utf-8"))
+            block.clear()
+    if block:
+        digest.update(("\n".join(block) + "\n").encode("utf-8"))
     return digest.hexdigest()
 
 

@@ -16,8 +16,10 @@ from typing import Sequence
 # breaks lines at several of them, and a tab separates fields.
 _BAD_CHAR = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]")
 _EDGE_SPACE = re.compile(r"^\s|\s$")
-# The same two checks over all keys joined by "\n" (one regex pass instead of one per key).
-_BAD_JOINED = re.compile(r"[\x00-\x09\x0b-\x1f\x7f\x85\u2028\u2029]|(?:^|\n)[^\S\n]|[^\S\n](?:\n|$)")
+# The character check over all keys joined by "\n": a bare character class is one fast C
+# pass over the text (alternatives anchored at line edges made the pass ~10x slower).
+_BAD_JOINED = re.compile(r"[\x00-\x09\x0b-\x1f\x7f\x85\u2028\u2029]")
+_SPACE = re.compile(r"[^\S\n]")
 _CHAR_NAMES = {"\n": "a newline", "\t": "a tab", "\r": "a carriage return",
                "\x85": "a next-line character", "\u2028": "a line separator",
                "\u2029": "a paragraph separator"}
@@ -50,6 +52,8 @@ def first_bad_key(keys: Sequence[str]) -> tuple[int, str] | None:
         clean = text.count("\n") == max(len(keys) - 1, 0) and not _BAD_JOINED.search(text)
     except UnicodeEncodeError:
         clean = False
+    if clean and _SPACE.search(text):  # whitespace somewhere: is any of it at a key's edge?
+        clean = all(key == key.strip() for key in keys)
     if clean:
         return None
     for row, key in enumerate(keys):
