@@ -45,6 +45,7 @@ def export_cmd(store: str, out: str, rows: str | None, overwrite: bool,
 
     import labelstore
     from labelstore._export import export_hdf5, parse_rows, unwritten_rows
+    from labelstore._paths import human_size
 
     st = labelstore.open(store)
     selected = parse_rows(rows)
@@ -55,4 +56,4 @@ def export_cmd(store: str, out: str, rows: str | None, overwrite: bool,
         click.echo(f"warning: {store} is incomplete: {missing:,} exported rows are not written "
                    "yet (valid=False)", err=True)
     click.echo(f"exported {n:,} rows × {st.num_views} view(s) of {store} to {out} "
-               f"({os.path.getsize(out) / 2**20:.1f} MiB)")
+               f"({human_size(os.path.getsize(out))})")

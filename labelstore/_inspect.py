@@ -77,8 +77,9 @@ class InspectReport:
     mean_residual: float | None
     labeled_rows: int
     top1_agreement: float | None
-    top1_counts: dict[str, float] = field(default_factory=dict)
+    top1_counts: dict[str, int] = field(default_factory=dict)  # min / median / max / empty
     has_embeddings: bool = False
+    view: int = 0                          # the view the statistics are of
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -101,13 +102,16 @@ class InspectReport:
              else f"{self.bytes_per_row_view:.1f}"),
             ("Embeddings", "yes" if self.has_embeddings else "no"),
             ("Invalid rows", f"{self.invalid_rows:,}"),
+            ("Statistics of view", f"{self.view} ("
+             + ("the evaluation view" if self.view == 0 else "a random crop view")
+             + f" of views 0-{self.views - 1}); --view picks another"),
             ("Mean top-1 prob", num(self.mean_top1_prob)),
             ("Mean residual", num(self.mean_residual)),
             ("Labeled rows", f"{self.labeled_rows:,}"),
             ("Top-1 = label", pct(self.top1_agreement)),
             ("Top-1 per class", "-" if not counts else
-             f"min {counts['min']:.0f} / median {counts['median']:.0f} / max {counts['max']:.0f}"
-             f" ({counts['empty']:.0f} classes never top-1)"),
+             f"min {counts['min']} / median {counts['median']} / max {counts['max']}"
+             f" ({counts['empty']} classes never top-1)"),
         ]
         return _table(rows)
 
@@ -150,7 +154,8 @@ def inspect_store(store, view: int = 0) -> InspectReport:
         mean_top1_prob=sum_top1 / scored if scored else None,
         mean_residual=sum_residual / scored if scored else None,
         labeled_rows=labeled, top1_agreement=agree / labeled if labeled else None,
-        top1_counts={"min": float(counts.min()), "median": float(np.median(counts)),
-                     "max": float(counts.max()), "empty": float((counts == 0).sum())}
+        # counts stay integers: the median is the lower one (a class's actual count)
+        top1_counts={"min": int(counts.min()), "median": int(np.sort(counts)[(C - 1) // 2]),
+                     "max": int(counts.max()), "empty": int((counts == 0).sum())}
         if scored else {},
-        has_embeddings=store.has_embeddings)
+        has_embeddings=store.has_embeddings, view=view)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import click
 
 from ._dedup import DEFAULT_MIN_INLIERS, DEFAULT_THRESHOLD, DEFAULT_TOP_M
+from ._threads import threads_option
 
 commands: list[click.Command] = []
 
@@ -67,9 +68,10 @@ def select_topk_cmd(stores, k, out, exclude, min_prob, view, list_out, overwrite
               help="Threshold of the per-rule report (repeat; default: threshold +0, .05, "
               ".1, .15).")
 @click.option("--workers", type=int, default=None,
-              help="SIFT threads per process (default: CPU count).")
+              help="SIFT threads per process (default: --threads).")
+@threads_option
 def dedup_cmd(query, pool, out, threshold, verify, top_m, min_inliers, query_root,
-              pool_root, device, precision, rule, report_thresholds, workers) -> None:
+              pool_root, device, precision, rule, report_thresholds, workers, threads) -> None:
     """Find near-duplicates of query images in a pool: cosine candidates, SIFT verification.
 
     Under torchrun every rank searches a share of the pool and verifies a share of the
@@ -83,7 +85,7 @@ def dedup_cmd(query, pool, out, threshold, verify, top_m, min_inliers, query_roo
                    min_inliers=min_inliers, query_root=query_root, pool_root=pool_root,
                    device=device, precision=precision, rule=rule,
                    report_thresholds=list(report_thresholds) or None,
-                   workers=workers, progress=True)
+                   workers=threads if workers is None else workers, progress=True)
     if int(os.environ.get("RANK", "0") or 0) == 0:
         click.echo(result, err=out == "-")   # keep stdout for the list itself
 

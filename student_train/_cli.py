@@ -6,6 +6,8 @@ import os
 
 import click
 
+from labelstore._threads import threads_option
+
 from .config import TrainConfig  # no torch import: `ssld --help` stays instant
 
 commands: list[click.Command] = []
@@ -49,6 +51,7 @@ _runtime_options = [
                  help="Decoding workers per process (default: cores / processes, at most 8)."),
     click.option("--input-size", type=int, default=None,
                  help="Square input side (default: the model's pretrained config)."),
+    threads_option,
 ]
 
 
@@ -70,6 +73,8 @@ def _runtime(fn):
 @click.option("--val", default=None, metavar="SRC", help="Validation images (class folder or "
               "list file) for top-1/top-5 each epoch.")
 @click.option("--val-root", default=None, help="Root of a list-file --val.")
+@click.option("--val-every", type=click.IntRange(min=1), default=_default("val_every"),
+              show_default=True, metavar="N", help="Validate every N epochs and after the last.")
 @click.option("--epochs", type=int, default=_default("epochs"), show_default=True)
 @click.option("--batch-size", type=int, default=_default("batch_size"), show_default=True,
               help="Images per process and step.")
@@ -143,5 +148,6 @@ def eval_cmd(**options) -> None:
     """Top-1/top-5 accuracy and images/s of a checkpoint on a labeled data set."""
     from .evaluation import evaluate
 
+    options.pop("threads")  # applied to the process by the option itself
     result = evaluate(**options)
     click.echo(f"{options['model']} {options['checkpoint']}: {result}")

@@ -20,7 +20,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 # Options that may change between a run and its --resume without changing the result:
 # where the work runs and how many processes decode, not what is computed.
-RESUMABLE_CHANGES = frozenset({"resume", "num_workers"})
+RESUMABLE_CHANGES = frozenset({"resume", "num_workers", "threads"})
 
 
 @dataclass
@@ -34,6 +34,7 @@ class TrainConfig:
     root: Optional[str] = None            # root of a list-file --data
     val: Optional[str] = None             # validation source (class folder or list file)
     val_root: Optional[str] = None        # root of a list-file --val
+    val_every: int = 1                    # validate every N epochs (and after the last one)
 
     epochs: int = 120                     # SSLD trains students 120-360 epochs
     batch_size: int = 256                 # images per process and step (global = × world size)
@@ -68,6 +69,7 @@ class TrainConfig:
     precision: str = "auto"               # bf16 autocast on GPUs, fp32 on the CPU
     channels_last: Optional[bool] = None  # None: on for GPUs
     num_workers: Optional[int] = None     # DataLoader workers per process; None: cores / processes
+    threads: Optional[int] = None         # torch CPU threads per process; None: leave as set
     resume: bool = False                  # continue RUN_DIR/last.pt exactly
     seed: int = 0                         # model init, sample order, views, augmentation
 
@@ -93,7 +95,7 @@ class TrainConfig:
             values = value if isinstance(value, tuple) else (value,)
             if any(v is not None and not math.isfinite(v) for v in values):
                 raise ValueError(f"--{name.replace('_', '-')} must be finite, got {value}")
-        for name in ("epochs", "batch_size"):
+        for name in ("epochs", "batch_size", "val_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if not self.lr >= 0 or not self.weight_decay >= 0 or not self.warmup_epochs >= 0:
@@ -105,6 +107,8 @@ class TrainConfig:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.input_size is not None and self.input_size < 8:
             raise ValueError(f"input_size must be >= 8 pixels, got {self.input_size}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.num_workers is not None and self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         if self.temperature != 1.0 and self.loss != "kl":
@@ -158,12 +162,15 @@ def changed_options(saved: dict[str, Any], current: TrainConfig) -> list[str]:
     for name in sorted(set(saved) | set(now)):
         if name in RESUMABLE_CHANGES:
             continue
-        old, new = saved.get(name), now.get(name)
+        # an option added after the checkpoint was written counts as its default there
+        old, new = saved.get(name, _DEFAULTS.get(name)), now.get(name)
         if _normalised(name, old) != _normalised(name, new):
             changes.append(f"{name}: {old!r} -> {new!r}")
     return changes
 
 
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)
+             if f.default is not dataclasses.MISSING}
 _PATH_OPTIONS = {"out", "data", "root", "val", "val_root", "init", "teacher_checkpoint"}
 
 

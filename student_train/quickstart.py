@@ -15,7 +15,8 @@ matching ``ssld`` command:
                                   SSLD (JS divergence to the stored labels) on L + selected U
 8. ``eval``                       top-1 of teacher and students on V
 
-Sizes are chosen so the run takes a few minutes on two CPU cores; the printed table is a
+Sizes are chosen so the run takes under two minutes of one CPU core (one torch thread: the
+same result run after run, and no thrashing when the cores are shared); the printed table is a
 demonstration of the pipeline, not a tuned result (see docs/results.md for the study).
 """
 from __future__ import annotations
@@ -37,7 +38,7 @@ PREPROCESSING = dict(input_size=INPUT_SIZE, crop_pct=1.0, interpolation="bilinea
 @dataclass
 class QuickstartConfig:
     workdir: str = "ssld-quickstart"     # everything is written below this folder
-    teacher_epochs: int = 60             # on 200 labeled images
+    teacher_epochs: int = 40             # on 200 labeled images (60: 93.1 % not 91.4 %, 1.5× time)
     student_epochs: int = 60             # label-only on L; SSLD sees as many images on L + U
     select_k: int = 100                  # pool images kept per class (top-k per class)
     views: int = 4                       # stored teacher views per image (view 0 = eval crop)
@@ -46,6 +47,9 @@ class QuickstartConfig:
     seed: int = 0
     device: str = "auto"
     num_workers: int = 0                 # tiny images decode faster in-process than in workers
+    threads: int = 1                     # CPU threads (labelstore/_threads.py: 1 is fastest
+                                         # on a shared machine, and keeps runs identical)
+    val_every: int = 10                  # validation every N epochs; the table is last.pt's
     progress: bool = True
 
 
@@ -54,6 +58,54 @@ class StepTime:
     name: str
     seconds: float
     note: str = ""
+    reused: bool = False         # finished by an earlier run: nothing was computed
+    cpu_seconds: float = 0.0     # CPU time of this process (all its threads) in the step
+
+
+# Expected seconds of steps 1-8 on a quiet 2-core machine with --threads 1 (the CPU seconds
+# of each step in a run on the development machine), for the remaining-time estimate, scaled
+# by how fast the finished steps ran.
+EXPECTED_SECONDS = (2, 31, 6, 14, 0.2, 0.1, 54, 1)
+STEPS = len(EXPECTED_SECONDS)
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
+
+
+class _Steps:
+    """Step headings with the expected remaining time, and the per-call wall times."""
+
+    def __init__(self, echo: Callable[[str], None]):
+        self.echo = echo
+        self.times: list[StepTime] = []
+        self.spent = self.expected = 0.0      # over finished steps that computed something
+        self._current: tuple[int, float, int] | None = None  # number, start, first time row
+
+    def begin(self, number: int, text: str) -> None:
+        self._finish()
+        scale = self.spent / self.expected if self.expected >= 5 else 1.0
+        left = scale * sum(EXPECTED_SECONDS[number - 1:])
+        self.echo(f"[{number}/{STEPS}] {text} (about {_duration(left)} left)")
+        self._current = (number, time.perf_counter(), len(self.times))
+
+    def _finish(self) -> None:
+        if self._current is None:
+            return
+        number, start, first = self._current
+        if not all(t.reused for t in self.times[first:]):
+            self.spent += time.perf_counter() - start
+            self.expected += EXPECTED_SECONDS[number - 1]
+        self._current = None
+
+    def timed(self, name: str, fn: Callable, note: Callable = lambda r: "", *,
+              reused: bool = False):
+        start, cpu = time.perf_counter(), time.process_time()
+        result = fn()
+        self.times.append(StepTime(name, time.perf_counter() - start, note(result), reused,
+                                   time.process_time() - cpu))
+        return result
 
 
 @dataclass
@@ -65,6 +117,7 @@ class QuickstartResult:
     duplicates: int
     steps: list[StepTime] = field(default_factory=list)
     workdir: str = ""
+    threads: int = 1
 
     def table(self) -> str:
         rows = [("teacher " + TEACHER + ", supervised on L (200 images)", self.teacher_top1),
@@ -72,28 +125,40 @@ class QuickstartResult:
                 ("student " + STUDENT + f", SSLD (JS) on L + {self.selected} selected pool",
                  self.ssld_top1)]
         width = max(len(name) for name, _ in rows)
-        lines = [f"{'model':<{width}}  val top-1", f"{'-' * width}  ---------"]
+        lines = [f"{'model (last.pt)':<{width}}  val top-1", f"{'-' * width}  ---------"]
         lines += [f"{name:<{width}}  {100 * top1:8.2f}%" for name, top1 in rows]
         lines += ["", "step                          wall time"]
-        lines += [f"{s.name:<28}  {s.seconds:7.1f} s  {s.note}" for s in self.steps]
-        lines.append(f"{'total':<28}  {sum(s.seconds for s in self.steps):7.1f} s")
+        lines += [f"{s.name:<28}  " + (f"{'reused':>9}" if s.reused else f"{s.seconds:7.1f} s")
+                  + f"  {s.note}" for s in self.steps]
+        lines.append(f"{'total':<28}  {sum(s.seconds for s in self.steps):7.1f} s"
+                     f"  ({self.threads} thread{'s' if self.threads > 1 else ''})")
         return "\n".join(lines)
 
 
-def _timed(steps: list[StepTime], name: str, fn: Callable, note: Callable = lambda r: ""):
-    start = time.perf_counter()
-    result = fn()
-    steps.append(StepTime(name, time.perf_counter() - start, note(result)))
-    return result
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _store_complete(path: str) -> bool:
+    import labelstore
+
+    try:
+        return labelstore.open(path).is_complete
+    except (FileNotFoundError, ValueError):
+        return False
 
 
 def run(cfg: QuickstartConfig, echo: Callable[[str], None] = print) -> QuickstartResult:
     """Run the pipeline under ``cfg.workdir`` and return the accuracies and step times.
 
-    Finished steps are reused when the command is run again (each library call resumes
-    or skips completed work), so an interrupted quickstart continues where it stopped.
+    Finished steps are reused when the command is run again (marked ``reused`` in the table),
+    so an interrupted quickstart continues where it stopped. ``quickstart.json`` keeps the
+    first complete run's step times and adds each later run under ``reruns``.
     """
     import labelstore
+    from labelstore._threads import set_threads
     from teacher_infer import InferConfig
     from teacher_infer import run as infer
     from teacher_infer.prepare import prepare_digits
@@ -102,92 +167,116 @@ def run(cfg: QuickstartConfig, echo: Callable[[str], None] = print) -> Quickstar
     from .evaluation import evaluate
     from .trainer import train
 
+    set_threads(cfg.threads)
     work = Path(cfg.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    steps: list[StepTime] = []
+    steps = _Steps(echo)
     common = dict(device=cfg.device, num_workers=cfg.num_workers)
 
-    echo(f"[1/8] writing the digits data set under {work / 'data'}")
-    data = _timed(steps, "prepare digits", lambda: prepare_digits(work / "data", seed=cfg.seed),
-                  lambda d: f"{d.num_labeled} L / {d.num_pool} U / {d.num_val} V")
+    steps.begin(1, f"writing the digits data set under {work / 'data'}")
+    data = steps.timed("prepare digits", lambda: prepare_digits(work / "data", seed=cfg.seed),
+                       lambda d: f"{d.num_labeled} L / {d.num_pool} U / {d.num_val} V",
+                       reused=(work / "data" / "meta.json").exists())
 
-    def train_run(name: str, **options) -> str:
+    def train_step(name: str, title: str, note: Callable = lambda r: "", **options) -> str:
         run_dir = work / "runs" / name
         options = {**dict(student=STUDENT, out=str(run_dir), val=data.val, val_root=data.root,
                           input_size=INPUT_SIZE, batch_size=cfg.batch_size, lr=0.4,
                           warmup_epochs=2, weight_decay=5e-5, crop_scale=CROP_SCALE,
-                          seed=cfg.seed, precision="fp32", **common), **options}
+                          seed=cfg.seed, precision="fp32", val_every=cfg.val_every,
+                          threads=cfg.threads, **common), **options}
         finished = run_dir / "quickstart.done"
-        if not finished.exists():
-            # an interrupted run continues from its last checkpoint
-            options["resume"] = (run_dir / "last.pt").exists()
-            train(TrainConfig(**options))
-            finished.write_text("finished\n")
+
+        def train_run() -> None:
+            if not finished.exists():
+                # an interrupted run continues from its last checkpoint
+                options["resume"] = (run_dir / "last.pt").exists()
+                train(TrainConfig(**options))
+                finished.write_text("finished\n")
+
+        steps.timed(title, train_run, note, reused=finished.exists())
         return str(run_dir / "last.pt")
 
-    echo(f"[2/8] training the teacher ({TEACHER}) on the {data.num_labeled} labeled images")
-    teacher_ckpt = _timed(steps, "train teacher", lambda: train_run(
-        "teacher", student=TEACHER, data=data.labeled, root=data.root, supervised=True,
-        epochs=cfg.teacher_epochs))
+    steps.begin(2, f"training the teacher ({TEACHER}) on the {data.num_labeled} labeled images")
+    teacher_ckpt = train_step("teacher", "train teacher", student=TEACHER, data=data.labeled,
+                              root=data.root, supervised=True, epochs=cfg.teacher_epochs)
 
-    def infer_store(name: str, source: str, **options):
+    def infer_step(title: str, name: str, source: str, note: str, **options) -> str:
         out = str(work / "stores" / f"{name}.zarr")
-        summary = infer(InferConfig(
+        complete = _store_complete(out)  # else infer resumes what an earlier run left
+        steps.timed(title, lambda: complete or infer(InferConfig(
             model=TEACHER, checkpoint=teacher_ckpt, data=source, root=data.root, out=out,
             topk=cfg.topk, seed=cfg.seed, crop_scale=CROP_SCALE, batch_size=256,
-            class_names=data.class_names, progress=cfg.progress,
-            **PREPROCESSING,
-            **{**common, **options}))
-        return out, summary
+            class_names=data.class_names, progress=cfg.progress, **PREPROCESSING,
+            **{**common, **options})), lambda r: note, reused=complete)
+        return out
 
-    echo("[3/8] teacher inference: labeled set and pool with views, val for dedup")
-    labeled_store, _ = _timed(steps, "infer-teacher L", lambda: infer_store(
-        "labeled", data.labeled, views=cfg.views), lambda r: f"{cfg.views} views")
-    pool_store, _ = _timed(steps, "infer-teacher U", lambda: infer_store(
-        "pool", data.pool, views=cfg.views, embeddings=True),
-        lambda r: f"{cfg.views} views + embeddings")
-    val_store, _ = _timed(steps, "infer-teacher V (dedup)", lambda: infer_store(
-        "val", data.val, views=1, embeddings=True), lambda r: "embeddings only are used")
+    steps.begin(3, "teacher inference: labeled set and pool with views, val for dedup")
+    labeled_store = infer_step("infer-teacher L", "labeled", data.labeled, f"{cfg.views} views",
+                               views=cfg.views)
+    pool_store = infer_step("infer-teacher U", "pool", data.pool,
+                            f"{cfg.views} views + embeddings", views=cfg.views, embeddings=True)
+    val_store = infer_step("infer-teacher V (dedup)", "val", data.val,
+                           "embeddings only are used", views=1, embeddings=True)
 
-    echo("[4/8] dedup: pool images that duplicate validation images")
-    exclude = str(work / "stores" / "pool_vs_val.dups")
-    dups = _timed(steps, "dedup U vs V", lambda: labelstore.dedup(val_store, pool_store, exclude),
-                  lambda r: f"{len(r.pool_keys)} confirmed")
+    steps.begin(4, "dedup: pool images that duplicate validation images")
+    exclude = work / "stores" / "pool_vs_val.dups"
 
-    echo(f"[5/8] select-topk: {cfg.select_k} pool images per class")
+    def find_duplicates() -> int:
+        if not exclude.exists():  # written whole (renamed into place): it exists = complete
+            found = labelstore.dedup(val_store, pool_store, workers=cfg.threads)
+            _write_atomic(exclude, "\n".join(found.lines()) + "\n")
+        return sum(1 for line in exclude.read_text().splitlines()
+                   if line and not line.startswith("#"))
+
+    duplicates = steps.timed("dedup U vs V", find_duplicates, lambda n: f"{n} confirmed",
+                             reused=exclude.exists())
+
+    steps.begin(5, f"select-topk: {cfg.select_k} pool images per class")
     selected_store = str(work / "stores" / f"pool_top{cfg.select_k}.zarr")
-    selection = _timed(steps, "select-topk", lambda: labelstore.select_topk(
-        pool_store, cfg.select_k, selected_store, exclude=exclude, overwrite=True),
+    selection = steps.timed("select-topk", lambda: labelstore.select_topk(
+        pool_store, cfg.select_k, selected_store, exclude=str(exclude), overwrite=True),
         lambda r: f"{r.rows_written} rows")
 
-    echo("[6/8] merge: labeled store + selected pool")
+    steps.begin(6, "merge: labeled store + selected pool")
     train_store = str(work / "stores" / "train.zarr")
-    _timed(steps, "merge", lambda: labelstore.merge([labeled_store, selected_store], train_store,
-                                                    overwrite=True))
+    steps.timed("merge", lambda: labelstore.merge([labeled_store, selected_store], train_store,
+                                                  overwrite=True))
 
-    echo(f"[7/8] students ({STUDENT}): label-only baseline and SSLD")
-    _timed(steps, "train label-only student", lambda: train_run(
-        "student_labels", data=data.labeled, root=data.root, supervised=True,
-        epochs=cfg.student_epochs))
+    steps.begin(7, f"students ({STUDENT}): label-only baseline and SSLD")
+    train_step("student_labels", "train label-only student", data=data.labeled, root=data.root,
+               supervised=True, epochs=cfg.student_epochs)
     # Same number of images seen as the label-only run: the gain must come from the teacher's
     # labels and the pool's variety, not from a longer schedule.
     ssld_epochs = max(1, round(cfg.student_epochs * data.num_labeled / len(labelstore.open(
         train_store))))
-    _timed(steps, "train SSLD student", lambda: train_run(
-        "student_ssld", stores=(train_store,), loss="js", epochs=ssld_epochs),
-        lambda r: f"replay views, {ssld_epochs} epochs = same images seen")
+    train_step("student_ssld", "train SSLD student",
+               lambda r: f"replay views, {ssld_epochs} epochs = same images seen",
+               stores=(train_store,), loss="js", epochs=ssld_epochs)
 
-    echo("[8/8] eval on the validation set")
+    steps.begin(8, "eval on the validation set")
 
     def top1(run_name: str, model: str) -> float:
         checkpoint = str(work / "runs" / run_name / "last.pt")
         return evaluate(model, checkpoint, data.val, root=data.root, input_size=INPUT_SIZE,
                         **common).top1
 
-    scores = _timed(steps, "eval (3 models)", lambda: (
+    scores = steps.timed("eval (3 models)", lambda: (
         top1("teacher", TEACHER), top1("student_labels", STUDENT), top1("student_ssld", STUDENT)))
     result = QuickstartResult(teacher_top1=scores[0], baseline_top1=scores[1],
                               ssld_top1=scores[2], selected=selection.rows_written,
-                              duplicates=len(dups.pool_keys), steps=steps, workdir=str(work))
-    (work / "quickstart.json").write_text(json.dumps(asdict(result), indent=2))
+                              duplicates=duplicates, steps=steps.times, workdir=str(work),
+                              threads=cfg.threads)
+    _save_summary(work / "quickstart.json", result)
     return result
+
+
+def _save_summary(path: Path, result: QuickstartResult) -> None:
+    """The first complete run's record; later runs are appended under ``reruns``."""
+    record = asdict(result)
+    if path.exists():
+        first = json.loads(path.read_text())
+        rerun = {k: record[k] for k in ("steps", "threads")}
+        rerun["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        record = {**first, "reruns": first.get("reruns", []) + [rerun]}
+    _write_atomic(path, json.dumps(record, indent=2))

@@ -39,20 +39,24 @@ class TrainingDiverged(RuntimeError):
 def train_one_epoch(model: nn.Module, batches: Iterable, loss_fn: Callable, optimizer,
                     lr_for_step: Callable[[int], float], *, first_step: int, env: D.DistEnv,
                     precision: str, scaler=None, ema=None, teacher: Optional[Callable] = None,
-                    desc: str = "") -> EpochStats:
+                    desc: str = "", images_per_step: int = 0) -> EpochStats:
     """One pass over ``batches`` of (images, teacher_probs, labels) already on the device;
     returns global (all-rank) figures.
 
     ``teacher_probs`` is empty (B, 0) when there are none in the data: then ``teacher`` (online
     distillation) computes them from the same images, or the loss uses ``labels`` only.
+    ``images_per_step`` (all ranks) makes the progress bar count images: images/s and an ETA.
     """
     model.train()
     step, seen, with_teacher = first_step, 0, False
     totals = torch.zeros(3, dtype=torch.float64, device=env.device)  # loss·n, agreeing rows, n
     start = time.perf_counter()
-    bar = tqdm(batches, desc=desc, unit="batch", leave=False, disable=not env.is_main or None)
+    steps = len(batches)
+    # On a terminal only (disable=None): logs keep the one line per epoch instead.
+    bar = tqdm(total=steps * (images_per_step or 1), desc=desc, leave=False, mininterval=0.5,
+               unit="img" if images_per_step else "batch", disable=not env.is_main or None)
     lr = lr_for_step(step)
-    for i, (images, teacher_probs, labels) in enumerate(bar):
+    for i, (images, teacher_probs, labels) in enumerate(batches):
         lr = lr_for_step(step)
         set_lr(optimizer, lr)
         with D.autocast(precision, env.device):
@@ -77,13 +81,14 @@ def train_one_epoch(model: nn.Module, batches: Iterable, loss_fn: Callable, opti
         if teacher_probs.numel():
             with_teacher = True
             totals[1] += (logits.detach().argmax(1) == teacher_probs.argmax(1)).sum()
-        if (i + 1) % CHECK_EVERY == 0 or i + 1 == len(bar):
+        bar.update(images_per_step or 1)
+        if (i + 1) % CHECK_EVERY == 0 or i + 1 == steps:
             summed = D.all_reduce_sum(totals, env)  # every rank sees a NaN of any rank
             if not math.isfinite(summed[0].item()):
                 raise TrainingDiverged(f"loss became {summed[0].item()} at step {step} ({desc})")
             seen = int(summed[2].item())
-            bar.set_postfix(loss=f"{summed[0].item() / seen:.4f}", lr=f"{lr:.3g}",
-                            img_s=f"{seen / (time.perf_counter() - start):.0f}")
+            bar.set_postfix(loss=f"{summed[0].item() / seen:.4f}", lr=f"{lr:.3g}", refresh=False)
+    bar.close()
     summed = D.all_reduce_sum(totals, env)
     seen = int(summed[2].item())
     if seen == 0:
@@ -135,6 +140,8 @@ def validate(model: nn.Module, batches: Iterable, *, env: D.DistEnv, precision: 
 def train(cfg: TrainConfig) -> TrainResult:
     """Train a student as ``cfg`` says; under ``torchrun`` every process calls this."""
     _check_out(cfg)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     env = D.setup(cfg.device)
     lock = OutputLock(cfg.out, command="train-student")
     try:
@@ -185,7 +192,8 @@ def _train(cfg: TrainConfig, env: D.DistEnv) -> TrainResult:
             stats = train_one_epoch(run.net, run.data.train, run.loss_fn, run.optimizer,
                                     run.schedule, first_step=step, env=env,
                                     precision=run.precision, scaler=run.scaler, ema=run.ema,
-                                    teacher=run.teacher, desc=f"epoch {epoch + 1}/{cfg.epochs}")
+                                    teacher=run.teacher, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                                    images_per_step=cfg.batch_size * env.world_size)
         except TrainingDiverged as exc:
             kept = (f"the last good checkpoint {os.path.join(cfg.out, 'last.pt')} (epoch "
                     f"{epoch}) is kept" if epoch else "no checkpoint was written")
@@ -194,8 +202,9 @@ def _train(cfg: TrainConfig, env: D.DistEnv) -> TrainResult:
         step += run.steps_per_epoch
         images, seconds = images + stats.images, seconds + stats.seconds
         last = _evaluate_epoch(run, epoch, stats)
-        score = last.get("val_top1", -stats.loss)
-        improved = score > best["score"]
+        # with --val, only validated epochs compete for best.pt (no mixing with -loss)
+        score = last.get("val_top1", None if run.data.val is not None else -stats.loss)
+        improved = score is not None and score > best["score"]
         if improved:
             best = {"top1": last.get("val_top1"), "epoch": epoch + 1, "score": score}
         # The row goes first: a crash before the checkpoint repeats the epoch, and resuming
@@ -322,7 +331,8 @@ def _write_config(run: _Run) -> None:
                 "base_lr": scale_lr(cfg.lr, cfg.batch_size * env.world_size),
                 "steps_per_epoch": run.steps_per_epoch, "precision": run.precision,
                 "channels_last": D.resolve_channels_last(cfg.channels_last, env.device),
-                "device": str(env.device), **run.data.describe}
+                "device": str(env.device), "threads": torch.get_num_threads(),
+                **run.data.describe}
     with open(os.path.join(cfg.out, "config.json"), "w") as handle:
         json.dump({**cfg.to_dict(), "resolved": resolved}, handle, indent=2)
 
@@ -335,7 +345,8 @@ def _evaluate_epoch(run: _Run, epoch: int, stats: EpochStats) -> dict[str, Any]:
     row = {"epoch": epoch + 1, "lr": stats.lr, "train_loss": stats.loss,
            "agreement": stats.agreement, "images_per_s": stats.images_per_s,
            "epoch_s": stats.seconds}
-    if run.data.val is not None:
+    if run.data.val is not None and ((epoch + 1) % run.cfg.val_every == 0
+                                     or epoch + 1 == run.cfg.epochs):
         result = validate(run.model, run.data.val, env=run.env, precision=run.precision)
         row.update(val_top1=result.top1, val_top5=result.top5)
         if run.ema is not None:

@@ -6,6 +6,8 @@ import os
 
 import click
 
+from labelstore._threads import threads_option
+
 from .config import DECODERS, DEVICES, PRECISIONS, SOURCES
 
 commands: list[click.Command] = []
@@ -59,11 +61,12 @@ commands: list[click.Command] = []
 @click.option("--embeddings", is_flag=True, help="Also store view 0's pooled features (fp16).")
 @click.option("--overwrite", is_flag=True, help="Replace --out instead of resuming it.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@threads_option
 def infer_teacher(model, checkpoint, pretrained, random_weights, data, views_from, root, source,
                   out, topk, views, seed, crop_scale, crop_ratio, temperature, input_size,
                   interpolation, mean, std, crop_pct, batch_size, device, decoder, precision, channels_last,
                   compile_model, num_workers, num_classes, class_names, chunk_rows, embeddings,
-                  overwrite, no_progress) -> None:
+                  overwrite, no_progress, threads) -> None:
     """Run a teacher once over a data set and write its top-k soft labels to a label store.
 
     Rerunning the same command resumes an interrupted store; under torchrun every rank

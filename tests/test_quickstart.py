@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 
@@ -11,14 +12,21 @@ from cli import main
 
 
 @pytest.mark.slow
-def test_quickstart_runs_the_pipeline_and_reuses_finished_steps(tmp_path, capsys):
+def test_quickstart_runs_the_pipeline_and_reuses_finished_steps(tmp_path, capsys, monkeypatch,
+                                                                 one_torch_thread):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # --threads sets it; restored after
     work = tmp_path / "qs"
     args = ["quickstart", "--workdir", str(work), "--teacher-epochs", "1",
             "--student-epochs", "1", "--select-k", "10", "--device", "cpu"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "val top-1" in out and "SSLD (JS)" in out and "total" in out
+    assert "model (last.pt)" in out and "reused" not in out
+    assert re.search(r"\[3/8\] teacher inference.*\(about \d+( min \d\d)? s left\)", out)
     summary = json.loads((work / "quickstart.json").read_text())
+    assert summary["threads"] == 1 and not any(s["reused"] for s in summary["steps"])
+    teacher_config = json.loads((work / "runs" / "teacher" / "config.json").read_text())
+    assert teacher_config["resolved"]["threads"] == 1
     for name in ("teacher_top1", "baseline_top1", "ssld_top1"):
         assert 0.0 <= summary[name] <= 1.0
     labeled = labelstore.open(work / "stores" / "labeled.zarr")
@@ -30,11 +38,21 @@ def test_quickstart_runs_the_pipeline_and_reuses_finished_steps(tmp_path, capsys
     assert len(merged) == len(labeled) + len(selected)  # pool and labeled keys never collide
     assert labelstore.open(work / "stores" / "pool.zarr").has_embeddings
 
-    # a second run reuses the finished training runs instead of training again
-    teacher = work / "runs" / "teacher" / "last.pt"
-    stamp = os.path.getmtime(teacher)
+    # a second run reuses every finished step (and says so) instead of computing it again
+    outputs = [work / "runs" / "teacher" / "last.pt", work / "data" / "meta.json",
+               work / "stores" / "pool_vs_val.dups", work / "stores" / "pool.zarr" / "zarr.json"]
+    stamps = [os.path.getmtime(path) for path in outputs]
     assert main(args) == 0
-    assert os.path.getmtime(teacher) == stamp
+    out = capsys.readouterr().out
+    assert [os.path.getmtime(path) for path in outputs] == stamps
+    reused = [line.split("  ")[0] for line in out.splitlines() if " reused " in f"{line} "]
+    assert reused == ["prepare digits", "train teacher", "infer-teacher L", "infer-teacher U",
+                      "infer-teacher V (dedup)", "dedup U vs V", "train label-only student",
+                      "train SSLD student"]
     again = json.loads((work / "quickstart.json").read_text())
     assert again["teacher_top1"] == summary["teacher_top1"]
     assert again["ssld_top1"] == summary["ssld_top1"]
+    assert again["steps"] == summary["steps"]  # the first run's times are kept
+    assert len(again["reruns"]) == 1
+    rerun = {step["name"]: step["reused"] for step in again["reruns"][0]["steps"]}
+    assert rerun["train teacher"] and rerun["dedup U vs V"] and not rerun["select-topk"]

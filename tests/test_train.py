@@ -5,9 +5,12 @@ Every run is a tiny timm model (``test_resnet``) at 32 px on generated images, C
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
+import re
+import sys
 
 import numpy as np
 import pytest
@@ -102,6 +105,34 @@ def _own_crop(path, box_grid, flip, mean, std) -> torch.Tensor:
         crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     pixels = torch.from_numpy(np.asarray(crop, dtype=np.float32) / 255).permute(2, 0, 1)
     return (pixels - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+
+
+def test_val_every_threads_and_an_epoch_bar_in_images_on_a_terminal(dataset, tmp_path,
+                                                                     monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    before = torch.get_num_threads()
+    wanted = 2 if before == 1 else 1
+    try:
+        result = train(config(dataset, tmp_path / "r", epochs=3, val=dataset["val"],
+                              val_every=2, threads=wanted))
+    finally:
+        torch.set_num_threads(before)
+    rows = read_metrics(tmp_path / "r")
+    # validated after epoch 2 and after the last; only those epochs compete for best.pt
+    assert [r["val_top1"] != "" for r in rows] == [False, True, True]
+    assert result.best_epoch in (2, 3) and result.last["val_top1"] is not None
+    assert torch.load(tmp_path / "r" / "best.pt", weights_only=True)["epoch"] in (2, 3)
+    resolved = json.load(open(tmp_path / "r" / "config.json"))["resolved"]
+    assert resolved["threads"] == wanted
+    text = terminal.getvalue()
+    # the bar counts images (3 steps of 16 per epoch): elapsed<ETA, images/s
+    assert re.search(r"epoch 3/3: .*\d+/48 \[\d\d:\d\d<[?\d:]+, *[?\d.]+img/s\]", text), text
+    assert "epoch 3 lr" in text  # the per-epoch log line stays
 
 
 def test_replayed_views_are_the_stored_crops_with_their_targets(dataset, tmp_path):
