@@ -15,8 +15,9 @@ outputs exist) is skipped; an interrupted training run continues with ``--resume
 dedup simply run again. Run the same command again to continue after a crash or a time limit.
 
 The driver itself reads files only: list files it writes (the dev split, the smoke subsets),
-``metrics.csv`` / ``config.json`` of runs, the commands' printed summaries and ``ssld inspect
---json``. The hidden pool labels are read once, at the end, to report how often the teacher's
+``metrics.csv`` / ``config.json`` of runs, ``ssld inspect --json`` (its stdout, kept in
+``logs/STEP.out``), the ``dedup`` output files, and one printed line: ``ssld eval`` writes no
+JSON, so its stdout line (``logs/STEP.out``) is parsed by ``parse_eval``. The hidden pool labels are read once, at the end, to report how often the teacher's
 pseudo-label of a *selected* pool image is right (never used to choose anything).
 """
 from __future__ import annotations
