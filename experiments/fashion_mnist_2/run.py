@@ -509,8 +509,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--rates", default=None,
                         help="JSON file of MEASURED rates that replace study 1's in --estimate.")
     args = parser.parse_args(argv)
-    if args.rates:
+    if args.rates:  # e.g. per-job rates measured while two jobs run: two_jobs_speedup 2
         estimate.rates = read_json(Path(args.rates))
+        estimate.two_jobs_speedup = estimate.rates.get("two_jobs_speedup",
+                                                       MEASURED["two_jobs_speedup"])
 
     def build(c: Context) -> list[Step]:
         steps = build_steps(c)
