@@ -5,6 +5,7 @@ Pure functions only: no ssld command runs here.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import random
 import sys
@@ -144,3 +145,58 @@ def test_steps_graph(scale, tmp_path):
     sc = m.SCALES[scale]
     gate_inputs = [n for n in steps["gate"].deps]
     assert len(gate_inputs) == 2 * len(sc.multiples) * len(sc.seeds)
+
+
+def _report():
+    name = "fashion_mnist_2_report"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            name, REPO / "experiments" / "fashion_mnist_2" / "report.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def test_report_recomputes_the_curve(tmp_path):
+    """The curve table's cells are the mean and sample std of the finished seeds' top-1;
+    a row with a seed missing says so, an unfinished budget shows '-'."""
+    np = pytest.importorskip("numpy")
+    m, rep = _driver(), _report()
+    args = argparse.Namespace(workdir=str(tmp_path), data=None, teacher=m.fm1.TEACHER,
+                              student=m.fm1.STUDENT, ssld="ssld", device="cpu", num_workers=0,
+                              src=None)
+    sc = m.SCALES["full"]
+    ctx = m.Context(args, sc)
+    rows = m.row_spec(ctx)
+    rng = random.Random(5)
+    steps, top1 = {}, {}
+    for row in rows:
+        for tr, ev in zip(row["train_steps"], row["eval_steps"]):
+            if row["group"] == "ssld_L+U_x9" and ev.endswith("_s2"):
+                continue  # not finished: 2 of 3 seeds
+            if row["group"].startswith("label_only_x9"):
+                continue  # nothing finished at this budget
+            top1[ev] = rng.uniform(0.7, 0.9)
+            steps[ev] = {"done": True, "result": {"top1": top1[ev], "top5": 0.99}}
+            steps[tr] = {"done": True, "wall_s": 60.0,
+                         "result": {"steps": 736 * (row["multiple"] or 1), "epochs": 16,
+                                    "train_seconds": 50.0}}
+    data = {"scale": "full", "updated": "now", "scale_config": dataclasses.asdict(sc),
+            "multiples": list(sc.multiples), "rows": rows, "steps": steps}
+    md = rep.write_markdown(rep.Results(data), None)
+    table = md.split("### The steps curve", 1)[1].split("\n\n", 2)[2].split("\n\n", 1)[0]
+    cells = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+             for line in table.splitlines()[2:]}
+    for kind, label in rep.CURVE:
+        for i, mult in enumerate(sc.multiples):
+            vals = [top1[f"eval_{kind}_x{mult}_s{s}"] for s in sc.seeds
+                    if f"eval_{kind}_x{mult}_s{s}" in top1]
+            cell = cells[label][i]
+            if not vals:
+                assert cell == "-"
+                continue
+            mean, std = 100 * np.mean(vals), 100 * np.std(vals, ddof=1)
+            assert cell.startswith(f"{mean:.2f} ± {std:.2f}"), (label, mult, cell)
+            assert cell.endswith(f"({len(vals)})" if len(vals) == 3 else f"({len(vals)}/3)")
+    assert "2/3" in cells["SSLD on L + selected U"][2]
