@@ -94,8 +94,11 @@ SCALES = {
                    short_teacher_epochs=2, bridge_epochs=15, bridge_lr=0.4, bridge_wd=5e-4,
                    student_epochs=16, multiples=(1, 3, 9), side_multiple=3, batch_size=128,
                    k_main=1000, teacher_grid=((0.1, 5e-4), (0.4, 5e-4)),
-                   label_grid=((0.05, 5e-5), (0.1, 5e-5), (0.4, 5e-5)),
-                   ssld_grid=((0.1, 5e-5), (0.4, 5e-5), (0.8, 5e-5)), flat_points=0.005),
+                   # widened by one point at each end after the first grid's optimum fell on
+                   # its edge (label-only 0.05, SSLD 0.8; dev numbers only): README, step 1
+                   label_grid=((0.05, 5e-5), (0.1, 5e-5), (0.4, 5e-5), (0.025, 5e-5)),
+                   ssld_grid=((0.1, 5e-5), (0.4, 5e-5), (0.8, 5e-5), (1.6, 5e-5)),
+                   flat_points=0.005),
 }
 
 
