@@ -15,8 +15,9 @@ outputs exist) is skipped; an interrupted training run continues with ``--resume
 dedup simply run again. Run the same command again to continue after a crash or a time limit.
 
 The driver itself reads files only: list files it writes (the dev split, the smoke subsets),
-``metrics.csv`` / ``config.json`` of runs, the commands' printed summaries and ``ssld inspect
---json``. The hidden pool labels are read once, at the end, to report how often the teacher's
+``metrics.csv`` / ``config.json`` of runs, ``ssld inspect --json`` (its stdout, kept in
+``logs/STEP.out``), the ``dedup`` output files, and one printed line: ``ssld eval`` writes no
+JSON, so its stdout line (``logs/STEP.out``) is parsed by ``parse_eval``. The hidden pool labels are read once, at the end, to report how often the teacher's
 pseudo-label of a *selected* pool image is right (never used to choose anything).
 """
 from __future__ import annotations
@@ -207,6 +208,19 @@ def _float(value: str) -> Optional[float]:
 EVAL_RE = re.compile(r"top-1 ([\d.]+)%\s+top-5 ([\d.]+)%\s+on ([\d,]+) images")
 
 
+def parse_eval(text: str) -> dict:
+    """``ssld eval``'s one stdout line (it writes no JSON: see the study 2 README).
+
+    The only printed text the drivers still parse; it reads the command's own stdout file, not
+    the log, so warnings or progress on stderr cannot match."""
+    found = EVAL_RE.findall(text)
+    if not found:
+        raise RuntimeError(f"no 'top-1 ... top-5 ... on N images' line in: {text[-300:]!r}")
+    top1, top5, images = found[-1]
+    return {"top1": float(top1) / 100, "top5": float(top5) / 100,
+            "images": int(images.replace(",", ""))}
+
+
 # ----------------------------------------------------------------------------------------------
 # steps
 
@@ -231,6 +245,7 @@ class Step:
     rerun_flag: Optional[str] = None        # e.g. --overwrite: added when a failed try left output
     exclusive: bool = False                 # runs alone (its wall time is compared with others)
     group: str = ""
+    stdout: bool = False                    # the command's stdout goes to logs/STEP.out alone
 
 
 class Context:
@@ -271,14 +286,18 @@ def runtime(ctx: Context) -> list[str]:
     return ["--device", ctx.args.device, "--num-workers", str(ctx.args.num_workers)]
 
 
-def train_command(ctx: Context, run: str, *, model: str, epochs: int, lr: float, wd: float,
-                  seed: int, warmup: float, data: Optional[str] = None,
-                  stores: tuple[str, ...] = (), val: Optional[str] = None,
-                  extra: tuple = ()) -> list[str]:
+def train_command(ctx: Context, run: str, *, model: str, epochs: int, lr: Optional[float],
+                  wd: Optional[float], seed: int, warmup: Optional[float],
+                  data: Optional[str] = None, stores: tuple[str, ...] = (),
+                  val: Optional[str] = None, extra: tuple = ()) -> list[str]:
+    """A train-student command; ``lr``/``wd``/``warmup`` None leave train-student's default."""
     cmd = ssld(ctx, "train-student", "--student", model, "--out", ctx.run_dir(run),
                "--input-size", INPUT_SIZE, "--epochs", epochs, "--batch-size",
-               ctx.scale.batch_size, "--lr", lr, "--weight-decay", wd, "--warmup-epochs",
-               f"{warmup:.6g}", "--seed", seed, *runtime(ctx))
+               ctx.scale.batch_size)
+    for flag, value in (("--lr", lr), ("--weight-decay", wd), ("--warmup-epochs", warmup)):
+        if value is not None:
+            cmd += [flag, f"{value:.6g}" if flag == "--warmup-epochs" else str(value)]
+    cmd += ["--seed", str(seed), *runtime(ctx)]
     if data is not None:
         cmd += ["--data", data, "--root", str(ctx.images)]
     for store in stores:
@@ -336,16 +355,10 @@ def eval_step(name: str, run: str, model: str, *, data: str = "V", group: str = 
                     ctx.images, "--batch-size", 256, *runtime(ctx))
 
     def collect(ctx: Context) -> dict:
-        text = (ctx.logs / f"{name}.log").read_text()
-        found = EVAL_RE.findall(text)
-        if not found:
-            raise RuntimeError(f"no 'top-1 ... top-5 ...' line in {ctx.logs / (name + '.log')}")
-        top1, top5, images = found[-1]
-        return {"top1": float(top1) / 100, "top5": float(top5) / 100,
-                "images": int(images.replace(",", "")), "data": data, "run": run}
+        return parse_eval((ctx.logs / f"{name}.out").read_text()) | {"data": data, "run": run}
 
     return Step(name=name, kind="eval", deps=(run,), command=command, collect=collect,
-                group=group)
+                group=group, stdout=True)
 
 
 def inspect_step(name: str, store: str, deps: tuple[str, ...]) -> Step:
@@ -353,15 +366,14 @@ def inspect_step(name: str, store: str, deps: tuple[str, ...]) -> Step:
         return ssld(ctx, "inspect", ctx.store(store), "--json")
 
     def collect(ctx: Context) -> dict:
-        text = (ctx.logs / f"{name}.log").read_text()
-        start = text.find("{")
-        report = json.loads(text[start:text.rfind("}") + 1])
+        report = json.loads((ctx.logs / f"{name}.out").read_text())
         if not report.get("complete"):
             raise RuntimeError(f"store {ctx.store(store)} is not complete")
         report.pop("missing", None)
         return report
 
-    return Step(name=name, kind="inspect", deps=deps, command=command, collect=collect)
+    return Step(name=name, kind="inspect", deps=deps, command=command, collect=collect,
+                stdout=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -578,9 +590,7 @@ def infer_step(name: str, store: str, data: str, *, views: int,
         return cmd + (["--embeddings"] if embeddings else [])
 
     def collect(ctx: Context) -> dict:
-        text = (ctx.logs / f"{name}.log").read_text()
-        lines = [ln for ln in text.splitlines() if ln.startswith("infer-teacher:")]
-        return {"summary": lines[-1] if lines else None, "store": ctx.store(store)}
+        return {"store": ctx.store(store)}  # its contents: the inspect step's JSON
 
     return Step(name=name, kind="infer", deps=deps, command=command, collect=collect,
                 outputs=lambda c: [Path(c.store(store))], exclusive=exclusive, group="teacher")
@@ -625,16 +635,13 @@ def choose(ctx: Context, names: tuple[str, ...]) -> dict:
                          "dev_top1": ctx.result(n)["dev_top1"]} for n in names}}
 
 
-def count_dups(ctx: Context, path: Path, step: str) -> dict:
-    """Pairs in a dedup output file, and the command's own summary lines."""
+def count_dups(ctx: Context, path: Path, step: str = "") -> dict:
+    """Pairs in a dedup output file (``pool_key<TAB>query_key<TAB>cosine<TAB>inliers`` lines
+    after ``#`` comments), read from the file alone; with ``--verify none`` every stage-1
+    candidate is a line, so the candidate count is the pair count of that file."""
     pairs = [ln.split("\t") for ln in path.read_text().splitlines()
              if ln.strip() and not ln.startswith("#")]
-    log = (ctx.logs / f"{step}.log").read_text().replace("\r", "\n").splitlines()
-    found = re.findall(r"([\d,]+) candidate pairs with cosine >= ([\d.]+)", "\n".join(log))
-    summary = [ln for ln in log if ln.startswith(("compared ", "duplicates:"))]
-    return {"candidates": int(found[-1][0].replace(",", "")) if found else None,
-            "summary": summary[-2:],
-            "pairs": len(pairs), "pool_images": len({p[0] for p in pairs}),
+    return {"pairs": len(pairs), "pool_images": len({p[0] for p in pairs}),
             "val_images": len({p[1] for p in pairs if len(p) > 1}), "file": str(path)}
 
 
@@ -670,8 +677,13 @@ def pseudo_label_check(ctx: Context, selections: list[str]) -> dict:
 
 
 class Driver:
-    def __init__(self, ctx: Context, steps: list[Step]):
+    def __init__(self, ctx: Context, steps: list[Step],
+                 rows: Optional[Callable[[Context], list[dict]]] = None,
+                 study: str = "SSLD ablations on Fashion-MNIST (issue 6)",
+                 extra: Optional[Callable[[Context], dict]] = None):
         self.ctx, self.steps = ctx, {s.name: s for s in steps}
+        self.rows = rows or row_spec        # the report's table (study 1's by default)
+        self.study, self.extra = study, extra
         self.order = [s.name for s in steps]
         self.state: dict[str, dict] = {}
         self.lock = threading.Lock()
@@ -730,10 +742,12 @@ class Driver:
                 st["attempts"].append(attempt)
                 self.save_state(name)
                 ctx.logs.mkdir(parents=True, exist_ok=True)
-                with open(ctx.logs / f"{name}.log", "a") as log:
+                with open(ctx.logs / f"{name}.log", "a") as log, \
+                        open(ctx.logs / f"{name}.out", "w") if step.stdout else log as out:
                     log.write(f"\n### {start} $ {' '.join(cmd)}\n")
                     log.flush()
-                    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                    proc = subprocess.Popen(cmd, stdout=out,
+                                            stderr=log if step.stdout else subprocess.STDOUT,
                                             env=self.env(), start_new_session=True)
                     with self.lock:
                         self.procs[name] = proc
@@ -909,13 +923,15 @@ class Driver:
                 sessions[-1] = this
             else:
                 sessions.append(this)
-            data = {"study": "SSLD ablations on Fashion-MNIST (issue 6)",
+            data = {"study": self.study,
                     "scale": ctx.args.scale, "updated": now(), "workdir": str(ctx.work),
                     "data": str(ctx.data), "teacher": ctx.teacher, "student": ctx.student,
                     "input_size": INPUT_SIZE, "views": VIEWS, "threads": ctx.args.threads,
                     "jobs": ctx.args.jobs, "device": ctx.args.device,
                     "scale_config": asdict(ctx.scale), "sessions": sessions,
-                    "rows": row_spec(ctx), "steps": steps}
+                    "rows": self.rows(ctx), "steps": steps}
+            if self.extra is not None:
+                data.update(self.extra(ctx))
             write_json(self.results_path, data)
 
 
@@ -984,14 +1000,15 @@ def tail(path: Path, lines: int = 3) -> str:
     return " | ".join(ln.strip() for ln in text[-lines:] if ln.strip())
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+def make_parser(description: str, scales: dict) -> argparse.ArgumentParser:
+    """The options every protocol of this driver takes (study 2 adds its own)."""
+    parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True,
                         help="Folder for data, stores, runs, logs and step state (resumable).")
-    parser.add_argument("--scale", choices=sorted(SCALES), default="smoke",
+    parser.add_argument("--scale", choices=sorted(scales), default="smoke",
                         help="smoke: a few hundred images, 2 epochs, minutes (proves the driver "
-                             "runs; its numbers mean nothing); full: the study (<= 3 h).")
+                             "runs; its numbers mean nothing); full: the study.")
     parser.add_argument("--data", default=None,
                         help="An existing `ssld prepare fashion-mnist` folder (default: "
                              "WORKDIR/data, prepared on the first run).")
@@ -1017,23 +1034,31 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="Print the steps with their state and exit.")
     parser.add_argument("--estimate", action="store_true",
                         help="Print the expected run time at the measured throughput and exit.")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run_main(parser: argparse.ArgumentParser, args: argparse.Namespace, scales: dict, *,
+             build: Callable[[Context], list[Step]], rows: Callable[[Context], list[dict]],
+             study: str, estimate_of: Callable, results_dir: Path,
+             extra: Optional[Callable[[Context], dict]] = None) -> int:
+    """Check the options, then --estimate, --list or run the protocol ``build`` describes."""
     if args.ssld is None:
         beside = Path(sys.executable).parent / "ssld"
         args.ssld = str(beside) if beside.exists() else (shutil.which("ssld") or "ssld")
     if args.results is None:
-        args.results = str(RESULTS_DIR / f"{args.scale}.json")
+        args.results = str(results_dir / f"{args.scale}.json")
     if args.jobs < 1 or args.threads < 1:
         parser.error("--jobs and --threads must be >= 1")
-    scale = SCALES[args.scale]
+    scale = scales[args.scale]
     if args.estimate:
-        parts = estimate(scale, build_steps(Context(args, scale)))
+        parts = estimate_of(scale, build(Context(args, scale)))
         total = sum(parts.values())
         for name, seconds in parts.items():
-            print(f"{name:<24} {seconds / 60:6.1f} min")
-        print(f"{'total, one step at a time':<24} {total / 3600:6.2f} h")
-        print(f"{'total, --jobs 2':<24} {total / MEASURED['two_jobs_speedup'] / 3600:6.2f} h "
-              f"(at the measured {MEASURED['two_jobs_speedup']}x of two 1-thread jobs)")
+            print(f"{name:<54} {seconds / 60:6.1f} min")
+        print(f"{'total, one step at a time':<54} {total / 3600:6.2f} h")
+        speedup = getattr(estimate_of, "two_jobs_speedup", MEASURED["two_jobs_speedup"])
+        print(f"{'total, --jobs 2':<54} {total / speedup / 3600:6.2f} h "
+              f"(at the measured {speedup}x of two 1-thread jobs)")
         return 0
     ctx = Context(args, scale)
     ctx.work.mkdir(parents=True, exist_ok=True)
@@ -1042,8 +1067,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error(f"{ctx.work} holds a {marker.read_text().strip()} run; use another "
                      "--workdir for --scale " + args.scale)
     marker.write_text(args.scale + "\n")
-    driver = Driver(ctx, build_steps(ctx))
-    unknown = [n for row in row_spec(ctx) for n in row["train_steps"] + row["eval_steps"]
+    driver = Driver(ctx, build(ctx), rows=rows, study=study, extra=extra)
+    unknown = [n for row in rows(ctx) for n in row["train_steps"] + row["eval_steps"]
                if n not in driver.steps]
     if unknown:
         raise SystemExit(f"internal error: the report's rows name unknown steps {unknown}")
@@ -1059,9 +1084,17 @@ def main(argv: Optional[list[str]] = None) -> int:
             state = "done" if st.get("done") else ("failed" if st.get("error") else "-")
             print(f"{name:<36} {driver.steps[name].kind:<8} {state}")
         return 0
-    print(f"ssld Fashion-MNIST study, scale {args.scale}: {len(driver.order)} steps, "
+    print(f"ssld {study}, scale {args.scale}: {len(driver.order)} steps, "
           f"{args.jobs} at once, {args.threads} thread(s) each; workdir {ctx.work}", flush=True)
     return driver.run(set(args.only) if args.only else None)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = make_parser(__doc__.split("\n\n")[0], SCALES)
+    args = parser.parse_args(argv)
+    return run_main(parser, args, SCALES, build=build_steps, rows=row_spec,
+                    study="SSLD ablations on Fashion-MNIST (issue 6)", estimate_of=estimate,
+                    results_dir=RESULTS_DIR)
 
 
 if __name__ == "__main__":
