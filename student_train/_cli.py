@@ -143,11 +143,22 @@ def train_student_cmd(ctx: click.Context, **options) -> None:
               "list file.")
 @click.option("--root", default=None, help="Root of a list-file --data.")
 @click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the result as one JSON object (for scripts) instead of a line.")
 @_runtime
-def eval_cmd(**options) -> None:
+def eval_cmd(as_json: bool, **options) -> None:
     """Top-1/top-5 accuracy and images/s of a checkpoint on a labeled data set."""
+    import json
+
     from .evaluation import evaluate
 
     options.pop("threads")  # applied to the process by the option itself
     result = evaluate(**options)
-    click.echo(f"{options['model']} {options['checkpoint']}: {result}")
+    if as_json:
+        click.echo(json.dumps({"model": options["model"], "checkpoint": options["checkpoint"],
+                               "data": options["data"], "top1": result.top1,
+                               "top5": result.top5, "images": result.images,
+                               "seconds": result.seconds,
+                               "images_per_s": result.images_per_s}))
+    else:
+        click.echo(f"{options['model']} {options['checkpoint']}: {result}")

@@ -1,6 +1,7 @@
 """``ssld eval`` / ``student_train.evaluate``: accuracy equals a direct forward pass."""
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -52,6 +53,13 @@ def test_eval_of_a_plain_state_dict_equals_a_direct_forward(image_folder, make_c
     assert code == 0
     shown = float(re.search(r"top-1 ([\d.]+)%", out).group(1))
     assert shown == pytest.approx(100 * top1, abs=0.005)
+
+    code = main(["eval", "--model", "test_resnet", "--checkpoint", str(path), "--data",
+                 str(image_folder.data), "--input-size", str(SIZE), "--device", "cpu",
+                 "--num-workers", "0", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["images"] == len(image_folder)
+    assert report["top1"] == pytest.approx(top1) and report["top5"] == pytest.approx(top5)
 
 
 def test_eval_of_a_train_student_checkpoint_uses_its_input_size(image_folder, list_file,
