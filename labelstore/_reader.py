@@ -170,13 +170,13 @@ class LabelStore:
         self._attrs = dict(group.attrs)
         self._n = int(group["labels"].shape[0])
         self._ram: dict[str, np.ndarray] | None = None
+        self._arrays: dict[str, zarr.Array] = {}
 
     # -- raw access (every read of an array goes through here) ----------------
     def _array(self, name: str) -> zarr.Array:
-        arrays = self.__dict__.setdefault("_arrays", {})
-        if name not in arrays:  # each group lookup re-reads the array's metadata
-            arrays[name] = self._group[name]
-        return arrays[name]
+        if name not in self._arrays:  # each group lookup re-reads the array's metadata
+            self._arrays[name] = self._group[name]
+        return self._arrays[name]
 
     def _get(self, name: str, selection: Any, orthogonal: bool = False) -> np.ndarray:
         """Stored values of one array; damage is a DamagedStoreError naming the chunk."""
@@ -374,7 +374,7 @@ class LabelStore:
             import xarray as xr
         except ImportError:
             raise ImportError("to_xarray needs xarray: pip install xarray") from None
-        if not (self._attrs.get("integrity") or {}):
+        if not self._array("probs").metadata.dimension_names:
             raise ValueError(f"{self.path} was written before stores carried dimension names; "
                              "xarray cannot open it (rewrite it with this version of ssld)")
         return xr.open_zarr(self._group.store, group=self._group.path or None,

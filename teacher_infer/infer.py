@@ -218,9 +218,9 @@ def _open_or_create(cfg: InferConfig, samples: Samples, labels: np.ndarray, attr
         store = labelstore.open(cfg.out)
         check_resumable(store.attrs, attrs, cfg.out, cfg.chunk_rows)
         writer = labelstore.open(cfg.out, mode="a")
-        done = writer.done_chunks()
-        skipped = sum(hi - lo for c in np.flatnonzero(done) for lo, hi in [writer.chunk_range(c)])
-        return Plan(todo=[int(c) for c in np.flatnonzero(~done)], skipped=skipped, resumed=True)
+        todo = [int(c) for c in np.flatnonzero(~writer.done_chunks())]
+        skipped = len(writer) - sum(hi - lo for lo, hi in map(writer.chunk_range, todo))
+        return Plan(todo=todo, skipped=skipped, resumed=True)
     writer = labelstore.create(cfg.out, keys=samples.keys, num_classes=num_classes,
                                topk=cfg.topk, views=cfg.views, labels=labels, attrs=attrs,
                                chunk_rows=cfg.chunk_rows or DEFAULT_CHUNK_ROWS,

@@ -16,15 +16,19 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _driver():
-    name = "fashion_mnist_2_run"
+def _load(name: str, filename: str):
+    """A study script imported once under ``name`` (they are scripts, not a package)."""
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(
-            name, REPO / "experiments" / "fashion_mnist_2" / "run.py")
+            name, REPO / "experiments" / "fashion_mnist_2" / filename)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return sys.modules[name]
+
+
+def _driver():
+    return _load("fashion_mnist_2_run", "run.py")
 
 
 def _fake_data(per_class_labeled=40, per_class_pool=100, per_class_val=20):
@@ -148,14 +152,7 @@ def test_steps_graph(scale, tmp_path):
 
 
 def _report():
-    name = "fashion_mnist_2_report"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            name, REPO / "experiments" / "fashion_mnist_2" / "report.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return _load("fashion_mnist_2_report", "report.py")
 
 
 def test_report_recomputes_the_curve(tmp_path):
