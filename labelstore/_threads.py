@@ -23,6 +23,7 @@ def set_threads(threads: int) -> int:
         raise ValueError(f"threads must be >= 1, got {threads}")
     # read when torch or OpenBLAS load later, and inherited by DataLoader workers
     os.environ["OMP_NUM_THREADS"] = str(threads)
+    os.environ["OPENCV_FOR_THREADS_NUM"] = str(threads)   # OpenCV reads it when it loads
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(threads)
     if "cv2" in sys.modules:

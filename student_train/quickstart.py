@@ -46,7 +46,7 @@ class QuickstartConfig:
     batch_size: int = 32                 # small batches: more steps on 200 images
     seed: int = 0
     device: str = "auto"
-    num_workers: int = 0                 # tiny images decode faster in-process than in workers
+    num_workers: int = 1                 # one decoding process beside the 1-thread compute
     threads: int = 1                     # CPU threads (labelstore/_threads.py: 1 is fastest
                                          # on a shared machine, and keeps runs identical)
     val_every: int = 10                  # validation every N epochs; the table is last.pt's

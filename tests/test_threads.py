@@ -67,3 +67,17 @@ def test_threads_default_is_one_and_zero_is_refused(seen, capsys):
     assert main(["eval", "--model", "m", "--checkpoint", "c", "--data", "d",
                  "--threads", "0"]) == 2
     assert "--threads" in capsys.readouterr().err
+
+
+def test_opencv_loaded_after_the_option_uses_the_thread_count():
+    # dedup imports cv2 only when SIFT runs, after --threads was applied: OpenCV must still get
+    # the count (without it, a 2-core machine's cv2 starts 2 threads whatever --threads says).
+    import subprocess
+    import sys
+
+    code = ("import sys; from labelstore._threads import set_threads; set_threads(1); "
+            "assert 'cv2' not in sys.modules; import cv2; print(cv2.getNumThreads())")
+    env = {k: v for k, v in os.environ.items() if k != "OPENCV_FOR_THREADS_NUM"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "1"
