@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from teacher_infer.imaging.decoders import decoder_names
+from teacher_infer.imaging import decoder_names
 
 VIEWS = ("auto", "replay", "global")
 DEVICES = ("auto", "cpu", "cuda")
