@@ -75,7 +75,7 @@ def pretrained_data_config(model: str) -> dict:
     from timm.data import resolve_data_config
     from timm.models import get_pretrained_cfg
 
-    from teacher_infer.model import resolve_model_name
+    from teacher_infer import resolve_model_name
 
     return resolve_data_config({}, pretrained_cfg=get_pretrained_cfg(
         resolve_model_name(model)).to_dict())
@@ -85,12 +85,11 @@ def model_only(args, data: str, out: str) -> float:
     """img/s of forward + top-k on pre-decoded tensors already on the device."""
     import torch
 
-    from teacher_infer.decode import ViewDataset, collate, pixels_to_input
-    from teacher_infer.infer import (_autocast, _data_config_view_spec, _make_forward,
-                                     resolve_device, top_k)
     from teacher_infer.data import find_samples
-    from teacher_infer.distributed import Dist
+    from teacher_infer.imaging import ViewDataset, collate, pixels_to_input
+    from teacher_infer.infer import _data_config_view_spec, _make_forward, top_k
     from teacher_infer.model import load_teacher
+    from teacher_infer.runtime import Dist, autocast, resolve_device, resolve_precision
 
     cfg = config(args, data, out, "pil")
     device = resolve_device(cfg.device, Dist())
@@ -110,11 +109,11 @@ def model_only(args, data: str, out: str) -> float:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     forward = _make_forward(teacher.model, False, False)
-    autocast = _autocast(device, cfg.precision)
+    precision = autocast(resolve_precision(cfg.precision, device), device)
     batches = max(1, args.images // args.batch_size)
 
     def one() -> None:
-        with autocast:
+        with precision:
             logits, _ = forward(x)
         top_i, top_p, _ = top_k(logits, cfg.topk, cfg.temperature)
         top_i.cpu(), top_p.cpu()  # as the loop does: results back on the host
@@ -134,36 +133,22 @@ def decode_only(args, data: str, out: str, decoder: str) -> float:
     import torch
 
     from teacher_infer.data import find_samples
-    from teacher_infer.decode import ViewDataset, batch_ranges, collate
-    from teacher_infer.distributed import Dist
-    from teacher_infer.infer import (_batches, _cpus_per_rank, _data_config_view_spec,
-                                     _default_workers, resolve_device)
+    from teacher_infer.imaging import batch_ranges, resolve_decoder
+    from teacher_infer.infer import _data_config_view_spec, _data_path
+    from teacher_infer.runtime import Dist, resolve_device
 
     cfg = config(args, data, out, decoder)
     device = resolve_device(cfg.device, Dist())
     data_config = pretrained_data_config(args.model)  # no need to build the model here
-    spec = _data_config_view_spec(cfg, data_config)
-    interpolation = data_config["interpolation"]
     samples = find_samples(data)
-    cpus = _cpus_per_rank(Dist())
-    workers = args.workers if args.workers is not None else _default_workers(decoder, cpus)
-    dataset = ViewDataset([samples.path(i) for i in range(len(samples))], samples.keys, spec,
-                          interpolation, mode="bytes" if decoder == "dali" else "pil")
     batches = batch_ranges([(0, len(samples))], args.batch_size)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
-                                         collate_fn=collate, pin_memory=device.type == "cuda",
-                                         prefetch_factor=4 if workers else None)
-    mean = torch.tensor(data_config["mean"], device=device)
-    std = torch.tensor(data_config["std"], device=device)
-    dali = None
-    if decoder == "dali":
-        from teacher_infer.dali import DaliDecoder
-        dali = DaliDecoder(spec=spec, interpolation=interpolation, mean=data_config["mean"],
-                           std=data_config["std"], max_batch=args.batch_size, device=device,
-                           num_threads=max(1, cpus - workers))
+    spec = _data_config_view_spec(cfg, data_config)
+    decoder_class = resolve_decoder(decoder, device, dali_on_cpu=True)
+    loader, decoding, _ = _data_path(cfg, Dist(), samples, spec, data_config, decoder_class,
+                                     batches, device, None)
     count = 0
     start = time.perf_counter()
-    for batch, images in _batches(loader, decoder, dali, device, mean, std):
+    for batch, images in decoding.decode(iter(loader)):
         count += len(batch)
     if device.type == "cuda":
         torch.cuda.synchronize()

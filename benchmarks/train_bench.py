@@ -63,7 +63,7 @@ def _write_jpeg(job: tuple[str, int, int, int]) -> None:
 def make_data(work: str, images: int, size: tuple[int, int], input_size: int) -> str:
     """JPEGs (landscape and portrait) and a complete 4-view, k=10, 1000-class store."""
     import labelstore
-    from teacher_infer.views import ViewSpec, plan_views
+    from teacher_infer.imaging import ViewSpec, plan_views
 
     keys, top1, indices, probs, _ = teacher_like_rows(images, TOPK, CLASSES, seed=0)
     keys = [f"img{i:06d}.jpg" for i in range(images)]

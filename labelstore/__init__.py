@@ -5,7 +5,8 @@
 >>> st.load().dense([3, 1, 3]).shape            # doctest: +SKIP
 (3, 1000)
 """
-from ._format import FORMAT, FORMAT_VERSION, dequantize_boxes, fingerprint, quantize_boxes
+from ._format import (BOX_SCALE, DEFAULT_CHUNK_ROWS, FORMAT, FORMAT_VERSION, dequantize_boxes,
+                      fingerprint, quantize_boxes)
 from ._lock import LockedError, OutputLock
 from ._paths import (check_disjoint, disk_bytes, exists, human_size, is_store_dir, local_path,
                      real_path)
@@ -16,11 +17,17 @@ from ._dedup import dedup
 from ._ensemble import EnsembleResult, combine_distributions, combine_top_k, ensemble
 from ._merge import merge
 from ._select import select_topk
+from ._text import (KEY_RULE, escapes_root, first_bad_key, first_escaping_key, key_problem,
+                    read_lines)
+from ._threads import set_threads, threads_option
 from ._verify import TeacherCheck, VerifyResult, verify
 
 __all__ = [
+    "BOX_SCALE",
+    "DEFAULT_CHUNK_ROWS",
     "FORMAT",
     "FORMAT_VERSION",
+    "KEY_RULE",
     "DamagedStoreError",
     "EnsembleResult",
     "IncompleteRunError",
@@ -41,15 +48,22 @@ __all__ = [
     "ensemble",
     "dequantize_boxes",
     "disk_bytes",
+    "escapes_root",
     "exists",
     "fingerprint",
+    "first_bad_key",
+    "first_escaping_key",
     "human_size",
     "is_store_dir",
+    "key_problem",
     "local_path",
     "merge",
     "open",
     "quantize_boxes",
+    "read_lines",
     "real_path",
     "select_topk",
+    "set_threads",
+    "threads_option",
     "verify",
 ]

@@ -408,7 +408,7 @@ def dedup(query: Any, pool: Any, out: str | None = None, *,
     workers : int, optional
         Threads for SIFT per rank (default: CPU count).
     """
-    from teacher_infer.distributed import Dist
+    from teacher_infer.runtime import Dist
 
     if verify not in ("sift", "none"):
         raise ValueError(f"verify must be 'sift' or 'none', got {verify!r}")

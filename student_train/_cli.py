@@ -6,7 +6,7 @@ import os
 
 import click
 
-from labelstore._threads import threads_option
+from labelstore import threads_option
 
 from .config import TrainConfig  # no torch import: `ssld --help` stays instant
 

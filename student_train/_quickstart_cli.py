@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from labelstore._threads import threads_option
+from labelstore import threads_option
 
 from .quickstart import QuickstartConfig  # no torch import
 

@@ -13,9 +13,11 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from teacher_infer.imaging import decoder_names
+
 VIEWS = ("auto", "replay", "global")
 DEVICES = ("auto", "cpu", "cuda")
-DECODERS = ("auto", "dali", "pil")
+DECODERS = decoder_names()  # the registry's names, "auto" first
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 # Options that may change between a run and its --resume without changing the result:

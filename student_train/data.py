@@ -1,10 +1,11 @@
 """Batches for the trainer: crops (replayed, random or eval), teacher targets, labels.
 
 A sample is cropped with a box (y0, x0, h, w as fractions of the decoded image) and a flip, then
-resized to the input size -- with teacher_infer's own crop code, so that a replayed view is the
-region the teacher labeled, resampled the same way (at the teacher's input size, views >= 1 are
-pixel-identical to what the teacher saw; view 0, which the teacher renders with timm's two-step
-eval transform, differs by at most a grey level or two on a few pixels):
+resized to the input size -- with the teacher's own crop code (``teacher_infer.imaging``), so that
+a replayed view is the region the teacher labeled, resampled the same way (at the teacher's
+input size, views >= 1 are pixel-identical to what the teacher saw; view 0, which the teacher
+renders with timm's two-step eval transform, differs by at most a grey level or two on a few
+pixels):
 
 - ``replay``: the box and flip of one stored view, chosen from (seed, epoch, index); the target
   is that view's teacher distribution (consistent teaching);
@@ -18,7 +19,6 @@ Workers return uint8 images; normalisation happens on the device (:class:`Device
 from __future__ import annotations
 
 import logging
-import os
 import random
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -28,8 +28,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import labelstore
-from teacher_infer.decode import DecodeError, open_rgb, pixels_to_input, render_box, render_eval
-from teacher_infer.views import ViewSpec, eval_box, random_resized_crop_box
+from teacher_infer.imaging import (DecodeError, ViewSpec, eval_box, open_rgb, pixels_to_input,
+                                   random_resized_crop_box, render_box, render_eval,
+                                   resolve_decoder)
+from teacher_infer.runtime import cpus_per_rank
 
 from . import distributed as D
 from .sampling import ShardedSampler, replay_view, sample_rng
@@ -198,18 +200,7 @@ class TrainData:
 
 def default_workers(env: D.DistEnv) -> int:
     """Worker processes per rank: this machine's cores shared by its ranks, at most 8."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(8, (cores or 1) // max(1, env.dist.local_world_size)))
-
-
-def resolve_decoder(decoder: str, device: torch.device) -> str:
-    """``auto`` → DALI on a GPU when it imports, PIL on the CPU (where forked PIL workers
-    beat DALI's CPU mode); an explicit ``dali`` without DALI installed is an ImportError."""
-    from teacher_infer.infer import resolve_decoder as resolve
-
-    if decoder == "auto" and device.type != "cuda":
-        return "pil"
-    return resolve(decoder)
+    return min(8, cpus_per_rank(env.dist))
 
 
 def training_crop(cfg, samples: SampleSet) -> str:
@@ -282,8 +273,9 @@ def build_data(cfg, env: D.DistEnv, data_config: dict[str, Any], *, log: logging
                                      world_size=env.world_size, shuffle=False)
         val = make_batches(val_set, val_sampler, drop_last=False, **batching)
         describe["num_val"] = len(val_samples)
-    describe.update(crop=crop, decoder=decoder, num_workers=workers, num_train=len(samples))
-    log.info(f"data: {len(samples):,} training images ({crop} crops, {decoder} decoding, "
+    describe.update(crop=crop, decoder=decoder.name, num_workers=workers,
+                    num_train=len(samples))
+    log.info(f"data: {len(samples):,} training images ({crop} crops, {decoder.name} decoding, "
              f"{workers} worker(s) per process)"
              + (f", {describe['num_val']:,} validation images" if val is not None else ""))
     return TrainData(train=train, val=val, sampler=sampler, num_classes=samples.num_classes,
@@ -292,14 +284,16 @@ def build_data(cfg, env: D.DistEnv, data_config: dict[str, Any], *, log: logging
 
 def make_batches(dataset: CropDataset, sampler: ShardedSampler, *, batch_size: int,
                  workers: int, env: D.DistEnv, data_config: dict[str, Any], channels_last: bool,
-                 decoder: str, drop_last: bool):
-    """Device batches of ``dataset`` in ``sampler`` order, decoded by PIL workers or DALI."""
-    if decoder == "dali":
-        from .dali import DaliBatches
+                 decoder: type, drop_last: bool):
+    """Device batches of ``dataset`` in ``sampler`` order: rendered by PIL in the workers, or
+    read as file bytes there and decoded on the device by ``decoder`` (a registry class,
+    ``teacher_infer.imaging.resolve_decoder``)."""
+    if decoder.worker_mode == "bytes":
+        from .encoded import EncodedBatches
 
-        return DaliBatches(dataset, sampler, batch_size=batch_size, workers=workers,
-                           device=env.device, data_config=data_config,
-                           channels_last=channels_last, drop_last=drop_last)
+        return EncodedBatches(dataset, sampler, decoder, batch_size=batch_size, workers=workers,
+                              device=env.device, data_config=data_config,
+                              channels_last=channels_last, drop_last=drop_last)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                         drop_last=drop_last, pin_memory=env.device.type == "cuda",
                         persistent_workers=workers > 0)

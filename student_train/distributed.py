@@ -1,20 +1,19 @@
 """Processes and devices: one code path for a CPU, one GPU, and DDP under ``torchrun``.
 
-Rank discovery, the process group (nccl for CUDA, gloo for the CPU) and the device choice are
-teacher_infer's (``Dist``, ``resolve_device``); this module adds what training needs on top:
-summing tensors over ranks and the autocast of a precision.
+Rank discovery, the process group (nccl for CUDA, gloo for the CPU), the device, precision and
+autocast are the shared layer's (:mod:`teacher_infer.runtime`); this module adds what training
+needs on top: the process's place and device in one object, summing tensors over ranks,
+syncing buffers, and the memory format.
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import ContextManager, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from teacher_infer.distributed import Dist
-from teacher_infer.infer import resolve_device
+from teacher_infer.runtime import Dist, resolve_device
 
 
 @dataclass(frozen=True)
@@ -81,23 +80,6 @@ def barrier(env: DistEnv) -> None:
     env.dist.barrier()
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` → bf16 on GPUs (no loss scaling needed), fp32 on the CPU."""
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("--precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
-    return precision
-
-
 def resolve_channels_last(channels_last: Optional[bool], device: torch.device) -> bool:
     """``None`` → channels_last on GPUs (faster convolutions with tensor cores), not on CPUs."""
     return device.type == "cuda" if channels_last is None else channels_last
-
-
-def autocast(precision: str, device: torch.device) -> ContextManager:
-    """The autocast context of a resolved precision (a no-op for fp32)."""
-    if precision == "fp32":
-        return nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)

@@ -25,9 +25,11 @@ def evaluate(model: str, checkpoint: str, data: str, *, root: Optional[str] = No
     Returns an :class:`EvalResult` (fractions and images/s); runs under ``torchrun`` too,
     each rank evaluating a disjoint share.
     """
-    from teacher_infer.model import resolve_model_name
+    from teacher_infer import resolve_model_name
+    from teacher_infer.imaging import resolve_decoder
+    from teacher_infer.runtime import resolve_precision
 
-    from .data import CropDataset, default_workers, make_batches, resolve_decoder
+    from .data import CropDataset, default_workers, make_batches
     from .models import data_config_for, load_model
     from .samples import open_source
     from .sampling import ShardedSampler
@@ -61,7 +63,7 @@ def evaluate(model: str, checkpoint: str, data: str, *, root: Optional[str] = No
         batches = make_batches(dataset, sampler, batch_size=batch_size, workers=workers,
                                env=env, data_config=data_config, channels_last=channels_last,
                                decoder=resolve_decoder(decoder, env.device), drop_last=False)
-        return validate(net, batches, env=env, precision=D.resolve_precision(precision,
+        return validate(net, batches, env=env, precision=resolve_precision(precision,
                                                                              env.device))
     finally:
         D.teardown(env)

@@ -1,9 +1,10 @@
 """Student and online-teacher models: names, weights and preprocessing come from teacher_infer.
 
-Model names go through ``teacher_infer.model.resolve_model_name`` (timm names plus the PaddleClas
-names of design.md §5) and weights through its checkpoint reader (state dicts in .pt/.pth/
-.safetensors, training checkpoints, ``module.`` prefixes), so ``--init``, ``--teacher-checkpoint``
-and ``ssld eval`` accept exactly what ``infer-teacher --checkpoint`` accepts.
+Model names go through ``teacher_infer.resolve_model_name`` (timm names plus the PaddleClas
+names of design.md §5) and weights through the shared checkpoint reader
+(:mod:`teacher_infer.runtime`: state dicts in .pt/.pth/.safetensors, training checkpoints,
+``module.`` prefixes), so ``--init``, ``--teacher-checkpoint`` and ``ssld eval`` accept exactly
+what ``infer-teacher --checkpoint`` accepts.
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from teacher_infer.model import read_state_dict, resolve_model_name, strip_prefixes
+from teacher_infer import resolve_model_name
+from teacher_infer.runtime import checkpoint_classes, load_weights, read_state_dict, strip_prefixes
 
 
 def data_config_for(model_name: str, input_size: Optional[int] = None) -> dict[str, Any]:
@@ -128,28 +130,18 @@ class OnlineTeacher(nn.Module):
         return self.model(images).float().softmax(dim=-1)
 
 
-def checkpoint_classes(path: str, model_name: str) -> int:
-    """Output count of a checkpoint's classifier (timm's ``pretrained_cfg["classifier"]``)."""
+def load_model(model_name: str, checkpoint: str) -> nn.Module:
+    """A timm model with the class count and weights of ``checkpoint`` (EMA preferred)."""
     from timm.models import get_pretrained_cfg
 
-    state, _ = read_state_dict(path)
-    state = strip_prefixes(state)
     found = get_pretrained_cfg(model_name)
     heads = (found.to_dict() if found is not None else {}).get("classifier", "fc")
     heads = heads if isinstance(heads, (list, tuple)) else (heads,)
-    for head in heads:
-        weight = state.get(f"{head}.weight")
-        if weight is not None:
-            return int(weight.shape[0])
-    raise ValueError(f"checkpoint {path} has no classifier weight {heads[0]}.weight for "
-                     f"{model_name}: is it a checkpoint of this model?")
-
-
-def load_model(model_name: str, checkpoint: str) -> nn.Module:
-    """A timm model with the class count and weights of ``checkpoint`` (EMA preferred)."""
-    from teacher_infer.model import load_weights
-
-    model = create(model_name, checkpoint_classes(checkpoint, model_name))
+    classes = checkpoint_classes(checkpoint, heads)
+    if classes is None:
+        raise ValueError(f"checkpoint {checkpoint} has no classifier weight {heads[0]}.weight "
+                         f"for {model_name}: is it a checkpoint of this model?")
+    model = create(model_name, classes)
     load_weights(model, checkpoint)
     return model
 

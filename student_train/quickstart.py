@@ -158,7 +158,7 @@ def run(cfg: QuickstartConfig, echo: Callable[[str], None] = print) -> Quickstar
     first complete run's step times and adds each later run under ``reruns``.
     """
     import labelstore
-    from labelstore._threads import set_threads
+    from labelstore import set_threads
     from teacher_infer import InferConfig
     from teacher_infer import run as infer
     from teacher_infer.prepare import prepare_digits

@@ -18,8 +18,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 import labelstore
-from labelstore._text import first_escaping_key
-from teacher_infer.data import find_samples
+from labelstore import first_escaping_key
+from teacher_infer import find_samples
 
 from . import distributed as D
 

@@ -21,6 +21,8 @@ from tqdm import tqdm
 import labelstore
 from labelstore import OutputLock, check_disjoint, is_store_dir, local_path
 
+from teacher_infer.runtime import autocast, resolve_precision
+
 from . import distributed as D
 from .checkpoint import load_for_resume, make_checkpoint, rng_state, save_atomic, set_rng_state
 from .config import TrainConfig
@@ -59,7 +61,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable, loss_fn: Callable, opti
     for i, (images, teacher_probs, labels) in enumerate(batches):
         lr = lr_for_step(step)
         set_lr(optimizer, lr)
-        with D.autocast(precision, env.device):
+        with autocast(precision, env.device):
             if teacher is not None:
                 teacher_probs = teacher(images)
             logits = model(images)
@@ -124,7 +126,7 @@ def validate(model: nn.Module, batches: Iterable, *, env: D.DistEnv, precision: 
     start = time.perf_counter()
     for images, _, labels in tqdm(batches, desc=desc, unit="batch", leave=False,
                                   disable=not env.is_main or None):
-        with D.autocast(precision, env.device):
+        with autocast(precision, env.device):
             logits = model(images)
         top1, top5 = topk_correct(logits.float(), labels)
         counts += torch.stack([top1, top5, torch.tensor(len(labels), device=env.device)]).double()
@@ -261,7 +263,7 @@ def _build(cfg: TrainConfig, env: D.DistEnv, log: logging.Logger) -> _Run:
     from .losses import DistillationLoss
     from .models import build_student, build_teacher, student_data_config
 
-    precision = D.resolve_precision(cfg.precision, env.device)
+    precision = resolve_precision(cfg.precision, env.device)
     channels_last = D.resolve_channels_last(cfg.channels_last, env.device)
     model_name, data_config = student_data_config(cfg)
     teacher = None

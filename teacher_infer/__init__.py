@@ -6,10 +6,15 @@
 >>> print(teacher_infer.run(cfg))                                         # doctest: +SKIP
 infer-teacher: 1,281,167 images (0 failed) in ... img/s ... → train.zarr (...)
 
+The layer training shares with the teacher pass is public here too: ``teacher_infer.imaging``
+(views, PIL and DALI decoding, the decoder registry) and ``teacher_infer.runtime`` (ranks,
+device, precision, worker counts, checkpoint reading); see docs/architecture.md.
+
 Importing this package does not import torch, timm or DALI (``ssld --help`` stays instant).
 """
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING
 
 from .config import InferConfig
@@ -18,8 +23,8 @@ from .data import Samples, find_samples
 if TYPE_CHECKING:  # pragma: no cover
     from .infer import RunSummary
 
-__all__ = ["InferConfig", "RunSummary", "Samples", "find_samples", "resolve_model_name", "run",
-           "verify"]
+__all__ = ["InferConfig", "RunSummary", "Samples", "find_samples", "imaging",
+           "resolve_model_name", "run", "runtime", "verify"]
 
 
 def run(cfg: InferConfig) -> "RunSummary":
@@ -49,4 +54,6 @@ def __getattr__(name: str):
         from .infer import RunSummary
 
         return RunSummary
+    if name in ("imaging", "runtime"):
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'teacher_infer' has no attribute {name!r}")

@@ -9,11 +9,12 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-DECODERS = ("auto", "dali", "pil")
+from .imaging.decoders import decoder_names
+
+DECODERS = decoder_names()  # the registry's names, "auto" first
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "fp16")
 SOURCES = ("auto", "folder", "unlabeled", "list")
-DEFAULT_CHUNK_ROWS = 16384
 
 
 @dataclass
@@ -47,7 +48,7 @@ class InferConfig:
 
     batch_size: int = 64                # images per forward pass (each carries all its views)
     device: str = "auto"                # auto = cuda when available
-    decoder: str = "auto"               # auto = DALI when importable, else PIL
+    decoder: str = "auto"               # a registry name; auto = DALI when importable, else PIL
     precision: str = "fp32"             # bf16/fp16 autocast; softmax/top-k stay float32
     channels_last: bool = False
     compile: bool = False               # torch.compile the forward

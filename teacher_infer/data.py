@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from labelstore._text import KEY_RULE, escapes_root, first_bad_key, key_problem, read_lines
+from labelstore import KEY_RULE, escapes_root, first_bad_key, key_problem, read_lines
 
 # Common image extensions, matched case-insensitively (.JPG, .Jpeg ...).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".tif", ".tiff", ".webp",

@@ -11,6 +11,7 @@ on a deterministic device.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -21,13 +22,14 @@ from typing import Any, Callable
 
 import numpy as np
 
-from labelstore import (IncompleteRunError, OutputLock, check_disjoint, disk_bytes, human_size,
-                        local_path)
+from labelstore import (DEFAULT_CHUNK_ROWS, IncompleteRunError, OutputLock, check_disjoint,
+                        disk_bytes, human_size, local_path)
 
-from .config import DEFAULT_CHUNK_ROWS, InferConfig
+from .config import InferConfig
 from .data import Samples, find_samples, read_class_names
-from .distributed import Dist
-from .views import ViewSpec
+from .imaging.decoders import resolve_decoder
+from .imaging.views import ViewSpec
+from .runtime import Dist, autocast, cpus_per_rank, resolve_device, resolve_precision
 
 FAILED_FILE = "failed.txt"
 BOX_CONVENTION = ("(y0, x0, h, w) fractions of the EXIF-oriented RGB image; a view resamples "
@@ -69,39 +71,6 @@ class RunSummary:
 
 
 # -- set-up ------------------------------------------------------------------------
-def resolve_device(name: str, dist: Dist):
-    import torch
-
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda: no CUDA device is available (use --device cpu)")
-        device = torch.device("cuda", dist.local_rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-        return device
-    return torch.device("cpu")
-
-
-def resolve_decoder(name: str) -> str:
-    from .dali import dali_available
-
-    if name == "auto":
-        return "dali" if dali_available() else "pil"
-    if name == "dali" and not dali_available():
-        raise ImportError("--decoder dali: nvidia.dali is not installed "
-                          "(pip install nvidia-dali-cuda120, or use --decoder pil)")
-    return name
-
-
-def _cpus_per_rank(dist: Dist) -> int:
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cpus = os.cpu_count() or 1
-    return max(1, cpus // max(1, dist.local_world_size))
-
-
 def _on_main(dist: Dist, make: Callable[[], Any]) -> Any:
     """Run ``make`` on rank 0 and hand its result — or its error — to every rank."""
     result, error = None, None
@@ -314,47 +283,12 @@ def top_k(logits, k: int, temperature: float):
     return top_indices, top_probs, residual
 
 
-def _autocast(device, precision: str):
-    import torch
-
-    if precision == "fp32":
-        return torch.autocast(device.type, enabled=False)
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("--precision fp16 needs a CUDA device; use bf16 on the CPU")
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
-
-
 def _embedding_dim(model, spec: ViewSpec, device) -> int:
     import torch
 
     with torch.inference_mode():
         x = torch.zeros((1, 3) + tuple(spec.input_size), device=device)
         return int(model.forward_head(model.forward_features(x), pre_logits=True).shape[-1])
-
-
-def _default_workers(decoder: str, cpus: int) -> int:
-    """PIL decodes in the workers. For DALI they only read files and headers, so on a small
-    machine the decode thread reads them itself and DALI keeps every core."""
-    if decoder == "pil":
-        return max(1, min(16, cpus))
-    return 0 if cpus <= 4 else min(4, cpus // 4)
-
-
-def _batches(loader, decoder_name: str, dali_decoder, device, mean, std):
-    """(batch, images) pairs, images a (V, n, 3, H, W) float32 tensor on ``device``."""
-    from .decode import pixels_to_input
-
-    if decoder_name == "dali":
-        if dali_decoder is not None:  # None when no chunk is left to compute (a finished store)
-            yield from dali_decoder.decode(iter(loader))
-        return
-    for batch in loader:
-        if batch.pixels is None:  # every row failed
-            yield batch, None
-            continue
-        pixels = batch.pixels.to(device, non_blocking=True)
-        yield batch, pixels_to_input(pixels, mean, std)
 
 
 # -- the run --------------------------------------------------------------------------
@@ -430,48 +364,130 @@ def _label_batch(forward, images, valid: np.ndarray, *, views: int, k: int, temp
     return indices, probs, residual, embeddings
 
 
+@dataclass
+class LoopTotals:
+    """What one rank's loop did; every rank's reaches rank 0 for the run's record."""
+
+    images: int = 0
+    failures: int = 0
+    pending_failures: list[str] = field(default_factory=list)  # lines of a store on object storage
+    clock: dict[str, float] = field(default_factory=lambda: {  # where the loop's time goes
+        "wait_s": 0.0, "compute_s": 0.0, "store_s": 0.0})
+
+
+def label_rows(decoded, label: Callable, writer, *, keys: list[str], out: str, rank: int,
+               progress) -> LoopTotals:
+    """The loop: for each decoded batch, the teacher's labels, the batch's failures on disk,
+    then its rows in the store; ``writer`` is closed at the end (its last writes are the
+    loop's time too). ``decoded`` yields ``(batch, images)``; ``label(images, valid)``
+    returns the arrays ``writer.write`` takes."""
+    totals = LoopTotals()
+    started = tick = time.perf_counter()
+    for batch, images in decoded:
+        got = time.perf_counter()
+        indices, probs, residual, embeddings = label(images, batch.valid)
+        computed = time.perf_counter()
+        failed = np.flatnonzero(~batch.valid)
+        boxes, flips = batch.boxes, batch.flips
+        boxes[failed], flips[failed] = 0, False  # the same meaningless rows for any decoder
+        _append_failures(out, rank, [
+            f"{keys[batch.start + i]}\t{batch.reasons[i] or 'unknown'}\n" for i in failed],
+            totals.pending_failures)
+        writer.write(batch.start, indices, probs, residual=residual, boxes=boxes, flips=flips,
+                     valid=batch.valid, embeddings=embeddings)
+        totals.images += len(batch)
+        totals.failures += len(failed)
+        progress.update(len(batch))
+        totals.clock["wait_s"] += got - tick
+        totals.clock["compute_s"] += computed - got
+        tick = time.perf_counter()
+        totals.clock["store_s"] += tick - computed
+    writer.close()
+    totals.clock["loop_s"] = time.perf_counter() - started
+    return totals
+
+
+def _rows(cfg: InferConfig, dist: Dist):
+    """(cfg, samples, reference): the data source listed on rank 0 — or, with
+    ``--views-from``, the reference store's rows, root, views and boxes, its views and chunk
+    size then the run's."""
+    if cfg.views_from is None:
+        samples = _on_main(dist, lambda: find_samples(cfg.data, root=cfg.root,
+                                                      source=cfg.source))
+        return cfg, samples, None
+    from .reference import load_reference
+
+    reference = _on_main(dist, lambda: load_reference(
+        cfg.views_from, data=cfg.data, root=cfg.root, source=cfg.source, views=cfg.views,
+        box_convention=BOX_CONVENTION))
+    cfg = dataclasses.replace(cfg, views=reference.views,
+                              chunk_rows=cfg.chunk_rows or reference.chunk_rows)
+    return cfg, reference.samples, reference
+
+
+def _view_spec(cfg: InferConfig, data_config: dict[str, Any], reference) -> ViewSpec:
+    """How the views are drawn: from the teacher's preprocessing, and with a reference store
+    the crop parameters it recorded (its boxes are replayed, never drawn here)."""
+    spec = _data_config_view_spec(cfg, data_config)
+    if reference is None:
+        return spec
+    drawn = reference.preprocessing
+    return dataclasses.replace(
+        spec, crop_scale=tuple(drawn.get("crop_scale", spec.crop_scale)),
+        crop_ratio=tuple(drawn.get("crop_ratio", spec.crop_ratio)),
+        flip_prob=float(drawn.get("flip_prob", spec.flip_prob)),
+        seed=int(drawn.get("seed", spec.seed)))
+
+
+def _data_path(cfg: InferConfig, dist: Dist, samples: Samples, spec: ViewSpec,
+               data_config: dict[str, Any], decoder_class: type, batches: list[list[int]],
+               device, planned):
+    """(loader, decoder, workers): the DataLoader of this rank's batches and the decoder that
+    turns them into model input (None when no batch is left: a finished store)."""
+    import torch
+
+    from .imaging.decode import ViewDataset, collate
+
+    cpus = cpus_per_rank(dist)
+    workers = (cfg.num_workers if cfg.num_workers is not None
+               else decoder_class.default_workers(cpus))
+    dataset = ViewDataset([samples.path(i) for i in range(len(samples))], samples.keys, spec,
+                          data_config["interpolation"], mode=decoder_class.worker_mode,
+                          planned=planned)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
+        pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
+    decoder = None
+    if batches:  # building a decoder can cost seconds (DALI's pipeline)
+        decoder = decoder_class(spec=spec, interpolation=data_config["interpolation"],
+                                mean=data_config["mean"], std=data_config["std"],
+                                max_batch=cfg.batch_size, device=device,
+                                num_threads=max(1, cpus - workers))
+    return loader, decoder, workers
+
+
 def _run(cfg: InferConfig, dist: Dist, device, started: float) -> RunSummary:
     import torch
     from tqdm import tqdm
 
     import labelstore
 
-    from .decode import ViewDataset, batch_ranges, collate
+    from .imaging.decode import batch_ranges
     from .model import load_teacher
 
-    decoder_name = resolve_decoder(cfg.decoder)
-    reference = None
-    if cfg.views_from is not None:  # rows, root, views, boxes and flips of another store
-        from .reference import load_reference
-
-        reference = _on_main(dist, lambda: load_reference(
-            cfg.views_from, data=cfg.data, root=cfg.root, source=cfg.source, views=cfg.views,
-            box_convention=BOX_CONVENTION))
-        samples: Samples = reference.samples
-        cfg = dataclasses.replace(cfg, views=reference.views,
-                                  chunk_rows=cfg.chunk_rows or reference.chunk_rows)
-    else:
-        samples = _on_main(dist, lambda: find_samples(cfg.data, root=cfg.root,
-                                                      source=cfg.source))
+    decoder_class = resolve_decoder(cfg.decoder, device, dali_on_cpu=True)
+    cfg, samples, reference = _rows(cfg, dist)
     teacher = load_teacher(cfg, device)
     labels, class_names = _labels_and_names(samples, teacher.num_classes, cfg.class_names)
     if cfg.topk > teacher.num_classes:
         raise ValueError(f"--topk {cfg.topk} exceeds the model's {teacher.num_classes} classes")
-    autocast = _autocast(device, cfg.precision)
+    precision = resolve_precision(cfg.precision, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest kernels
-    spec = _data_config_view_spec(cfg, teacher.data_config)
-    if reference is not None:  # recorded as the reference drew them; never drawn here
-        drawn = reference.preprocessing
-        spec = dataclasses.replace(
-            spec, crop_scale=tuple(drawn.get("crop_scale", spec.crop_scale)),
-            crop_ratio=tuple(drawn.get("crop_ratio", spec.crop_ratio)),
-            flip_prob=float(drawn.get("flip_prob", spec.flip_prob)),
-            seed=int(drawn.get("seed", spec.seed)))
-    interpolation = teacher.data_config["interpolation"]
+    spec = _view_spec(cfg, teacher.data_config, reference)
     embedding_dim = _embedding_dim(teacher.model, spec, device) if cfg.embeddings else None
     attrs = _store_attrs(cfg, samples, labels, teacher, spec, class_names, embedding_dim,
-                         decoder_name, device, reference and reference.record)
+                         decoder_class.name, device, reference and reference.record)
     plan: Plan = _on_main(dist, lambda: _open_or_create(
         cfg, samples, labels, attrs, teacher.num_classes, embedding_dim))
     dist.barrier()  # the store exists before any rank writes
@@ -481,66 +497,31 @@ def _run(cfg: InferConfig, dist: Dist, device, started: float) -> RunSummary:
     # another rank may already have finished a chunk.
     batches = batch_ranges([writer.chunk_range(c) for c in plan.chunks_of(dist)],
                            cfg.batch_size)
-    cpus = _cpus_per_rank(dist)
-    workers = cfg.num_workers if cfg.num_workers is not None else _default_workers(
-        decoder_name, cpus)
-    dataset = ViewDataset([samples.path(i) for i in range(len(samples))], samples.keys, spec,
-                          interpolation, mode="bytes" if decoder_name == "dali" else "pil",
-                          planned=reference and reference.planned)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
-        pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
-    mean = torch.tensor(teacher.data_config["mean"], dtype=torch.float32, device=device)
-    std = torch.tensor(teacher.data_config["std"], dtype=torch.float32, device=device)
-    dali_decoder = None
-    if decoder_name == "dali" and batches:
-        from .dali import DaliDecoder
-        dali_decoder = DaliDecoder(spec=spec, interpolation=interpolation,
-                                   mean=teacher.data_config["mean"],
-                                   std=teacher.data_config["std"], max_batch=cfg.batch_size,
-                                   device=device, num_threads=max(1, cpus - workers))
-    forward = _make_forward(teacher.model, cfg.embeddings, cfg.compile)
-    images_done = failures = 0
-    pending_failures: list[str] = []  # failure lines of a store on object storage
-    clock = {"wait_s": 0.0, "compute_s": 0.0, "store_s": 0.0}  # where the loop's time goes
+    loader, decoder, workers = _data_path(cfg, dist, samples, spec, teacher.data_config,
+                                          decoder_class, batches, device,
+                                          reference and reference.planned)
+    label = functools.partial(
+        _label_batch, _make_forward(teacher.model, cfg.embeddings, cfg.compile),
+        views=cfg.views, k=cfg.topk, temperature=cfg.temperature,
+        autocast=autocast(precision, device), channels_last=cfg.channels_last,
+        embedding_dim=embedding_dim)
     progress = tqdm(total=sum(len(b) for b in batches), unit="img", desc="infer-teacher",
                     disable=not (dist.is_main and cfg.progress), dynamic_ncols=True,
                     mininterval=1.0, file=sys.stderr)
-    loop_started = tick = time.perf_counter()
     with torch.inference_mode(), progress:
-        for batch, images in _batches(loader, decoder_name, dali_decoder, device, mean, std):
-            got = time.perf_counter()
-            indices, probs, residual, embeddings = _label_batch(
-                forward, images, batch.valid, views=cfg.views, k=cfg.topk,
-                temperature=cfg.temperature, autocast=autocast,
-                channels_last=cfg.channels_last, embedding_dim=embedding_dim)
-            computed = time.perf_counter()
-            failed = np.flatnonzero(~batch.valid)
-            boxes, flips = batch.boxes, batch.flips
-            boxes[failed], flips[failed] = 0, False  # the same meaningless rows for any decoder
-            _append_failures(cfg.out, dist.rank, [
-                f"{samples.keys[batch.start + i]}\t{batch.reasons[i] or 'unknown'}\n"
-                for i in failed], pending_failures)
-            writer.write(batch.start, indices, probs, residual=residual, boxes=boxes,
-                         flips=flips, valid=batch.valid, embeddings=embeddings)
-            images_done += len(batch)
-            failures += len(failed)
-            progress.update(len(batch))
-            clock["wait_s"] += got - tick
-            clock["compute_s"] += computed - got
-            tick = time.perf_counter()
-            clock["store_s"] += tick - computed
-    writer.close()
-    clock["loop_s"] = time.perf_counter() - loop_started
-    totals = dist.gather((images_done, failures, clock, pending_failures))
+        totals = label_rows(decoder.decode(iter(loader)) if decoder is not None else (),
+                            label, writer, keys=samples.keys, out=cfg.out, rank=dist.rank,
+                            progress=progress)
+    every_rank = dist.gather(totals)
     dist.barrier()  # every rank's chunks are written
     return _on_main(dist, lambda: _finish(
-        cfg, dist, totals, started=started, plan=plan, decoder_name=decoder_name, device=device,
-        details={"dali_rebuilds": getattr(dali_decoder, "rebuilds", 0), "num_workers": workers}))
+        cfg, dist, every_rank, started=started, plan=plan, decoder_name=decoder_class.name,
+        device=device, details={"dali_rebuilds": getattr(decoder, "rebuilds", 0),
+                                "num_workers": workers}))
 
 
-def _finish(cfg: InferConfig, dist: Dist, totals: list, *, started: float, plan: Plan,
-            decoder_name: str, device, details: dict) -> RunSummary:
+def _finish(cfg: InferConfig, dist: Dist, totals: list[LoopTotals], *, started: float,
+            plan: Plan, decoder_name: str, device, details: dict) -> RunSummary:
     """Rank 0, after every rank is done: failed.txt, completeness, the run's record.
     Raises IncompleteRunError when chunks of the plan are still missing."""
     import labelstore
@@ -553,15 +534,15 @@ def _finish(cfg: InferConfig, dist: Dist, totals: list, *, started: float, plan:
         lo, hi = writer.chunk_range(int(chunk))
         rows_done[lo:hi] = True
     total_failures = _merge_failures(cfg.out, list(store.keys), rows_done & ~store.valid,
-                                     [line for t in totals for line in t[3]])
+                                     [line for t in totals for line in t.pending_failures])
     missing = store.missing()
     skipped, resumed = plan.skipped, plan.resumed
     wall = time.perf_counter() - started
-    slowest = max(totals, key=lambda t: t[2]["loop_s"])[2]  # the rank that finished last
+    slowest = max(totals, key=lambda t: t.clock["loop_s"]).clock  # the rank that finished last
     details = {**details, **{k: round(v, 3) for k, v in slowest.items()}}
     record = {"finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "wall_s": round(wall, 3), "images": sum(t[0] for t in totals),
-              "failures": sum(t[1] for t in totals), "world_size": dist.world_size,
+              "wall_s": round(wall, 3), "images": sum(t.images for t in totals),
+              "failures": sum(t.failures for t in totals), "world_size": dist.world_size,
               "device": device.type, "decoder": decoder_name, "resumed": resumed, **details}
     unwritten = [c for c in plan.todo if not done[c]]
     if unwritten:

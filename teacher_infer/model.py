@@ -4,22 +4,22 @@
   (design.md §5). timm's deprecated ``ig_resnext101_32x{16,32,48}d`` aliases all map to
   the *32x8d* weights; they are resolved here to the right ``fb_wsl_ig1b_ft_in1k`` tags
   (and 32x48d, which timm lacks, is refused).
-- Weights: ``--checkpoint`` (a state dict or a training checkpoint holding one under
-  ``state_dict_ema``/``model_ema``/``state_dict``/``model``..., EMA preferred like timm,
-  ``module.`` / ``_orig_mod.`` prefixes stripped), ``--pretrained`` from timm's hub
-  cache without waiting on a network, or seeded random weights when asked for.
+- Weights: ``--checkpoint`` (read by :mod:`teacher_infer.runtime.checkpoint`, the reader
+  training shares), ``--pretrained`` from timm's hub cache without waiting on a network,
+  or seeded random weights when asked for.
 - Preprocessing: ``timm.data.resolve_data_config`` of the model with the user's
   overrides; the result is recorded in the store.
 """
 from __future__ import annotations
 
 import difflib
-import hashlib
 import os
 import threading
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
+
+from .runtime.checkpoint import checkpoint_classes, load_weights, sha256_file
 
 # PaddleClas model names → timm names (matched case-insensitively).
 PADDLE_NAMES = {
@@ -51,10 +51,6 @@ PADDLE_NAMES = {
 # Names whose timm alias loads other weights and that have no correct timm counterpart.
 UNAVAILABLE = {"ig_resnext101_32x48d": "timm has no 32x48d ResNeXt (its alias loads 32x8d)",
                "resnext101_32x48d_wsl": "timm has no 32x48d ResNeXt"}
-# Keys under which training checkpoints keep the weights, most preferred first (EMA first, as
-# timm's load_checkpoint does).
-CHECKPOINT_KEYS = ("state_dict_ema", "model_ema", "ema", "state_dict", "model", "module", "net")
-STRIPPED_PREFIXES = ("module.", "_orig_mod.")
 NETWORK_PROBE_SECONDS = 3.0
 
 
@@ -94,90 +90,6 @@ def resolve_model_name(name: str) -> str:
 def _is_deprecated(arch: str) -> bool:
     from timm.models._registry import _deprecated_models
     return arch in _deprecated_models
-
-
-def sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def read_state_dict(path: str) -> tuple[dict[str, Any], str | None]:
-    """(state dict, key it was found under) from a .safetensors / .pth / .pt file."""
-    import torch
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        try:
-            return load_file(path, device="cpu"), None
-        except Exception as exc:  # noqa: BLE001
-            raise ValueError(f"cannot read safetensors checkpoint {path}: {exc}") from None
-    import argparse
-    try:
-        # weights_only: no arbitrary code from a pickle; argparse.Namespace is what timm's and
-        # many training scripts store next to the weights.
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001
-        message = " ".join(str(exc).split())[:300]
-        raise ValueError(f"cannot read checkpoint {path} as a weights-only torch file: "
-                         f"{message}") from None
-    if not isinstance(blob, dict):
-        raise ValueError(f"checkpoint {path} holds a {type(blob).__name__}, not a state dict")
-    found = None
-    for key in CHECKPOINT_KEYS:
-        if isinstance(blob.get(key), dict) and blob[key]:
-            blob, found = blob[key], key
-            break
-    if hasattr(blob, "state_dict") and not isinstance(blob, dict):
-        blob = blob.state_dict()
-    if not blob or not all(isinstance(v, torch.Tensor) for v in blob.values()):
-        keys = ", ".join(list(blob)[:6])
-        raise ValueError(f"checkpoint {path} has no state dict (top-level keys: {keys}; "
-                         f"looked under {', '.join(CHECKPOINT_KEYS)})")
-    return blob, found
-
-
-def strip_prefixes(state: dict[str, Any]) -> dict[str, Any]:
-    """Drop DDP's ``module.`` and torch.compile's ``_orig_mod.`` when every key has one."""
-    changed = True
-    while changed and state:
-        changed = False
-        for prefix in STRIPPED_PREFIXES:
-            if all(k.startswith(prefix) for k in state):
-                state = {k[len(prefix):]: v for k, v in state.items()}
-                changed = True
-    return state
-
-
-def load_weights(model, path: str) -> str | None:
-    """Load a checkpoint strictly into ``model``; ValueError naming what does not fit."""
-    state, found = read_state_dict(path)
-    state = strip_prefixes(state)
-    own = model.state_dict()
-    shapes = [k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    if shapes:
-        key = shapes[0]
-        hint = ""
-        classifier = model.default_cfg.get("classifier") if hasattr(model, "default_cfg") else None
-        if classifier and key.startswith(str(classifier)):
-            hint = f" (the checkpoint has {state[key].shape[0]} classes: pass --num-classes " \
-                   f"{state[key].shape[0]})"
-        raise ValueError(f"checkpoint {path} does not fit the model: {key} has shape "
-                         f"{tuple(state[key].shape)}, the model expects {tuple(own[key].shape)}"
-                         f"{hint}")
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not fit the model: {len(missing)} missing "
-                         f"key(s) (e.g. {missing[:3]}), {len(unexpected)} unexpected "
-                         f"(e.g. {unexpected[:3]})")
-    model.load_state_dict(state, strict=True)
-    return found
 
 
 def _downloadable(urls: list[str], timeout: float = NETWORK_PROBE_SECONDS) -> str | None:
@@ -283,16 +195,6 @@ def _json_safe(value: Any) -> Any:
     return str(value)
 
 
-def checkpoint_num_classes(model, path: str) -> int | None:
-    """Rows of the checkpoint's classifier weight (None when it has no such key)."""
-    classifier = model.default_cfg.get("classifier") if hasattr(model, "default_cfg") else None
-    if not isinstance(classifier, str):
-        return None
-    state, _ = read_state_dict(path)
-    weight = strip_prefixes(state).get(f"{classifier}.weight")
-    return None if weight is None else int(weight.shape[0])
-
-
 def load_teacher(cfg, device) -> Teacher:
     """Create the teacher of ``cfg`` (an InferConfig) on ``device`` with its weights."""
     import timm
@@ -320,7 +222,9 @@ def load_teacher(cfg, device) -> Teacher:
     if cfg.checkpoint:
         if cfg.num_classes is None:
             # a fine-tuned teacher (e.g. a train-student checkpoint) brings its own class count
-            classes = checkpoint_num_classes(model, cfg.checkpoint)
+            classifier = getattr(model, "default_cfg", {}).get("classifier")
+            classes = (checkpoint_classes(cfg.checkpoint, classifier)
+                       if isinstance(classifier, str) else None)
             if classes is not None and classes != model.num_classes:
                 model.reset_classifier(classes)
         record["checkpoint_key"] = load_weights(model, cfg.checkpoint)

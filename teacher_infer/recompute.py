@@ -22,8 +22,8 @@ from labelstore import (LabelStore, TeacherCheck, VerifyResult, combine_distribu
                         quantize_boxes)
 
 from .config import InferConfig
-from .decode import DecodeError, open_rgb
-from .views import PlannedViews, ViewSpec
+from .imaging.decode import DecodeError, open_rgb
+from .imaging.views import PlannedViews, ViewSpec
 
 
 WORST_SHOWN = 5   # worst rows listed
@@ -120,20 +120,18 @@ def recompute(record: TeacherRecord, cfg: InferConfig, *, paths: list[str], keys
     """Full softmax (n, V, C) of the rows at the planned views, their validity and notes."""
     import torch
 
-    from .decode import ViewDataset, batch_ranges, collate
-    from .distributed import Dist
-    from .infer import _autocast, _batches, resolve_decoder, resolve_device
+    from .imaging.decode import ViewDataset, batch_ranges, collate
+    from .imaging.decoders import decoder_class, resolve_decoder
     from .model import load_teacher
+    from .runtime import Dist, autocast, resolve_device
 
     notes = []
     device = resolve_device(device_name, Dist.from_env())
     wanted = decoder or record.decoder or "pil"
-    if wanted == "dali" and decoder is None:
-        from .dali import dali_available
-        if not dali_available():
-            notes.append("the store was decoded with DALI, which is not installed: PIL here")
-            wanted = "pil"
-    decoder_name = resolve_decoder(wanted)
+    if decoder is None and wanted != "pil" and decoder_class(wanted).unavailable() is not None:
+        notes.append(f"the store was decoded with {wanted}, which is not available here: PIL here")
+        wanted = "pil"
+    decoder_cls = resolve_decoder(wanted, device, dali_on_cpu=True)
     precision = record.precision
     if precision == "fp16" and device.type != "cuda":
         notes.append("the store was computed in fp16 on CUDA; bf16 here")
@@ -145,30 +143,25 @@ def recompute(record: TeacherRecord, cfg: InferConfig, *, paths: list[str], keys
                     crop_pct=float(teacher.data_config["crop_pct"]),
                     crop_mode=pre.get("crop_mode") or "center")
     interpolation = teacher.data_config["interpolation"]
-    dataset = ViewDataset(paths, keys, spec, interpolation,
-                          mode="bytes" if decoder_name == "dali" else "pil", planned=planned)
+    dataset = ViewDataset(paths, keys, spec, interpolation, mode=decoder_cls.worker_mode,
+                          planned=planned)
     batches = batch_ranges([(0, len(paths))], batch_size)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=0,
                                          collate_fn=collate)
-    mean = torch.tensor(teacher.data_config["mean"], dtype=torch.float32, device=device)
-    std = torch.tensor(teacher.data_config["std"], dtype=torch.float32, device=device)
-    dali_decoder = None
-    if decoder_name == "dali":
-        from .dali import DaliDecoder
-        dali_decoder = DaliDecoder(spec=spec, interpolation=interpolation,
-                                   mean=teacher.data_config["mean"],
-                                   std=teacher.data_config["std"], max_batch=batch_size,
-                                   device=device, num_threads=max(1, os.cpu_count() or 1))
+    decoder_run = decoder_cls(spec=spec, interpolation=interpolation,
+                              mean=teacher.data_config["mean"], std=teacher.data_config["std"],
+                              max_batch=batch_size, device=device,
+                              num_threads=max(1, os.cpu_count() or 1))
     probs = np.zeros((len(paths), views, teacher.num_classes), dtype=np.float32)
     valid = np.zeros(len(paths), dtype=bool)
     with torch.inference_mode():
-        for batch, images in _batches(loader, decoder_name, dali_decoder, device, mean, std):
+        for batch, images in decoder_run.decode(iter(loader)):
             rows = slice(batch.start, batch.start + len(batch))
             valid[rows] = batch.valid
             if images is None or not batch.valid.any():
                 continue
             n = len(batch)
-            with _autocast(device, precision):
+            with autocast(precision, device):
                 logits = teacher.model(images.reshape((views * n,) + tuple(images.shape[2:])))
             out = torch.softmax(logits.float() / record.temperature, dim=-1)
             probs[rows] = out.view(views, n, -1).transpose(0, 1).cpu().numpy()

@@ -18,7 +18,9 @@ from typing import Any
 import numpy as np
 
 from .data import Samples, find_samples
-from .views import BOX_SCALE, PlannedViews
+from labelstore import BOX_SCALE
+
+from .imaging.views import PlannedViews
 
 INVALID_REASON = "invalid in the --views-from store (no box to crop)"
 

@@ -52,7 +52,7 @@ def main() -> int:
         time.sleep(rng.uniform(0.0, float(os.environ.get("CHAOS_MAX_DELAY", "2"))))
 
     if os.environ.get("CHAOS_HOLD_RANK") == str(rank):
-        from teacher_infer.distributed import Dist
+        from teacher_infer.runtime import Dist
 
         barrier = Dist.barrier
         held = []

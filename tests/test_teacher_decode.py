@@ -1,4 +1,4 @@
-"""teacher_infer.decode and .dali on single images: every mode becomes RGB the same way in
+"""teacher_infer.imaging (decode, dali) on single images: every mode becomes RGB the same way in
 both decoders, headers give the oriented size, bad files become reasons, not exceptions."""
 from __future__ import annotations
 
@@ -9,10 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from teacher_infer.dali import DaliDecoder
-from teacher_infer.decode import (DecodeError, ViewDataset, collate, header_size, open_rgb,
-                                  pixels_to_input, to_rgb)
-from teacher_infer.views import ViewSpec
+from teacher_infer.imaging import (DaliDecoder, DecodeError, ViewDataset, ViewSpec, collate,
+                                   header_size, open_rgb, pixels_to_input, to_rgb)
 
 SPEC = ViewSpec(views=3, input_size=(32, 32), crop_pct=0.875, seed=1)
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)

@@ -223,7 +223,7 @@ def test_images_of_every_mode(mode_images, make_checkpoint, tmp_path, decoder):
     labels = labelstore.open(summary.out).read(slice(None))
     assert labels.valid.all()
     # boxes were planned on the EXIF-oriented size (portrait for the 90/270 rotations)
-    from teacher_infer.views import ViewSpec, eval_box, quantize_inside
+    from teacher_infer.imaging import ViewSpec, eval_box, quantize_inside
     spec = ViewSpec(views=1, input_size=(TINY_INPUT, TINY_INPUT), crop_pct=0.95)
     for row, key in enumerate(mode_images.keys):
         height, width = mode_images.extra["expected_size"][key]
@@ -629,7 +629,7 @@ def reference_store(image_folder, make_checkpoint, tmp_path_factory):
 
 def test_views_from_labels_exactly_the_reference_crops(reference_store, make_checkpoint,
                                                        image_folder, tmp_path):
-    from teacher_infer.decode import open_rgb, render_box
+    from teacher_infer.imaging import open_rgb, render_box
 
     checkpoint = make_checkpoint(seed=1)
     summary = infer(None, tmp_path / "b.zarr", checkpoint=str(checkpoint),

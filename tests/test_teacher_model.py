@@ -10,8 +10,8 @@ import torch
 
 from conftest import TINY_MODEL
 from teacher_infer import InferConfig
-from teacher_infer.model import (load_teacher, pretrained_source, read_state_dict,
-                                 resolve_model_name)
+from teacher_infer.model import load_teacher, pretrained_source, resolve_model_name
+from teacher_infer.runtime import read_state_dict
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

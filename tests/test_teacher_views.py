@@ -1,4 +1,4 @@
-"""teacher_infer.views: view-0 boxes reproduce timm's eval transform; random views are
+"""teacher_infer.imaging.views: view-0 boxes reproduce timm's eval transform; random views are
 deterministic per (seed, key, view) and follow RandomResizedCrop's rules."""
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ from PIL import Image
 
 from conftest import smooth_rgb
 from labelstore import dequantize_boxes
-from teacher_infer.decode import render_box, render_views
-from teacher_infer.views import (BOX_SCALE, ViewSpec, eval_box, plan_views, quantize_inside,
-                                 random_resized_crop_box, view_rng)
+from teacher_infer.imaging import (BOX_SCALE, ViewSpec, eval_box, plan_views, quantize_inside,
+                                   random_resized_crop_box, render_box, render_views, view_rng)
 
 
 def timm_eval_pixels(image: Image.Image, input_size: int, crop_pct: float, interpolation: str):

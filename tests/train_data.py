@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 import labelstore
-from teacher_infer.views import ViewSpec, plan_views
+from teacher_infer.imaging import ViewSpec, plan_views
 
 PALETTE = np.array([[220, 40, 40], [40, 200, 60], [50, 70, 230], [230, 210, 40],
                     [200, 60, 220], [40, 220, 220], [120, 120, 120], [250, 150, 30]])

@@ -29,9 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from labelstore import dequantize_boxes, quantize_boxes
-
-BOX_SCALE = 65535  # the store's uint16 grid (labelstore format v1)
+from labelstore import BOX_SCALE, dequantize_boxes, quantize_boxes
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ crop the same boxes. The pipeline runs one batch at a time on a background threa
 ``IN_FLIGHT`` batches ahead of the model.
 
 Failures: files that cannot be read or whose header does not parse never reach DALI
-(:class:`~teacher_infer.decode.ViewDataset` marks them invalid). DALI stops the whole
+(:class:`~teacher_infer.imaging.decode.ViewDataset` marks them invalid). DALI stops the whole
 batch when one file inside is corrupt (e.g. truncated JPEG data) and its pipeline is
 then unusable, so the pipeline is rebuilt and that batch is decoded again one file at a
 time through DALI; a file DALI still refuses is tried with PIL, and only when PIL
@@ -68,6 +68,22 @@ class DaliDecoder:
     float32 tensor, normalised with ``mean``/``std`` (fractions of 1). Rows it could not
     decode are set invalid in the batch and left at zero.
     """
+
+    name = "dali"
+    worker_mode = "bytes"  # workers read files and headers; decoding happens here
+
+    @staticmethod
+    def unavailable() -> str | None:
+        if dali_available():
+            return None
+        return ("nvidia.dali is not installed (pip install nvidia-dali-cuda120, or use "
+                "--decoder pil)")
+
+    @staticmethod
+    def default_workers(cpus: int) -> int:
+        """The workers only read files and headers, so on a small machine the decode thread
+        reads them itself and DALI keeps every core."""
+        return 0 if cpus <= 4 else min(4, cpus // 4)
 
     def __init__(self, *, spec: ViewSpec, interpolation: str, mean, std, max_batch: int,
                  device: torch.device, num_threads: int):

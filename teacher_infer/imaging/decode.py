@@ -1,11 +1,11 @@
-"""Reading images with PIL and the torch ``Dataset`` both decoders share.
+"""Reading images with PIL, the torch ``Dataset`` both decoders share, and the PIL decoder.
 
 ``ViewDataset`` yields one item per row. In ``pil`` mode a worker decodes the image,
-plans its views (:mod:`teacher_infer.views`) and renders them as uint8 tensors; in
-``bytes`` mode (the DALI decoder) it only reads the file and its header — enough to
-plan the views — and leaves decoding to DALI. Images DALI cannot read (GIF, PBM ...)
-are rendered by PIL in the worker instead. A file that cannot be read or decoded
-becomes an item with ``valid=False`` and a one-line reason; it never raises, so the
+plans its views (:mod:`teacher_infer.imaging.views`) and renders them as uint8 tensors; in
+``bytes`` mode (a decoder that decodes on the device, DALI) it only reads the file and its
+header — enough to plan the views — and leaves decoding to the decoder. Images DALI cannot
+read (GIF, PBM ...) are rendered by PIL in the worker instead. A file that cannot be read or
+decoded becomes an item with ``valid=False`` and a one-line reason; it never raises, so the
 rest of its batch is kept.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -177,6 +177,23 @@ class Item:
     height: int = 0                     # decoded height (after EXIF orientation) for DALI
 
 
+def read_encoded(row: int, path: str, plan: Callable[[int, int], tuple[np.ndarray, np.ndarray]],
+                 render: Callable[[Image.Image, np.ndarray, np.ndarray], torch.Tensor]) -> Item:
+    """Row ``row`` for a decoder that reads file bytes: the file and its header are read here
+    and the boxes planned from the header's oriented (height, width) with ``plan``; a format
+    DALI cannot read is decoded here and its views rendered with ``render`` instead. Raises
+    DecodeError or OSError (the caller turns them into a failed row or an error)."""
+    with open(path, "rb") as handle:
+        data = handle.read()
+    height, width, fmt = header_size(data)
+    boxes, flips = plan(height, width)
+    if fmt not in DALI_FORMATS:
+        return Item(row, boxes, flips, True, pixels=render(open_rgb(io.BytesIO(data)), boxes,
+                                                             flips))
+    return Item(row, boxes, flips, True, encoded=np.frombuffer(data, dtype=np.uint8),
+                height=height)
+
+
 class ViewDataset(torch.utils.data.Dataset):
     """Row ``i`` of ``paths``/``keys`` → :class:`Item`; ``mode`` is ``pil`` or ``bytes``.
     With ``planned`` the views are those boxes and flips instead of drawn ones."""
@@ -206,15 +223,11 @@ class ViewDataset(torch.utils.data.Dataset):
             return self._failed(row, self.planned.reason)
         try:
             if self.mode == "pil":
-                return self._decode(row, self.paths[row])
-            with open(self.paths[row], "rb") as handle:
-                data = handle.read()
-            height, width, fmt = header_size(data)
-            if fmt not in DALI_FORMATS:
-                return self._decode(row, io.BytesIO(data))
-            boxes, flips = self._plan(row, height, width)
-            return Item(row, boxes, flips, True, encoded=np.frombuffer(data, dtype=np.uint8),
-                        height=height)
+                return self.render(row, open_rgb(self.paths[row]))
+            return read_encoded(
+                row, self.paths[row], lambda height, width: self._plan(row, height, width),
+                lambda image, boxes, flips: render_views(image, boxes, flips, self.spec,
+                                                         self.interpolation))
         except FileNotFoundError:
             return self._failed(row, "missing file")
         except IsADirectoryError:
@@ -223,10 +236,6 @@ class ViewDataset(torch.utils.data.Dataset):
             return self._failed(row, str(exc))
         except OSError as exc:
             return self._failed(row, _reason(exc))
-
-    def _decode(self, row: int, source: Any) -> Item:
-        image = open_rgb(source)
-        return self.render(row, image)
 
     def render(self, row: int, image: Image.Image) -> Item:
         boxes, flips = self._plan(row, image.height, image.width)
@@ -259,9 +268,11 @@ class Batch:
         return self
 
 
-def collate(items: list[Item]) -> Batch:
+def collate(items: list[Item], *, consecutive: bool = True) -> Batch:
+    """One :class:`Batch` of worker items. A store's batch holds consecutive rows (checked);
+    training batches (``consecutive=False``) hold any samples, ``start`` is then the first's."""
     rows = [item.row for item in items]
-    if rows != list(range(rows[0], rows[0] + len(rows))):
+    if consecutive and rows != list(range(rows[0], rows[0] + len(rows))):
         raise ValueError("a batch must hold consecutive rows")
     rendered = np.array([item.pixels is not None for item in items], dtype=bool)
     pixels = None
@@ -292,3 +303,38 @@ def batch_ranges(chunks: list[tuple[int, int]], batch_size: int) -> list[list[in
 def pixels_to_input(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """uint8 (..., 3, H, W) → normalised float32, with torchvision's ToTensor + Normalize ops."""
     return pixels.to(torch.float32).div(255).sub_(mean[:, None, None]).div_(std[:, None, None])
+
+
+class PilDecoder:
+    """``--decoder pil``: the DataLoader workers decode and render every view with PIL
+    (``ViewDataset`` in ``pil`` mode); here the uint8 pixels only move to the device and are
+    normalised. The protocol every decoder follows is in :mod:`teacher_infer.imaging.decoders`.
+    """
+
+    name = "pil"
+    worker_mode = "pil"
+
+    def __init__(self, *, spec: ViewSpec, interpolation: str, mean, std, max_batch: int,
+                 device: torch.device, num_threads: int):
+        del spec, interpolation, max_batch, num_threads  # the workers render; nothing to build
+        self.device = device
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=device)
+        self.std = torch.tensor(std, dtype=torch.float32, device=device)
+
+    @staticmethod
+    def unavailable() -> str | None:
+        return None  # PIL is a dependency of ssld
+
+    @staticmethod
+    def default_workers(cpus: int) -> int:
+        """PIL decodes in the workers: one per core, at most 16."""
+        return max(1, min(16, cpus))
+
+    def decode(self, batches: Iterable[Batch]) -> Iterator[tuple[Batch, torch.Tensor | None]]:
+        """``(batch, images)`` in order; ``images`` is None when every row failed."""
+        for batch in batches:
+            if batch.pixels is None:
+                yield batch, None
+                continue
+            pixels = batch.pixels.to(self.device, non_blocking=True)
+            yield batch, pixels_to_input(pixels, self.mean, self.std)

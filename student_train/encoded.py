@@ -1,0 +1,102 @@
+"""Training and evaluation batches decoded on the device (``--decoder dali``, or any registry
+decoder whose ``worker_mode`` is ``"bytes"``).
+
+DataLoader workers only read file bytes and image headers and plan each sample's crop (the
+same :meth:`CropDataset.plan` as the PIL path: replayed box, RandomResizedCrop or eval box),
+through the teacher pass's own :func:`teacher_infer.imaging.read_encoded`; the decoder (DALI:
+``mixed``, nvJPEG on the GPU; CPU mode without one) decodes, resamples the box, flips and
+normalises. Formats DALI cannot read are rendered by PIL in the worker, as in teacher
+inference.
+
+Boxes go to the decoder on the store's uint16 grid: a replayed box is exactly the stored one,
+and a random or eval box moves by at most 1/65535 of the image.
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from teacher_infer.imaging import (Batch, ViewSpec, collate, quantize_inside, read_encoded,
+                                   render_box)
+
+
+class _PlannedBytes(Dataset):
+    """``(epoch, index)`` → (item, path, target, label): a
+    :class:`~student_train.data.CropDataset` sample before decoding, its one view as an
+    ``imaging.Item`` (file bytes and the planned box, or PIL pixels)."""
+
+    def __init__(self, crops):
+        if crops.augment is not None:
+            raise ValueError("--autoaugment works on PIL images: use --decoder pil with it")
+        self.crops = crops
+
+    def __len__(self) -> int:
+        return len(self.crops)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        crops = self.crops
+        path = crops.samples.paths[index]
+        chosen = {}
+
+        def plan(height: int, width: int):
+            box, flip, view, stored = crops.plan(epoch, index, height, width)
+            chosen.update(view=view, stored=stored)
+            return quantize_inside(np.asarray(box, dtype=np.float64)[None]), np.array([flip])
+
+        def render(image, boxes, flips) -> torch.Tensor:
+            crop = render_box(image, boxes[0], bool(flips[0]), crops.size, crops.interpolation)
+            return torch.from_numpy(np.array(crop, dtype=np.uint8)).permute(2, 0, 1)[None]
+
+        item = read_encoded(index, path, plan, render)
+        return (item, path, crops.target(chosen["stored"], chosen["view"]),
+                int(crops.samples.labels[index]))
+
+
+def _collate(samples: list[tuple]) -> tuple[Batch, list[str], torch.Tensor, torch.Tensor]:
+    items, paths, targets, labels = zip(*samples)
+    return (collate(list(items), consecutive=False), list(paths), torch.stack(targets),
+            torch.tensor(labels, dtype=torch.int64))
+
+
+class EncodedBatches:
+    """Device batches (images, teacher probs, labels) like ``data.DeviceBatches``."""
+
+    def __init__(self, crops, sampler, decoder: type, *, batch_size: int, workers: int,
+                 device: torch.device, data_config: dict[str, Any], channels_last: bool,
+                 drop_last: bool):
+        self.loader = DataLoader(_PlannedBytes(crops), batch_size=batch_size, sampler=sampler,
+                                 num_workers=workers, drop_last=drop_last, collate_fn=_collate,
+                                 persistent_workers=workers > 0)
+        spec = ViewSpec(views=1, input_size=crops.size, crop_pct=data_config["crop_pct"])
+        self.decoder = decoder(spec=spec, interpolation=crops.interpolation,
+                               mean=data_config["mean"], std=data_config["std"],
+                               max_batch=batch_size, device=device,
+                               num_threads=max(1, workers))
+        self.device, self.channels_last = device, channels_last
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        pending: deque = deque()
+
+        def batches():
+            for batch, paths, targets, labels in self.loader:
+                pending.append((paths, targets, labels))
+                yield batch
+
+        for batch, images in self.decoder.decode(batches()):
+            paths, targets, labels = pending.popleft()
+            if not batch.valid.all():
+                bad = int(np.flatnonzero(~batch.valid)[0])
+                raise ValueError(f"cannot decode {paths[bad]}: {batch.reasons[bad]}")
+            images = images[0]
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            yield (images, targets.to(self.device, non_blocking=True),
+                   labels.to(self.device, non_blocking=True))
