@@ -16,6 +16,7 @@ from ._dedup import dedup
 from ._ensemble import EnsembleResult, combine_distributions, combine_top_k, ensemble
 from ._merge import merge
 from ._select import select_topk
+from ._threads import set_threads
 from ._verify import TeacherCheck, VerifyResult, verify
 
 __all__ = [
@@ -51,5 +52,6 @@ __all__ = [
     "quantize_boxes",
     "real_path",
     "select_topk",
+    "set_threads",
     "verify",
 ]

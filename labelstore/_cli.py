@@ -5,6 +5,8 @@ import json
 
 import click
 
+from .cli_options import json_option, overwrite_option
+
 commands: list[click.Command] = []
 
 
@@ -17,7 +19,7 @@ def _command(fn):
 @click.command("inspect")
 @click.argument("store")
 @click.option("--view", default=0, show_default=True, help="View whose statistics are reported.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@json_option
 def inspect_cmd(store: str, view: int, as_json: bool) -> None:
     """Summarise a label store: size, completeness, confidence, agreement with labels."""
     import labelstore
@@ -35,7 +37,7 @@ def inspect_cmd(store: str, view: int, as_json: bool) -> None:
 @click.argument("store")
 @click.option("--out", required=True, help="HDF5 file to write (e.g. labels.h5).")
 @click.option("--rows", default=None, metavar="A:B", help="Export only rows A to B (half-open).")
-@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@overwrite_option
 @click.option("--allow-incomplete", is_flag=True,
               help="Export an unfinished store; rows not written yet have valid=False.")
 def export_cmd(store: str, out: str, rows: str | None, overwrite: bool,

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import click
 
+from .cli_options import overwrite_option
+
 commands: list[click.Command] = []
 
 
@@ -24,7 +26,7 @@ def _weights(ctx, param, value):
 @click.option("--rule", type=click.Choice(["mean", "geomean"]), default="mean",
               show_default=True, help="Weighted mean of the distributions, or their "
               "normalised weighted geometric mean.")
-@click.option("--overwrite", is_flag=True, help="Replace --out instead of resuming it.")
+@overwrite_option
 def ensemble_cmd(stores, out, weights, topk, rule, overwrite) -> None:
     """Combine stores that label the same crops (infer-teacher --views-from) into one."""
     from labelstore import ensemble

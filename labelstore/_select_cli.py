@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from ._dedup import DEFAULT_MIN_INLIERS, DEFAULT_THRESHOLD, DEFAULT_TOP_M
-from ._threads import threads_option
+from .cli_options import device_option, is_main_process, overwrite_option, threads_option
 
 commands: list[click.Command] = []
 
@@ -12,9 +12,6 @@ commands: list[click.Command] = []
 def _command(fn):
     commands.append(fn)
     return fn
-
-
-_overwrite = click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 
 
 @_command
@@ -29,7 +26,7 @@ _overwrite = click.option("--overwrite", is_flag=True, help="Replace --out if it
               help="Drop candidates below this probability.")
 @click.option("--view", default=0, show_default=True, help="View that ranks the rows.")
 @click.option("--list-out", default=None, help="Also write a PaddleClas list `key top1-class`.")
-@_overwrite
+@overwrite_option
 def select_topk_cmd(stores, k, out, exclude, min_prob, view, list_out, overwrite) -> None:
     """Keep, per class, the K pool rows with the highest teacher probability."""
     from labelstore import select_topk
@@ -55,9 +52,7 @@ def select_topk_cmd(stores, k, out, exclude, min_prob, view, list_out, overwrite
               help="Image root of the query (default: its dataset.root).")
 @click.option("--pool-root", default=None,
               help="Image root of the pool (default: its dataset.root).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
-              show_default=True, help="Where stage 1 multiplies (queries held there, fp16 on "
-              "CUDA); the result is the same on every device.")
+@device_option
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
               show_default=True, help="dtype of the stage-1 products (auto: fp16 on CUDA, fp32 "
               "on CPU; bf16 is fast on CPUs with AVX512-BF16/AMX); the result is the same.")
@@ -74,11 +69,11 @@ def dedup_cmd(query, pool, out, threshold, verify, top_m, min_inliers, query_roo
               pool_root, device, precision, rule, report_thresholds, workers, threads) -> None:
     """Find near-duplicates of query images in a pool: cosine candidates, SIFT verification.
 
-    Under torchrun every rank searches a share of the pool and verifies a share of the
-    pairs; rank 0 writes --out. A killed run resumes stage 2 from OUT.progress.* files.
+    --device is where stage 1 multiplies (queries held there, fp16 on CUDA); the result is
+    the same on every device. Under torchrun every rank searches a share of the pool and
+    verifies a share of the pairs; rank 0 writes --out. A killed run resumes stage 2 from
+    OUT.progress.* files.
     """
-    import os
-
     from labelstore import dedup
 
     result = dedup(query, pool, out, threshold=threshold, verify=verify, top_m=top_m,
@@ -86,7 +81,7 @@ def dedup_cmd(query, pool, out, threshold, verify, top_m, min_inliers, query_roo
                    device=device, precision=precision, rule=rule,
                    report_thresholds=list(report_thresholds) or None,
                    workers=threads if workers is None else workers, progress=True)
-    if int(os.environ.get("RANK", "0") or 0) == 0:
+    if is_main_process():
         click.echo(result, err=out == "-")   # keep stdout for the list itself
 
 
@@ -94,7 +89,7 @@ def dedup_cmd(query, pool, out, threshold, verify, top_m, min_inliers, query_roo
 @click.command("merge")
 @click.argument("stores", nargs=-1, required=True)
 @click.option("--out", required=True, help="Store to write (e.g. train_plus_pool.zarr).")
-@_overwrite
+@overwrite_option
 def merge_cmd(stores, out, overwrite) -> None:
     """Concatenate stores with the same classes, k and views; repeated keys are dropped."""
     from labelstore import merge
