@@ -5,7 +5,8 @@ import json
 
 import click
 
-from .cli_options import json_option, overwrite_option
+from ._inspect import inspect_store
+from .cli_options import config_option, json_option, overwrite_option
 
 commands: list[click.Command] = []
 
@@ -18,12 +19,11 @@ def _command(fn):
 @_command
 @click.command("inspect")
 @click.argument("store")
-@click.option("--view", default=0, show_default=True, help="View whose statistics are reported.")
+@config_option(inspect_store, "view", help="View whose statistics are reported.")
 @json_option
 def inspect_cmd(store: str, view: int, as_json: bool) -> None:
     """Summarise a label store: size, completeness, confidence, agreement with labels."""
     import labelstore
-    from labelstore._inspect import inspect_store
 
     st = labelstore.open(store)
     if not 0 <= view < st.num_views:

@@ -6,6 +6,7 @@ import functools
 
 import click
 
+from labelstore import verify as verify_structure
 from labelstore.cli_options import (config_option, device_option, is_main_process,
                                     overwrite_option, threads_option)
 
@@ -89,10 +90,9 @@ commands.append(infer_teacher)
 @click.option("--seed", default=0, show_default=True, help="Seed of the row sample.")
 @device_option
 @click.option("--decoder", type=click.Choice(["dali", "pil"]), help="[the recorded one]")
-@click.option("--atol", type=float, default=None, help="Largest |Δp| of an agreeing row-view "
-              "[0.05].")
-@click.option("--min-agreement", type=float, default=None,
-              help="Fraction of row-views that must agree [0.99].")
+@config_option(verify_structure, "atol", type=float, help="Largest |Δp| of an agreeing row-view.")
+@config_option(verify_structure, "min_agreement", type=float,
+               help="Fraction of row-views that must agree.")
 @click.pass_context
 def verify_cmd(ctx, store, sample, checkpoints, structure_only, root, seed, device, decoder,
                atol, min_agreement) -> None:
@@ -100,16 +100,14 @@ def verify_cmd(ctx, store, sample, checkpoints, structure_only, root, seed, devi
 
     Exit status 1 (with the problems and the worst rows) when it fails.
     """
-    options = {"atol": atol, "min_agreement": min_agreement}
     if structure_only:  # the store alone: no torch
-        from labelstore import verify as verify_structure
-
-        result = verify_structure(store, **{k: v for k, v in options.items() if v is not None})
+        result = verify_structure(store, atol=atol, min_agreement=min_agreement)
     else:
         from teacher_infer import verify
 
         result = verify(store, sample=sample, checkpoint=list(checkpoints) or None, root=root,
-                        seed=seed, device=device, decoder=decoder, **options)
+                        seed=seed, device=device, decoder=decoder, atol=atol,
+                        min_agreement=min_agreement)
     click.echo(result)
     if not result.ok:
         ctx.exit(1)

@@ -12,7 +12,9 @@ import pytest
 from click.testing import CliRunner
 
 import cli
+import labelstore
 from labelstore import cli_options
+from labelstore._inspect import inspect_store
 from student_train.config import DECODERS as TRAIN_DECODERS
 from student_train.config import DEVICES as TRAIN_DEVICES
 from student_train.config import TrainConfig
@@ -101,15 +103,32 @@ def test_loss_choices_are_the_losses_the_trainer_knows():
     assert tuple(options(command("train-student"))["loss"].type.choices) == tuple(choices)
 
 
-@pytest.mark.parametrize("path, function", [(("prepare", "digits"), prepare_digits),
-                                            (("prepare", "fashion-mnist"),
-                                             prepare_fashion_mnist)])
-def test_prepare_defaults_are_the_functions(path, function):
-    parameters = inspect.signature(function).parameters
-    for name, option in options(command(*path)).items():
-        if name in ("out", "overwrite"):
+# commands without a config: the options that are a keyword of the function they call
+FUNCTION_COMMANDS = [
+    (("prepare", "digits"), prepare_digits, set()),
+    (("prepare", "fashion-mnist"), prepare_fashion_mnist, set()),
+    (("dedup",), labelstore.dedup, {"out", "report_thresholds"}),  # "-" = stdout; repeated
+    (("select-topk",), labelstore.select_topk, set()),
+    (("ensemble",), labelstore.ensemble, set()),
+    (("inspect",), inspect_store, set()),
+    (("verify",), labelstore.verify, set()),  # the structure check's tolerances
+]
+
+
+@pytest.mark.parametrize("path, function, own_default", FUNCTION_COMMANDS,
+                         ids=lambda v: " ".join(v) if isinstance(v, tuple) else None)
+def test_option_defaults_are_the_library_functions(path, function, own_default):
+    cmd, parameters = command(*path), inspect.signature(function).parameters
+    matched = 0
+    for name, option in options(cmd).items():
+        if name not in parameters or name in SHARED or name in own_default or option.required:
             continue
-        assert option.default == parameters[name].default, name
+        default = parameters[name].default
+        assert option.default == default or (default is None and option.default is NO_DEFAULT), name
+        shown = re.search(r"\[default: ([^\]]*)\]", help_text(cmd, option))
+        assert bool(shown) == (not unset(default)), name
+        matched += 1
+    assert matched >= 1
 
 
 def _all_commands(group: click.Group = cli.ssld):
