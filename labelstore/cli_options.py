@@ -48,10 +48,11 @@ def config_option(config: Callable, name: str, *param_decls: str, **attrs: Any) 
     """A click option whose value becomes the field ``name`` of the dataclass ``config`` (or
     the keyword argument ``name`` of the function ``config``).
 
-    The default is the field's (shown by ``--help`` unless it is ``None``, ``False`` or
-    ``()``); a field with ``metadata={"choices": ...}`` becomes a ``click.Choice`` of them and
-    one with ``metadata={"help": ...}`` gives the help text. ``param_decls`` default to
-    ``--name-with-dashes``; ``attrs`` are passed to ``click.option`` and win over the field's.
+    The default is the field's or the keyword's (shown by ``--help`` unless it is ``None``,
+    ``False`` or ``()``); a field with ``metadata={"choices": ...}`` becomes a
+    ``click.Choice`` of them and one with ``metadata={"help": ...}`` gives the help text.
+    ``param_decls`` default to ``--name-with-dashes``; ``attrs`` are passed to
+    ``click.option`` and win over what the field says.
     """
     default, metadata = _default_and_metadata(config, name)
     if not param_decls:
