@@ -2,9 +2,10 @@
 
 Each command lives next to the library it drives (``labelstore/_cli.py``,
 ``teacher_infer/_cli.py``, ``student_train/_cli.py``): it reads options, builds a
-config, calls one library function and echoes a summary. This module only
-assembles the group and turns user errors into one line on stderr with exit
-status 2. Nothing here imports torch, so ``ssld --help`` is instant.
+config, calls one library function and echoes a summary. Options shared by several
+commands, and options read from config dataclasses, come from ``labelstore.cli_options``.
+This module only assembles the group and turns user errors into one line on stderr with
+exit status 2. Nothing here imports torch, so ``ssld --help`` is instant.
 """
 from __future__ import annotations
 
@@ -13,8 +14,7 @@ import sys
 
 import click
 
-from labelstore import IncompleteRunError, LockedError
-from labelstore._version import __version__
+from labelstore import IncompleteRunError, LockedError, __version__
 
 # Errors that mean "the user gave us something wrong" (or another run holds the output):
 # one line, exit 2.

@@ -19,7 +19,7 @@ from ._merge import merge
 from ._select import select_topk
 from ._text import (KEY_RULE, escapes_root, first_bad_key, first_escaping_key, key_problem,
                     read_lines)
-from ._threads import set_threads, threads_option
+from ._threads import set_threads
 from ._verify import TeacherCheck, VerifyResult, verify
 
 __all__ = [
@@ -64,6 +64,5 @@ __all__ = [
     "real_path",
     "select_topk",
     "set_threads",
-    "threads_option",
     "verify",
 ]

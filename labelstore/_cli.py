@@ -5,6 +5,9 @@ import json
 
 import click
 
+from ._inspect import inspect_store
+from .cli_options import config_option, json_option, overwrite_option
+
 commands: list[click.Command] = []
 
 
@@ -16,12 +19,11 @@ def _command(fn):
 @_command
 @click.command("inspect")
 @click.argument("store")
-@click.option("--view", default=0, show_default=True, help="View whose statistics are reported.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@config_option(inspect_store, "view", help="View whose statistics are reported.")
+@json_option
 def inspect_cmd(store: str, view: int, as_json: bool) -> None:
     """Summarise a label store: size, completeness, confidence, agreement with labels."""
     import labelstore
-    from labelstore._inspect import inspect_store
 
     st = labelstore.open(store)
     if not 0 <= view < st.num_views:
@@ -35,7 +37,7 @@ def inspect_cmd(store: str, view: int, as_json: bool) -> None:
 @click.argument("store")
 @click.option("--out", required=True, help="HDF5 file to write (e.g. labels.h5).")
 @click.option("--rows", default=None, metavar="A:B", help="Export only rows A to B (half-open).")
-@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@overwrite_option
 @click.option("--allow-incomplete", is_flag=True,
               help="Export an unfinished store; rows not written yet have valid=False.")
 def export_cmd(store: str, out: str, rows: str | None, overwrite: bool,

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import click
 
+from . import _ensemble
+from .cli_options import config_option, overwrite_option
+
 commands: list[click.Command] = []
 
 
@@ -21,10 +24,10 @@ def _weights(ctx, param, value):
 @click.option("--weights", callback=_weights, help="One weight per store, e.g. 0.5,0.5 "
               "(normalised) [equal].")
 @click.option("--topk", type=int, help="Classes kept per view [the largest member k].")
-@click.option("--rule", type=click.Choice(["mean", "geomean"]), default="mean",
-              show_default=True, help="Weighted mean of the distributions, or their "
-              "normalised weighted geometric mean.")
-@click.option("--overwrite", is_flag=True, help="Replace --out instead of resuming it.")
+@config_option(_ensemble.ensemble, "rule", type=click.Choice(["mean", "geomean"]),
+               help="Weighted mean of the distributions, or their normalised weighted "
+               "geometric mean.")
+@overwrite_option
 def ensemble_cmd(stores, out, weights, topk, rule, overwrite) -> None:
     """Combine stores that label the same crops (infer-teacher --views-from) into one."""
     from labelstore import ensemble

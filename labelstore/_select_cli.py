@@ -1,20 +1,23 @@
 """``ssld select-topk``, ``ssld dedup`` and ``ssld merge`` (store-only data selection)."""
 from __future__ import annotations
 
+import functools
+
 import click
 
-from ._dedup import DEFAULT_MIN_INLIERS, DEFAULT_THRESHOLD, DEFAULT_TOP_M
-from ._threads import threads_option
+from . import _dedup, _select
+from .cli_options import (config_option, device_option, is_main_process, overwrite_option,
+                          threads_option)
 
 commands: list[click.Command] = []
+
+# an option whose value is the keyword of the same name of labelstore.dedup (its default)
+_dedup_option = functools.partial(config_option, _dedup.dedup)
 
 
 def _command(fn):
     commands.append(fn)
     return fn
-
-
-_overwrite = click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 
 
 @_command
@@ -27,9 +30,9 @@ _overwrite = click.option("--overwrite", is_flag=True, help="Replace --out if it
               help="Keys to skip: one per line, first tab field (`ssld dedup` output works).")
 @click.option("--min-prob", type=float, default=None,
               help="Drop candidates below this probability.")
-@click.option("--view", default=0, show_default=True, help="View that ranks the rows.")
+@config_option(_select.select_topk, "view", help="View that ranks the rows.")
 @click.option("--list-out", default=None, help="Also write a PaddleClas list `key top1-class`.")
-@_overwrite
+@overwrite_option
 def select_topk_cmd(stores, k, out, exclude, min_prob, view, list_out, overwrite) -> None:
     """Keep, per class, the K pool rows with the highest teacher probability."""
     from labelstore import select_topk
@@ -43,27 +46,22 @@ def select_topk_cmd(stores, k, out, exclude, min_prob, view, list_out, overwrite
 @click.option("--query", required=True, help="Store of the query set (e.g. val), with embeddings.")
 @click.option("--pool", required=True, help="Pool store with embeddings.")
 @click.option("--out", default="-", show_default=True, help="Duplicate list to write (- = stdout).")
-@click.option("--threshold", type=float, default=DEFAULT_THRESHOLD, show_default=True,
-              help="Cosine similarity of stage-1 candidates.")
-@click.option("--verify", type=click.Choice(["sift", "none"]), default="sift", show_default=True,
-              help="sift: confirm candidates on the images; none: report stage-1 pairs.")
-@click.option("--top-m", type=int, default=DEFAULT_TOP_M, show_default=True,
-              help="Stage-1 candidates kept per query.")
-@click.option("--min-inliers", type=int, default=DEFAULT_MIN_INLIERS, show_default=True,
-              help="RANSAC inliers that confirm a duplicate.")
+@_dedup_option("threshold", type=float, help="Cosine similarity of stage-1 candidates.")
+@_dedup_option("verify", type=click.Choice(["sift", "none"]),
+               help="sift: confirm candidates on the images; none: report stage-1 pairs.")
+@_dedup_option("top_m", type=int, help="Stage-1 candidates kept per query.")
+@_dedup_option("min_inliers", type=int, help="RANSAC inliers that confirm a duplicate.")
 @click.option("--query-root", default=None,
               help="Image root of the query (default: its dataset.root).")
 @click.option("--pool-root", default=None,
               help="Image root of the pool (default: its dataset.root).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
-              show_default=True, help="Where stage 1 multiplies (queries held there, fp16 on "
-              "CUDA); the result is the same on every device.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
-              show_default=True, help="dtype of the stage-1 products (auto: fp16 on CUDA, fp32 "
-              "on CPU; bf16 is fast on CPUs with AVX512-BF16/AMX); the result is the same.")
-@click.option("--rule", type=click.Choice(["best", "component"]), default="best",
-              show_default=True, help="best: drop confirmed matches; component: drop every "
-              "connected component of pairs above the threshold that holds one (DINOv2).")
+@device_option
+@_dedup_option("precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+               help="dtype of the stage-1 products (auto: fp16 on CUDA, fp32 on CPU; bf16 is "
+               "fast on CPUs with AVX512-BF16/AMX); the result is the same.")
+@_dedup_option("rule", type=click.Choice(["best", "component"]),
+               help="best: drop confirmed matches; component: drop every connected component "
+               "of pairs above the threshold that holds one (DINOv2).")
 @click.option("--report-threshold", "report_thresholds", type=float, multiple=True,
               help="Threshold of the per-rule report (repeat; default: threshold +0, .05, "
               ".1, .15).")
@@ -74,11 +72,11 @@ def dedup_cmd(query, pool, out, threshold, verify, top_m, min_inliers, query_roo
               pool_root, device, precision, rule, report_thresholds, workers, threads) -> None:
     """Find near-duplicates of query images in a pool: cosine candidates, SIFT verification.
 
-    Under torchrun every rank searches a share of the pool and verifies a share of the
-    pairs; rank 0 writes --out. A killed run resumes stage 2 from OUT.progress.* files.
+    --device is where stage 1 multiplies (queries held there, fp16 on CUDA); the result is
+    the same on every device. Under torchrun every rank searches a share of the pool and
+    verifies a share of the pairs; rank 0 writes --out. A killed run resumes stage 2 from
+    OUT.progress.* files.
     """
-    import os
-
     from labelstore import dedup
 
     result = dedup(query, pool, out, threshold=threshold, verify=verify, top_m=top_m,
@@ -86,7 +84,7 @@ def dedup_cmd(query, pool, out, threshold, verify, top_m, min_inliers, query_roo
                    device=device, precision=precision, rule=rule,
                    report_thresholds=list(report_thresholds) or None,
                    workers=threads if workers is None else workers, progress=True)
-    if int(os.environ.get("RANK", "0") or 0) == 0:
+    if is_main_process():
         click.echo(result, err=out == "-")   # keep stdout for the list itself
 
 
@@ -94,7 +92,7 @@ def dedup_cmd(query, pool, out, threshold, verify, top_m, min_inliers, query_roo
 @click.command("merge")
 @click.argument("stores", nargs=-1, required=True)
 @click.option("--out", required=True, help="Store to write (e.g. train_plus_pool.zarr).")
-@_overwrite
+@overwrite_option
 def merge_cmd(stores, out, overwrite) -> None:
     """Concatenate stores with the same classes, k and views; repeated keys are dropped."""
     from labelstore import merge

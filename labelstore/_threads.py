@@ -1,4 +1,4 @@
-"""``--threads N``: the CPU threads of a command that computes, defined once for all of them.
+"""The CPU threads of a command that computes (the ``--threads N`` option is in cli_options.py).
 
 torch, OpenBLAS (under numpy) and OpenCV each start one thread per core by default. When the
 cores are shared with other jobs, those threads wait for each other at every parallel region:
@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import os
 import sys
-
-import click
 
 DEFAULT_THREADS = 1
 
@@ -36,12 +34,3 @@ def set_threads(threads: int) -> int:
         threadpool_limits(threads)  # BLAS / OpenMP libraries already loaded (numpy's)
     return threads
 
-
-def _apply(ctx: click.Context, param: click.Parameter, value: int) -> int:
-    return set_threads(value)
-
-
-threads_option = click.option(
-    "--threads", type=click.IntRange(min=1), default=DEFAULT_THREADS, show_default=True,
-    callback=_apply, help="CPU threads (torch, BLAS, OpenCV). 1 is fastest when other jobs "
-    "share the cores; on an idle machine, try the number of cores.")

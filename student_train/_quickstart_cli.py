@@ -1,35 +1,33 @@
 """``ssld quickstart``: the whole pipeline on scikit-learn's bundled digits."""
 from __future__ import annotations
 
+import functools
+
 import click
 
-from labelstore import threads_option
+from labelstore.cli_options import config_option, device_option, threads_option
 
 from .quickstart import QuickstartConfig  # no torch import
 
 commands: list[click.Command] = []
-_DEFAULTS = QuickstartConfig()
+
+# an option whose value becomes the QuickstartConfig field of the same name
+_field = functools.partial(config_option, QuickstartConfig)
 
 
 @click.command("quickstart")
-@click.option("--workdir", default=_DEFAULTS.workdir, show_default=True,
-              help="Folder for the data, stores, runs and quickstart.json.")
-@click.option("--teacher-epochs", default=_DEFAULTS.teacher_epochs, show_default=True)
-@click.option("--student-epochs", default=_DEFAULTS.student_epochs, show_default=True)
-@click.option("--select-k", default=_DEFAULTS.select_k, show_default=True,
-              help="Pool images kept per class.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
-              show_default=True)
-@click.option("--seed", default=0, show_default=True)
+@_field("workdir", help="Folder for the data, stores, runs and quickstart.json.")
+@_field("teacher_epochs")
+@_field("student_epochs")
+@_field("select_k", help="Pool images kept per class.")
+@device_option
+@_field("seed")
 @threads_option
-def quickstart(workdir: str, teacher_epochs: int, student_epochs: int, select_k: int,
-               device: str, seed: int, threads: int) -> None:
+def quickstart(**options) -> None:
     """Teacher → infer-teacher → dedup → select-topk → merge → train-student → eval on digits."""
     from .quickstart import run
 
-    result = run(QuickstartConfig(workdir=workdir, teacher_epochs=teacher_epochs,
-                                  student_epochs=student_epochs, select_k=select_k,
-                                  device=device, seed=seed, threads=threads), echo=click.echo)
+    result = run(QuickstartConfig(**options), echo=click.echo)
     click.echo("\n" + result.table())
     click.echo(f"\nEverything is under {result.workdir} (summary: quickstart.json).")
 

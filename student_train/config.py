@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from teacher_infer.imaging import decoder_names
@@ -47,7 +47,8 @@ class TrainConfig:
     momentum: float = 0.9
     nesterov: bool = False
 
-    loss: str = "js"                      # js | skl (PaddleClas's JSDivLoss) | kl | soft-ce
+    # skl: PaddleClas's JSDivLoss; the names of student_train/losses.py:LOSSES
+    loss: str = field(default="js", metadata={"choices": ("js", "skl", "kl", "soft-ce")})
     temperature: float = 1.0              # only for --loss kl
     label_weight: float = 0.0             # + α·CE on ground truth where known (SSLD: 0)
     supervised: bool = False              # hard labels + label smoothing instead of a teacher
@@ -55,8 +56,8 @@ class TrainConfig:
     teacher: Optional[str] = None         # online distillation: teacher forward each step
     teacher_checkpoint: Optional[str] = None
 
-    views: str = "auto"                   # replay stored views | global RandomResizedCrop; auto:
-                                          # replay when the stores hold > 1 view
+    # replay stored views | global RandomResizedCrop; auto: replay when the stores hold > 1 view
+    views: str = field(default="auto", metadata={"choices": VIEWS})
     autoaugment: Optional[str] = None     # timm policy after the crop, e.g. rand-m9-mstd0.5
     input_size: Optional[int] = None      # None: the student's pretrained-config input size
     crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range (global views)
@@ -68,7 +69,8 @@ class TrainConfig:
 
     device: str = "auto"                  # cuda when available
     decoder: str = "auto"                 # dali on a GPU when importable, else pil
-    precision: str = "auto"               # bf16 autocast on GPUs, fp32 on the CPU
+    # bf16 autocast on GPUs, fp32 on the CPU
+    precision: str = field(default="auto", metadata={"choices": PRECISIONS})
     channels_last: Optional[bool] = None  # None: on for GPUs
     num_workers: Optional[int] = None     # DataLoader workers per process; None: cores / processes
     threads: Optional[int] = None         # torch CPU threads per process; None: leave as set

@@ -1,6 +1,7 @@
 """``ssld eval``: top-1/top-5 and throughput of a checkpoint on a labeled image source."""
 from __future__ import annotations
 
+import json
 from typing import Optional
 
 import torch
@@ -67,3 +68,13 @@ def evaluate(model: str, checkpoint: str, data: str, *, root: Optional[str] = No
                                                                              env.device))
     finally:
         D.teardown(env)
+
+
+def report(result: EvalResult, model: str, checkpoint: str, data: str, *,
+           as_json: bool = False) -> str:
+    """What ``ssld eval`` prints: one line, or (``as_json``) one JSON object for scripts."""
+    if not as_json:
+        return f"{model} {checkpoint}: {result}"
+    return json.dumps({"model": model, "checkpoint": checkpoint, "data": data,
+                       "top1": result.top1, "top5": result.top5, "images": result.images,
+                       "seconds": result.seconds, "images_per_s": result.images_per_s})

@@ -26,7 +26,12 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
+import labelstore
+
+if TYPE_CHECKING:  # pragma: no cover
+    from teacher_infer.prepare import PreparedDataset
 
 TEACHER = "resnet18"
 STUDENT = "mobilenetv3_small_050"
@@ -47,7 +52,7 @@ class QuickstartConfig:
     seed: int = 0
     device: str = "auto"
     num_workers: int = 1                 # one decoding process beside the 1-thread compute
-    threads: int = 1                     # CPU threads (labelstore/_threads.py: 1 is fastest
+    threads: int = 1                     # CPU threads (labelstore.set_threads: 1 is fastest
                                          # on a shared machine, and keeps runs identical)
     val_every: int = 10                  # validation every N epochs; the table is last.pt's
     progress: bool = True
@@ -120,6 +125,10 @@ class QuickstartResult:
     threads: int = 1
 
     def table(self) -> str:
+        """The accuracy table, then the wall time of every step."""
+        return self._accuracy_table() + "\n\n" + self._time_table()
+
+    def _accuracy_table(self) -> str:
         rows = [("teacher " + TEACHER + ", supervised on L (200 images)", self.teacher_top1),
                 ("student " + STUDENT + ", label-only on L", self.baseline_top1),
                 ("student " + STUDENT + f", SSLD (JS) on L + {self.selected} selected pool",
@@ -127,7 +136,10 @@ class QuickstartResult:
         width = max(len(name) for name, _ in rows)
         lines = [f"{'model (last.pt)':<{width}}  val top-1", f"{'-' * width}  ---------"]
         lines += [f"{name:<{width}}  {100 * top1:8.2f}%" for name, top1 in rows]
-        lines += ["", "step                          wall time"]
+        return "\n".join(lines)
+
+    def _time_table(self) -> str:
+        lines = ["step                          wall time"]
         lines += [f"{s.name:<28}  " + (f"{'reused':>9}" if s.reused else f"{s.seconds:7.1f} s")
                   + f"  {s.note}" for s in self.steps]
         lines.append(f"{'total':<28}  {sum(s.seconds for s in self.steps):7.1f} s"
@@ -142,8 +154,6 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def _store_complete(path: str) -> bool:
-    import labelstore
-
     try:
         return labelstore.open(path).is_complete
     except (FileNotFoundError, ValueError):
@@ -157,118 +167,180 @@ def run(cfg: QuickstartConfig, echo: Callable[[str], None] = print) -> Quickstar
     so an interrupted quickstart continues where it stopped. ``quickstart.json`` keeps the
     first complete run's step times and adds each later run under ``reruns``.
     """
-    import labelstore
-    from labelstore import set_threads
-    from teacher_infer import InferConfig
-    from teacher_infer import run as infer
-    from teacher_infer.prepare import prepare_digits
-
-    from .config import TrainConfig
-    from .evaluation import evaluate
-    from .trainer import train
-
-    set_threads(cfg.threads)
+    labelstore.set_threads(cfg.threads)
     work = Path(cfg.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     steps = _Steps(echo)
-    common = dict(device=cfg.device, num_workers=cfg.num_workers)
+
+    data = _prepare(cfg, work, steps)
+    teacher = _train_teacher(cfg, work, data, steps)
+    labeled, pool, val = _infer_teacher(cfg, work, data, teacher, steps)
+    exclude, duplicates = _dedup(cfg, work, pool, val, steps)
+    selected, rows_selected = _select(cfg, work, pool, exclude, steps)
+    train_store = _merge(work, labeled, selected, steps)
+    _train_students(cfg, work, data, train_store, steps)
+    scores = _evaluate(cfg, work, data, steps)
+
+    result = QuickstartResult(teacher_top1=scores[0], baseline_top1=scores[1],
+                              ssld_top1=scores[2], selected=rows_selected,
+                              duplicates=duplicates, steps=steps.times, workdir=str(work),
+                              threads=cfg.threads)
+    _save_summary(work / "quickstart.json", result)
+    return result
+
+
+def _runtime(cfg: QuickstartConfig) -> dict:
+    """Where every step runs: the options teacher inference, training and eval share."""
+    return dict(device=cfg.device, num_workers=cfg.num_workers)
+
+
+def _prepare(cfg: QuickstartConfig, work: Path, steps: _Steps) -> PreparedDataset:
+    """Step 1: the digits images and list files."""
+    from teacher_infer.prepare import prepare_digits
 
     steps.begin(1, f"writing the digits data set under {work / 'data'}")
-    data = steps.timed("prepare digits", lambda: prepare_digits(work / "data", seed=cfg.seed),
+    return steps.timed("prepare digits", lambda: prepare_digits(work / "data", seed=cfg.seed),
                        lambda d: f"{d.num_labeled} L / {d.num_pool} U / {d.num_val} V",
                        reused=(work / "data" / "meta.json").exists())
 
-    def train_step(name: str, title: str, note: Callable = lambda r: "", **options) -> str:
-        run_dir = work / "runs" / name
-        options = {**dict(student=STUDENT, out=str(run_dir), val=data.val, val_root=data.root,
-                          input_size=INPUT_SIZE, batch_size=cfg.batch_size, lr=0.4,
-                          warmup_epochs=2, weight_decay=5e-5, crop_scale=CROP_SCALE,
-                          seed=cfg.seed, precision="fp32", val_every=cfg.val_every,
-                          threads=cfg.threads, **common), **options}
-        finished = run_dir / "quickstart.done"
 
-        def train_run() -> None:
-            if not finished.exists():
-                # an interrupted run continues from its last checkpoint
-                options["resume"] = (run_dir / "last.pt").exists()
-                train(TrainConfig(**options))
-                finished.write_text("finished\n")
+def _train_options(cfg: QuickstartConfig, dataset: PreparedDataset, run_dir: Path,
+                   **options) -> dict:
+    """The TrainConfig fields of a run in ``run_dir``: the quickstart's settings (validation
+    on ``dataset``'s val set), then ``options``."""
+    return {**dict(student=STUDENT, out=str(run_dir), val=dataset.val, val_root=dataset.root,
+                   input_size=INPUT_SIZE, batch_size=cfg.batch_size, lr=0.4, warmup_epochs=2,
+                   weight_decay=5e-5, crop_scale=CROP_SCALE, seed=cfg.seed, precision="fp32",
+                   val_every=cfg.val_every, threads=cfg.threads, **_runtime(cfg)), **options}
 
-        steps.timed(title, train_run, note, reused=finished.exists())
-        return str(run_dir / "last.pt")
 
+def _train(steps: _Steps, title: str, options: dict, note: Callable = lambda r: "") -> str:
+    """Train the run ``options`` describe unless an earlier quickstart finished it; returns
+    its last.pt."""
+    from .config import TrainConfig
+    from .trainer import train
+
+    run_dir = Path(options["out"])
+    finished = run_dir / "quickstart.done"
+
+    def train_run() -> None:
+        if not finished.exists():
+            # an interrupted run continues from its last checkpoint
+            train(TrainConfig(**options, resume=(run_dir / "last.pt").exists()))
+            finished.write_text("finished\n")
+
+    steps.timed(title, train_run, note, reused=finished.exists())
+    return str(run_dir / "last.pt")
+
+
+def _train_teacher(cfg: QuickstartConfig, work: Path, data: PreparedDataset,
+                   steps: _Steps) -> str:
+    """Step 2: the teacher, supervised on the labeled set; returns its checkpoint."""
     steps.begin(2, f"training the teacher ({TEACHER}) on the {data.num_labeled} labeled images")
-    teacher_ckpt = train_step("teacher", "train teacher", student=TEACHER, data=data.labeled,
-                              root=data.root, supervised=True, epochs=cfg.teacher_epochs)
+    return _train(steps, "train teacher", _train_options(
+        cfg, data, work / "runs" / "teacher", student=TEACHER, data=data.labeled,
+        root=data.root, supervised=True, epochs=cfg.teacher_epochs))
 
-    def infer_step(title: str, name: str, source: str, note: str, **options) -> str:
-        out = str(work / "stores" / f"{name}.zarr")
-        complete = _store_complete(out)  # else infer resumes what an earlier run left
-        steps.timed(title, lambda: complete or infer(InferConfig(
-            model=TEACHER, checkpoint=teacher_ckpt, data=source, root=data.root, out=out,
-            topk=cfg.topk, seed=cfg.seed, crop_scale=CROP_SCALE, batch_size=256,
-            class_names=data.class_names, progress=cfg.progress, **PREPROCESSING,
-            **{**common, **options})), lambda r: note, reused=complete)
-        return out
 
+def _infer(cfg: QuickstartConfig, data: PreparedDataset, steps: _Steps, checkpoint: str,
+           out: Path, title: str, source: str, note: str, **options) -> str:
+    """One teacher pass over ``source`` into the store ``out``, unless it is complete."""
+    from teacher_infer import InferConfig
+    from teacher_infer import run as infer
+
+    out = str(out)
+    complete = _store_complete(out)  # else infer resumes what an earlier run left
+    steps.timed(title, lambda: complete or infer(InferConfig(
+        model=TEACHER, checkpoint=checkpoint, data=source, root=data.root, out=out,
+        topk=cfg.topk, seed=cfg.seed, crop_scale=CROP_SCALE, batch_size=256,
+        class_names=data.class_names, progress=cfg.progress, **PREPROCESSING,
+        **{**_runtime(cfg), **options})), lambda r: note, reused=complete)
+    return out
+
+
+def _infer_teacher(cfg: QuickstartConfig, work: Path, data: PreparedDataset, teacher: str,
+                   steps: _Steps) -> tuple[str, str, str]:
+    """Step 3: the labeled, pool and val stores (views on L and U, embeddings on U and V)."""
     steps.begin(3, "teacher inference: labeled set and pool with views, val for dedup")
-    labeled_store = infer_step("infer-teacher L", "labeled", data.labeled, f"{cfg.views} views",
-                               views=cfg.views)
-    pool_store = infer_step("infer-teacher U", "pool", data.pool,
-                            f"{cfg.views} views + embeddings", views=cfg.views, embeddings=True)
-    val_store = infer_step("infer-teacher V (dedup)", "val", data.val,
-                           "embeddings only are used", views=1, embeddings=True)
+    stores = work / "stores"
+    labeled = _infer(cfg, data, steps, teacher, stores / "labeled.zarr", "infer-teacher L",
+                     data.labeled, f"{cfg.views} views", views=cfg.views)
+    pool = _infer(cfg, data, steps, teacher, stores / "pool.zarr", "infer-teacher U",
+                  data.pool, f"{cfg.views} views + embeddings", views=cfg.views,
+                  embeddings=True)
+    val = _infer(cfg, data, steps, teacher, stores / "val.zarr", "infer-teacher V (dedup)",
+                 data.val, "embeddings only are used", views=1, embeddings=True)
+    return labeled, pool, val
 
+
+def _dedup(cfg: QuickstartConfig, work: Path, pool: str, val: str,
+           steps: _Steps) -> tuple[Path, int]:
+    """Step 4: the pool images that duplicate val images; returns the list and their count."""
     steps.begin(4, "dedup: pool images that duplicate validation images")
     exclude = work / "stores" / "pool_vs_val.dups"
 
     def find_duplicates() -> int:
         if not exclude.exists():  # written whole (renamed into place): it exists = complete
-            found = labelstore.dedup(val_store, pool_store, workers=cfg.threads)
+            found = labelstore.dedup(val, pool, workers=cfg.threads)
             _write_atomic(exclude, "\n".join(found.lines()) + "\n")
         return sum(1 for line in exclude.read_text().splitlines()
                    if line and not line.startswith("#"))
 
     duplicates = steps.timed("dedup U vs V", find_duplicates, lambda n: f"{n} confirmed",
                              reused=exclude.exists())
+    return exclude, duplicates
 
+
+def _select(cfg: QuickstartConfig, work: Path, pool: str, exclude: Path,
+            steps: _Steps) -> tuple[str, int]:
+    """Step 5: per class the ``select_k`` pool images the teacher scores highest."""
     steps.begin(5, f"select-topk: {cfg.select_k} pool images per class")
-    selected_store = str(work / "stores" / f"pool_top{cfg.select_k}.zarr")
+    selected = str(work / "stores" / f"pool_top{cfg.select_k}.zarr")
     selection = steps.timed("select-topk", lambda: labelstore.select_topk(
-        pool_store, cfg.select_k, selected_store, exclude=str(exclude), overwrite=True),
+        pool, cfg.select_k, selected, exclude=str(exclude), overwrite=True),
         lambda r: f"{r.rows_written} rows")
+    return selected, selection.rows_written
 
+
+def _merge(work: Path, labeled: str, selected: str, steps: _Steps) -> str:
+    """Step 6: the training store, labeled rows then the selected pool rows."""
     steps.begin(6, "merge: labeled store + selected pool")
     train_store = str(work / "stores" / "train.zarr")
-    steps.timed("merge", lambda: labelstore.merge([labeled_store, selected_store], train_store,
+    steps.timed("merge", lambda: labelstore.merge([labeled, selected], train_store,
                                                   overwrite=True))
+    return train_store
 
+
+def _train_students(cfg: QuickstartConfig, work: Path, data: PreparedDataset,
+                    train_store: str, steps: _Steps) -> None:
+    """Step 7: the label-only baseline on L and the SSLD student on L + selected U."""
     steps.begin(7, f"students ({STUDENT}): label-only baseline and SSLD")
-    train_step("student_labels", "train label-only student", data=data.labeled, root=data.root,
-               supervised=True, epochs=cfg.student_epochs)
+    _train(steps, "train label-only student", _train_options(
+        cfg, data, work / "runs" / "student_labels", data=data.labeled, root=data.root,
+        supervised=True, epochs=cfg.student_epochs))
     # Same number of images seen as the label-only run: the gain must come from the teacher's
     # labels and the pool's variety, not from a longer schedule.
     ssld_epochs = max(1, round(cfg.student_epochs * data.num_labeled / len(labelstore.open(
         train_store))))
-    train_step("student_ssld", "train SSLD student",
-               lambda r: f"replay views, {ssld_epochs} epochs = same images seen",
-               stores=(train_store,), loss="js", epochs=ssld_epochs)
+    _train(steps, "train SSLD student", _train_options(
+        cfg, data, work / "runs" / "student_ssld", stores=(train_store,), loss="js",
+        epochs=ssld_epochs), lambda r: f"replay views, {ssld_epochs} epochs = same images seen")
+
+
+def _evaluate(cfg: QuickstartConfig, work: Path, data: PreparedDataset,
+              steps: _Steps) -> tuple[float, float, float]:
+    """Step 8: val top-1 of the teacher, the label-only and the SSLD student (last.pt)."""
+    from .evaluation import evaluate
 
     steps.begin(8, "eval on the validation set")
 
     def top1(run_name: str, model: str) -> float:
         checkpoint = str(work / "runs" / run_name / "last.pt")
         return evaluate(model, checkpoint, data.val, root=data.root, input_size=INPUT_SIZE,
-                        **common).top1
+                        **_runtime(cfg)).top1
 
-    scores = steps.timed("eval (3 models)", lambda: (
+    return steps.timed("eval (3 models)", lambda: (
         top1("teacher", TEACHER), top1("student_labels", STUDENT), top1("student_ssld", STUDENT)))
-    result = QuickstartResult(teacher_top1=scores[0], baseline_top1=scores[1],
-                              ssld_top1=scores[2], selected=selection.rows_written,
-                              duplicates=duplicates, steps=steps.times, workdir=str(work),
-                              threads=cfg.threads)
-    _save_summary(work / "quickstart.json", result)
-    return result
 
 
 def _save_summary(path: Path, result: QuickstartResult) -> None:

@@ -3,14 +3,11 @@ from __future__ import annotations
 
 import click
 
+from labelstore.cli_options import config_option, overwrite_option
+
+from .prepare import prepare_digits, prepare_fashion_mnist  # numpy only: no torch
+
 commands: list[click.Command] = []
-
-
-def _summary(name: str, layout) -> None:
-    click.echo(f"{name}: {layout.num_labeled:,} labeled, {layout.num_pool:,} pool (labels "
-               f"hidden), {layout.num_val:,} val images, {layout.num_classes} classes\n"
-               f"  images under {layout.root}\n"
-               f"  lists: {layout.labeled}, {layout.pool}, {layout.val} (use --root {layout.root})")
 
 
 @click.group("prepare")
@@ -19,35 +16,27 @@ def prepare() -> None:
 
 
 @prepare.command("fashion-mnist")
-@click.option("--src", default="/usr/share/datasets/fashion-mnist", show_default=True,
-              help="Folder with the IDX files (Debian package dataset-fashion-mnist).")
+@config_option(prepare_fashion_mnist, "src",
+               help="Folder with the IDX files (Debian package dataset-fashion-mnist).")
 @click.option("--out", required=True, help="Output folder.")
-@click.option("--labeled-per-class", default=600, show_default=True,
-              help="Training images per class in the labeled set L; the rest form the pool U.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the L/U split.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
-def fashion_mnist(src: str, out: str, labeled_per_class: int, seed: int, overwrite: bool) -> None:
+@config_option(prepare_fashion_mnist, "labeled_per_class",
+               help="Training images per class in the labeled set L; the rest form the pool U.")
+@config_option(prepare_fashion_mnist, "seed", help="Seed of the L/U split.")
+@overwrite_option
+def fashion_mnist(out: str, **options) -> None:
     """Fashion-MNIST: L = 600/class of train, U = the other 54,000, V = the 10,000 test images."""
-    from teacher_infer.prepare import prepare_fashion_mnist
-
-    _summary("fashion-mnist", prepare_fashion_mnist(out, src=src, seed=seed, overwrite=overwrite,
-                                                    labeled_per_class=labeled_per_class))
+    click.echo(prepare_fashion_mnist(out, **options).describe("fashion-mnist"))
 
 
 @prepare.command("digits")
 @click.option("--out", required=True, help="Output folder.")
-@click.option("--labeled-per-class", default=20, show_default=True)
-@click.option("--val-per-class", default=36, show_default=True)
-@click.option("--seed", default=0, show_default=True, help="Seed of the splits.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
-def digits(out: str, labeled_per_class: int, val_per_class: int, seed: int,
-           overwrite: bool) -> None:
+@config_option(prepare_digits, "labeled_per_class")
+@config_option(prepare_digits, "val_per_class")
+@config_option(prepare_digits, "seed", help="Seed of the splits.")
+@overwrite_option
+def digits(out: str, **options) -> None:
     """scikit-learn's bundled digits (1,797 8x8 images) split into labeled / pool / val."""
-    from teacher_infer.prepare import prepare_digits
-
-    _summary("digits", prepare_digits(out, labeled_per_class=labeled_per_class,
-                                      val_per_class=val_per_class, seed=seed,
-                                      overwrite=overwrite))
+    click.echo(prepare_digits(out, **options).describe("digits"))
 
 
 commands.append(prepare)

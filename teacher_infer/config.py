@@ -25,7 +25,8 @@ class InferConfig:
     data: str | None                    # class-folder root, unlabeled folder, or list file
     out: str                            # label store to write (NAME.zarr)
     root: str | None = None             # list files: paths are relative to this (default: its folder)
-    source: str = "auto"                # force the data-source kind when a folder is ambiguous
+    # force the data-source kind when a folder is ambiguous
+    source: str = field(default="auto", metadata={"choices": SOURCES})
     checkpoint: str | None = None       # state dict / training checkpoint (.pth, .pt, .safetensors)
     pretrained: bool = False            # weights from timm's hub cache (never waits on a network)
     random_weights: bool = False        # allow running without weights (tests, benchmarks)
@@ -41,19 +42,22 @@ class InferConfig:
     temperature: float = 1.0            # softmax temperature of the stored probabilities
 
     input_size: int | None = None       # square input side; None = the model's
-    interpolation: str | None = None    # bilinear | bicubic | nearest | lanczos; None = the model's
+    interpolation: str | None = field(  # None = the model's
+        default=None, metadata={"choices": ("bilinear", "bicubic", "nearest", "lanczos")})
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
     crop_pct: float | None = None       # view 0: resize to input_size / crop_pct, center crop
 
     batch_size: int = 64                # images per forward pass (each carries all its views)
     device: str = "auto"                # auto = cuda when available
-    decoder: str = "auto"               # a registry name; auto = DALI when importable, else PIL
-    precision: str = "fp32"             # bf16/fp16 autocast; softmax/top-k stay float32
+    # a registry name (imaging.decoders); auto = DALI when importable, else PIL
+    decoder: str = field(default="auto", metadata={"choices": DECODERS})
+    # bf16/fp16 autocast; softmax/top-k stay float32
+    precision: str = field(default="fp32", metadata={"choices": PRECISIONS})
     channels_last: bool = False
     compile: bool = False               # torch.compile the forward
     num_workers: int | None = None      # DataLoader workers per rank; None = from the CPU count
-    chunk_rows: int | None = None       # rows per store chunk (a rank's unit of work); None = 16384
+    chunk_rows: int | None = None       # rows per store chunk (a rank's unit of work); None = labelstore.DEFAULT_CHUNK_ROWS
     embeddings: bool = False            # also store pooled pre-logit features of view 0
     overwrite: bool = False             # replace an existing store instead of resuming it
     progress: bool = True               # tqdm bar on rank 0

@@ -57,6 +57,13 @@ class PreparedDataset:
             raise FileNotFoundError(f"{out} is not a prepared data set (no meta.json)")
         return cls(**json.loads(meta.read_text())["layout"])
 
+    def describe(self, name: str) -> str:
+        """What ``ssld prepare`` prints: the split sizes, and where the images and lists are."""
+        return (f"{name}: {self.num_labeled:,} labeled, {self.num_pool:,} pool (labels hidden), "
+                f"{self.num_val:,} val images, {self.num_classes} classes\n"
+                f"  images under {self.root}\n"
+                f"  lists: {self.labeled}, {self.pool}, {self.val} (use --root {self.root})")
+
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Read an IDX file (plain or .gz): the MNIST family's array format."""

@@ -91,3 +91,15 @@ def test_cli_prepare_errors(tmp_path, capsys):
                  str(tmp_path / "o")])
     assert code == 2
     assert "no IDX file" in capsys.readouterr().err
+
+
+def test_describe_is_what_ssld_prepare_prints():
+    layout = PreparedDataset(root="/d/images", labeled="/d/labeled.txt", pool="/d/pool.txt",
+                             val="/d/val.txt", pool_labels="/d/pool_labels.txt",
+                             class_names="/d/classes.txt", num_labeled=6000, num_pool=54000,
+                             num_val=10000, num_classes=10)
+    assert layout.describe("fashion-mnist") == (
+        "fashion-mnist: 6,000 labeled, 54,000 pool (labels hidden), 10,000 val images, "
+        "10 classes\n"
+        "  images under /d/images\n"
+        "  lists: /d/labeled.txt, /d/pool.txt, /d/val.txt (use --root /d/images)")

@@ -56,3 +56,28 @@ def test_quickstart_runs_the_pipeline_and_reuses_finished_steps(tmp_path, capsys
     assert len(again["reruns"]) == 1
     rerun = {step["name"]: step["reused"] for step in again["reruns"][0]["steps"]}
     assert rerun["train teacher"] and rerun["dedup U vs V"] and not rerun["select-topk"]
+
+
+def test_table_layout():
+    """The printed table, character for character (it was one function before the split)."""
+    from student_train.quickstart import QuickstartResult, StepTime
+
+    result = QuickstartResult(teacher_top1=0.9144, baseline_top1=0.6, ssld_top1=0.725,
+                              selected=97, duplicates=3, threads=2, steps=[
+                                  StepTime("prepare digits", 1.26, "200 L / 1237 U / 360 V"),
+                                  StepTime("train teacher", 0, "", True),
+                                  StepTime("select-topk", 0.21, "97 rows")])
+    assert result.table() == (
+        "model (last.pt)                                                   val top-1\n"
+        "----------------------------------------------------------------  ---------\n"
+        "teacher resnet18, supervised on L (200 images)                       91.44%\n"
+        "student mobilenetv3_small_050, label-only on L                       60.00%\n"
+        "student mobilenetv3_small_050, SSLD (JS) on L + 97 selected pool     72.50%\n"
+        "\n"
+        "step                          wall time\n"
+        "prepare digits                    1.3 s  200 L / 1237 U / 360 V\n"
+        "train teacher                    reused  \n"
+        "select-topk                       0.2 s  97 rows\n"
+        "total                             1.5 s  (2 threads)")
+    result.threads = 1
+    assert result.table().endswith("total                             1.5 s  (1 thread)")

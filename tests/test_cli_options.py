@@ -1,0 +1,211 @@
+"""The CLI's options: defaults and choices read from the config dataclasses, shared options
+defined once (labelstore/cli_options.py)."""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+import cli
+import labelstore
+from labelstore import cli_options
+from labelstore._inspect import inspect_store
+from student_train.config import DECODERS as TRAIN_DECODERS
+from student_train.config import DEVICES as TRAIN_DEVICES
+from student_train.config import TrainConfig
+from student_train.quickstart import QuickstartConfig
+from teacher_infer.config import DECODERS as INFER_DECODERS
+from teacher_infer.config import DEVICES as INFER_DEVICES
+from teacher_infer.config import InferConfig
+from teacher_infer.prepare import prepare_digits, prepare_fashion_mnist
+
+REPO = Path(__file__).resolve().parents[1]
+NO_DEFAULT = click.Option(["--probe"]).default  # None, or click 8.3+'s UNSET sentinel
+
+
+def command(*path: str) -> click.Command:
+    found: click.Command = cli.ssld
+    for name in path:
+        found = found.commands[name]
+    return found
+
+
+def options(cmd: click.Command) -> dict[str, click.Option]:
+    return {p.name: p for p in cmd.params if isinstance(p, click.Option)}
+
+
+def help_text(cmd: click.Command, option: click.Option) -> str:
+    with click.Context(cmd, info_name=cmd.name) as ctx:
+        return option.get_help_record(ctx)[1]
+
+
+def unset(value) -> bool:
+    return value is None or value is False or value == ()
+
+
+# command, its config, the fields that have no option, and the options that are no field
+CONFIG_COMMANDS = [
+    (("infer-teacher",), InferConfig, {"progress", "extra"}, {"no_progress", "threads"}),
+    (("train-student",), TrainConfig, {"momentum", "label_smoothing"}, set()),
+    (("quickstart",), QuickstartConfig,
+     {"views", "topk", "batch_size", "num_workers", "val_every", "progress"}, set()),
+]
+SHARED = {"overwrite": cli_options.overwrite_option, "threads": cli_options.threads_option,
+          "device": cli_options.device_option, "as_json": cli_options.json_option}
+
+
+@pytest.mark.parametrize("path, config, without_option, not_fields", CONFIG_COMMANDS,
+                         ids=lambda v: v[0] if isinstance(v, tuple) else None)
+def test_every_config_option_has_the_dataclass_default_and_shows_it(path, config,
+                                                                   without_option, not_fields):
+    cmd, fields = command(*path), {f.name: f for f in dataclasses.fields(config)}
+    opts = options(cmd)
+    assert set(fields) - set(opts) == without_option     # no field forgotten by the CLI
+    assert set(opts) - set(fields) == not_fields         # no option invented beside the config
+    for name, option in opts.items():
+        if name not in fields or name in SHARED:
+            continue
+        spec = fields[name]
+        if spec.default is dataclasses.MISSING:  # required, or None for the library to refuse
+            assert option.required or option.default in (None, NO_DEFAULT), name
+            continue
+        default = tuple(option.default) if isinstance(option.default, list) else option.default
+        assert default == spec.default, name
+        if "choices" in spec.metadata:
+            assert tuple(option.type.choices) == tuple(spec.metadata["choices"]), name
+        shown = re.search(r"\[default: ([^\]]*)\]", help_text(cmd, option))
+        assert bool(shown) == (not unset(spec.default)), name
+
+
+@pytest.mark.parametrize("path, decoders", [(("infer-teacher",), INFER_DECODERS),
+                                            (("train-student",), TRAIN_DECODERS),
+                                            (("eval",), TRAIN_DECODERS)])
+def test_decoder_choices_are_the_configs(path, decoders):
+    assert tuple(options(command(*path))["decoder"].type.choices) == decoders
+
+
+def test_shared_device_option_agrees_with_both_configs():
+    assert cli_options.DEVICES == INFER_DEVICES == TRAIN_DEVICES
+    for config in (InferConfig, TrainConfig, QuickstartConfig):
+        assert cli_options.config_field(config, "device").default == "auto"
+
+
+def test_loss_choices_are_the_losses_the_trainer_knows():
+    from student_train.losses import LOSSES
+
+    choices = cli_options.config_field(TrainConfig, "loss").metadata["choices"]
+    assert tuple(LOSSES) == tuple(choices)
+    assert tuple(options(command("train-student"))["loss"].type.choices) == tuple(choices)
+
+
+# commands without a config: the options that are a keyword of the function they call
+FUNCTION_COMMANDS = [
+    (("prepare", "digits"), prepare_digits, set()),
+    (("prepare", "fashion-mnist"), prepare_fashion_mnist, set()),
+    (("dedup",), labelstore.dedup, {"out", "report_thresholds"}),  # "-" = stdout; repeated
+    (("select-topk",), labelstore.select_topk, set()),
+    (("ensemble",), labelstore.ensemble, set()),
+    (("inspect",), inspect_store, set()),
+    (("verify",), labelstore.verify, set()),  # the structure check's tolerances
+]
+
+
+@pytest.mark.parametrize("path, function, own_default", FUNCTION_COMMANDS,
+                         ids=lambda v: " ".join(v) if isinstance(v, tuple) else None)
+def test_option_defaults_are_the_library_functions(path, function, own_default):
+    cmd, parameters = command(*path), inspect.signature(function).parameters
+    matched = 0
+    for name, option in options(cmd).items():
+        if name not in parameters or name in SHARED or name in own_default or option.required:
+            continue
+        default = parameters[name].default
+        assert option.default == default or (default is None and option.default is NO_DEFAULT), name
+        shown = re.search(r"\[default: ([^\]]*)\]", help_text(cmd, option))
+        assert bool(shown) == (not unset(default)), name
+        matched += 1
+    assert matched >= 1
+
+
+def _all_commands(group: click.Group = cli.ssld):
+    for cmd in group.commands.values():
+        if isinstance(cmd, click.Group):
+            yield from _all_commands(cmd)
+        else:
+            yield cmd
+
+
+def _made_by(decorator) -> click.Option:
+    @click.command()
+    @decorator
+    def probe(**kwargs):
+        pass
+
+    return probe.params[0]
+
+
+@pytest.mark.parametrize("name", sorted(SHARED))
+def test_shared_options_are_one_definition_on_every_command(name):
+    wanted = _made_by(SHARED[name]).to_info_dict()
+    users = [cmd for cmd in _all_commands() if name in options(cmd)]
+    assert len(users) >= 2, name
+    for cmd in users:
+        assert options(cmd)[name].to_info_dict() == wanted, (cmd.name, name)
+
+
+def test_shared_options_are_spelled_only_in_cli_options():
+    modules = [REPO / "cli.py", *REPO.glob("*/_*cli.py")]
+    assert len(modules) >= 8
+    for flag in ("--overwrite", "--threads", "--device", "--json"):
+        spelled = [path.name for path in modules if f'"{flag}"' in path.read_text()]
+        assert spelled == [], flag
+    assert '"--overwrite"' in (REPO / "labelstore" / "cli_options.py").read_text()
+
+
+def test_config_option_reads_default_choices_and_help_from_the_field():
+    @dataclasses.dataclass
+    class Config:
+        name: str
+        colour: str = dataclasses.field(default="red", metadata={
+            "choices": ("red", "blue"), "help": "The colour."})
+        count: int = 0
+        limit: int | None = None
+
+    @click.command()
+    @cli_options.config_option(Config, "name", required=True)
+    @cli_options.config_option(Config, "colour")
+    @cli_options.config_option(Config, "count", help="How many.")
+    @cli_options.config_option(Config, "limit", type=int)
+    def probe(**kwargs):
+        click.echo(repr(Config(**kwargs)))
+
+    opts = options(probe)
+    assert opts["colour"].type.choices == ("red", "blue")
+    assert "The colour." in help_text(probe, opts["colour"])
+    assert "[default: red]" in help_text(probe, opts["colour"])
+    assert "[default: 0]" in help_text(probe, opts["count"])      # 0 is shown, None is not
+    assert "default" not in help_text(probe, opts["limit"])
+    result = CliRunner().invoke(probe, ["--name", "x", "--colour", "blue"])
+    assert result.output.strip().endswith("(name='x', colour='blue', count=0, limit=None)")
+    assert CliRunner().invoke(probe, ["--name", "x", "--colour", "green"]).exit_code == 2
+    with pytest.raises(ValueError, match="no field 'size'"):
+        cli_options.config_option(Config, "size")
+
+
+def test_only_rank_0_prints_the_summary(monkeypatch, capsys, one_torch_thread):
+    import teacher_infer
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # --threads sets it; restored after
+    monkeypatch.setattr(teacher_infer, "run", lambda cfg: f"labelled {cfg.data}")
+    args = ["infer-teacher", "--model", "resnet18", "--random-weights", "--data", "d",
+            "--out", "o.zarr"]
+    monkeypatch.setenv("RANK", "1")
+    assert cli.main(args) == 0
+    assert capsys.readouterr().out == ""
+    monkeypatch.setenv("RANK", "0")
+    assert cli.main(args) == 0
+    assert capsys.readouterr().out == "labelled d\n"
