@@ -256,12 +256,13 @@ def collect_rows(stores: Sequence[LabelStore], per_store: Sequence[np.ndarray],
         keys += prefixed(data["keys"], prefix)
         labels.append(data["labels"])
     keep = first_occurrences(keys) if len(stores) > 1 else np.ones(len(keys), dtype=bool)
+    dropped = int((~keep).sum())
     bounds = np.cumsum([0] + [len(rows) for rows in per_store])
     return OutputRows(
         per_store=[np.asarray(rows)[keep[a:b]] for rows, a, b in
                    zip(per_store, bounds[:-1], bounds[1:])],
-        keys=[key for key, kept in zip(keys, keep) if kept],
-        labels=np.concatenate(labels)[keep], dropped=int((~keep).sum()))
+        keys=[key for key, kept in zip(keys, keep) if kept] if dropped else keys,
+        labels=np.concatenate(labels)[keep], dropped=dropped)
 
 
 def write_store(out: Any, stores: Sequence[LabelStore], rows: OutputRows, attrs: dict, *,

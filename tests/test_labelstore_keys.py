@@ -97,3 +97,22 @@ def test_label_chunks_are_the_bytes_zarr_writes(tmp_path):
             copy[lo:lo + rows] = original[lo:lo + rows]
         assert chunk_files(str(tmp_path / "again.zarr"), spec.name) == \
             chunk_files(path, spec.name), spec.name
+
+
+@pytest.mark.parametrize("keys,match", [
+    (["b", "a", "c", "a"], "duplicate key 'a' at rows 1 and 3"),      # unsorted: the set
+    (["a", "b", "b"], "duplicate key 'b' at rows 1 and 2"),          # sorted but not strictly
+    (["ä", "\u3000x"], "at row 1 starts or ends with whitespace"),   # non-ASCII: key by key
+    (["a", "b\x7f"], "at row 1 contains the control character"),     # ASCII: on the bytes
+    (["a", "b", "c "], "at row 2 starts or ends with whitespace"),
+])
+def test_key_checks_on_joined_bytes_and_key_by_key_agree(keys, match):
+    with pytest.raises(ValueError, match=match):
+        fmt.check_keys(keys)
+
+
+def test_checked_keys_are_joined_as_stored():
+    keys = ["a/1.jpg", "a/2.jpg", "b/ü.jpg"]
+    joined = fmt.check_keys(np.array(keys, dtype=object))
+    assert joined.raw == b"a/1.jpg\na/2.jpg\nb/\xc3\xbc.jpg\n" and not joined.ascii
+    assert joined.fingerprint() == fmt.fingerprint(keys) and len(joined) == 3
