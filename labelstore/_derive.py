@@ -7,7 +7,7 @@ They agree on three things, kept here so they cannot drift apart:
   ``dataset.root`` for the output, with each source's keys prefixed by the path of
   its root below that common root, so ``root + key`` still names the image file;
 - how rows are copied (:func:`copy_rows`): the stored values go through
-  ``LabelStoreWriter.write`` unchanged (uint16 boxes, float16 probs and embeddings
+  ``LabelStoreWriter.write_stored`` unchanged (uint16 boxes, float16 probs and embeddings
   are written back as they are), so a copied row is bit-identical to its source.
 """
 from __future__ import annotations
@@ -293,7 +293,7 @@ def copy_rows(writer, store: LabelStore, rows: np.ndarray, start: int, *,
     """
     for _, _, data in read_blocks(store, writer.row_arrays, rows=rows):
         n = len(data["indices"])
-        writer.write(start, **data)
+        writer.write_stored(start, data)
         start += n
         if progress is not None:
             progress.update(n)

@@ -256,8 +256,32 @@ class LabelStoreWriter:
         rows = fmt.check_rows({name: value for name, value in given.items() if value is not None},
                               num_views=self.num_views, topk=self.topk,
                               num_classes=self.num_classes, embedding_dim=self.embedding_dim)
+        self._place(int(start), rows)
+
+    def write_stored(self, start: int, rows: dict[str, np.ndarray]) -> None:
+        """Write rows ``[start, start + n)`` given as another store holds them (the stored
+        dtypes of every array in ``row_arrays``): the bit-exact copies of select-topk and
+        merge. Names, shapes and dtypes are checked; the value rules of :meth:`write`
+        are not run again: the rows passed them when first written, and their chunks'
+        checksums when read."""
+        if self._closed:
+            raise ValueError(f"writer for {self.path} is closed")
+        if set(rows) != set(self.row_arrays):
+            raise ValueError(f"write_stored needs exactly the arrays {sorted(self.row_arrays)}, "
+                             f"got {sorted(rows)}")
         n = len(rows["indices"])
-        start = int(start)
+        for name, value in rows.items():
+            array = self._arrays[name]
+            if value.shape != (n,) + tuple(array.shape[1:]) or value.dtype != array.dtype:
+                raise ValueError(f"{name} must be stored values of shape "
+                                 f"{(n,) + tuple(array.shape[1:])} and dtype {array.dtype}, got "
+                                 f"{value.shape} {value.dtype}")
+        self._place(int(start), rows)
+
+    def _place(self, start: int, rows: dict[str, np.ndarray]) -> None:
+        """Hand checked rows to their chunks: whole chunks are written at once, the rest
+        buffered until their chunk is complete."""
+        n = len(rows["indices"])
         if start < 0 or start + n > self._n:
             raise ValueError(f"rows [{start}, {start + n}) are out of range for a store of "
                              f"{self._n} rows")

@@ -116,3 +116,22 @@ def test_checked_keys_are_joined_as_stored():
     joined = fmt.check_keys(np.array(keys, dtype=object))
     assert joined.raw == b"a/1.jpg\na/2.jpg\nb/\xc3\xbc.jpg\n" and not joined.ascii
     assert joined.fingerprint() == fmt.fingerprint(keys) and len(joined) == 3
+
+
+def test_write_stored_takes_only_stored_values_of_every_array(tmp_path):
+    source = str(tmp_path / "a.zarr")
+    make_store(source, n=100, chunk_rows=32)
+    raw = {name: np.asarray(zarr.open_group(source, mode="r")[name][:])
+           for name in fmt.label_arrays()}
+    keys = labelstore.open(source).keys.tolist()
+    with labelstore.create(tmp_path / "b.zarr", keys=keys, num_classes=20, topk=4, views=2,
+                           chunk_rows=32) as writer:
+        with pytest.raises(ValueError, match="probs must be stored values of shape"):
+            writer.write_stored(0, {**raw, "probs": raw["probs"].astype(np.float32)})
+        with pytest.raises(ValueError, match="needs exactly the arrays"):
+            writer.write_stored(0, {name: raw[name] for name in raw if name != "flips"})
+        writer.write_stored(0, {name: value[:50] for name, value in raw.items()})
+        writer.write_stored(50, {name: value[50:] for name, value in raw.items()})
+    copy = zarr.open_group(str(tmp_path / "b.zarr"), mode="r")
+    for name, value in raw.items():
+        np.testing.assert_array_equal(copy[name][:], value, err_msg=name)
