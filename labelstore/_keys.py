@@ -209,13 +209,19 @@ def read(array, lo: int, hi: int) -> np.ndarray:
                                       for key in _chunk_keys(array, chunks)))
 
     vlen = VLenUTF8()
-    parts = []
-    for chunk, buffer in zip(chunks, sync(get_all())):
+
+    def decode(chunk: int, buffer) -> np.ndarray:
         size = min(rows, array.shape[0] - chunk * rows)
         if buffer is None:  # never written (stores before the integrity attribute)
-            parts.append(np.full(size, array.metadata.fill_value or "", dtype=object))
-        else:
-            parts.append(vlen.decode(codecs.decode(buffer.to_bytes()))[:size])
+            return np.full(size, array.metadata.fill_value or "", dtype=object)
+        return vlen.decode(codecs.decode(buffer.to_bytes()))[:size]
+
+    buffers = sync(get_all())
+    if len(buffers) == 1:
+        parts = [decode(chunks[0], buffers[0])]
+    else:  # Blosc and crc32c release the GIL: two chunks decompress at once
+        with ThreadPoolExecutor(THREADS) as pool:
+            parts = list(pool.map(decode, chunks, buffers))
     keys = np.concatenate(parts)
     first = chunks[0] * rows
     return keys[lo - first:hi - first]
