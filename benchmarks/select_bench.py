@@ -16,8 +16,10 @@ measurement runs in a fresh process so that its peak RSS (``VmHWM``) is its own:
 - select-topk: the whole command — rank, gather keys, write the output store;
 - create: ``labelstore.create`` alone with the selected store's keys and labels (the
   key check, the fingerprint, the ``keys`` and ``labels`` arrays), keys read untimed;
-- merge: ``labelstore.merge`` of a 1,000,000-row "train" store (generated once, other
-  keys) and the selected store — keys of both, duplicate check, every row copied;
+- compress: the floor of writing the selected store — Blosc + crc32c of its chunks'
+  bytes with each array's codec settings, two threads (nothing read or written timed);
+- merge: ``labelstore.merge`` of a "train" store of min(1,000,000, rows / 5) rows
+  (generated once, other keys) and the selected store — keys of both, duplicate check, every row copied;
 - pandas: a straightforward groupby/nlargest over the exploded (row, class, prob) table.
 
 ``--profile DIR`` also runs the whole command once more under cProfile and writes the
@@ -118,6 +120,45 @@ def run_create(path: str, k: int, workdir: str):
     return len(keys), time.perf_counter() - start
 
 
+def run_compress(path: str, k: int, workdir: str):
+    """The floor of writing the selected store: Blosc + crc32c (each array's own codec
+    settings) of every chunk's bytes, two threads; reading and the keys' vlen layout are
+    done first and not counted."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import google_crc32c
+    import numcodecs
+
+    group = labelstore.open(os.path.join(workdir, "selected.zarr"))._group
+    jobs = []
+    for name in group.array_keys():
+        array = group[name]
+        blosc = [c.to_dict()["configuration"] for c in array.metadata.codecs
+                 if c.to_dict()["name"] == "blosc"]
+        if not blosc:
+            continue
+        config = blosc[0]
+        codec = numcodecs.Blosc(cname=config["cname"], clevel=config["clevel"],
+                                shuffle={"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[
+                                    config["shuffle"]], typesize=config["typesize"])
+        values = np.asarray(array[:], dtype=object if name == "keys" else None)
+        rows = array.chunks[0]
+        for lo in range(0, len(values), rows):
+            chunk = values[lo:lo + rows]
+            raw = (numcodecs.VLenUTF8().encode(chunk) if name == "keys"
+                   else np.ascontiguousarray(chunk).tobytes())
+            jobs.append((codec, raw))
+
+    def compress(job):
+        codec, raw = job
+        return google_crc32c.value(bytes(codec.encode(raw)))
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(compress, jobs))
+    return time.perf_counter() - start, sum(len(raw) for _, raw in jobs)
+
+
 def run_merge(path: str, k: int, workdir: str):
     out = os.path.join(workdir, "merged.zarr")
     return labelstore.merge([os.path.join(workdir, "train.zarr"),
@@ -150,6 +191,7 @@ JOBS = {
                                         "parts": res.seconds}),
     "create": (run_create, lambda res: {"rows": res[0], "create_s": res[1]}),
     "merge": (run_merge, lambda res: {"rows": res.rows_written}),
+    "compress": (run_compress, lambda res: {"compress_s": res[0], "bytes": res[1]}),
     "pandas": (run_pandas, lambda picks: {"picks": len(picks[1]), "digest": digest(*picks)}),
 }
 
@@ -231,7 +273,8 @@ def main() -> None:
         print(f"  generated and written in {seconds:.1f} s")
     train = os.path.join(workdir, "train.zarr")
     if not (os.path.isdir(train) and labelstore.open(train).is_complete):
-        generate(train, 1_000_000, args.classes, args.topk, prefix="train")
+        generate(train, min(1_000_000, max(1, args.rows // 5)), args.classes, args.topk,
+                 prefix="train")
     keys = labelstore.open(path).keys
     picked = np.random.default_rng(1).choice(len(keys), 4511, replace=False)
     with open(os.path.join(workdir, "exclude.tsv"), "w") as handle:
@@ -252,6 +295,7 @@ def main() -> None:
     shutil.rmtree(os.path.join(workdir, "selected.zarr"), ignore_errors=True)
     selected = measure("select", *shared)
     created = measure("create", *shared)
+    compressed = measure("compress", *shared)
     shutil.rmtree(os.path.join(workdir, "merged.zarr"), ignore_errors=True)
     merged = measure("merge", *shared)
     if args.profile:
@@ -274,7 +318,7 @@ def main() -> None:
             ("select-topk command (ranking + gather keys + write output store)", selected),
             (f"labelstore.create with {created['rows']:,} keys (create only: "
              f"{created['create_s']:.2f} s)", created),
-            (f"merge of a 1,000,000-row store and the selected one ({merged['rows']:,} rows)",
+            (f"merge of a train store and the selected one ({merged['rows']:,} rows)",
              merged)]
     if naive is not None:
         rows.append(("pandas groupby/nlargest reference (read + explode + nlargest)", naive))
@@ -283,6 +327,10 @@ def main() -> None:
               f"{res['peak_rss_mib']:,.0f} MiB |")
     parts = ", ".join(f"{name} {value:.2f} s" for name, value in selected["parts"].items())
     print(f"\nselect-topk command, by part: {parts}")
+    print(f"compression floor of the selected store: Blosc + crc32c of its "
+          f"{compressed['bytes'] / 1e6:,.0f} MB of chunk bytes (keys and label arrays), 2 "
+          f"threads: {compressed['compress_s']:.2f} s = {compressed['compress_s'] / f:.2f}× the "
+          "read floor")
     if naive is not None:
         same = naive["digest"] == ranked["digest"] and naive["picks"] == ranked["picks"]
         print(f"\npandas picks the same (class, row) pairs: {same}; ranking speedup over pandas: "
