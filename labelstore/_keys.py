@@ -2,7 +2,7 @@
 
 zarr stores ``keys`` with the ``vlen-utf8`` codec: a chunk of m keys is a little-endian uint32
 count m, then per key its uint32 UTF-8 length and its bytes; then the array's bytes codecs
-(Blosc, crc32c) as its metadata lists them. Through zarr a write converts every key between
+(Blosc, crc32c) as its metadata lists them (applied by ``_chunks``). Through zarr a write converts every key between
 numpy string dtypes and Python objects several times and encodes it one by one, about 1 µs
 per key; here all keys are joined and encoded once (one C call) and each chunk is laid out
 with a few numpy operations, then compressed and checksummed with the codecs of the array's
@@ -15,14 +15,14 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
-_SHUFFLES = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
+from ._chunks import THREADS, BytesCodecs, chunk_keys, put
+
 _NEWLINE = 10
 _PRINTABLE_ASCII = bytes(range(0x20, 0x7F)) + b"\n"
-THREADS = 2   # chunks compressed at once (Blosc runs without its own threads under zarr)
 
 
 @dataclass(frozen=True)
@@ -88,53 +88,7 @@ class JoinedKeys:
         return out.tobytes() + bytes(4 * (size - m))   # padding: entries of length 0
 
 
-class _BytesCodecs:
-    """The bytes-to-bytes codecs of an array's metadata (Blosc, crc32c), applied in order
-    on write and in reverse on read, as zarr applies them."""
-
-    def __init__(self, codecs: Sequence[Any]):
-        import google_crc32c
-        import numcodecs
-        from zarr.codecs import BloscCodec, Crc32cCodec
-
-        self._crc32c = google_crc32c
-        self._steps = []
-        for codec in codecs:
-            if isinstance(codec, BloscCodec):
-                config = codec.to_dict()["configuration"]
-                blosc = numcodecs.Blosc(cname=config["cname"], clevel=config["clevel"],
-                                        shuffle=_SHUFFLES[config["shuffle"]],
-                                        blocksize=config["blocksize"],
-                                        typesize=config["typesize"])
-                self._steps.append(("blosc", blosc))
-            elif isinstance(codec, Crc32cCodec):
-                self._steps.append(("crc32c", None))
-            else:
-                raise TypeError(f"no fast path for codec {codec!r}")
-
-    def encode(self, data: bytes) -> bytes:
-        for kind, codec in self._steps:
-            if kind == "blosc":
-                data = bytes(codec.encode(np.frombuffer(data, dtype=np.uint8)))
-            else:
-                data = data + np.array([self._crc32c.value(data)], dtype=np.uint32).tobytes()
-        return data
-
-    def decode(self, data: bytes) -> bytes:
-        for kind, codec in reversed(self._steps):
-            if kind == "blosc":
-                data = bytes(codec.decode(data))
-            else:
-                inner, stored = data[:-4], data[-4:]
-                computed = np.array([self._crc32c.value(inner)], dtype=np.uint32).tobytes()
-                if computed != stored:
-                    raise ValueError(f"Stored and computed checksum do not match. Stored: "
-                                     f"{stored!r}. Computed: {computed!r}.")
-                data = inner
-        return data
-
-
-def _fast_codecs(array) -> _BytesCodecs | None:
+def _fast_codecs(array) -> BytesCodecs | None:
     """The array's bytes codecs when its chunks can take the fast path, else None."""
     from zarr.codecs import VLenUTF8Codec
 
@@ -145,15 +99,9 @@ def _fast_codecs(array) -> _BytesCodecs | None:
     if not codecs or not isinstance(codecs[0], VLenUTF8Codec):
         return None
     try:
-        return _BytesCodecs(codecs[1:])
+        return BytesCodecs(codecs[1:])
     except TypeError:
         return None
-
-
-def _chunk_keys(array, chunks: Sequence[int]) -> list[str]:
-    path = array.store_path.path
-    prefix = f"{path}/" if path else ""
-    return [prefix + array.metadata.encode_chunk_key((int(chunk),)) for chunk in chunks]
 
 
 def write(array, keys: JoinedKeys) -> None:
@@ -164,23 +112,13 @@ def write(array, keys: JoinedKeys) -> None:
     if codecs is None:
         array[:] = np.array(_split(keys), dtype=object)
         return
-    from zarr.core.buffer import default_buffer_prototype
-    from zarr.core.sync import sync
-
     rows = int(array.chunks[0])
     count = (len(keys) + rows - 1) // rows
     with ThreadPoolExecutor(THREADS) as pool:
         encoded = list(pool.map(
             lambda c: codecs.encode(keys.chunk(c * rows, min((c + 1) * rows, len(keys)), rows)),
             range(count)))
-    store = array.store_path.store
-    prototype = default_buffer_prototype()
-
-    async def put_all() -> None:
-        await asyncio.gather(*(store.set(key, prototype.buffer.from_bytes(data))
-                               for key, data in zip(_chunk_keys(array, range(count)), encoded)))
-
-    sync(put_all())
+    put(array, range(count), encoded)
 
 
 def _split(keys: JoinedKeys) -> list[str]:
@@ -206,7 +144,7 @@ def read(array, lo: int, hi: int) -> np.ndarray:
 
     async def get_all():
         return await asyncio.gather(*(store.get(key, prototype=prototype)
-                                      for key in _chunk_keys(array, chunks)))
+                                      for key in chunk_keys(array, chunks)))
 
     vlen = VLenUTF8()
 

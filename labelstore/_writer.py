@@ -17,6 +17,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import zarr
 
+from . import _chunks
 from . import _format as fmt
 from . import _keys
 from ._paths import exists, local_path, remove_store
@@ -202,6 +203,7 @@ class LabelStoreWriter:
         # what ``write`` stores, by schema name (the label arrays, embeddings if created with)
         self.row_arrays = tuple(name for name in self._arrays if name != "done")
         self._pool = ThreadPoolExecutor(len(self.row_arrays), thread_name_prefix="ssld-write")
+        self._codecs: dict[int, tuple] = {}
         self._buffers: dict[int, dict[str, np.ndarray]] = {}
         self._filled: dict[int, np.ndarray] = {}
         self._closed = False
@@ -316,12 +318,24 @@ class LabelStoreWriter:
             del self._filled[chunk]
             self._flush(chunk, chunk + 1, self._buffers.pop(chunk))
 
+    def _codecs_of(self, array) -> "_chunks.BytesCodecs | None":
+        """The array's codecs when ``_chunks`` can write its chunks (cached per handle)."""
+        cached = self._codecs.get(id(array))
+        if cached is None or cached[0] is not array:
+            cached = self._codecs[id(array)] = (array, _chunks.numeric_codecs(array))
+        return cached[1]
+
     def _flush(self, first: int, stop: int, data: dict[str, np.ndarray]) -> None:
         """Write chunks [first, stop) of every array, then their done flags."""
         lo, hi = self.chunk_range(first)[0], self.chunk_range(stop - 1)[1]
 
         def put(name: str) -> None:
-            self._arrays[name][lo:hi] = data[name]
+            array = self._arrays[name]
+            codecs = self._codecs_of(array)
+            if codecs is not None:  # zarr's bytes, without zarr's per-chunk layers
+                _chunks.write_rows(array, codecs, lo, data[name])
+            else:
+                array[lo:hi] = data[name]
 
         # All arrays at once: zarr compresses their chunks concurrently (Blosc in threads)
         # instead of one array's chunks after the other's.
