@@ -19,7 +19,8 @@ measurement runs in a fresh process so that its peak RSS (``VmHWM``) is its own:
 - compress: the floor of writing the selected store — Blosc + crc32c of its chunks'
   bytes with each array's codec settings, two threads (nothing read or written timed);
 - merge: ``labelstore.merge`` of a "train" store of min(1,000,000, rows / 5) rows
-  (generated once, other keys) and the selected store — keys of both, duplicate check, every row copied;
+  (generated once, other keys) and the selected store — keys of both, duplicate check,
+  every row copied;
 - pandas: a straightforward groupby/nlargest over the exploded (row, class, prob) table.
 
 ``--profile DIR`` also runs the whole command once more under cProfile and writes the

@@ -16,8 +16,8 @@ def export_hdf5(store, out: str, rows: slice | None = None, *, overwrite: bool =
     """Write ``store`` rows to ``out`` (HDF5) and return the number of rows written.
 
     Datasets carry the store's names and stored dtypes (``boxes`` as float32
-    fractions; one dataset per array of ``_format.SCHEMA`` but ``done``); group attributes are the store's, JSON-encoded where they are not
-    scalars. Written to a temporary name and renamed, so a failed export leaves
+    fractions; one dataset per array of ``_format.SCHEMA`` but ``done``); group
+    attributes are the store's, JSON-encoded where they are not scalars. Written to a temporary name and renamed, so a failed export leaves
     no half-file behind. Rows of an unfinished store that are not written yet are
     refused unless ``allow_incomplete`` (they are exported with ``valid=False``).
     """
