@@ -1,7 +1,7 @@
 """select-topk at scale: wall time vs the read floor, a pandas reference, peak memory.
 
 Run:  python benchmarks/select_bench.py [--rows 5000000] [--k 5000] [--classes 1000]
-                                        [--workdir DIR] [--skip-pandas]
+                                        [--workdir DIR] [--skip-pandas] [--profile DIR]
 
 A pool store of ``--rows`` teacher-like rows (k = 10 stored, one view, skewed class
 popularity ∝ 1/rank^0.6 — the top class is ~25× the rarest; keys in sorted path order,
@@ -14,7 +14,17 @@ measurement runs in a fresh process so that its peak RSS (``VmHWM``) is its own:
 - rank: ``select-topk``'s streaming selection (``labelstore._select.rank``);
 - rank + exclude: the same with an exclude list of 4,511 keys (keys are then read too);
 - select-topk: the whole command — rank, gather keys, write the output store;
+- create: ``labelstore.create`` alone with the selected store's keys and labels (the
+  key check, the fingerprint, the ``keys`` and ``labels`` arrays), keys read untimed;
+- compress: the floor of writing the selected store — Blosc + crc32c of its chunks'
+  bytes with each array's codec settings, two threads (nothing read or written timed);
+- merge: ``labelstore.merge`` of a "train" store of min(1,000,000, rows / 5) rows
+  (generated once, other keys) and the selected store — keys of both, duplicate check,
+  every row copied;
 - pandas: a straightforward groupby/nlargest over the exploded (row, class, prob) table.
+
+``--profile DIR`` also runs the whole command once more under cProfile and writes the
+stats (``select.prof``) and the top functions by cumulative time (``select.txt``) there.
 
 The pandas result is checked to pick exactly the same (class, row) pairs.
 """
@@ -41,7 +51,7 @@ from labelstore import _select  # noqa: E402
 PIECE = 1_000_000   # rows per call of the generator (its keys are numbered per call)
 
 
-def generate(path: str, rows: int, classes: int, topk: int) -> float:
+def generate(path: str, rows: int, classes: int, topk: int, prefix: str = "p") -> float:
     """Write the pool store; returns seconds.
 
     Rows are stored in sorted key order, as ``infer-teacher`` writes a folder (it walks
@@ -51,9 +61,9 @@ def generate(path: str, rows: int, classes: int, topk: int) -> float:
     start = time.perf_counter()
     keys, parts = [], []
     for piece, lo in enumerate(range(0, rows, PIECE)):
-        piece_keys, _, indices, probs, boxes = teacher_like_rows(min(PIECE, rows - lo), topk,
-                                                                 classes, seed=piece)
-        keys += [f"p{piece}/{key}" for key in piece_keys]   # unique across pieces
+        piece_keys, _, indices, probs, boxes = teacher_like_rows(
+            min(PIECE, rows - lo), topk, classes, seed=piece + (100 if prefix != "p" else 0))
+        keys += [f"{prefix}{piece}/{key}" for key in piece_keys]   # unique across pieces
         parts.append((indices.astype(np.uint16), probs.astype(np.float16), boxes))
     order = np.asarray(sorted(range(rows), key=keys.__getitem__))
     keys = [keys[i] for i in order]
@@ -99,6 +109,63 @@ def run_select(path: str, k: int, workdir: str):
     return labelstore.select_topk(path, k, os.path.join(workdir, "selected.zarr"))
 
 
+def run_create(path: str, k: int, workdir: str):
+    """Times ``create`` only (returns its seconds); reading the keys is not counted."""
+    source = labelstore.open(os.path.join(workdir, "selected.zarr"))
+    keys, labels = source.keys, source.labels
+    out = os.path.join(workdir, "created.zarr")
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    labelstore.create(out, keys=keys, num_classes=source.num_classes, topk=source.topk,
+                      labels=labels, attrs={"dataset": {"root": "/data/pool"}}).close()
+    return len(keys), time.perf_counter() - start
+
+
+def run_compress(path: str, k: int, workdir: str):
+    """The floor of writing the selected store: Blosc + crc32c (each array's own codec
+    settings) of every chunk's bytes, two threads; reading and the keys' vlen layout are
+    done first and not counted."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import google_crc32c
+    import numcodecs
+
+    group = labelstore.open(os.path.join(workdir, "selected.zarr"))._group
+    jobs = []
+    for name in group.array_keys():
+        array = group[name]
+        blosc = [c.to_dict()["configuration"] for c in array.metadata.codecs
+                 if c.to_dict()["name"] == "blosc"]
+        if not blosc:
+            continue
+        config = blosc[0]
+        codec = numcodecs.Blosc(cname=config["cname"], clevel=config["clevel"],
+                                shuffle={"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[
+                                    config["shuffle"]], typesize=config["typesize"])
+        values = np.asarray(array[:], dtype=object if name == "keys" else None)
+        rows = array.chunks[0]
+        for lo in range(0, len(values), rows):
+            chunk = values[lo:lo + rows]
+            raw = (numcodecs.VLenUTF8().encode(chunk) if name == "keys"
+                   else np.ascontiguousarray(chunk).tobytes())
+            jobs.append((codec, raw))
+
+    def compress(job):
+        codec, raw = job
+        return google_crc32c.value(bytes(codec.encode(raw)))
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(compress, jobs))
+    return time.perf_counter() - start, sum(len(raw) for _, raw in jobs)
+
+
+def run_merge(path: str, k: int, workdir: str):
+    out = os.path.join(workdir, "merged.zarr")
+    return labelstore.merge([os.path.join(workdir, "train.zarr"),
+                             os.path.join(workdir, "selected.zarr")], out)
+
+
 def run_pandas(path: str, k: int, workdir: str):
     import pandas as pd
 
@@ -123,6 +190,9 @@ JOBS = {
     "select": (run_select, lambda res: {"rows": res.rows_written,
                                         "classes_short": res.classes_short,
                                         "parts": res.seconds}),
+    "create": (run_create, lambda res: {"rows": res[0], "create_s": res[1]}),
+    "merge": (run_merge, lambda res: {"rows": res.rows_written}),
+    "compress": (run_compress, lambda res: {"compress_s": res[0], "bytes": res[1]}),
     "pandas": (run_pandas, lambda picks: {"picks": len(picks[1]), "digest": digest(*picks)}),
 }
 
@@ -140,20 +210,34 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _child(name: str, args: tuple, queue) -> None:
+def _child(name: str, args: tuple, queue, profile: str | None = None) -> None:
     run, describe = JOBS[name]
-    start = time.perf_counter()
-    result = run(*args)
-    seconds = time.perf_counter() - start
+    if profile:
+        import cProfile
+        import pstats
+
+        profiler = cProfile.Profile()
+        start = time.perf_counter()
+        result = profiler.runcall(run, *args)
+        seconds = time.perf_counter() - start
+        profiler.dump_stats(os.path.join(profile, f"{name}.prof"))
+        with open(os.path.join(profile, f"{name}.txt"), "w") as handle:
+            stats = pstats.Stats(profiler, stream=handle)
+            stats.sort_stats("cumulative").print_stats(45)
+            stats.sort_stats("tottime").print_stats(25)
+    else:
+        start = time.perf_counter()
+        result = run(*args)
+        seconds = time.perf_counter() - start
     peak = peak_rss_mib()
     queue.put({**describe(result), "seconds": seconds, "peak_rss_mib": peak})
 
 
-def measure(name: str, *args) -> dict:
+def measure(name: str, *args, profile: str | None = None) -> dict:
     """Run job ``name`` in a fresh (spawned) process; its time and peak RSS are its own."""
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(name, args, queue))
+    proc = ctx.Process(target=_child, args=(name, args, queue, profile))
     proc.start()
     out = queue.get()
     proc.join()
@@ -174,7 +258,10 @@ def main() -> None:
                         help="where the pool store is kept between runs (default: a temp dir)")
     parser.add_argument("--skip-pandas", action="store_true", help="skip the slow reference")
     parser.add_argument("--repeat", type=int, default=3, help="runs of floor and ranking (best)")
+    parser.add_argument("--profile", default=None,
+                        help="also profile the whole command once (cProfile) into this folder")
     args = parser.parse_args()
+    print("load: " + os.popen("uptime").read().strip())
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="ssld-select-bench-")
     os.makedirs(workdir, exist_ok=True)
@@ -185,6 +272,10 @@ def main() -> None:
         print(f"generating {args.rows:,} rows -> {path}")
         seconds = generate(path, args.rows, args.classes, args.topk)
         print(f"  generated and written in {seconds:.1f} s")
+    train = os.path.join(workdir, "train.zarr")
+    if not (os.path.isdir(train) and labelstore.open(train).is_complete):
+        generate(train, min(1_000_000, max(1, args.rows // 5)), args.classes, args.topk,
+                 prefix="train")
     keys = labelstore.open(path).keys
     picked = np.random.default_rng(1).choice(len(keys), 4511, replace=False)
     with open(os.path.join(workdir, "exclude.tsv"), "w") as handle:
@@ -204,6 +295,14 @@ def main() -> None:
     # not timed: removing an earlier output store (overwrite=True would time its deletion)
     shutil.rmtree(os.path.join(workdir, "selected.zarr"), ignore_errors=True)
     selected = measure("select", *shared)
+    created = measure("create", *shared)
+    compressed = measure("compress", *shared)
+    shutil.rmtree(os.path.join(workdir, "merged.zarr"), ignore_errors=True)
+    merged = measure("merge", *shared)
+    if args.profile:
+        os.makedirs(args.profile, exist_ok=True)
+        shutil.rmtree(os.path.join(workdir, "selected.zarr"), ignore_errors=True)
+        measure("select", *shared, profile=args.profile)
     naive = None if args.skip_pandas else measure("pandas", *shared)
 
     f = floor["seconds"]
@@ -217,7 +316,11 @@ def main() -> None:
     rows = [("floor: read indices + probs into RAM", floor),
             ("select-topk ranking (streaming, one pass)", ranked),
             ("ranking with --exclude (4,511 keys; reads keys too)", excluded),
-            ("select-topk command (ranking + gather keys + write output store)", selected)]
+            ("select-topk command (ranking + gather keys + write output store)", selected),
+            (f"labelstore.create with {created['rows']:,} keys (create only: "
+             f"{created['create_s']:.2f} s)", created),
+            (f"merge of a train store and the selected one ({merged['rows']:,} rows)",
+             merged)]
     if naive is not None:
         rows.append(("pandas groupby/nlargest reference (read + explode + nlargest)", naive))
     for name, res in rows:
@@ -225,6 +328,10 @@ def main() -> None:
               f"{res['peak_rss_mib']:,.0f} MiB |")
     parts = ", ".join(f"{name} {value:.2f} s" for name, value in selected["parts"].items())
     print(f"\nselect-topk command, by part: {parts}")
+    print(f"compression floor of the selected store: Blosc + crc32c of its "
+          f"{compressed['bytes'] / 1e6:,.0f} MB of chunk bytes (keys and label arrays), 2 "
+          f"threads: {compressed['compress_s']:.2f} s = {compressed['compress_s'] / f:.2f}× the "
+          "read floor")
     if naive is not None:
         same = naive["digest"] == ranked["digest"] and naive["picks"] == ranked["picks"]
         print(f"\npandas picks the same (class, row) pairs: {same}; ranking speedup over pandas: "

@@ -7,7 +7,7 @@ They agree on three things, kept here so they cannot drift apart:
   ``dataset.root`` for the output, with each source's keys prefixed by the path of
   its root below that common root, so ``root + key`` still names the image file;
 - how rows are copied (:func:`copy_rows`): the stored values go through
-  ``LabelStoreWriter.write`` unchanged (uint16 boxes, float16 probs and embeddings
+  ``LabelStoreWriter.write_stored`` unchanged (uint16 boxes, float16 probs and embeddings
   are written back as they are), so a copied row is bit-identical to its source.
 """
 from __future__ import annotations
@@ -145,9 +145,6 @@ def block_rows(store: LabelStore) -> int:
     return max(1, READ_ROWS // store.chunk_rows) * store.chunk_rows
 
 
-VIEW_ARRAYS = ("indices", "probs", "residual", "boxes", "flips")
-
-
 def spans(store: LabelStore, rows: np.ndarray | None = None,
           step: int | None = None) -> list[tuple[int, int, Any]]:
     """Read blocks of whole chunks as (lo, hi, rows in [lo, hi) or None).
@@ -182,14 +179,15 @@ def read_blocks(store: LabelStore, names: Sequence[str], *, rows: np.ndarray | N
     block is read in a background thread while the caller works on this one, so
     zarr's decompression overlaps the caller's numpy work.
     """
+    per_view = {spec.name for spec in fmt.SCHEMA if spec.per_view}
+
     # Same package: the reader's arrays, without dtype changes, damage reported by chunk.
     def read(span: tuple[int, int, Any]) -> tuple[int, int, dict[str, np.ndarray]]:
         lo, hi, subset = span
-        out = {}
-        for name in names:
-            value = store._get(name, (slice(lo, hi), view) if view is not None
-                               and name in VIEW_ARRAYS else slice(lo, hi))
-            out[name] = value if subset is None else value[subset - lo]
+        out = store._get_many({name: (slice(lo, hi), view) if view is not None
+                               and name in per_view else slice(lo, hi) for name in names})
+        if subset is not None:
+            out = {name: value[subset - lo] for name, value in out.items()}
         return lo, hi, out
 
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -258,12 +256,13 @@ def collect_rows(stores: Sequence[LabelStore], per_store: Sequence[np.ndarray],
         keys += prefixed(data["keys"], prefix)
         labels.append(data["labels"])
     keep = first_occurrences(keys) if len(stores) > 1 else np.ones(len(keys), dtype=bool)
+    dropped = int((~keep).sum())
     bounds = np.cumsum([0] + [len(rows) for rows in per_store])
     return OutputRows(
         per_store=[np.asarray(rows)[keep[a:b]] for rows, a, b in
                    zip(per_store, bounds[:-1], bounds[1:])],
-        keys=[key for key, kept in zip(keys, keep) if kept],
-        labels=np.concatenate(labels)[keep], dropped=int((~keep).sum()))
+        keys=[key for key, kept in zip(keys, keep) if kept] if dropped else keys,
+        labels=np.concatenate(labels)[keep], dropped=dropped)
 
 
 def write_store(out: Any, stores: Sequence[LabelStore], rows: OutputRows, attrs: dict, *,
@@ -279,26 +278,25 @@ def write_store(out: Any, stores: Sequence[LabelStore], rows: OutputRows, attrs:
             embedding_dim=dim) as writer, progress_bar(progress, len(rows.keys), desc) as bar:
         start = 0
         for store, local in zip(stores, rows.per_store):
-            start = copy_rows(writer, store, local, start, embeddings=dim is not None,
-                              progress=bar)
+            start = copy_rows(writer, store, local, start, progress=bar)
     return dim is not None
 
 
 def copy_rows(writer, store: LabelStore, rows: np.ndarray, start: int, *,
-              embeddings: bool, progress=None) -> int:
-    """Copy ``rows`` (sorted, unique) of ``store`` into ``writer`` from row ``start`` on.
+              progress=None) -> int:
+    """Copy ``rows`` (sorted, unique) of ``store`` into ``writer`` from row ``start`` on:
+    every array the writer stores (``writer.row_arrays``: the schema's label arrays, and
+    embeddings when the output has them).
 
     Stored values are passed through unchanged, so the copy is bit-exact. Returns
     the next free output row. ``progress`` is a tqdm bar advanced by rows copied.
     """
-    names = fmt.LABEL_ARRAYS + (("embeddings",) if embeddings else ())
-    for _, _, data in read_blocks(store, names, rows=rows):
-        writer.write(start, data["indices"], data["probs"], residual=data["residual"],
-                     boxes=data["boxes"], flips=data["flips"], valid=data["valid"],
-                     embeddings=data.get("embeddings"))
-        start += len(data["valid"])
+    for _, _, data in read_blocks(store, writer.row_arrays, rows=rows):
+        n = len(data["indices"])
+        writer.write_stored(start, data)
+        start += n
         if progress is not None:
-            progress.update(len(data["valid"]))
+            progress.update(n)
     return start
 
 

@@ -290,11 +290,15 @@ def _chunk(members: Sequence[LabelStore], weights: Sequence[float], rule: str, k
                      p["residual"][block, view]) for p in parts]
             top_i, top_p, rest = combine_top_k(tops, weights, rule, classes, k)
             indices[block, view], probs[block, view], residual[block, view] = top_i, top_p, rest
-    boxes = members[0]._get("boxes", slice(lo, hi))
-    flips = members[0]._get("flips", slice(lo, hi))
-    boxes[~valid], flips[~valid] = 0, False
-    return {"indices": indices, "probs": probs, "residual": residual, "boxes": boxes,
-            "flips": flips, "valid": valid}
+    out = {"indices": indices, "probs": probs, "residual": residual, "valid": valid}
+    # The rest (boxes, flips, any other label array) is what the members share (the same
+    # crops): the first member's, and its fill value on invalid rows (no box, no flip).
+    for spec in fmt.specs(label=True):
+        if spec.name not in out:
+            value = members[0]._get(spec.name, slice(lo, hi))
+            value[~valid] = spec.fill
+            out[spec.name] = value
+    return out
 
 
 def _smoothed(indices: np.ndarray, probs: np.ndarray, residual: np.ndarray, classes: int,

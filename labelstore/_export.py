@@ -16,8 +16,8 @@ def export_hdf5(store, out: str, rows: slice | None = None, *, overwrite: bool =
     """Write ``store`` rows to ``out`` (HDF5) and return the number of rows written.
 
     Datasets carry the store's names and stored dtypes (``boxes`` as float32
-    fractions); group attributes are the store's, JSON-encoded where they are not
-    scalars. Written to a temporary name and renamed, so a failed export leaves
+    fractions; one dataset per array of ``_format.SCHEMA`` but ``done``); group
+    attributes are the store's, JSON-encoded where they are not scalars. Written to a temporary name and renamed, so a failed export leaves
     no half-file behind. Rows of an unfinished store that are not written yet are
     refused unless ``allow_incomplete`` (they are exported with ``valid=False``).
     """
@@ -45,38 +45,53 @@ def export_hdf5(store, out: str, rows: slice | None = None, *, overwrite: bool =
                          "with valid=False")
     n = stop - start
     tmp = f"{out}.tmp-{os.getpid()}"
-    chunk = store.chunk_rows
     try:
         with h5py.File(tmp, "w") as h5:
             for key, value in store.attrs.items():
                 h5.attrs[key] = value if isinstance(value, (int, float, str, bool)) \
                     else json.dumps(value)
             h5.attrs["rows"] = json.dumps([start, stop])
-            h5.create_dataset("keys", data=np.asarray(store.keys[start:stop], dtype=object),
-                              dtype=h5py.string_dtype("utf-8"))
-            h5.create_dataset("labels", data=store.labels[start:stop])
-            V, k = store.num_views, store.topk
-            shapes = {"indices": ((V, k), fmt.index_dtype(store.num_classes)),
-                      "probs": ((V, k), np.float16), "residual": ((V,), np.float32),
-                      "boxes": ((V, 4), np.float32), "flips": ((V,), bool), "valid": ((), bool)}
-            if store.has_embeddings:
-                shapes["embeddings"] = ((store.embedding_dim,), np.float16)
-            sets = {name: h5.create_dataset(name, shape=(n,) + shape, dtype=dtype,
-                                            chunks=(min(n, chunk),) + shape, compression="gzip",
-                                            compression_opts=4, shuffle=True)
-                    for name, (shape, dtype) in shapes.items()}
-            for lo in range(start, stop, chunk):
-                hi = min(lo + chunk, stop)
-                part = store.read(slice(lo, hi))
-                for name, dset in sets.items():
-                    value = (store.read_embeddings(slice(lo, hi)) if name == "embeddings"
-                             else getattr(part, name))
-                    dset[lo - start:hi - start] = value.astype(dset.dtype)
+            _write_datasets(h5, store, start, stop)
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     return n
+
+
+def _write_datasets(h5, store, start: int, stop: int) -> None:
+    """One dataset per exported array of the schema, rows [start, stop): the arrays
+    ``create`` writes whole, the others in the store's chunks (gzip, shuffle)."""
+    import h5py
+
+    n, chunk = stop - start, store.chunk_rows
+    sets = {}
+    for spec in fmt.SCHEMA:
+        if spec.export is None or spec.name not in store._group:
+            continue
+        array = store._array(spec.name)
+        if spec.written == "create":
+            value = store._get(spec.name, slice(start, stop))
+            if spec.dtype == "str":
+                h5.create_dataset(spec.name, data=np.asarray(value, dtype=object),
+                                  dtype=h5py.string_dtype("utf-8"))
+            else:
+                h5.create_dataset(spec.name, data=value)
+            continue
+        tail = tuple(array.shape[1:])
+        dtype = _exported(spec, np.zeros((0,) + tail, dtype=array.dtype)).dtype
+        sets[spec] = h5.create_dataset(spec.name, shape=(n,) + tail, dtype=dtype,
+                                       chunks=(min(n, chunk),) + tail, compression="gzip",
+                                       compression_opts=4, shuffle=True)
+    for lo in range(start, stop, chunk):
+        hi = min(lo + chunk, stop)
+        for spec, dset in sets.items():
+            dset[lo - start:hi - start] = _exported(spec, store._get(spec.name, slice(lo, hi)))
+
+
+def _exported(spec: fmt.ArraySpec, stored: np.ndarray) -> np.ndarray:
+    """Stored values as exported: unchanged, or as ``read`` returns them (boxes as fractions)."""
+    return spec.read(stored) if spec.export == "read" else stored
 
 
 def unwritten_rows(store, start: int, stop: int) -> int:

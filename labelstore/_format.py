@@ -1,19 +1,22 @@
 """Format version 1 of the ssld label store: names, dtypes, codecs and checks.
 
-One place defines what the arrays are called, how they are typed and compressed,
-and how user input is validated, so the writer, the reader and the derived-store
-commands (select-topk, merge) cannot drift apart.
+One place defines what the arrays are called, how they are typed, shaped, chunked and
+compressed, how each is written, read and exported (:data:`SCHEMA`), and how user input
+is validated, so the writer, the reader, the derived-store commands (select-topk, merge,
+ensemble) and export cannot drift apart: they iterate the table instead of naming arrays.
 """
 from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import operator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from ._keys import JoinedKeys
 from ._text import KEY_RULE, first_bad_key
 
 FORMAT = "ssld.labelstore"
@@ -28,37 +31,103 @@ BOX_SCALE = 65535
 # Probabilities are float16 and the teacher's top-k sum can exceed 1 by rounding.
 PROB_SUM_TOLERANCE = 1e-3
 
-LABEL_ARRAYS = ("indices", "probs", "residual", "boxes", "flips", "valid")
+def dequantize_boxes(stored: np.ndarray) -> np.ndarray:
+    """uint16 grid → float32 fractions; ``dequantize(quantize(b))`` is what was stored."""
+    return (np.asarray(stored, dtype=np.float32) / np.float32(BOX_SCALE)).astype(np.float32)
 
 
 @dataclass(frozen=True)
 class ArraySpec:
-    """One array of the store: its dimension names (also zarr's ``dimension_names``, so
-    xarray opens a store as a labelled Dataset), stored dtype, fill value and codecs."""
+    """One array of the store. Every module that creates, checks, writes, reads, copies or
+    exports arrays iterates :data:`SCHEMA`, so a new field is one entry here (plus, if its
+    values have rules beyond shape and dtype, a check in :func:`check_rows`)."""
 
     name: str
-    dims: tuple[str, ...]      # sizes: row N, view V, rank k, box 4, feature D, chunk N/R
+    dims: tuple[str, ...]      # sizes: row N, view V, rank k, box 4, feature D, chunk N/R;
+    #                            also zarr's ``dimension_names`` (xarray opens stores labelled)
     dtype: Any                 # a numpy dtype, "str", or "index" (uint16 / int32 by C)
-    fill: Any
+    fill: Any                  # zarr's fill value; what ``write`` stores for a field not given
+    written: str = "rows"      # "rows": chunk by chunk through ``LabelStoreWriter.write``;
+    #                            "create": whole, by ``create`` from its arguments (keys,
+    #                            labels); "done": the per-chunk flags
+    read_as: Any = None        # rows arrays: the dtype ``LabelStore.read`` returns (or a
+    #                            function of the stored values); None: not part of read/load
+    export: str | None = "stored"  # HDF5 export: the "stored" values, the "read" ones, or None
     compress: bool = True
-    optional: bool = False     # only in stores created with it (embeddings)
+    optional: bool = False     # only in stores created with its size (embeddings: D)
+
+    @property
+    def per_row(self) -> bool:
+        """Indexed by row (chunked like the store), not by chunk."""
+        return self.dims[0] == "row"
+
+    @property
+    def per_view(self) -> bool:
+        """(row, view, ...): a single view can be sliced out."""
+        return self.dims[:2] == ("row", "view")
+
+    @property
+    def label(self) -> bool:
+        """Written with the teacher's rows and returned by ``read`` (held in RAM by ``load``)."""
+        return self.written == "rows" and self.read_as is not None
+
+    def shape(self, lengths: dict[str, int]) -> tuple[int, ...]:
+        return tuple(lengths[dim] for dim in self.dims)
+
+    def chunks(self, lengths: dict[str, int], chunk_rows: int) -> tuple[int, ...]:
+        """A row array has one zarr chunk per store chunk; done has one flag per zarr chunk."""
+        shape = self.shape(lengths)
+        return (min(chunk_rows, shape[0]),) + shape[1:] if self.per_row else (1,)
+
+    def present(self, lengths: dict[str, int]) -> bool:
+        """Whether a store with these dimension sizes has this array."""
+        return not self.optional or all(lengths[dim] for dim in self.dims)
+
+    def read(self, stored: np.ndarray) -> np.ndarray:
+        """Stored values as ``read`` returns them."""
+        if callable(self.read_as) and not isinstance(self.read_as, type):
+            return self.read_as(stored)
+        return stored.astype(self.read_as, copy=False)
 
 
 SCHEMA = (
-    ArraySpec("keys", ("row",), "str", ""),
-    ArraySpec("labels", ("row",), np.int32, -1),
-    ArraySpec("indices", ("row", "view", "rank"), "index", 0),
-    ArraySpec("probs", ("row", "view", "rank"), np.float16, 0),
-    ArraySpec("residual", ("row", "view"), np.float32, 1.0),
-    ArraySpec("boxes", ("row", "view", "box"), np.uint16, 0),
-    ArraySpec("flips", ("row", "view"), bool, False),
-    ArraySpec("valid", ("row",), bool, False),
+    ArraySpec("keys", ("row",), "str", "", written="create"),
+    ArraySpec("labels", ("row",), np.int32, -1, written="create"),
+    ArraySpec("indices", ("row", "view", "rank"), "index", 0, read_as=np.int64),
+    ArraySpec("probs", ("row", "view", "rank"), np.float16, 0, read_as=np.float32),
+    ArraySpec("residual", ("row", "view"), np.float32, 1.0, read_as=np.float32),
+    ArraySpec("boxes", ("row", "view", "box"), np.uint16, 0, read_as=dequantize_boxes,
+              export="read"),  # HDF5 readers get fractions, not the uint16 grid
+    ArraySpec("flips", ("row", "view"), bool, False, read_as=bool),
+    ArraySpec("valid", ("row",), bool, False, read_as=bool),
     ArraySpec("embeddings", ("row", "feature"), np.float16, 0, optional=True),
     # One flag per chunk, each in its own zarr chunk, so ranks never share a done-chunk.
-    ArraySpec("done", ("chunk",), bool, False, compress=False),
+    ArraySpec("done", ("chunk",), bool, False, written="done", compress=False, export=None),
 )
-ARRAY_NAMES = tuple(spec.name for spec in SCHEMA)
-ROW_ARRAYS = tuple(spec.name for spec in SCHEMA if spec.dims[0] == "row")
+
+
+def specs(*, written: str | None = None, label: bool | None = None) -> tuple[ArraySpec, ...]:
+    """The entries of :data:`SCHEMA` (read at call time) with the given properties."""
+    return tuple(entry for entry in SCHEMA
+                 if (written is None or entry.written == written)
+                 and (label is None or entry.label == label))
+
+
+def array_spec(name: str) -> ArraySpec:
+    """The :data:`SCHEMA` entry called ``name``."""
+    for entry in SCHEMA:
+        if entry.name == name:
+            return entry
+    raise KeyError(name)
+
+
+def label_arrays() -> tuple[str, ...]:
+    """Arrays ``read`` returns and ``load`` holds in RAM (indices, probs, residual, ...)."""
+    return tuple(entry.name for entry in specs(label=True))
+
+
+# Today's label arrays, fixed at import (the package itself calls ``label_arrays()``).
+LABEL_ARRAYS = label_arrays()
 
 # What stores written by this version guarantee (recorded in the ``integrity`` attribute):
 # every array's chunk is on storage once the chunk is done, fill values included, and
@@ -100,11 +169,6 @@ def quantize_boxes(boxes: np.ndarray) -> np.ndarray:
     """Round fractional boxes (y0, x0, h, w) to the uint16 grid the store keeps."""
     boxes = np.asarray(boxes, dtype=np.float64)
     return np.rint(np.clip(boxes, 0.0, 1.0) * BOX_SCALE).astype(np.uint16)
-
-
-def dequantize_boxes(stored: np.ndarray) -> np.ndarray:
-    """uint16 grid → float32 fractions; ``dequantize(quantize(b))`` is what was stored."""
-    return (np.asarray(stored, dtype=np.float32) / np.float32(BOX_SCALE)).astype(np.float32)
 
 
 def full_box() -> np.ndarray:
@@ -157,18 +221,29 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def check_keys(keys: Sequence[str]) -> np.ndarray:
-    keys = np.asarray([str(k) for k in keys], dtype=object)
-    if keys.ndim != 1 or len(keys) == 0:
-        raise ValueError(f"keys must be a non-empty 1-D list of strings, got {len(keys)} items")
-    empty = np.flatnonzero(keys == "")
+def check_keys(keys: Sequence[str]) -> JoinedKeys:
+    """The keys, checked (non-empty, fit for text files, unique), joined as stored."""
+    if isinstance(keys, np.ndarray) and keys.ndim != 1:
+        raise ValueError(f"keys must be a non-empty 1-D list of strings, got shape {keys.shape}")
+    keys = list(map(str, keys.tolist() if isinstance(keys, np.ndarray) else keys))
+    if len(keys) == 0:
+        raise ValueError("keys must be a non-empty 1-D list of strings, got 0 items")
+    try:
+        joined = JoinedKeys.of(keys)
+    except (ValueError, UnicodeEncodeError):  # a newline or a lone surrogate: reported below
+        joined = None
+    lengths = (joined.lengths() if joined is not None else
+               np.fromiter(map(len, keys), dtype=np.int64, count=len(keys)))
+    empty = np.flatnonzero(lengths == 0)
     if len(empty):
         raise ValueError(f"key at row {int(empty[0])} is empty")
-    bad = first_bad_key(keys.tolist())
+    # Printable ASCII keys are checked on the joined bytes; others key by key (regex).
+    bad = None if joined is not None and joined.plain_ascii() else first_bad_key(keys)
     if bad is not None:
         row, problem = bad
         raise ValueError(f"key {keys[row]!r} at row {row} {problem}; {KEY_RULE}")
-    if len(set(keys.tolist())) != len(keys):  # a set is ~6x faster than sorting str objects
+    # Sorted keys (a folder listing, a selection in pool order) are unique; a set else.
+    if not all(map(operator.lt, keys, keys[1:])) and len(set(keys)) != len(keys):
         first: dict[str, int] = {}
         duplicates = 0
         report = None
@@ -181,7 +256,7 @@ def check_keys(keys: Sequence[str]) -> np.ndarray:
         dup, a, b = report
         raise ValueError(f"duplicate key {dup!r} at rows {a} and {b} "
                          f"({duplicates} duplicate(s) in all)")
-    return keys
+    return joined if joined is not None else JoinedKeys.of(keys)
 
 
 def check_labels(labels: Any, n: int, num_classes: int) -> np.ndarray:
@@ -208,16 +283,73 @@ def _as_array(name: str, value: Any, shape: tuple, kinds: str, what: str) -> np.
     return array
 
 
-def check_rows(indices: Any, probs: Any, *, residual: Any, boxes: Any, flips: Any, valid: Any,
-               embeddings: Any, num_views: int, topk: int, num_classes: int,
+def check_rows(values: dict[str, Any], *, num_views: int, topk: int, num_classes: int,
                embedding_dim: int | None) -> dict[str, np.ndarray]:
-    """Validate one write and return the arrays in their stored dtypes."""
-    indices = np.asarray(indices)
+    """Validate one write (``values``: array name → rows given, ``indices`` and ``probs``
+    required) and return every array ``write`` stores, in its stored dtype.
+
+    The teacher's arrays have their own rules below; any other array of :data:`SCHEMA`
+    written with the rows gets the generic one (shape from its dims, dtype kind of its
+    stored dtype, its fill value when not given).
+    """
+    unknown = sorted(set(values) - {entry.name for entry in specs(written="rows")})
+    if unknown:
+        raise ValueError(f"no array {unknown[0]!r} in a label store "
+                         f"(writable: {', '.join(e.name for e in specs(written='rows'))})")
+    indices = np.asarray(values.get("indices"))
     if indices.ndim != 3:
         raise ValueError(f"indices must have shape (n, {num_views}, {topk}), got {indices.shape}")
     n = indices.shape[0]
+    out = _check_teacher_rows(indices, values, n=n, num_views=num_views, topk=topk,
+                              num_classes=num_classes)
+    lengths = sizes(rows=n, views=num_views, topk=topk, chunk_rows=1,
+                    embedding_dim=embedding_dim)
+    for entry in specs(written="rows"):
+        if entry.name in out:
+            continue
+        value = values.get(entry.name)
+        if not entry.present(lengths):
+            if value is not None:
+                raise ValueError(f"this store was created without {entry.name} "
+                                 f"(embedding_dim=None)")
+            continue
+        if value is None and entry.optional:  # a store that has it has it in every row
+            shape = "(" + ", ".join(_DIM_LETTERS.get(dim, dim) for dim in entry.dims) + ")"
+            raise ValueError(f"this store has {entry.name}: pass {entry.name}={shape} with "
+                             "every write")
+        out[entry.name] = _generic(entry, value, entry.shape(lengths), num_classes)
+    return out
+
+
+def _repeats(indices: np.ndarray) -> np.ndarray:
+    """(n, V) mask of the row-views whose top-k lists a class twice."""
+    ordered = np.sort(indices, axis=-1)
+    return (ordered[..., 1:] == ordered[..., :-1]).any(-1)
+
+
+_DIM_LETTERS = {"row": "n", "view": "V", "rank": "k", "feature": "D"}
+
+
+_KINDS = {"i": ("iu", "integers"), "u": ("iu", "integers"), "f": ("f", "floating point"),
+          "b": ("b", "boolean")}
+
+
+def _generic(entry: ArraySpec, value: Any, shape: tuple, num_classes: int) -> np.ndarray:
+    """The generic rule: the shape of its dims, a value of its dtype's kind, fill if absent."""
+    dtype = np.dtype(stored_dtype(entry, num_classes))
+    if value is None:
+        return np.full(shape, entry.fill, dtype=dtype)
+    kinds, what = _KINDS.get(dtype.kind, (dtype.kind, str(dtype)))
+    return _as_array(entry.name, value, shape, kinds, what).astype(dtype, copy=False)
+
+
+def _check_teacher_rows(indices: np.ndarray, values: dict[str, Any], *, n: int, num_views: int,
+                        topk: int, num_classes: int) -> dict[str, np.ndarray]:
+    """The rules of the teacher's arrays: class ids, probabilities, residual, boxes, flips."""
+    residual, boxes, flips, valid = (values.get(name) for name in
+                                     ("residual", "boxes", "flips", "valid"))
     indices = _as_array("indices", indices, (n, num_views, topk), "iu", "integer class ids")
-    probs = _as_array("probs", probs, (n, num_views, topk), "f", "floating point")
+    probs = _as_array("probs", values.get("probs"), (n, num_views, topk), "f", "floating point")
     if valid is None:
         valid = np.ones(n, dtype=bool)
     valid = _as_array("valid", valid, (n,), "b", "boolean")
@@ -227,11 +359,10 @@ def check_rows(indices: Any, probs: Any, *, residual: Any, boxes: Any, flips: An
         raise ValueError(f"class id {int(indices[tuple(where)])} at row {int(where[0])} view "
                          f"{int(where[1])} is outside [0, {num_classes})")
     if topk > 1 and n:
-        ordered = np.sort(indices[valid], axis=-1)
-        repeated = np.argwhere(ordered[..., 1:] == ordered[..., :-1])
+        repeated = np.argwhere(_repeats(indices) & valid[:, None])
         if len(repeated):
-            row = int(np.flatnonzero(valid)[repeated[0][0]])
-            raise ValueError(f"row {row} view {int(repeated[0][1])} repeats a class id in its top-k")
+            raise ValueError(f"row {int(repeated[0][0])} view {int(repeated[0][1])} repeats a "
+                             "class id in its top-k")
 
     probs64 = probs.astype(np.float64)
     if not np.all(np.isfinite(probs64)):
@@ -271,17 +402,7 @@ def check_rows(indices: Any, probs: Any, *, residual: Any, boxes: Any, flips: An
         flips = np.zeros((n, num_views), dtype=bool)
     flips = _as_array("flips", flips, (n, num_views), "b", "boolean")
 
-    out = {
-        "indices": indices.astype(index_dtype(num_classes)),
-        "probs": probs.astype(np.float16),
-        "residual": residual.astype(np.float32),
-        "boxes": stored_boxes,
-        "flips": flips.astype(bool),
-        "valid": valid.astype(bool),
-    }
-    if embeddings is not None:
-        if embedding_dim is None:
-            raise ValueError("this store was created without embeddings (embedding_dim=None)")
-        emb = _as_array("embeddings", embeddings, (n, embedding_dim), "f", "floating point")
-        out["embeddings"] = emb.astype(np.float16)
-    return out
+    stored = {"indices": indices, "probs": probs, "residual": residual, "boxes": stored_boxes,
+              "flips": flips, "valid": valid}
+    return {name: value.astype(stored_dtype(array_spec(name), num_classes), copy=False)
+            for name, value in stored.items()}

@@ -1,7 +1,8 @@
 """Opening and reading label stores."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from dataclasses import dataclass, field, fields
 from functools import cached_property
 from typing import Any
 
@@ -9,6 +10,7 @@ import numpy as np
 import zarr
 
 from . import _format as fmt
+from . import _keys
 from ._paths import exists, local_path
 from ._writer import LabelStoreWriter
 
@@ -29,9 +31,21 @@ class LabelSlice:
     boxes: np.ndarray      # (n, V, 4) float32 fractions (y0, x0, h, w)
     flips: np.ndarray      # (n, V) bool
     valid: np.ndarray      # (n,) bool
+    # label arrays of the schema beyond the ones above, by name; also read as attributes
+    more: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def __getattr__(self, name: str) -> np.ndarray:
+        more = self.__dict__.get("more") or {}
+        if name in more:
+            return more[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        """A label array by its schema name (``part["probs"]`` is ``part.probs``)."""
+        return getattr(self, name)
 
 
 def _open_group(path: Any, mode: str) -> zarr.Group:
@@ -76,18 +90,16 @@ def check_structure(group: zarr.Group, path: Any) -> None:
                             embedding_dim=attrs.get("embedding_dim"))
     except KeyError as exc:
         raise DamagedStoreError(f"label store {path} is damaged: {exc} is missing") from None
-    rows = min(int(attrs["chunk_rows"]), n)
     arrays = {}
     for spec in fmt.SCHEMA:
-        if spec.optional and not lengths["feature"]:
+        if not spec.present(lengths):
             continue
         try:  # by name: listing the group's members would warn about failed.txt
             array = arrays[spec.name] = group[spec.name]
         except KeyError:
             raise DamagedStoreError(f"label store {path} is damaged: array {spec.name!r} is "
                                     "missing") from None
-        shape = tuple(lengths[dim] for dim in spec.dims)
-        chunks = (rows,) + shape[1:] if spec.dims[0] == "row" else (1,)
+        shape, chunks = spec.shape(lengths), spec.chunks(lengths, int(attrs["chunk_rows"]))
         if tuple(array.shape) != shape or tuple(array.chunks) != chunks:
             raise DamagedStoreError(
                 f"label store {path} is damaged: array {spec.name!r} has shape "
@@ -131,10 +143,19 @@ def _read_array(path: Any, name: str, array: zarr.Array, selection: Any,
     """``array[selection]`` as numpy; a chunk that cannot be decoded (bad checksum,
     truncated, garbage) is a DamagedStoreError naming the array and the chunk."""
     try:
+        if not orthogonal and isinstance(selection, slice) and selection.step in (None, 1) \
+                and _is_strings(array):  # keys: chunks built by numpy, not key by key
+            lo, hi, _ = selection.indices(array.shape[0])
+            return _keys.read(array, lo, hi)
         return np.asarray(array.oindex[selection] if orthogonal else array[selection])
     except Exception as exc:  # noqa: BLE001 - zarr/numcodecs raise many kinds on bad bytes
         raise DamagedStoreError(f"label store {path} is damaged: {_bad_chunk(array, name)} "
                                 f"cannot be read ({type(exc).__name__}: {exc})") from None
+
+
+def _is_strings(array: zarr.Array) -> bool:
+    """A 1-D variable-length string array (``keys``)."""
+    return array.ndim == 1 and array.dtype.kind in "OT"
 
 
 def _bad_chunk(array: zarr.Array, name: str) -> str:
@@ -181,6 +202,30 @@ class LabelStore:
     def _get(self, name: str, selection: Any, orthogonal: bool = False) -> np.ndarray:
         """Stored values of one array; damage is a DamagedStoreError naming the chunk."""
         return _read_array(self.path, name, self._array(name), selection, orthogonal)
+
+    def _get_many(self, selections: dict[str, Any]) -> dict[str, np.ndarray]:
+        """Stored values of several arrays (name → basic selection) in one batch, so zarr
+        decodes all their chunks concurrently instead of array after array; damage is
+        reported as by :meth:`_get`."""
+        from zarr.core.sync import sync
+
+        batched = {name: selection for name, selection in selections.items()
+                   if not _is_strings(self._array(name))}   # keys take their own path
+
+        async def read_all() -> list:
+            return await asyncio.gather(*(self._array(name).async_array.getitem(selection)
+                                          for name, selection in batched.items()),
+                                        return_exceptions=True)
+
+        results = dict(zip(batched, sync(read_all()))) if batched else {}
+        out = {}
+        for name, selection in selections.items():
+            value = results.get(name)
+            if name in batched and not isinstance(value, BaseException):
+                out[name] = np.asarray(value)
+            else:  # keys, or an error to report with the chunk named
+                out[name] = self._get(name, selection)
+        return out
 
     # -- shape and metadata -------------------------------------------------
     def __len__(self) -> int:
@@ -274,7 +319,7 @@ class LabelStore:
         few million rows fit easily, and forked DataLoader workers share the pages.
         """
         if self._ram is None:
-            self._ram = {name: self._get(name, slice(None)) for name in fmt.LABEL_ARRAYS}
+            self._ram = {name: self._get(name, slice(None)) for name in fmt.label_arrays()}
         return self
 
     def in_memory(self) -> "LabelStore":
@@ -330,16 +375,11 @@ class LabelStore:
     def read(self, rows: Any) -> LabelSlice:
         """Rows (int, slice, 1-D int array or bool mask), returned in the order asked."""
         row_array, contiguous = self._rows(rows)
-        get = lambda name: self._fetch(name, row_array, contiguous)  # noqa: E731
-        return LabelSlice(
-            rows=row_array,
-            indices=get("indices").astype(np.int64),
-            probs=get("probs").astype(np.float32),
-            residual=get("residual").astype(np.float32, copy=False),
-            boxes=fmt.dequantize_boxes(get("boxes")),
-            flips=get("flips").astype(bool, copy=False),
-            valid=get("valid").astype(bool, copy=False),
-        )
+        values = {spec.name: spec.read(self._fetch(spec.name, row_array, contiguous))
+                  for spec in fmt.specs(label=True)}
+        named = {f.name for f in fields(LabelSlice)}
+        return LabelSlice(rows=row_array, **{k: v for k, v in values.items() if k in named},
+                          more={k: v for k, v in values.items() if k not in named})
 
     def read_embeddings(self, rows: Any) -> np.ndarray:
         """(n, D) float32 embeddings of view 0; ValueError when the store has none."""

@@ -160,7 +160,7 @@ def check_rows(store: LabelStore) -> list[str]:
     classes, k = store.num_classes, store.topk
     found = _Problems()
     invalid_rows = 0
-    names = fmt.LABEL_ARRAYS + ("labels",)
+    names = fmt.label_arrays() + ("labels",)
     try:
         if fmt.fingerprint(store.keys.tolist()) != (store.attrs.get("dataset") or {}).get(
                 "fingerprint"):

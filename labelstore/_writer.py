@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import zarr
 
+from . import _chunks
 from . import _format as fmt
+from . import _keys
 from ._paths import exists, local_path, remove_store
 
 
@@ -68,6 +71,26 @@ def create(path: Any, *, keys: Sequence[str], num_classes: int, topk: int, views
     >>> labelstore.open(path).dense(0).round(2)
     array([[0.7, 0.1, 0.2]], dtype=float32)
     """
+    num_classes, topk, views, chunk_rows, embedding_dim = _check_sizes(
+        num_classes, topk, views, chunk_rows, embedding_dim)
+    joined = fmt.check_keys(keys)
+    labels = fmt.check_labels(labels, len(joined), num_classes)
+    _clear(path, overwrite)
+    lengths = fmt.sizes(rows=len(joined), views=views, topk=topk, chunk_rows=chunk_rows,
+                        embedding_dim=embedding_dim)
+    # file:// URLs go to zarr as plain paths: its fsspec store does not create directories
+    local = local_path(path)
+    group = zarr.open_group(local if local is not None else path, mode="w")
+    arrays = _create_arrays(group, lengths, chunk_rows, num_classes)
+    _write_columns(arrays, {"keys": joined, "labels": labels})
+    group.attrs.update(_group_attrs(attrs, joined, num_classes=num_classes, topk=topk, views=views,
+                                    chunk_rows=chunk_rows, embedding_dim=embedding_dim))
+    return LabelStoreWriter(group, path)
+
+
+def _check_sizes(num_classes: Any, topk: Any, views: Any, chunk_rows: Any,
+                 embedding_dim: Any) -> tuple[int, int, int, int, int | None]:
+    """C, k, V, R and D as ints; ValueError naming the first one out of range."""
     num_classes, topk, views, chunk_rows = int(num_classes), int(topk), int(views), int(chunk_rows)
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
@@ -79,20 +102,29 @@ def create(path: Any, *, keys: Sequence[str], num_classes: int, topk: int, views
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     if embedding_dim is not None and int(embedding_dim) < 1:
         raise ValueError(f"embedding_dim must be >= 1, got {embedding_dim}")
-    keys = fmt.check_keys(keys)
-    n = len(keys)
-    labels = fmt.check_labels(labels, n, num_classes)
+    return num_classes, topk, views, chunk_rows, (None if embedding_dim is None
+                                                  else int(embedding_dim))
 
-    local = local_path(path)
+
+def _clear(path: Any, overwrite: bool) -> None:
+    """Make room for a new store at ``path``: refused unless ``overwrite``, and then only
+    a recognisable label store is removed."""
     if _exists(path):
         if not overwrite:
             raise FileExistsError(f"{path} already exists (pass overwrite=True / --overwrite "
                                   "to replace it)")
         remove_store(path)  # refuses anything that is not recognisably a label store
 
+
+def _group_attrs(attrs: Mapping[str, Any] | None, keys: _keys.JoinedKeys, *, num_classes: int,
+                 topk: int, views: int, chunk_rows: int,
+                 embedding_dim: int | None) -> dict[str, Any]:
+    """The group attributes: defaults, the caller's ``attrs``, then the structural fields
+    (a caller's attrs cannot contradict the arrays) and ``dataset`` with the keys' count
+    and fingerprint."""
     user_attrs = dict(attrs or {})
     dataset = dict(user_attrs.pop("dataset", {}) or {})
-    dataset.update(num_samples=n, fingerprint=fmt.fingerprint(keys))
+    dataset.update(num_samples=len(keys), fingerprint=keys.fingerprint())
     group_attrs = {
         "format": fmt.FORMAT,
         "format_version": fmt.FORMAT_VERSION,
@@ -102,41 +134,46 @@ def create(path: Any, *, keys: Sequence[str], num_classes: int, topk: int, views
         "temperature": 1.0,
         "chunk_rows": chunk_rows,
         "box_scale": fmt.BOX_SCALE,
-        "embedding_dim": None if embedding_dim is None else int(embedding_dim),
+        "embedding_dim": embedding_dim,
         "created": fmt.now_iso(),
         "software": fmt.software_versions(),
         "complete": False,
     }
     group_attrs.update(user_attrs)
     group_attrs["dataset"] = dataset
-    # The structural fields are ours: a caller's attrs cannot contradict the arrays.
     group_attrs.update(format=fmt.FORMAT, format_version=fmt.FORMAT_VERSION,
                        num_classes=num_classes, topk=topk, views=views, chunk_rows=chunk_rows,
                        complete=False, integrity=dict(fmt.INTEGRITY))
+    return group_attrs
 
-    # file:// URLs go to zarr as plain paths: its fsspec store does not create directories
-    group = zarr.open_group(local if local is not None else path, mode="w")
-    lengths = fmt.sizes(rows=n, views=views, topk=topk, chunk_rows=chunk_rows,
-                        embedding_dim=embedding_dim)
-    rows = min(chunk_rows, n)
+
+def _create_arrays(group: zarr.Group, lengths: dict[str, int], chunk_rows: int,
+                   num_classes: int) -> dict[str, zarr.Array]:
+    """Every array of the schema this store has, empty, with its chunks, codecs and
+    dimension names."""
     arrays = {}
     for spec in fmt.SCHEMA:
-        if spec.optional and embedding_dim is None:
+        if not spec.present(lengths):
             continue
-        shape = tuple(lengths[dim] for dim in spec.dims)
-        # A row array has one chunk per store chunk; done has one flag per zarr chunk.
-        chunks = (rows,) + shape[1:] if spec.dims[0] == "row" else (1,)
         with warnings.catch_warnings():
             # zarr warns that variable-length strings are not in the v3 core spec yet.
             warnings.simplefilter("ignore", category=UserWarning)
             arrays[spec.name] = group.create_array(
-                spec.name, shape=shape, chunks=chunks, dtype=fmt.stored_dtype(spec, num_classes),
-                fill_value=spec.fill, compressors=fmt.compressors(spec.compress),
-                dimension_names=spec.dims, config=_WRITE_ALL)
-    arrays["keys"][:] = keys.astype(str)
-    arrays["labels"][:] = labels
-    group.attrs.update(group_attrs)
-    return LabelStoreWriter(group, path)
+                spec.name, shape=spec.shape(lengths), chunks=spec.chunks(lengths, chunk_rows),
+                dtype=fmt.stored_dtype(spec, num_classes), fill_value=spec.fill,
+                compressors=fmt.compressors(spec.compress), dimension_names=spec.dims,
+                config=_WRITE_ALL)
+    return arrays
+
+
+def _write_columns(arrays: dict[str, zarr.Array], values: dict[str, Any]) -> None:
+    """The arrays ``create`` writes whole from its arguments (keys, labels); strings
+    come joined (``_keys.JoinedKeys``) and are written by ``_keys``."""
+    for spec in fmt.specs(written="create"):
+        if spec.dtype == "str":
+            _keys.write(arrays[spec.name], values[spec.name])
+        else:
+            arrays[spec.name][:] = values[spec.name]
 
 
 class IncompleteRunError(RuntimeError):
@@ -157,9 +194,16 @@ class LabelStoreWriter:
         self.embedding_dim = attrs.get("embedding_dim")
         self._n = int(group["labels"].shape[0])
         self.num_chunks = _chunk_count(self._n, self.chunk_rows)
+        lengths = fmt.sizes(rows=self._n, views=self.num_views, topk=self.topk,
+                            chunk_rows=self.chunk_rows, embedding_dim=self.embedding_dim)
         # Array handles looked up once: each group lookup re-reads the array's metadata.
-        names = (*fmt.LABEL_ARRAYS, "done") + (("embeddings",) if self.embedding_dim else ())
-        self._arrays = {name: group[name].with_config(_WRITE_ALL) for name in names}
+        self._arrays = {spec.name: group[spec.name].with_config(_WRITE_ALL)
+                        for spec in fmt.SCHEMA
+                        if spec.written in ("rows", "done") and spec.present(lengths)}
+        # what ``write`` stores, by schema name (the label arrays, embeddings if created with)
+        self.row_arrays = tuple(name for name in self._arrays if name != "done")
+        self._pool = ThreadPoolExecutor(len(self.row_arrays), thread_name_prefix="ssld-write")
+        self._codecs: dict[int, tuple] = {}
         self._buffers: dict[int, dict[str, np.ndarray]] = {}
         self._filled: dict[int, np.ndarray] = {}
         self._closed = False
@@ -196,40 +240,68 @@ class LabelStoreWriter:
 
     def write(self, start: int, indices: Any, probs: Any, *, residual: Any = None,
               boxes: Any = None, flips: Any = None, valid: Any = None,
-              embeddings: Any = None) -> None:
+              embeddings: Any = None, **arrays: Any) -> None:
         """Write rows ``[start, start + n)``; chunks are flushed once all their rows arrived.
 
         ``indices`` and ``probs`` are (n, V, k); ``residual`` (n, V) defaults to
         ``1 - probs.sum(-1)`` computed before float16 rounding; ``boxes`` (n, V, 4) are
         (y0, x0, h, w) fractions (default: the whole image); ``flips`` (n, V) and
-        ``valid`` (n,) default to False and True.
+        ``valid`` (n,) default to False and True. ``arrays`` are further arrays of the
+        schema by name (``_format.SCHEMA``; their fill value when not given).
         """
         if self._closed:
             raise ValueError(f"writer for {self.path} is closed")
         if isinstance(start, (bool, np.bool_)) or not isinstance(start, (int, np.integer)):
             raise ValueError(f"start must be an integer row, got {start!r}")
-        rows = fmt.check_rows(indices, probs, residual=residual, boxes=boxes, flips=flips,
-                              valid=valid, embeddings=embeddings, num_views=self.num_views,
-                              topk=self.topk, num_classes=self.num_classes,
-                              embedding_dim=self.embedding_dim)
+        given = dict(indices=indices, probs=probs, residual=residual, boxes=boxes, flips=flips,
+                     valid=valid, embeddings=embeddings, **arrays)
+        rows = fmt.check_rows({name: value for name, value in given.items() if value is not None},
+                              num_views=self.num_views, topk=self.topk,
+                              num_classes=self.num_classes, embedding_dim=self.embedding_dim)
+        self._place(int(start), rows)
+
+    def write_stored(self, start: int, rows: dict[str, np.ndarray]) -> None:
+        """Write rows ``[start, start + n)`` given as another store holds them (the stored
+        dtypes of every array in ``row_arrays``): the bit-exact copies of select-topk and
+        merge. Names, shapes and dtypes are checked; the value rules of :meth:`write`
+        are not run again: the rows passed them when first written, and their chunks'
+        checksums when read."""
+        if self._closed:
+            raise ValueError(f"writer for {self.path} is closed")
+        if set(rows) != set(self.row_arrays):
+            raise ValueError(f"write_stored needs exactly the arrays {sorted(self.row_arrays)}, "
+                             f"got {sorted(rows)}")
         n = len(rows["indices"])
-        start = int(start)
+        for name, value in rows.items():
+            array = self._arrays[name]
+            if value.shape != (n,) + tuple(array.shape[1:]) or value.dtype != array.dtype:
+                raise ValueError(f"{name} must be stored values of shape "
+                                 f"{(n,) + tuple(array.shape[1:])} and dtype {array.dtype}, got "
+                                 f"{value.shape} {value.dtype}")
+        self._place(int(start), rows)
+
+    def _place(self, start: int, rows: dict[str, np.ndarray]) -> None:
+        """Hand checked rows to their chunks: whole chunks are written at once, the rest
+        buffered until their chunk is complete."""
+        n = len(rows["indices"])
         if start < 0 or start + n > self._n:
             raise ValueError(f"rows [{start}, {start + n}) are out of range for a store of "
                              f"{self._n} rows")
-        if self.embedding_dim is not None and "embeddings" not in rows:
-            raise ValueError("this store has embeddings: pass embeddings=(n, D) with every write")
-        pos = start
+        pos, whole = start, []
         while pos < start + n:
             chunk = pos // self.chunk_rows
             lo, hi = self.chunk_range(chunk)
             take = min(hi, start + n) - pos
-            part = {name: value[pos - start:pos - start + take] for name, value in rows.items()}
             if pos == lo and take == hi - lo and chunk not in self._buffers:
-                self._flush(chunk, part)  # whole chunk in one call: no copy
+                whole.append(chunk)  # whole chunks of this call: written from it, no copy
             else:
-                self._buffer(chunk, pos - lo, part)
+                self._buffer(chunk, pos - lo, {name: value[pos - start:pos - start + take]
+                                               for name, value in rows.items()})
             pos += take
+        if whole:  # consecutive: only the first and the last chunk of a call can be partial
+            lo, hi = self.chunk_range(whole[0])[0], self.chunk_range(whole[-1])[1]
+            self._flush(whole[0], whole[-1] + 1, {name: value[lo - start:hi - start]
+                                                  for name, value in rows.items()})
 
     def _buffer(self, chunk: int, offset: int, part: dict[str, np.ndarray]) -> None:
         lo, hi = self.chunk_range(chunk)
@@ -244,20 +316,40 @@ class LabelStoreWriter:
         self._filled[chunk][offset:offset + take] = True
         if self._filled[chunk].all():
             del self._filled[chunk]
-            self._flush(chunk, self._buffers.pop(chunk))
+            self._flush(chunk, chunk + 1, self._buffers.pop(chunk))
 
-    def _flush(self, chunk: int, data: dict[str, np.ndarray]) -> None:
-        lo, hi = self.chunk_range(chunk)
-        for name, value in data.items():
-            self._arrays[name][lo:hi] = value
-        # Set only after every array of the chunk is on storage.
-        self._arrays["done"][chunk] = True
+    def _codecs_of(self, array) -> "_chunks.BytesCodecs | None":
+        """The array's codecs when ``_chunks`` can write its chunks (cached per handle)."""
+        cached = self._codecs.get(id(array))
+        if cached is None or cached[0] is not array:
+            cached = self._codecs[id(array)] = (array, _chunks.numeric_codecs(array))
+        return cached[1]
+
+    def _flush(self, first: int, stop: int, data: dict[str, np.ndarray]) -> None:
+        """Write chunks [first, stop) of every array, then their done flags."""
+        lo, hi = self.chunk_range(first)[0], self.chunk_range(stop - 1)[1]
+
+        def put(name: str) -> None:
+            array = self._arrays[name]
+            codecs = self._codecs_of(array)
+            if codecs is not None:  # zarr's bytes, without zarr's per-chunk layers
+                _chunks.write_rows(array, codecs, lo, data[name])
+            else:
+                array[lo:hi] = data[name]
+
+        # All arrays at once: zarr compresses their chunks concurrently (Blosc in threads)
+        # instead of one array's chunks after the other's.
+        for future in [self._pool.submit(put, name) for name in data]:
+            future.result()
+        # Set only after every array of the chunks is on storage.
+        self._arrays["done"][first:stop] = True
 
     def close(self) -> None:
         """Drop unfinished chunk buffers (with a warning) and mark the store complete if it is."""
         if self._closed:
             return
         self._closed = True
+        self._pool.shutdown()
         if self._filled:
             partial = sorted(self._filled)
             rows = sum(int(f.sum()) for f in self._filled.values())
@@ -279,3 +371,4 @@ class LabelStoreWriter:
             self._buffers.clear()
             self._filled.clear()
             self._closed = True
+            self._pool.shutdown()
