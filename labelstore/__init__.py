@@ -17,6 +17,7 @@ from ._dedup import dedup
 from ._ensemble import EnsembleResult, combine_distributions, combine_top_k, ensemble
 from ._merge import merge
 from ._select import select_topk
+from ._dist import Dist
 from ._text import (KEY_RULE, escapes_root, first_bad_key, first_escaping_key, key_problem,
                     read_lines)
 from ._threads import set_threads
@@ -29,6 +30,7 @@ __all__ = [
     "FORMAT_VERSION",
     "KEY_RULE",
     "DamagedStoreError",
+    "Dist",
     "EnsembleResult",
     "IncompleteRunError",
     "LabelSlice",

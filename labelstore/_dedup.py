@@ -26,6 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ._dist import Dist
 from . import _dedup_rules as _rules, _dedup_search as _search, _derive
 from ._dedup_search import Candidates
 from ._paths import check_disjoint, check_output_file
@@ -408,8 +409,6 @@ def dedup(query: Any, pool: Any, out: str | None = None, *,
     workers : int, optional
         Threads for SIFT per rank (default: CPU count).
     """
-    from teacher_infer.runtime import Dist
-
     if verify not in ("sift", "none"):
         raise ValueError(f"verify must be 'sift' or 'none', got {verify!r}")
     if rule not in _rules.RULES:

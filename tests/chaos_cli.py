@@ -72,11 +72,15 @@ def main() -> int:
         after = int(os.environ.get("CHAOS_KILL_AFTER", "1"))
         flushed = []
 
-        def dying_flush(self, chunk, data) -> None:
-            flush(self, chunk, data)
-            flushed.append(chunk)
-            if len(flushed) >= after:
-                os.kill(os.getpid(), signal.SIGKILL)
+        def dying_flush(self, first, stop, data) -> None:  # chunk by chunk, to die between
+            base = self.chunk_range(first)[0]
+            for chunk in range(first, stop):
+                lo, hi = self.chunk_range(chunk)
+                flush(self, chunk, chunk + 1,
+                      {name: value[lo - base:hi - base] for name, value in data.items()})
+                flushed.append(chunk)
+                if len(flushed) >= after:
+                    os.kill(os.getpid(), signal.SIGKILL)
 
         LabelStoreWriter._flush = dying_flush
 

@@ -465,9 +465,13 @@ def test_a_run_that_ends_with_chunks_missing_fails(image_folder, make_checkpoint
     out = tmp_path / "lost.zarr"
     flush = LabelStoreWriter._flush
 
-    def losing_flush(self, chunk, data):
-        if chunk != 1:
-            flush(self, chunk, data)
+    def losing_flush(self, first, stop, data):  # writes chunks [first, stop) but chunk 1
+        base = self.chunk_range(first)[0]
+        for chunk in range(first, stop):
+            if chunk != 1:
+                lo, hi = self.chunk_range(chunk)
+                flush(self, chunk, chunk + 1,
+                      {name: value[lo - base:hi - base] for name, value in data.items()})
 
     monkeypatch.setattr(LabelStoreWriter, "_flush", losing_flush)
     args = _cli_args(image_folder.data, out, checkpoint, chunk_rows=3, batch_size=3,

@@ -9,7 +9,7 @@ import os
 from contextlib import nullcontext
 from typing import ContextManager
 
-from .distributed import Dist
+from labelstore import Dist
 
 
 def resolve_device(name: str, dist: Dist):
