@@ -25,10 +25,7 @@ def inspect_cmd(store: str, view: int, as_json: bool) -> None:
     """Summarise a label store: size, completeness, confidence, agreement with labels."""
     import labelstore
 
-    st = labelstore.open(store)
-    if not 0 <= view < st.num_views:
-        raise click.BadParameter(f"store has {st.num_views} view(s), got {view}", param_hint="--view")
-    report = inspect_store(st, view=view)
+    report = inspect_store(labelstore.open(store), view=view)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else str(report))
 
 
@@ -43,19 +40,11 @@ def inspect_cmd(store: str, view: int, as_json: bool) -> None:
 def export_cmd(store: str, out: str, rows: str | None, overwrite: bool,
                allow_incomplete: bool) -> None:
     """Export a label store (or a row range of it) to HDF5 with h5py."""
-    import os
-
     import labelstore
-    from labelstore._export import export_hdf5, parse_rows, unwritten_rows
-    from labelstore._paths import human_size
+    from labelstore._export import export
 
-    st = labelstore.open(store)
-    selected = parse_rows(rows)
-    n = export_hdf5(st, out, selected, overwrite=overwrite, allow_incomplete=allow_incomplete)
-    start, stop, _ = (selected or slice(None)).indices(len(st))
-    missing = unwritten_rows(st, start, stop)
-    if missing:
-        click.echo(f"warning: {store} is incomplete: {missing:,} exported rows are not written "
-                   "yet (valid=False)", err=True)
-    click.echo(f"exported {n:,} rows × {st.num_views} view(s) of {store} to {out} "
-               f"({human_size(os.path.getsize(out))})")
+    result = export(labelstore.open(store), out, rows, overwrite=overwrite,
+                    allow_incomplete=allow_incomplete)
+    if result.warning():
+        click.echo(result.warning(), err=True)
+    click.echo(result.summary())

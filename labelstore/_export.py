@@ -7,8 +7,43 @@ from typing import Any
 
 import numpy as np
 
+from dataclasses import dataclass
+
 from . import _format as fmt
-from ._paths import check_disjoint, check_output_file
+from ._paths import check_disjoint, check_output_file, human_size
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What ``ssld export`` wrote: the rows, and how many of them were not written yet."""
+
+    store: str
+    out: str
+    rows: int
+    views: int
+    unwritten: int
+    size_bytes: int
+
+    def warning(self) -> str | None:
+        if not self.unwritten:
+            return None
+        return (f"warning: {self.store} is incomplete: {self.unwritten:,} exported rows are not "
+                "written yet (valid=False)")
+
+    def summary(self) -> str:
+        return (f"exported {self.rows:,} rows × {self.views} view(s) of {self.store} to "
+                f"{self.out} ({human_size(self.size_bytes)})")
+
+
+def export(store, out: str, rows: str | None = None, *, overwrite: bool = False,
+           allow_incomplete: bool = False) -> ExportResult:
+    """``ssld export``: ``rows`` as the command's ``A:B`` text; see :func:`export_hdf5`."""
+    selected = parse_rows(rows)
+    n = export_hdf5(store, out, selected, overwrite=overwrite, allow_incomplete=allow_incomplete)
+    start, stop, _ = (selected or slice(None)).indices(len(store))
+    return ExportResult(store=str(store.path), out=out, rows=n, views=store.num_views,
+                        unwritten=unwritten_rows(store, start, stop),
+                        size_bytes=os.path.getsize(out))
 
 
 def export_hdf5(store, out: str, rows: slice | None = None, *, overwrite: bool = False,

@@ -118,6 +118,8 @@ class InspectReport:
 
 def inspect_store(store, view: int = 0) -> InspectReport:
     """Scan a store chunk by chunk (memory: one chunk) and summarise it."""
+    if not 0 <= view < store.num_views:
+        raise ValueError(f"--view: store has {store.num_views} view(s), got {view}")
     n, C = len(store), store.num_classes
     missing = store.missing()
     done_rows = np.ones(n, dtype=bool)
