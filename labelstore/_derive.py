@@ -28,6 +28,7 @@ from ._writer import _exists, create
 # Rows read per zarr call when streaming: several chunks at once lets zarr decode
 # them concurrently, while memory stays a few MB per million-class-free row block.
 READ_ROWS = 1 << 16
+COPY_BLOCKS = 4     # read blocks per block of a copy without embeddings (~25 MB at k = 10)
 
 
 def open_complete(stores: Sequence[Any]) -> list[LabelStore]:
@@ -291,7 +292,11 @@ def copy_rows(writer, store: LabelStore, rows: np.ndarray, start: int, *,
     Stored values are passed through unchanged, so the copy is bit-exact. Returns
     the next free output row. ``progress`` is a tqdm bar advanced by rows copied.
     """
-    for _, _, data in read_blocks(store, writer.row_arrays, rows=rows):
+    # Each call to the writer costs a done-flag update and up to two partial chunks,
+    # whatever its size: label rows (~100 bytes) are copied COPY_BLOCKS read blocks at a
+    # time; rows with embeddings (kilobytes) a read block at a time, as before.
+    step = block_rows(store) * (1 if "embeddings" in writer.row_arrays else COPY_BLOCKS)
+    for _, _, data in read_blocks(store, writer.row_arrays, rows=rows, step=step):
         n = len(data["indices"])
         writer.write_stored(start, data)
         start += n

@@ -198,6 +198,37 @@ def test_output_store_is_a_bit_exact_copy_with_provenance(tmp_path, small_blocks
     assert "score threshold" in text and "fewer than 12 candidates" in text
 
 
+@pytest.mark.parametrize("embeddings", [False, True])
+def test_copy_over_several_copy_blocks_is_bit_exact(tmp_path, small_blocks, monkeypatch,
+                                                    embeddings):
+    # READ_ROWS = 96, chunks of 32: rows without embeddings are copied COPY_BLOCKS read
+    # blocks (384 rows) at a time, so 1,000 rows take three copies, each ending mid-chunk
+    # of the output (chunks of 24); with embeddings a read block at a time.
+    data = pool_rows(1000, views=2, k=3, classes=15, seed=3)
+    keys = [f"img/{r:05d}.jpg" for r in range(1000)]
+    path = write_pool(tmp_path / "pool.zarr", keys, data, classes=15, chunk_rows=32,
+                      embeddings=embeddings)
+    calls = []
+    original = labelstore.LabelStoreWriter.write_stored
+
+    def spy(self, start, rows):
+        calls.append(len(rows["indices"]))
+        return original(self, start, rows)
+    monkeypatch.setattr(labelstore.LabelStoreWriter, "write_stored", spy)
+    result = labelstore.select_topk(path, 40, tmp_path / "sel.zarr", chunk_rows=24)
+    selected = np.unique(result.selection.rows)
+    step = 96 * (1 if embeddings else _derive.COPY_BLOCKS)
+    assert len(calls) == len(_derive.spans(labelstore.open(path), selected, step)) == (
+        len(np.unique(selected // step))) and sum(calls) == len(selected)
+    assert len(calls) == (3 if not embeddings else len(np.unique(selected // 96))) > 2
+    raw, raw_out = read_raw(path), read_raw(tmp_path / "sel.zarr")
+    assert set(raw_out) == set(raw)
+    for name, values in raw.items():
+        if name != "done":
+            np.testing.assert_array_equal(raw_out[name], values[selected], err_msg=name)
+    assert labelstore.open(tmp_path / "sel.zarr").is_complete
+
+
 def test_different_roots_get_a_common_root_and_prefixed_keys(tmp_path):
     paths, pools = make_pools(tmp_path, (120, 80), roots=["/data/imagenet22k/a", "/data/extra"])
     out = tmp_path / "sel.zarr"
