@@ -239,6 +239,14 @@ def test_a_fresh_machine_recomputes_only_what_pending_steps_read(tmp_path):
             "choose_tune_ssld", "ssld_L_x9_s0", "eval_ssld_L_x9_s1"} <= plan.reused
     assert plan.reused | plan.recompute == set(SITTING_1)
     assert "ssld_L_x9_s2" in plan.pending and "label_only_x1_s0" in plan.pending
+    # the teacher's declared inputs are reused at once (its lr's choice): it must still wait
+    # for the recomputed data, as must every step that reads files, but not a choice
+    extra = rec.base_deps(plan, deps={n: s.deps for n, s in steps.items()},
+                          kinds={n: s.kind for n, s in steps.items()},
+                          has_command={n: s.command is not None for n, s in steps.items()})
+    assert {"prepare", "splits"} <= set(extra["teacher_T_s0"])
+    assert {"prepare", "splits"} <= set(extra["label_only_x9_s0"])
+    assert "choose_tune_ssld" not in extra and "gate" not in extra and "splits" not in extra
     # the same workdir kept (its steps finished here): nothing recorded is recomputed
     kept = _plan(rec, steps, SITTING_1, done_here=SITTING_1)
     assert not kept.recompute and not kept.reused
@@ -317,6 +325,15 @@ class _Toy:
         self.m, self.calls, self.loss = _driver(), {}, teacher_loss
         self.tmp = tmp_path
 
+    def prepare(self):
+        (self.workdir / "prepared").write_text("data")
+        return {"n": 100}
+
+    def teacher(self):
+        if not (self.workdir / "prepared").exists():
+            raise RuntimeError("the teacher started before its data existed")
+        return {"last_train_loss": self.loss}
+
     def step(self, name, kind, deps=(), value=None):
         def internal(ctx, name=name, value=value):
             self.calls[name] = self.calls.get(name, 0) + 1
@@ -325,11 +342,10 @@ class _Toy:
 
     def steps(self):
         s = self.step
-        return [s("prepare", "prepare", value={"n": 100}),
+        return [s("prepare", "prepare", value=self.prepare),
                 s("tune", "train", ("prepare",), {"dev_top1": 0.7}),
                 s("choose", "choose", ("tune",)),
-                s("teacher", "train", ("prepare", "choose"),
-                  lambda: {"last_train_loss": self.loss}),
+                s("teacher", "train", ("choose",), self.teacher),
                 s("eval_teacher", "eval", ("teacher",),
                   lambda: {"top1": 0.9 if self.loss == 0.5 else 0.8, "images": 100}),
                 s("store", "infer", ("teacher",)),
@@ -347,7 +363,14 @@ class _Toy:
             device="cpu", num_workers=0, src=None, jobs=1, threads=1, scale="smoke",
             results=str(self.tmp / results), discard_unreproduced=discard)
         ctx = m.Context(args, m.SCALES["smoke"])
-        driver = m.fm1.Driver(ctx, self.steps(), rows=lambda c: [], study="toy")
+        self.workdir = ctx.work
+        ctx.work.mkdir(parents=True, exist_ok=True)
+        # the teacher comes before the data in the step list, as a reused choice lets it
+        steps = self.steps()
+        steps.insert(0, steps.pop([s.name for s in steps].index("tune")))
+        steps.insert(1, steps.pop([s.name for s in steps].index("choose")))
+        steps.insert(2, steps.pop([s.name for s in steps].index("teacher")))
+        driver = m.fm1.Driver(ctx, steps, rows=lambda c: [], study="toy")
         self.calls = {}
         return driver.run(), m.fm1.read_json(self.tmp / results)
 

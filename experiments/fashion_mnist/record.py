@@ -135,6 +135,21 @@ def plan(deps: Mapping[str, tuple[str, ...]], kinds: Mapping[str, str],
     return Plan(reused=usable - need, recompute=need, pending=pending)
 
 
+def base_deps(plan: Plan, deps: Mapping[str, tuple[str, ...]], kinds: Mapping[str, str],
+              has_command: Mapping[str, bool]) -> dict[str, tuple[str, ...]]:
+    """The recomputed data steps as dependencies of every step that reads files.
+
+    The protocol does not declare them everywhere: a teacher depends on the choice of its lr,
+    which in the first sitting came after the data. On a fresh machine the choice is reused
+    at once, so without these the teacher would start before its list files exist."""
+    base = tuple(n for n in deps if n in plan.recompute and kinds[n] in BASE)
+    if not base:
+        return {}
+    return {name: tuple(dict.fromkeys(deps[name] + base)) for name in deps
+            if kinds[name] not in BASE and (has_command[name] or kinds[name] not in RESULT_ONLY)
+            and not set(base) <= set(deps[name])}
+
+
 def _eval_counts(result: Mapping[str, Any]) -> dict[str, Any]:
     """An evaluation as counts of images: ``top1`` printed with two decimals (sitting 1's
     records) and the exact fraction (``eval --json``) are the same count."""

@@ -805,7 +805,7 @@ class Driver:
                     entry | {"discarded": {"session": self._session_iso,
                                            "reason": "no such step in the protocol now"}})
         usable, conflicts = [], []
-        for name in self.order:
+        for name in self.topological():  # a step's inputs are settled before it
             entry, step = saved_steps.get(name), self.steps[name]
             if not entry or not entry.get("done") or entry.get("result") is None:
                 continue
@@ -835,12 +835,13 @@ class Driver:
             raise SystemExit(f"{self.results_path} does not fit this run:\n  "
                              + "\n  ".join(conflicts) + "\nuse another --results (or "
                              "--workdir), or restore the protocol that wrote it")
-        plan = record.plan(
-            deps={n: s.deps for n, s in self.steps.items()},
-            kinds={n: s.kind for n, s in self.steps.items()},
-            has_command={n: s.command is not None for n, s in self.steps.items()},
-            recorded=usable, wanted=wanted,
-            done_here={n for n in ctx.results if n not in usable})
+        graph = dict(deps={n: s.deps for n, s in self.steps.items()},
+                     kinds={n: s.kind for n, s in self.steps.items()},
+                     has_command={n: s.command is not None for n, s in self.steps.items()})
+        plan = record.plan(**graph, recorded=usable, wanted=wanted,
+                           done_here={n for n in ctx.results if n not in usable})
+        for name, deps in record.base_deps(plan, **graph).items():
+            self.steps[name].deps = deps
         for name in usable:
             st = self.state[name]
             st["record"] = saved_steps[name]
@@ -908,6 +909,22 @@ class Driver:
             print(f"[{now()}] discarded the record of {len(moved)} step(s) that depend on "
                   f"{name} (kept under 'discarded' in {self.results_path.name}); they run "
                   f"again: {', '.join(moved)}", flush=True)
+
+    def topological(self) -> list[str]:
+        """The steps with every dependency before its dependents (else in list order)."""
+        out: list[str] = []
+        seen: set[str] = set()
+
+        def visit(name: str) -> None:
+            if name not in seen:
+                seen.add(name)
+                for dep in self.steps[name].deps:
+                    visit(dep)
+                out.append(name)
+
+        for name in self.order:
+            visit(name)
+        return out
 
     def dependents(self, names: list[str]) -> set[str]:
         out: set[str] = set()
