@@ -280,6 +280,13 @@ def test_recomputed_results_are_compared_exactly_where_they_must_repeat():
     assert rec.differences(store, again | {"mean_top1_prob": 0.8106748250325522}, "inspect")
     assert rec.differences(store, again | {"top1_counts": {"min": 503, "median": 601}},
                            "inspect") == ["top1_counts.min: recorded 502.0, now 503"]
+    # the median was numpy's (a float) until 32bd51a, the lower middle count (an int) since:
+    # sitting 1 recorded 601.0 for counts whose lower median is 597
+    assert rec.differences(store, again | {"top1_counts": {"min": 502, "median": 597}},
+                           "inspect") == []
+    lower = store | {"top1_counts": {"min": 502, "median": 597}}
+    assert rec.differences(lower, again | {"top1_counts": {"min": 502, "median": 598}},
+                           "inspect") == ["top1_counts.median: recorded 597, now 598"]
     train = {"last_train_loss": 0.902409, "train_seconds": 868.4, "steps": 1870,
              "run_dir": "/work/fm2/full/runs/teacher_T_s0"}
     assert rec.differences(train, train | {"train_seconds": 500.0, "run_dir": "/x"}) == []
