@@ -250,6 +250,14 @@ def test_a_fresh_machine_recomputes_only_what_pending_steps_read(tmp_path):
     # the same workdir kept (its steps finished here): nothing recorded is recomputed
     kept = _plan(rec, steps, SITTING_1, done_here=SITTING_1)
     assert not kept.recompute and not kept.reused
+    # restarted after the teacher was recomputed here: its unfinished check still runs
+    here = {"prepare", "splits", "teacher_T_s0", "eval_teacher_T_s0", "infer_L"}
+    restarted = rec.plan(deps={n: s.deps for n, s in steps.items()},
+                         kinds={n: s.kind for n, s in steps.items()},
+                         has_command={n: s.command is not None for n, s in steps.items()},
+                         recorded=SITTING_1, done_here=here, wanted=set(steps),
+                         recomputed_here=here)
+    assert restarted.recompute == {"eval_teacher_T_s0_on_U", "inspect_L"}
     # everything recorded: nothing runs, nothing is recomputed
     everything = _plan(rec, steps, set(steps))
     assert not everything.recompute and not everything.pending
@@ -330,6 +338,7 @@ class _Toy:
 
     def __init__(self, tmp_path, teacher_loss=0.5):
         self.m, self.calls, self.loss = _driver(), {}, teacher_loss
+        self.fail_once: set[str] = set()
         self.tmp = tmp_path
 
     def prepare(self):
@@ -344,6 +353,9 @@ class _Toy:
     def step(self, name, kind, deps=(), value=None):
         def internal(ctx, name=name, value=value):
             self.calls[name] = self.calls.get(name, 0) + 1
+            if name in self.fail_once:  # e.g. the sitting ended while it ran
+                self.fail_once.discard(name)
+                raise RuntimeError(f"{name} was stopped")
             return dict(value() if callable(value) else (value or {"ok": 1}))
         return self.m.Step(name, kind, deps=deps, internal=internal)
 
@@ -408,6 +420,18 @@ def test_a_new_workdir_resumes_from_the_results_file(tmp_path):
     # a third sitting finds everything recorded: nothing runs
     code, data = toy.run("w3", "results.json")
     assert code == 0 and toy.calls == {}
+
+
+def test_a_restart_in_the_same_workdir_still_checks_what_was_recomputed(tmp_path):
+    """The driver stopped after the teacher was recomputed here but before its evaluation:
+    started again, it evaluates the teacher and compares, instead of taking the record."""
+    toy = _sitting_1_of_toy(tmp_path)
+    toy.fail_once = {"eval_teacher"}
+    code, _ = toy.run("w2", "results.json")
+    assert code == 1 and "teacher" in toy.calls
+    code, data = toy.run("w2", "results.json")
+    assert code == 0 and "eval_teacher" in toy.calls and "teacher" not in toy.calls
+    assert data["steps"]["eval_teacher"]["recomputed"][-1]["reproduced"] is True
 
 
 def test_an_unreproduced_teacher_stops_its_dependents_and_keeps_the_record(tmp_path):

@@ -100,14 +100,17 @@ class Plan:
 
 def plan(deps: Mapping[str, tuple[str, ...]], kinds: Mapping[str, str],
          has_command: Mapping[str, bool], recorded: Iterable[str], done_here: Iterable[str],
-         wanted: Iterable[str]) -> Plan:
+         wanted: Iterable[str], recomputed_here: Iterable[str] = ()) -> Plan:
     """Which recorded steps are reused and which are recomputed (module docstring).
 
     ``deps``/``kinds``/``has_command`` describe the steps; ``recorded``: finished in the results
     file with the same command; ``done_here``: finished in this workdir (outputs present);
-    ``wanted``: the steps this run is asked for (``--only``).
+    ``wanted``: the steps this run is asked for (``--only``); ``recomputed_here``: steps of
+    ``done_here`` that this workdir recomputed for the record (the driver was restarted after
+    them): their checks still run.
     """
     done_here = set(done_here)
+    recomputed_here = set(recomputed_here)
     usable = {n for n in recorded if n not in done_here}
     pending = {n for n in wanted if n not in done_here and n not in usable}
     need: set[str] = set()
@@ -130,7 +133,7 @@ def plan(deps: Mapping[str, tuple[str, ...]], kinds: Mapping[str, str],
         needs_files_of(base)
     for name in deps:  # checks of a recomputed output run with it
         if name in usable and name not in need and kinds[name] in CHECKS and deps[name] \
-                and all(d in need for d in deps[name]):
+                and all(d in need or d in recomputed_here for d in deps[name]):
             need.add(name)
     return Plan(reused=usable - need, recompute=need, pending=pending)
 

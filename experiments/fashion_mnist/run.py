@@ -804,7 +804,7 @@ class Driver:
                 self.discarded.setdefault(name, []).append(
                     entry | {"discarded": {"session": self._session_iso,
                                            "reason": "no such step in the protocol now"}})
-        usable, conflicts = [], []
+        usable, conflicts, recomputed_here = [], [], set()
         for name in self.topological():  # a step's inputs are settled before it
             entry, step = saved_steps.get(name), self.steps[name]
             if not entry or not entry.get("done") or entry.get("result") is None:
@@ -816,6 +816,9 @@ class Driver:
                                      f"{diffs[0]}")
                 entry["result"] = record.merged(entry["result"], ctx.results[name])
                 self.state[name]["record"] = entry
+                if any(note.get("session") == self.state[name].get("session")
+                       for note in entry.get("recomputed", [])):
+                    recomputed_here.add(name)  # for the record, by an earlier start here
                 continue
             if not all(d in ctx.results for d in step.deps):
                 continue  # an input of it is not recorded: it runs again
@@ -839,7 +842,8 @@ class Driver:
                      kinds={n: s.kind for n, s in self.steps.items()},
                      has_command={n: s.command is not None for n, s in self.steps.items()})
         plan = record.plan(**graph, recorded=usable, wanted=wanted,
-                           done_here={n for n in ctx.results if n not in usable})
+                           done_here={n for n in ctx.results if n not in usable},
+                           recomputed_here=recomputed_here)
         for name, deps in record.base_deps(plan, **graph).items():
             self.steps[name].deps = deps
         for name in usable:
