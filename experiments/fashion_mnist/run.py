@@ -914,6 +914,15 @@ class Driver:
                   f"{name} (kept under 'discarded' in {self.results_path.name}); they run "
                   f"again: {', '.join(moved)}", flush=True)
 
+    def urgency(self, name: str) -> tuple[bool, bool]:
+        """Ready steps start in list order, except that checks of the record come first (a
+        mismatch should stop its dependents early) and then interrupted training runs (their
+        epochs are lost when the sitting ends and the workdir with it)."""
+        step = self.steps[name]
+        partial = step.resumable_train is not None and \
+            (self.ctx.run_dir(str(step.resumable_train)) / "last.pt").exists()
+        return name not in self.expected, not partial
+
     def topological(self) -> list[str]:
         """The steps with every dependency before its dependents (else in list order)."""
         out: list[str] = []
@@ -1035,8 +1044,9 @@ class Driver:
                         self.write_results(session_start)
                 pending = [n for n in self.order if n in wanted and n not in ctx.results
                            and n not in failed and n not in running and not blocked(n)]
-                ready = [n for n in pending
-                         if all(d in ctx.results for d in self.steps[n].deps)]
+                ready = sorted((n for n in pending
+                                if all(d in ctx.results for d in self.steps[n].deps)),
+                               key=self.urgency)
                 exclusive_running = any(self.steps[n].exclusive for n in running)
                 started = False
                 for name in ready:
