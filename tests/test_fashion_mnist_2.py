@@ -502,15 +502,16 @@ def test_eval_and_dedup_results_come_from_the_commands_json(tmp_path):
     assert fm1.count_dups(None, moved)["sha256"] == counted["sha256"]
 
 
-def test_checks_then_interrupted_runs_start_first(tmp_path):
+def test_checks_then_evaluations_then_interrupted_runs_start_first(tmp_path):
     m = _driver()
     args = argparse.Namespace(workdir=str(tmp_path), data=None, teacher="t", student="s",
                               ssld="ssld", device="cpu", num_workers=0, src=None, jobs=1,
                               threads=1, scale="smoke", results=str(tmp_path / "r.json"))
     ctx = m.Context(args, m.SCALES["smoke"])
     steps = [m.Step(n, "train", resumable_train=Path(n)) for n in ("a", "b", "c")]
+    steps.append(m.Step("eval_x", "eval"))
     driver = m.fm1.Driver(ctx, steps, rows=lambda c: [], study="toy")
     (ctx.run_dir("c")).mkdir(parents=True)
     (ctx.run_dir("c") / "last.pt").write_bytes(b"")
     driver.expected["b"] = {}
-    assert sorted(["a", "b", "c"], key=driver.urgency) == ["b", "c", "a"]
+    assert sorted(["a", "b", "c", "eval_x"], key=driver.urgency) == ["b", "eval_x", "c", "a"]

@@ -914,14 +914,15 @@ class Driver:
                   f"{name} (kept under 'discarded' in {self.results_path.name}); they run "
                   f"again: {', '.join(moved)}", flush=True)
 
-    def urgency(self, name: str) -> tuple[bool, bool]:
+    def urgency(self, name: str) -> tuple[bool, bool, bool]:
         """Ready steps start in list order, except that checks of the record come first (a
-        mismatch should stop its dependents early) and then interrupted training runs (their
-        epochs are lost when the sitting ends and the workdir with it)."""
+        mismatch should stop its dependents early), then evaluations (seconds; until its
+        evaluation is recorded, a finished run lives only in the workdir, which a sitting's
+        end takes), then interrupted training runs (their epochs die with the workdir too)."""
         step = self.steps[name]
         partial = step.resumable_train is not None and \
             (self.ctx.run_dir(str(step.resumable_train)) / "last.pt").exists()
-        return name not in self.expected, not partial
+        return name not in self.expected, step.kind != "eval", not partial
 
     def topological(self) -> list[str]:
         """The steps with every dependency before its dependents (else in list order)."""
