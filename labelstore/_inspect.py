@@ -1,13 +1,18 @@
 """Summaries of a store: the cheap ``info`` table and the scanning ``inspect`` report."""
 from __future__ import annotations
 
+import hashlib
 import html
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
+from . import _format as fmt
 from ._paths import disk_bytes as _disk_bytes, human_size as _human
+
+# The arrays whose stored values ``label_sha256`` fingerprints: everything a student reads.
+FINGERPRINTED = ("labels",) + fmt.LABEL_ARRAYS
 
 
 def _table(rows: list[tuple[str, Any]]) -> str:
@@ -80,6 +85,9 @@ class InspectReport:
     top1_counts: dict[str, int] = field(default_factory=dict)  # min / median / max / empty
     has_embeddings: bool = False
     view: int = 0                          # the view the statistics are of
+    # sha256 of each label array's stored bytes (row order, C order; None while incomplete)
+    # and the key list's fingerprint: equal digests = a student reads the same labels
+    label_sha256: dict[str, str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -131,10 +139,16 @@ def inspect_store(store, view: int = 0) -> InspectReport:
     sum_top1 = sum_residual = 0.0
     scored = agree = labeled = 0
     step = store.chunk_rows
+    # One digest per array fed chunk by chunk: rows are the first axis, so the bytes are the
+    # whole array's whatever the chunk size. Stored dtypes, not read()'s conversions.
+    digests = {name: hashlib.sha256() for name in FINGERPRINTED} if not missing else None
     for start in range(0, n, step):
         stop = min(start + step, n)
         if not done_rows[start]:
             continue
+        if digests is not None:
+            for name, digest in digests.items():
+                digest.update(np.ascontiguousarray(store._get(name, slice(start, stop))).data)
         part = store.read(slice(start, stop))
         ok = part.valid
         invalid += int((~ok).sum())
@@ -160,4 +174,7 @@ def inspect_store(store, view: int = 0) -> InspectReport:
         top1_counts={"min": int(counts.min()), "median": int(np.sort(counts)[(C - 1) // 2]),
                      "max": int(counts.max()), "empty": int((counts == 0).sum())}
         if scored else {},
-        has_embeddings=store.has_embeddings, view=view)
+        has_embeddings=store.has_embeddings, view=view,
+        label_sha256=None if digests is None else
+        {name: d.hexdigest() for name, d in digests.items()}
+        | {"keys": (store.attrs.get("dataset") or {}).get("fingerprint")})

@@ -54,6 +54,38 @@ def test_inspect_json_matches_independent_statistics(store, capsys):
     assert report["bytes_per_row_view"] == pytest.approx(report["bytes_on_disk"] / 600)
 
 
+def test_inspect_fingerprints_the_stored_label_arrays(store, tmp_path, capsys):
+    """label_sha256 hashes each array's stored bytes: independent of the chunk size, equal to
+    a hash of the arrays read whole, and changed by one altered probability."""
+    import hashlib
+
+    path, data = store
+    code, out, err = run_cli(capsys, "inspect", path, "--json")
+    assert code == 0, err
+    digests = json.loads(out)["label_sha256"]
+    st = labelstore.open(path)
+    group = __import__("zarr").open_group(path, mode="r")
+    for name in ("labels", "indices", "probs", "residual", "boxes", "flips", "valid"):
+        whole = np.ascontiguousarray(group[name][:])
+        assert digests[name] == hashlib.sha256(whole.tobytes()).hexdigest(), name
+    assert digests["keys"] == st.attrs["dataset"]["fingerprint"]
+    other = str(tmp_path / "rechunked.zarr")
+    make_store(other, n=300, views=2, k=4, classes=20, chunk_rows=128, invalid=(3, 200))
+    code, out, _ = run_cli(capsys, "inspect", other, "--json")
+    assert json.loads(out)["label_sha256"] == digests
+    changed = str(tmp_path / "changed.zarr")
+    data = make_store(changed, n=300, views=2, k=4, classes=20, chunk_rows=64, invalid=(3, 200))
+    group = __import__("zarr").open_group(changed, mode="r+")
+    probs = group["probs"][:]
+    probs[150, 1, 2] += np.float16(0.01)
+    group["probs"][:] = probs
+    code, out, _ = run_cli(capsys, "inspect", changed, "--json")
+    changed_digests = json.loads(out)["label_sha256"]
+    assert changed_digests["probs"] != digests["probs"]
+    assert {k: v for k, v in changed_digests.items() if k != "probs"} == \
+        {k: v for k, v in digests.items() if k != "probs"}
+
+
 def test_inspect_says_which_view_it_reports(store, capsys):
     path, data = store
     code, out, err = run_cli(capsys, "inspect", path, "--view", "1")
@@ -76,6 +108,9 @@ def test_inspect_text_and_incomplete_store(tmp_path, capsys):
     assert code == 0, err
     assert "Complete           : False" in out and "64:200" in out
     assert "Top-1 per class    : min 0 / median 0 / max 64" in out
+    code, out, err = run_cli(capsys, "inspect", str(tmp_path / "p2.zarr"), "--json")
+    assert code == 0, err
+    assert json.loads(out)["label_sha256"] is None  # an unfinished store has no fingerprint
 
 
 def test_export_hdf5_round_trip(store, tmp_path, capsys):

@@ -13,11 +13,14 @@ Resumable: a step that finished (its state file ``WORKDIR/state/STEP.json`` says
 outputs exist) is skipped; an interrupted training run continues with ``--resume`` from its
 ``last.pt``; an interrupted ``infer-teacher`` store resumes itself (same command); select/merge/
 dedup simply run again. Run the same command again to continue after a crash or a time limit.
+When the workdir is gone (a new machine), the results JSON is the record to resume from:
+``record.py`` says which recorded steps are reused and which are recomputed and checked.
 
-The driver itself reads files only: list files it writes (the dev split, the smoke subsets),
-``metrics.csv`` / ``config.json`` of runs, ``ssld inspect --json`` (its stdout, kept in
-``logs/STEP.out``), the ``dedup`` output files, and one printed line: ``ssld eval`` writes no
-JSON, so its stdout line (``logs/STEP.out``) is parsed by ``parse_eval``. The hidden pool labels are read once, at the end, to report how often the teacher's
+The driver reads files and JSON only, never a command's printed summary: list files it writes
+(the dev split, the smoke subsets), ``metrics.csv`` / ``config.json`` of runs, the JSON that
+``ssld eval --json`` and ``ssld inspect --json`` print (their stdout, kept in
+``logs/STEP.out``), and the ``dedup`` output files (the pair list and its ``.rules.json``).
+The hidden pool labels are read once, at the end, to report how often the teacher's
 pseudo-label of a *selected* pool image is right (never used to choose anything).
 """
 from __future__ import annotations
@@ -42,6 +45,22 @@ from typing import Any, Callable, Optional
 
 HERE = Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"
+
+
+def _load_record():
+    """``record.py`` beside this file (this driver is a script, and study 2 loads it by path)."""
+    import importlib.util
+
+    name = "fashion_mnist_record"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, HERE / "record.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up by name
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+record = _load_record()
 
 TEACHER = "resnet10t"               # 4.9 M parameters, ~25 MMAC at 32 px
 STUDENT = "mobilenetv3_small_050"   # 0.58 M parameters, the MobileNetV3 family of SSLD's claims
@@ -193,6 +212,21 @@ def per_class(rows, count: Optional[int], rng: random.Random):
     return [row for i, row in enumerate(rows) if i in keep]
 
 
+PREPARED_LISTS = ("labeled.txt", "pool.txt", "val.txt", "pool_labels.txt", "classes.txt")
+
+
+def collect_prepared(ctx: "Context") -> dict:
+    """``prepare``'s meta.json, with hashes of the list files it wrote: the prepared data is
+    recomputed every sitting, and these say it is the same data (keys, labels, the draw of L)."""
+    return read_json(ctx.data / "meta.json") | {
+        "sha256": {name: record.sha256_of(ctx.data / name) for name in PREPARED_LISTS}}
+
+
+def list_hashes(ctx: "Context", names) -> dict:
+    """sha256 of the split list files (they hold relative keys: the same in any workdir)."""
+    return {"sha256": {name: record.sha256_of(Path(ctx.split(name))) for name in names}}
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, str]]:
     path = run_dir / "metrics.csv"
     if not path.exists():
@@ -205,20 +239,15 @@ def _float(value: str) -> Optional[float]:
     return float(value) if value not in ("", None) else None
 
 
-EVAL_RE = re.compile(r"top-1 ([\d.]+)%\s+top-5 ([\d.]+)%\s+on ([\d,]+) images")
-
-
-def parse_eval(text: str) -> dict:
-    """``ssld eval``'s one stdout line (it writes no JSON: see the study 2 README).
-
-    The only printed text the drivers still parse; it reads the command's own stdout file, not
-    the log, so warnings or progress on stderr cannot match."""
-    found = EVAL_RE.findall(text)
-    if not found:
-        raise RuntimeError(f"no 'top-1 ... top-5 ... on N images' line in: {text[-300:]!r}")
-    top1, top5, images = found[-1]
-    return {"top1": float(top1) / 100, "top5": float(top5) / 100,
-            "images": int(images.replace(",", ""))}
+def read_eval(path: Path) -> dict:
+    """The JSON object ``ssld eval --json`` printed (its stdout file, so that warnings on
+    stderr cannot get in the way), with the exact counts of correct images: counts are what a
+    recomputed evaluation is compared by (``record.differences``)."""
+    report = json.loads(path.read_text())
+    images = int(report["images"])
+    return {"top1": report["top1"], "top5": report["top5"], "images": images,
+            "top1_correct": round(report["top1"] * images),
+            "top5_correct": round(report["top5"] * images)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -352,10 +381,10 @@ def eval_step(name: str, run: str, model: str, *, data: str = "V", group: str = 
     def command(ctx: Context) -> list[str]:
         return ssld(ctx, "eval", "--model", model, "--checkpoint",
                     ctx.run_dir(run) / "last.pt", "--data", ctx.split(data), "--root",
-                    ctx.images, "--batch-size", 256, *runtime(ctx))
+                    ctx.images, "--batch-size", 256, *runtime(ctx), "--json")
 
     def collect(ctx: Context) -> dict:
-        return parse_eval((ctx.logs / f"{name}.out").read_text()) | {"data": data, "run": run}
+        return read_eval(ctx.logs / f"{name}.out") | {"data": data, "run": run}
 
     return Step(name=name, kind="eval", deps=(run,), command=command, collect=collect,
                 group=group, stdout=True)
@@ -388,8 +417,7 @@ def build_steps(ctx: Context) -> list[Step]:
     # 0. data: the prepared Fashion-MNIST and the split/subset list files ------------------------
     add(Step("prepare", "prepare",
              command=lambda c: ssld(c, "prepare", "fashion-mnist", "--out", c.data),
-             outputs=lambda c: [c.data / "meta.json"],
-             collect=lambda c: read_json(c.data / "meta.json")))
+             outputs=lambda c: [c.data / "meta.json"], collect=collect_prepared))
     add(Step("splits", "split", deps=("prepare",), internal=make_splits,
              outputs=lambda c: [Path(c.split(n)) for n in ("L", "Ltrain", "dev", "U", "V")]))
 
@@ -414,7 +442,8 @@ def build_steps(ctx: Context) -> list[Step]:
          lambda c: {"data": c.split("Ltrain"), "extra": ("--supervised",)}, ("splits",))
     # the SSLD student's lr is chosen with the best tuning teacher (it never saw dev)
     add(infer_step("infer_dev", "dev_Ltrain", "Ltrain", views=VIEWS,
-                   checkpoint=lambda c: c.result("choose_tune_teacher")["run_dir"] + "/last.pt",
+                   checkpoint=lambda c: str(c.run_dir(c.result("choose_tune_teacher")["chosen"])
+                                            / "last.pt"),
                    deps=("choose_tune_teacher",)))
     tune("tune_ssld", S, sc.student_grid, sc.student_epochs,
          lambda c: {"stores": (c.store("dev_Ltrain"),)}, ("infer_dev",))
@@ -619,7 +648,8 @@ def make_splits(ctx: Context) -> dict:
              "V": val, "U_hidden": [(k, hidden[k]) for k, _ in pool]}
     for name, rows in lists.items():
         write_list(Path(ctx.split(name)), rows)
-    return {name: len(rows) for name, rows in lists.items()} | {"dev_seed": DEV_SEED}
+    return {name: len(rows) for name, rows in lists.items()} | {"dev_seed": DEV_SEED} | \
+        list_hashes(ctx, lists)
 
 
 def choose(ctx: Context, names: tuple[str, ...]) -> dict:
@@ -636,13 +666,19 @@ def choose(ctx: Context, names: tuple[str, ...]) -> dict:
 
 
 def count_dups(ctx: Context, path: Path, step: str = "") -> dict:
-    """Pairs in a dedup output file (``pool_key<TAB>query_key<TAB>cosine<TAB>inliers`` lines
-    after ``#`` comments), read from the file alone; with ``--verify none`` every stage-1
-    candidate is a line, so the candidate count is the pair count of that file."""
+    """What ``ssld dedup`` wrote: its report ``OUT.rules.json`` (candidates, confirmed pairs,
+    excluded pool images) and the pair list itself (``pool_key<TAB>query_key<TAB>cosine<TAB>
+    inliers`` lines after ``#`` comments, the file select-topk --exclude reads), with a hash of
+    its pair lines (the header names the stores' paths, so it is left out)."""
+    report = read_json(Path(f"{path}.rules.json"))
     pairs = [ln.split("\t") for ln in path.read_text().splitlines()
              if ln.strip() and not ln.startswith("#")]
     return {"pairs": len(pairs), "pool_images": len({p[0] for p in pairs}),
-            "val_images": len({p[1] for p in pairs if len(p) > 1}), "file": str(path)}
+            "val_images": len({p[1] for p in pairs if len(p) > 1}),
+            "candidates": report["candidates"], "confirmed": report["confirmed"],
+            "excluded_pool_images": report["excluded_pool_images"],
+            "threshold": report["threshold"], "verify": report["verify"],
+            "sha256": record.sha256_of(path, skip_comments=True), "file": str(path)}
 
 
 def dedup_threshold(ctx: Context, path: Path) -> dict:
@@ -693,10 +729,20 @@ class Driver:
             path = ctx.state_dir / f"{name}.json"
             self.state[name] = read_json(path) if path.exists() else {"name": name,
                                                                        "attempts": []}
+        # the results file as the last sitting left it: the record to resume from
+        self.saved = read_json(self.results_path) if self.results_path.exists() else {}
+        self.discarded: dict[str, list] = dict(self.saved.get("discarded") or {})
+        self.reused: set[str] = set()          # recorded steps taken as they are
+        self.expected: dict[str, dict] = {}    # recomputed step -> its recorded entry
+        self.to_discard: list[tuple[str, str]] = []  # (step, reason), applied by the loop
+        self.environment, self.package = record.environment(), record.package()
+        self._session_iso = now()
 
     # -- state
     def save_state(self, name: str) -> None:
-        write_json(self.ctx.state_dir / f"{name}.json", self.state[name])
+        """The workdir's own state of a step (the record stays in the results file)."""
+        write_json(self.ctx.state_dir / f"{name}.json",
+                   {k: v for k, v in self.state[name].items() if k != "record"})
 
     def is_done(self, name: str) -> bool:
         st, step = self.state[name], self.steps[name]
@@ -716,6 +762,194 @@ class Driver:
         env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, HF_HUB_OFFLINE="1",
                    PYTHONUNBUFFERED="1")
         return env
+
+    def settings(self) -> dict[str, Any]:
+        """What every step of the results file was computed with (``record.SETTINGS``)."""
+        ctx = self.ctx
+        return {"study": self.study, "scale": ctx.args.scale,
+                "scale_config": record.json_round_trip(asdict(ctx.scale)),
+                "teacher": ctx.teacher, "student": ctx.student, "input_size": INPUT_SIZE,
+                "views": VIEWS, "threads": ctx.args.threads, "device": ctx.args.device,
+                "environment": self.environment}
+
+    # -- resuming: the workdir first, then the record
+    def load_finished(self, wanted: set[str]) -> None:
+        """Results of the steps finished in this workdir, then of those the results file
+        records (reused or recomputed: ``adopt_record``)."""
+        for name in self.order:
+            if self.is_done(name):
+                self.check_command(name)
+                self.ctx.results[name] = self.state[name]["result"]
+        self.adopt_record(wanted)
+
+    def adopt_record(self, wanted: set[str]) -> None:
+        """Take the steps the results file records as finished and this workdir does not
+        hold: reused as recorded, or recomputed and compared (``record.plan``). Refuses a
+        file recorded with other settings or versions, a recorded step whose command is not
+        the one it would run now, and a workdir result that differs from the record."""
+        ctx, saved_steps = self.ctx, self.saved.get("steps") or {}
+        if not saved_steps:
+            return
+        wrong = record.settings_differences(self.saved, self.settings())
+        if wrong:
+            raise SystemExit(f"{self.results_path} records steps computed with other settings:"
+                             "\n  " + "\n  ".join(wrong) + "\nuse another --results, or these "
+                             "settings")
+        cpu = (self.saved.get("environment") or {}).get("cpu")
+        if cpu and cpu != self.environment["cpu"]:
+            print(f"note: the record was computed on {cpu}, this is {self.environment['cpu']}; "
+                  "recomputed steps show whether results are the same here", flush=True)
+        for name, entry in saved_steps.items():
+            if name not in self.steps and entry.get("done"):
+                self.discarded.setdefault(name, []).append(
+                    entry | {"discarded": {"session": self._session_iso,
+                                           "reason": "no such step in the protocol now"}})
+        usable, conflicts, recomputed_here = [], [], set()
+        for name in self.topological():  # a step's inputs are settled before it
+            entry, step = saved_steps.get(name), self.steps[name]
+            if not entry or not entry.get("done") or entry.get("result") is None:
+                continue
+            if name in ctx.results:  # finished in this workdir as well: they must agree
+                diffs = record.differences(entry["result"], ctx.results[name], step.kind)
+                if diffs:
+                    conflicts.append(f"{name}: the workdir's result is not the record's: "
+                                     f"{diffs[0]}")
+                entry["result"] = record.merged(entry["result"], ctx.results[name])
+                self.state[name]["record"] = entry
+                if any(note.get("session") == self.state[name].get("session")
+                       for note in entry.get("recomputed", [])):
+                    recomputed_here.add(name)  # for the record, by an earlier start here
+                continue
+            if not all(d in ctx.results for d in step.deps):
+                continue  # an input of it is not recorded: it runs again
+            if step.command is not None:
+                cmd = step.command(ctx)
+                if record.comparable(cmd, str(ctx.work), str(ctx.data)) != record.comparable(
+                        entry["command"], self.saved.get("workdir"), self.saved.get("data")):
+                    conflicts.append(f"{name} is recorded with another command:\n    was: "
+                                     f"{entry['command']}\n    now: {' '.join(cmd)}")
+                    continue
+                if entry["command"] != " ".join(cmd):  # the same command elsewhere
+                    entry.setdefault("command_as_run", entry["command"])
+                    entry["command"] = " ".join(cmd)
+            ctx.results[name] = entry["result"]
+            usable.append(name)
+        if conflicts:
+            raise SystemExit(f"{self.results_path} does not fit this run:\n  "
+                             + "\n  ".join(conflicts) + "\nuse another --results (or "
+                             "--workdir), or restore the protocol that wrote it")
+        graph = dict(deps={n: s.deps for n, s in self.steps.items()},
+                     kinds={n: s.kind for n, s in self.steps.items()},
+                     has_command={n: s.command is not None for n, s in self.steps.items()})
+        plan = record.plan(**graph, recorded=usable, wanted=wanted,
+                           done_here={n for n in ctx.results if n not in usable},
+                           recomputed_here=recomputed_here)
+        for name, deps in record.base_deps(plan, **graph).items():
+            self.steps[name].deps = deps
+        for name in usable:
+            st = self.state[name]
+            st["record"] = saved_steps[name]
+            if name in plan.recompute:
+                del ctx.results[name]
+                self.expected[name] = saved_steps[name]
+                st["done"] = False
+            else:  # in memory only: nothing of it is in this workdir
+                st.update(done=True, result=saved_steps[name]["result"])
+                self.reused.add(name)
+        recompute = [n for n in self.order if n in plan.recompute]
+        print(f"from {self.results_path.name}: {len(self.reused)} recorded steps reused, "
+              f"{len(recompute)} recomputed and compared with the record"
+              + (f" ({', '.join(recompute)})" if recompute else ""), flush=True)
+
+    def check_reproduced(self, name: str, result: dict, seconds: float) -> dict:
+        """A recomputed step's result against the record: the record (with the new
+        fingerprints) when equal; otherwise the step fails, or with --discard-unreproduced
+        the recorded steps that depend on it are discarded (``apply_discards``)."""
+        entry, kind = self.expected.pop(name), self.steps[name].kind
+        diffs = record.differences(entry["result"], result, kind)
+        note = {"session": self._session_iso, "wall_s": round(seconds, 2),
+                "reproduced": not diffs}
+        with self.lock:
+            entry.setdefault("recomputed", []).append(note)
+            if not diffs:
+                entry["result"] = record.merged(entry["result"], result)
+                return entry["result"]
+            note.update(differences=diffs, result=result)
+        reason = (f"recomputed {name} does not reproduce the record: " + "; ".join(diffs[:4])
+                  + (f" (+{len(diffs) - 4} more)" if len(diffs) > 4 else ""))
+        if getattr(self.ctx.args, "discard_unreproduced", False):
+            self.to_discard.append((name, reason))
+            return result
+        raise RuntimeError(
+            reason + ". Rows recorded from its outputs are not mixed with rows from these: what "
+            "depends on it waits. Rerun with --discard-unreproduced to move the recorded steps "
+            "that depend on it to the results file's 'discarded' list and measure them again, "
+            "or use another --results")
+
+    def apply_discards(self) -> None:
+        """Move the record of every step that depends on an unreproduced one to
+        ``discarded`` (with the reason); those not run in this sitting run again."""
+        while self.to_discard:
+            name, reason = self.to_discard.pop(0)
+            step = self.steps[name]
+            # an evaluation or inspect that differs says its checkpoint or store differs
+            roots = list(step.deps) if step.kind in record.CHECKS else [name]
+            victims = set(roots) | {name} | self.dependents(roots)
+            moved = []
+            for victim in self.order:
+                st = self.state[victim]
+                if victim not in victims or st.get("record") is None:
+                    continue
+                why = reason if victim == name else f"depends on {name}: {reason}"
+                self.discarded.setdefault(victim, []).append(
+                    st["record"] | {"discarded": {"session": self._session_iso, "reason": why}})
+                st["record"] = None
+                self.expected.pop(victim, None)
+                if victim in self.reused:  # taken from the record: measure it again
+                    self.reused.discard(victim)
+                    self.ctx.results.pop(victim, None)
+                    st.update(done=False, result=None)
+                moved.append(victim)
+            print(f"[{now()}] discarded the record of {len(moved)} step(s) that depend on "
+                  f"{name} (kept under 'discarded' in {self.results_path.name}); they run "
+                  f"again: {', '.join(moved)}", flush=True)
+
+    def urgency(self, name: str) -> tuple[bool, bool, bool]:
+        """Ready steps start in list order, except that checks of the record come first (a
+        mismatch should stop its dependents early), then evaluations (seconds; until its
+        evaluation is recorded, a finished run lives only in the workdir, which a sitting's
+        end takes), then interrupted training runs (their epochs die with the workdir too)."""
+        step = self.steps[name]
+        partial = step.resumable_train is not None and \
+            (self.ctx.run_dir(str(step.resumable_train)) / "last.pt").exists()
+        return name not in self.expected, step.kind != "eval", not partial
+
+    def topological(self) -> list[str]:
+        """The steps with every dependency before its dependents (else in list order)."""
+        out: list[str] = []
+        seen: set[str] = set()
+
+        def visit(name: str) -> None:
+            if name not in seen:
+                seen.add(name)
+                for dep in self.steps[name].deps:
+                    visit(dep)
+                out.append(name)
+
+        for name in self.order:
+            visit(name)
+        return out
+
+    def dependents(self, names: list[str]) -> set[str]:
+        out: set[str] = set()
+        todo = list(names)
+        while todo:
+            current = todo.pop()
+            for other in self.order:
+                if current in self.steps[other].deps and other not in out:
+                    out.add(other)
+                    todo.append(other)
+        return out
 
     # -- one step
     def run_step(self, name: str) -> bool:
@@ -758,6 +992,8 @@ class Driver:
                     raise RuntimeError(f"exit status {rc}; see {ctx.logs / name}.log: "
                                        f"{tail(ctx.logs / f'{name}.log')}")
                 result = step.collect(ctx)
+            if name in self.expected:
+                result = self.check_reproduced(name, result, time.perf_counter() - t0)
             ok, error = True, None
         except Exception as exc:  # noqa: BLE001 - a failed step must not stop the others
             ok, error, result = False, f"{type(exc).__name__}: {exc}", None
@@ -766,7 +1002,7 @@ class Driver:
         with self.lock:
             st["done"], st["error"] = ok, error
             if ok:
-                st["result"] = result
+                st["result"], st["session"] = result, self._session_iso
                 ctx.results[name] = result
             self.save_state(name)
         return ok
@@ -775,10 +1011,7 @@ class Driver:
     def run(self, only: Optional[set[str]] = None) -> int:
         ctx = self.ctx
         wanted = set(self.order) if only is None else self.with_deps(only)
-        for name in self.order:
-            if self.is_done(name):
-                self.check_command(name)
-                ctx.results[name] = self.state[name]["result"]
+        self.load_finished(wanted)
         failed: set[str] = set()
         running: dict[str, threading.Thread] = {}
         finished: list[tuple[str, bool]] = []
@@ -808,11 +1041,13 @@ class Driver:
                             failed.add(name)
                             print(f"[{now()}] FAILED {name} ({wall:.1f} s): "
                                   f"{self.state[name]['error']}", flush=True)
+                        self.apply_discards()
                         self.write_results(session_start)
                 pending = [n for n in self.order if n in wanted and n not in ctx.results
                            and n not in failed and n not in running and not blocked(n)]
-                ready = [n for n in pending
-                         if all(d in ctx.results for d in self.steps[n].deps)]
+                ready = sorted((n for n in pending
+                                if all(d in ctx.results for d in self.steps[n].deps)),
+                               key=self.urgency)
                 exclusive_running = any(self.steps[n].exclusive for n in running)
                 started = False
                 for name in ready:
@@ -827,6 +1062,7 @@ class Driver:
                               + ("" if ok else f": {self.state[name]['error']}"), flush=True)
                         if not ok:
                             failed.add(name)
+                        self.apply_discards()
                         self.write_results(session_start)
                         started = True
                         break
@@ -872,8 +1108,8 @@ class Driver:
         if step.command is None or saved is None or \
                 not all(d in self.ctx.results for d in step.deps):
             return
-        now_cmd = step.command(self.ctx)
-        if _without_workers(now_cmd) != _without_workers(saved):
+        now_cmd, work = step.command(self.ctx), str(self.ctx.work)
+        if record.comparable(now_cmd, work) != record.comparable(saved, work):
             raise SystemExit(
                 f"step {name} finished earlier with another command:\n  was: {' '.join(saved)}"
                 f"\n  now: {' '.join(now_cmd)}\nuse a new --workdir, or delete "
@@ -898,11 +1134,17 @@ class Driver:
 
     # -- results
     def write_results(self, session_start: float) -> None:
+        """The results file: every step (a recorded step as its record, with what this sitting
+        recomputed of it), the discarded records, the sittings with their package and
+        environment."""
         ctx = self.ctx
         with self.lock:
             steps = {}
             for name in self.order:
                 st = self.state[name]
+                if st.get("record") is not None:
+                    steps[name] = st["record"]
+                    continue
                 walls = [a["wall_s"] for a in st.get("attempts", []) if a["wall_s"] is not None]
                 steps[name] = {
                     "kind": self.steps[name].kind, "group": self.steps[name].group,
@@ -913,23 +1155,28 @@ class Driver:
                     "attempts": len(st.get("attempts", [])),
                     "interrupted_attempts": sum(1 for a in st.get("attempts", [])
                                                 if a["wall_s"] is None),
-                    "result": st.get("result")}
-            previous = read_json(self.results_path) if self.results_path.exists() else {}
-            sessions = previous.get("sessions", [])
-            this = {"started": getattr(self, "_session_iso", None) or now(),
-                    "wall_s": round(time.perf_counter() - session_start, 1)}
-            self._session_iso = this["started"]
+                    "session": st.get("session"), "result": st.get("result")}
+            sessions = list(self.saved.get("sessions", []))
+            this = {"started": self._session_iso,
+                    "wall_s": round(time.perf_counter() - session_start, 1),
+                    "package": self.package, "environment": self.environment}
             if sessions and sessions[-1]["started"] == this["started"]:
                 sessions[-1] = this
             else:
                 sessions.append(this)
+            self.saved["sessions"] = sessions
             data = {"study": self.study,
                     "scale": ctx.args.scale, "updated": now(), "workdir": str(ctx.work),
                     "data": str(ctx.data), "teacher": ctx.teacher, "student": ctx.student,
                     "input_size": INPUT_SIZE, "views": VIEWS, "threads": ctx.args.threads,
                     "jobs": ctx.args.jobs, "device": ctx.args.device,
-                    "scale_config": asdict(ctx.scale), "sessions": sessions,
-                    "rows": self.rows(ctx), "steps": steps}
+                    "scale_config": asdict(ctx.scale),
+                    # the versions the recorded steps are checked against (the first ones
+                    # recorded; sitting 1's steps ran before versions were recorded)
+                    "environment": self.saved.get("environment") or self.environment,
+                    "sessions": sessions, "rows": self.rows(ctx), "steps": steps}
+            if self.discarded:
+                data["discarded"] = self.discarded
             if self.extra is not None:
                 data.update(self.extra(ctx))
             write_json(self.results_path, data)
@@ -979,19 +1226,6 @@ def row_spec(ctx: Context) -> list[dict]:
     return rows
 
 
-def _without_workers(cmd: list[str]) -> list[str]:
-    """The command minus ``--num-workers N``, which never changes a result."""
-    out, skip = [], False
-    for arg in cmd:
-        if skip:
-            skip = False
-        elif arg == "--num-workers":
-            skip = True
-        else:
-            out.append(arg)
-    return out
-
-
 def tail(path: Path, lines: int = 3) -> str:
     try:
         text = path.read_text().replace("\r", "\n").splitlines()
@@ -1031,7 +1265,13 @@ def make_parser(description: str, scales: dict) -> argparse.ArgumentParser:
                         help="Run only the steps matching these patterns, plus their "
                              "dependencies (e.g. --only 'teacher_s.*').")
     parser.add_argument("--list", action="store_true",
-                        help="Print the steps with their state and exit.")
+                        help="Print the steps with their state (done here, reused or recomputed "
+                             "from the results file, failed) and exit.")
+    parser.add_argument("--discard-unreproduced", action="store_true",
+                        help="When a recorded step, recomputed because a pending step needs its "
+                             "outputs, does not reproduce its recorded result: move the recorded "
+                             "steps that depend on it to the results file's 'discarded' list and "
+                             "run them again (default: stop them, and say so).")
     parser.add_argument("--estimate", action="store_true",
                         help="Print the expected run time at the measured throughput and exit.")
     return parser
@@ -1079,9 +1319,12 @@ def run_main(parser: argparse.ArgumentParser, args: argparse.Namespace, scales: 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)  # also when started in the background (SIGINT ignored)
     if args.list:
+        driver.load_finished(set(driver.order))
         for name in driver.order:
             st = driver.state[name]
-            state = "done" if st.get("done") else ("failed" if st.get("error") else "-")
+            state = ("reused" if name in driver.reused else
+                     "recompute" if name in driver.expected else
+                     "done" if st.get("done") else ("failed" if st.get("error") else "-"))
             print(f"{name:<36} {driver.steps[name].kind:<8} {state}")
         return 0
     print(f"ssld {study}, scale {args.scale}: {len(driver.order)} steps, "

@@ -8,8 +8,9 @@ splits, steps and table. Protocol, run time and how to resume: ``README.md`` nex
     python experiments/fashion_mnist_2/run.py --workdir /work/fm2/full --scale full \\
         --src /usr/share/datasets/fashion-mnist
 
-Resumable exactly as study 1 (state files, ``train-student --resume``): run the same command
-again. The steps curve comes first; the ``gate`` step then applies the rule declared in the
+Resumable exactly as study 1 (state files, ``train-student --resume``), and across sittings
+on fresh machines from the committed results file (study 1's ``record.py``): run the same
+command again. The steps curve comes first; the ``gate`` step then applies the rule declared in the
 README and, when SSLD on L has not flattened by 9x the study-1 budget, fails on purpose, which
 stops every later step (the issue: "say so and stop there").
 """
@@ -175,8 +176,8 @@ def make_splits(ctx: Context) -> dict:
                              read_list(ctx.data / "val.txt"), sc)
     for name, rows in lists.items():
         write_list(Path(ctx.split(name)), rows)
-    return {name: len(rows) for name, rows in lists.items()} | {"dev_seed": DEV_SEED,
-                                                                 "split_seed": SPLIT_SEED}
+    return {name: len(rows) for name, rows in lists.items()} | {
+        "dev_seed": DEV_SEED, "split_seed": SPLIT_SEED} | fm1.list_hashes(ctx, lists)
 
 
 def gate(ctx: Context) -> dict:
@@ -213,8 +214,7 @@ def build_steps(ctx: Context) -> list[Step]:
             (["--src", c.args.src] if c.args.src else [])
 
     add(Step("prepare", "prepare", command=prepare_cmd,
-             outputs=lambda c: [c.data / "meta.json"],
-             collect=lambda c: read_json(c.data / "meta.json")))
+             outputs=lambda c: [c.data / "meta.json"], collect=fm1.collect_prepared))
     add(Step("splits", "split", deps=("prepare",), internal=make_splits,
              outputs=lambda c: [Path(c.split(x)) for x in ("L", "T", "dev", "U", "V")]))
 
@@ -272,7 +272,7 @@ def build_steps(ctx: Context) -> list[Step]:
 
     # the SSLD student's lr is chosen with the best tuning teacher (it never saw dev)
     infer("infer_dev", "dev_Ltrain", "Ltrain", VIEWS,
-          lambda c: c.result("choose_tune_teacher")["run_dir"] + "/last.pt",
+          lambda c: str(c.run_dir(c.result("choose_tune_teacher")["chosen"]) / "last.pt"),
           ("choose_tune_teacher",))
     tune("tune_ssld", S, sc.ssld_grid, E, lambda c: {"stores": (c.store("dev_Ltrain"),)},
          ("inspect_dev_Ltrain",), "ssld_train", n["Ltrain"])
