@@ -8,7 +8,7 @@ import click
 from labelstore.cli_options import (config_option, device_option, is_main_process,
                                     json_option, threads_option)
 
-from .config import DECODERS, TrainConfig  # no torch import: `ssld --help` stays instant
+from .config import DECODERS, EVAL_BATCH_SIZE, TrainConfig  # no torch import: `ssld --help` stays instant
 
 commands: list[click.Command] = []
 
@@ -122,7 +122,7 @@ def train_student_cmd(ctx: click.Context, **options) -> None:
 @click.option("--data", required=True, metavar="SRC", help="Labeled images: class folder or "
               "list file.")
 @click.option("--root", default=None, help="Root of a list-file --data.")
-@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--batch-size", type=int, default=EVAL_BATCH_SIZE, show_default=True)
 @json_option
 @_runtime
 def eval_cmd(as_json: bool, threads: int, **options) -> None:

@@ -19,6 +19,7 @@ VIEWS = ("auto", "replay", "global")
 DEVICES = ("auto", "cpu", "cuda")
 DECODERS = decoder_names()  # the registry's names, "auto" first
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+EVAL_BATCH_SIZE = 256   # ssld eval's images per step (here: its module imports torch)
 
 # Options that may change between a run and its --resume without changing the result:
 # where the work runs and how many processes decode, not what is computed.

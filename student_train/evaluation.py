@@ -8,11 +8,12 @@ import torch
 
 from . import distributed as D
 from .checkpoint import saved_data_config
+from .config import EVAL_BATCH_SIZE
 from .metrics import EvalResult
 
 
 def evaluate(model: str, checkpoint: str, data: str, *, root: Optional[str] = None,
-             input_size: Optional[int] = None, batch_size: int = 256, device: str = "auto",
+             input_size: Optional[int] = None, batch_size: int = EVAL_BATCH_SIZE, device: str = "auto",
              decoder: str = "auto", precision: str = "auto", num_workers: Optional[int] = None,
              channels_last: Optional[bool] = None) -> EvalResult:
     """Evaluate ``checkpoint`` (a train-student checkpoint or a plain state dict) on ``data``.

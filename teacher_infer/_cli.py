@@ -11,7 +11,7 @@ from labelstore import verify as verify_structure
 from labelstore.cli_options import (config_option, device_option, is_main_process,
                                     overwrite_option, threads_option)
 
-from .config import DECODERS, InferConfig
+from .config import DECODERS, VERIFY_SAMPLE, VERIFY_SEED, InferConfig
 
 commands: list[click.Command] = []
 
@@ -81,14 +81,14 @@ commands.append(infer_teacher)
 
 @click.command("verify")
 @click.argument("store")
-@click.option("--sample", default=64, show_default=True,
+@click.option("--sample", default=VERIFY_SAMPLE, show_default=True,
               help="Rows recomputed with the teacher (all their views).")
 @click.option("--checkpoint", "checkpoints", multiple=True, type=click.Path(dir_okay=False),
               help="Teacher weights instead of the recorded file; one per teacher, in member "
               "order for an ensemble store.")
 @click.option("--structure-only", is_flag=True, help="Check the arrays only, no teacher.")
 @click.option("--root", help="Image folder instead of the recorded dataset root.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the row sample.")
+@click.option("--seed", default=VERIFY_SEED, show_default=True, help="Seed of the row sample.")
 @device_option
 @click.option("--decoder", type=click.Choice([n for n in DECODERS if n != "auto"]),
               help="[the recorded one]")

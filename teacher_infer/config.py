@@ -15,6 +15,7 @@ DECODERS = decoder_names()  # the registry's names, "auto" first
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "fp16")
 SOURCES = ("auto", "folder", "unlabeled", "list")
+VERIFY_SAMPLE, VERIFY_SEED = 64, 0   # ssld verify's rows recomputed and their seed
 
 
 @dataclass

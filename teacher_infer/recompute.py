@@ -21,7 +21,7 @@ import labelstore
 from labelstore import (LabelStore, TeacherCheck, VerifyResult, combine_distributions, densify,
                         quantize_boxes)
 
-from .config import InferConfig
+from .config import VERIFY_SAMPLE, VERIFY_SEED, InferConfig
 from .imaging.decode import DecodeError, open_rgb
 from .imaging.views import PlannedViews, ViewSpec
 
@@ -29,8 +29,8 @@ from .imaging.views import PlannedViews, ViewSpec
 WORST_SHOWN = 5   # worst rows listed
 
 
-def verify(store: Any, *, sample: int = 64, checkpoint: Sequence[str] | str | None = None,
-           seed: int = 0, root: str | None = None, device: str = "auto",
+def verify(store: Any, *, sample: int = VERIFY_SAMPLE, checkpoint: Sequence[str] | str | None = None,
+           seed: int = VERIFY_SEED, root: str | None = None, device: str = "auto",
            decoder: str | None = None, atol: float | None = None,
            min_agreement: float | None = None, batch_size: int | None = None) -> VerifyResult:
     """``labelstore.verify`` (the structure), then ``sample`` random rows (drawn with

@@ -209,3 +209,18 @@ def test_only_rank_0_prints_the_summary(monkeypatch, capsys, one_torch_thread):
     monkeypatch.setenv("RANK", "0")
     assert cli.main(args) == 0
     assert capsys.readouterr().out == "labelled d\n"
+
+
+def test_defaults_of_eval_and_verify_are_their_functions():
+    # these two commands' functions import torch, so the options read shared constants; the
+    # functions must use the same ones
+    from student_train.evaluation import evaluate
+    from teacher_infer.recompute import verify
+
+    def default(fn, name):
+        return inspect.signature(fn).parameters[name].default
+
+    assert options(command("eval"))["batch_size"].default == default(evaluate, "batch_size")
+    verify_options = options(command("verify"))
+    assert verify_options["sample"].default == default(verify, "sample")
+    assert verify_options["seed"].default == default(verify, "seed")
