@@ -515,3 +515,38 @@ def test_checks_then_evaluations_then_interrupted_runs_start_first(tmp_path):
     (ctx.run_dir("c") / "last.pt").write_bytes(b"")
     driver.expected["b"] = {}
     assert sorted(["a", "b", "c", "eval_x"], key=driver.urgency) == ["b", "eval_x", "c", "a"]
+
+
+def test_a_run_that_finished_while_no_driver_watched_is_collected_not_resumed(tmp_path):
+    """A driver that dies leaves its train-student processes running; one that reaches its last
+    epoch then must be collected by the next driver, not resumed (--resume refuses a finished
+    run: exit status 2 in ssld, 3 in this stand-in)."""
+    import sys
+
+    m = _driver()
+    args = argparse.Namespace(
+        workdir=str(tmp_path / "w"), data=None, teacher="t", student="s", ssld="ssld",
+        device="cpu", num_workers=0, src=None, jobs=1, threads=1, scale="smoke",
+        results=str(tmp_path / "results.json"), discard_unreproduced=False)
+    ctx = m.Context(args, m.SCALES["smoke"])
+    ctx.work.mkdir(parents=True)
+    run_dir = ctx.run_dir("r")
+    script = (f"import pathlib, sys; d = pathlib.Path({str(run_dir)!r}); "
+              "d.mkdir(parents=True, exist_ok=True); (d / 'last.pt').write_text('x'); "
+              "sys.exit(3 if '--resume' in sys.argv else 0)")
+
+    def collect(c):
+        if not (run_dir / "finished").exists():
+            raise RuntimeError("metrics.csv does not reach the last epoch")
+        return {"epochs": 1}
+
+    def driver():
+        step = m.Step("r", "train", command=lambda c: [sys.executable, "-c", script],
+                      collect=collect, outputs=lambda c: [run_dir / "last.pt"],
+                      resumable_train=Path("r"))
+        return m.fm1.Driver(ctx, [step], rows=lambda c: [], study="toy")
+
+    assert driver().run() == 1          # the driver "died" before the run's last epoch
+    (run_dir / "finished").write_text("")   # the orphaned run then finished
+    assert driver().run() == 0
+    assert m.fm1.read_json(tmp_path / "results.json")["steps"]["r"]["result"] == {"epochs": 1}

@@ -952,6 +952,19 @@ class Driver:
         return out
 
     # -- one step
+    def finished_unseen(self, step: Step) -> Optional[dict]:
+        """The result of a training run that reached its last epoch after the driver that
+        started it died (its process outlives the driver), or None: such a run is collected,
+        not resumed (``--resume`` refuses a finished run)."""
+        if step.resumable_train is None:
+            return None
+        if not (self.ctx.run_dir(str(step.resumable_train)) / "last.pt").exists():
+            return None
+        try:
+            return step.collect(self.ctx)
+        except (RuntimeError, OSError, ValueError, KeyError):
+            return None   # not finished (or unreadable): resume it
+
     def run_step(self, name: str) -> bool:
         ctx, step, st = self.ctx, self.steps[name], self.state[name]
         start, t0 = now(), time.perf_counter()
@@ -964,7 +977,10 @@ class Driver:
             else:
                 cmd = step.command(ctx)
                 base = list(cmd)
-                if step.resumable_train is not None and \
+                finished = self.finished_unseen(step) if st.get("command") == base else None
+                if finished is not None:
+                    cmd = None   # the run ended while no driver watched it (the driver died)
+                elif step.resumable_train is not None and \
                         (ctx.run_dir(str(step.resumable_train)) / "last.pt").exists():
                     cmd = cmd + ["--resume"]
                 elif step.rerun_flag and any(Path(p).exists() for p in step.outputs(ctx)):
@@ -975,23 +991,26 @@ class Driver:
                 st["command"] = base
                 st["attempts"].append(attempt)
                 self.save_state(name)
-                ctx.logs.mkdir(parents=True, exist_ok=True)
-                with open(ctx.logs / f"{name}.log", "a") as log, \
-                        open(ctx.logs / f"{name}.out", "w") if step.stdout else log as out:
-                    log.write(f"\n### {start} $ {' '.join(cmd)}\n")
-                    log.flush()
-                    proc = subprocess.Popen(cmd, stdout=out,
-                                            stderr=log if step.stdout else subprocess.STDOUT,
-                                            env=self.env(), start_new_session=True)
-                    with self.lock:
-                        self.procs[name] = proc
-                    rc = proc.wait()
-                    with self.lock:
-                        self.procs.pop(name, None)
-                if rc != 0:
-                    raise RuntimeError(f"exit status {rc}; see {ctx.logs / name}.log: "
-                                       f"{tail(ctx.logs / f'{name}.log')}")
-                result = step.collect(ctx)
+                if cmd is None:
+                    result = finished
+                else:
+                    ctx.logs.mkdir(parents=True, exist_ok=True)
+                    with open(ctx.logs / f"{name}.log", "a") as log, \
+                            open(ctx.logs / f"{name}.out", "w") if step.stdout else log as out:
+                        log.write(f"\n### {start} $ {' '.join(cmd)}\n")
+                        log.flush()
+                        proc = subprocess.Popen(cmd, stdout=out,
+                                                stderr=log if step.stdout else subprocess.STDOUT,
+                                                env=self.env(), start_new_session=True)
+                        with self.lock:
+                            self.procs[name] = proc
+                        rc = proc.wait()
+                        with self.lock:
+                            self.procs.pop(name, None)
+                    if rc != 0:
+                        raise RuntimeError(f"exit status {rc}; see {ctx.logs / name}.log: "
+                                           f"{tail(ctx.logs / f'{name}.log')}")
+                    result = step.collect(ctx)
             if name in self.expected:
                 result = self.check_reproduced(name, result, time.perf_counter() - t0)
             ok, error = True, None
