@@ -22,7 +22,7 @@ import click
 
 from ._threads import DEFAULT_THREADS, set_threads
 
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES = ("auto", "cpu", "cuda")   # the one list: both configs take theirs from here
 
 
 def config_field(config: type, name: str) -> dataclasses.Field:

@@ -13,10 +13,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from labelstore.cli_options import DEVICES
 from teacher_infer.imaging import decoder_names
 
 VIEWS = ("auto", "replay", "global")
-DEVICES = ("auto", "cpu", "cuda")
 DECODERS = decoder_names()  # the registry's names, "auto" first
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 EVAL_BATCH_SIZE = 256   # ssld eval's images per step (here: its module imports torch)

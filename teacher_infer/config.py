@@ -9,10 +9,11 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from labelstore.cli_options import DEVICES
+
 from .imaging.decoders import decoder_names
 
 DECODERS = decoder_names()  # the registry's names, "auto" first
-DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "fp16")
 SOURCES = ("auto", "folder", "unlabeled", "list")
 VERIFY_SAMPLE, VERIFY_SEED = 64, 0   # ssld verify's rows recomputed and their seed
