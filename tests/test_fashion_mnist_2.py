@@ -142,7 +142,18 @@ def test_steps_graph(scale, tmp_path):
         return seen
 
     assert "gate" not in ancestors("eval_ssld_L_x9_s2")
-    assert "gate" in ancestors("eval_ssld_L+U_x9_s0") and "gate" in ancestors("dedup")
+    assert "gate" in ancestors("eval_ssld_L+U_x9_s0") and "gate" in ancestors("eval_ssld_L+U_x1_s0")
+    for side in ("ssld_L+U_all_x3_s0", "teacher_L_s0", "teacher_Tshort_s0",
+                 "ssld_L+U_bridge_x3_s0"):
+        assert "gate" in ancestors(side), side
+    # amendment 1: what does not need a plateau waits for the finished curve, not the gate
+    curve_evals = set(steps["curve"].deps)
+    assert curve_evals == set(steps["gate"].deps)
+    for name in ("dedup", "ssld_L_x27_s0", "ssld_L+U_x3_s2", "ssld_L_v1_x3_s0",
+                 "ssld_L_default_x3_s1", "ssld_L+U_default_x1_s0", "label_only_default_x3_s0"):
+        assert "gate" not in ancestors(name) and "curve" in ancestors(name), name
+    # the 27x run starts before the defaults rows and the U pipeline (list order)
+    assert order.index("ssld_L_x27_s0") < order.index("infer_U")
     assert "teacher_T_s0" not in ancestors("label_only_x9_s0")
     # equal steps: estimated student images depend on the budget only
     assert ctx.work_est["ssld_L+U_x3_s0"] == ctx.work_est["ssld_L_x3_s0"]

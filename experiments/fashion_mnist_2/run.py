@@ -49,6 +49,9 @@ infer_step, inspect_step, read_json, read_list, write_list, per_class = (
     fm1.per_class)
 VIEWS, DEV_SEED, MEASURED = fm1.VIEWS, fm1.DEV_SEED, fm1.MEASURED
 SPLIT_SEED = 20261201  # draws T's extra images and U from the prepared pool
+# amendment 1 (README): one seed of SSLD on L beyond the curve's largest budget. A module
+# constant, not a Scale2 field: the record's scale_config stays the one its steps ran with
+EXTRA_MULTIPLES = (27,)
 
 
 @dataclass(frozen=True)
@@ -197,6 +200,14 @@ def gate(ctx: Context) -> dict:
     return result
 
 
+def curve_summary(ctx: Context) -> dict:
+    """The gate's numbers without its verdict: the step amendment 1's rows wait for."""
+    sc = ctx.scale
+    curve = {m: [ctx.result(f"eval_ssld_L_x{m}_s{s}")["top1"] for s in sc.seeds]
+             for m in sc.multiples}
+    return plateau(curve, sc.multiples, sc.flat_points)
+
+
 def build_steps(ctx: Context) -> list[Step]:
     sc, T, S = ctx.scale, ctx.teacher, ctx.student
     steps: list[Step] = []
@@ -319,14 +330,23 @@ def build_steps(ctx: Context) -> list[Step]:
         for s in sc.seeds:
             student(f"label_only_x{m}_s{s}", group=f"label_only_x{m}", multiple=m,
                     deps=tuned, seed=s, supervised=True)
-    add(Step("gate", "choose", internal=gate, deps=tuple(
-        f"eval_{kind}_x{m}_s{s}" for kind in ("ssld_L", "label_only") for m in sc.multiples
-        for s in sc.seeds)))
+    curve_evals = tuple(f"eval_{kind}_x{m}_s{s}" for kind in ("ssld_L", "label_only")
+                        for m in sc.multiples for s in sc.seeds)
+    add(Step("gate", "choose", internal=gate, deps=curve_evals))
     G = ("gate",)
+    # amendment 1 (README, declared in sitting 3 before any of its numbers): what does not
+    # need a plateau runs once the curve is complete, whatever the gate says -- the defaults
+    # rows (step 8) with the U pipeline they read and their tuned L + U counterpart at the
+    # side budget, and one seed of SSLD on L at 27x ("more if it still rises")
+    add(Step("curve", "choose", internal=lambda c: curve_summary(c), deps=curve_evals))
+    C = ("curve",)
+    for m in EXTRA_MULTIPLES:
+        student(f"ssld_L_x{m}_s0", group=f"ssld_L_x{m}", multiple=m, deps=tuned + C, seed=0,
+                store="L")
 
     # 3. after the gate: U's labels, dedup against V, selection, the other teachers ---------
-    infer("infer_U", "U", "U", VIEWS, ckpt["T"], G + ("teacher_T_s0",), embeddings=True)
-    infer("infer_V", "V", "V", 1, ckpt["T"], G + ("teacher_T_s0",), embeddings=True)
+    infer("infer_U", "U", "U", VIEWS, ckpt["T"], C + ("teacher_T_s0",), embeddings=True)
+    infer("infer_V", "V", "V", 1, ckpt["T"], C + ("teacher_T_s0",), embeddings=True)
     cands = lambda c: c.stores / "U_vs_V.candidates.tsv"  # noqa: E731
     dups = lambda c: c.stores / "U_vs_V.dups"  # noqa: E731
     add(Step("dedup_candidates", "dedup", deps=("inspect_U", "inspect_V"),
@@ -370,11 +390,11 @@ def build_steps(ctx: Context) -> list[Step]:
     est("eval_teacher_T_s0_on_U", "eval_teacher", n["U"])
 
     # 4. L vs L + U at every budget of the curve (3 seeds) ---------------------------------
-    for m in longest_first:
-        for s in sc.seeds:
-            student(f"ssld_L+U_x{m}_s{s}", group=f"ssld_L+U_x{m}", multiple=m, deps=tuned + G,
-                    seed=s, store=main)
     X = sc.side_multiple
+    for m in longest_first:  # at X: amendment 1, the tuned counterpart of the defaults rows
+        for s in sc.seeds:
+            student(f"ssld_L+U_x{m}_s{s}", group=f"ssld_L+U_x{m}", multiple=m,
+                    deps=tuned + (C if m == X else G), seed=s, store=main)
     # 5. side rows, one seed, at the side budget --------------------------------------------
     student(f"ssld_L+U_all_x{X}_s0", group=f"ssld_L+U_all_x{X}", multiple=X, deps=tuned + G,
             seed=0, store=all_u)
@@ -395,20 +415,20 @@ def build_steps(ctx: Context) -> list[Step]:
     student(f"ssld_L+U_bridge_x{X}_s0", group=f"ssld_L+U_bridge_x{X}", multiple=X,
             deps=tuned + G, seed=0, store=bridge)
     # 6. defaults vs tuned: train-student's lr / weight decay, infer-teacher's one view ------
-    infer("infer_L_v1", "L_v1", "L", 1, ckpt["T"], G + ("teacher_T_s0",))
-    infer("infer_U_v1", "U_v1", "U", 1, ckpt["T"], G + ("teacher_T_s0",))
+    infer("infer_L_v1", "L_v1", "L", 1, ckpt["T"], C + ("teacher_T_s0",))
+    infer("infer_U_v1", "U_v1", "U", 1, ckpt["T"], C + ("teacher_T_s0",))
     main_v1 = select_merge(f"top{K}", "U_v1", "L_v1", lambda c: K)
-    student(f"ssld_L_v1_x{X}_s0", group=f"ssld_L_v1_x{X}", multiple=X, deps=tuned + G,
+    student(f"ssld_L_v1_x{X}_s0", group=f"ssld_L_v1_x{X}", multiple=X, deps=tuned + C,
             seed=0, store="L_v1")
     for m in sorted({1, X}, reverse=True):
         seeds = sc.seeds if m == X else sc.seeds[:1]
         for s in seeds:
             student(f"ssld_L_default_x{m}_s{s}", group=f"ssld_L_default_x{m}", multiple=m,
-                    deps=G, seed=s, store="L_v1", defaults=True)
+                    deps=C, seed=s, store="L_v1", defaults=True)
             student(f"ssld_L+U_default_x{m}_s{s}", group=f"ssld_L+U_default_x{m}", multiple=m,
-                    deps=G, seed=s, store=main_v1, defaults=True)
+                    deps=C, seed=s, store=main_v1, defaults=True)
         student(f"label_only_default_x{m}_s0", group=f"label_only_default_x{m}", multiple=m,
-                deps=G, seed=0, supervised=True, defaults=True)
+                deps=C, seed=0, supervised=True, defaults=True)
     return steps
 
 
@@ -446,6 +466,8 @@ def row_spec(ctx: Context) -> list[dict]:
                  row(f"ssld_L_x{m}", "student, SSLD JS on L", "L", "T", seeds, m),
                  row(f"ssld_L+U_x{m}", f"student, SSLD JS on L + top-{K}/class of U",
                      f"L + U_top{K}", "T", seeds, m, "equal steps")]
+    rows += [row(f"ssld_L_x{m}", "student, SSLD JS on L", "L", "T", [0], m,
+                 "amendment 1: one seed") for m in EXTRA_MULTIPLES]
     rows += [
         row(f"ssld_L+U_all_x{X}", "student, SSLD JS on L + all of U (no selection)",
             "L + U_all", "T", [0], X, "equal steps"),
