@@ -146,15 +146,21 @@ def test_steps_graph(scale, tmp_path):
     for side in ("ssld_L+U_all_x3_s0", "teacher_L_s0", "teacher_Tshort_s0",
                  "ssld_L+U_bridge_x3_s0"):
         assert "gate" in ancestors(side), side
-    # amendment 1: what does not need a plateau waits for the finished curve, not the gate
-    curve_evals = set(steps["curve"].deps)
-    assert curve_evals == set(steps["gate"].deps)
-    for name in ("dedup", "ssld_L_x27_s0", "ssld_L+U_x3_s2", "ssld_L_v1_x3_s0",
-                 "ssld_L_default_x3_s1", "ssld_L+U_default_x1_s0", "label_only_default_x3_s0"):
+    sc = m.SCALES[scale]
+    # amendment 1: the defaults rows wait for the finished curve, not the gate; 1b: those
+    # that read a teacher read T3 (recomputed in sitting 3), as do their tuned counterparts
+    assert set(steps["curve"].deps) == set(steps["gate"].deps)
+    for name in ("dedup3", "ssld_L3_x3_s2", "ssld_L3+U_x3_s2", "ssld_L3_v1_x3_s0",
+                 "ssld_L3_default_x3_s1", "ssld_L3+U_default_x1_s0", "label_only_default_x3_s0"):
         assert "gate" not in ancestors(name) and "curve" in ancestors(name), name
-    # the 27x run starts before the defaults rows and the U pipeline (list order)
-    assert order.index("ssld_L_x27_s0") < order.index("infer_U")
-    assert "teacher_T_s0" not in ancestors("label_only_x9_s0")
+    for name in ("ssld_L3_x3_s0", "ssld_L3+U_default_x3_s0", f"select_U3_v1_top{sc.k_main}"):
+        assert "teacher_T3_s0" in ancestors(name), name
+        direct = set(steps[name].deps)  # the stores it reads (the curve's ancestors aside)
+        assert not direct & {"inspect_L", "inspect_U", "dedup", "inspect_L+U_top1000"}, name
+    select3 = " ".join(map(str, steps[f"select_U3_v1_top{sc.k_main}"].command(ctx)))
+    assert "--exclude" in select3 and "U3_vs_V3.dups" in select3
+    # the rows on L come before U's pipeline (list order: they start first)
+    assert order.index("ssld_L3_default_x3_s2") < order.index("infer_U3")
     # equal steps: estimated student images depend on the budget only
     assert ctx.work_est["ssld_L+U_x3_s0"] == ctx.work_est["ssld_L_x3_s0"]
     sc = m.SCALES[scale]
@@ -463,6 +469,22 @@ def test_an_unreproduced_teacher_stops_its_dependents_and_keeps_the_record(tmp_p
     note = teacher["recomputed"][-1]
     assert note["reproduced"] is False and note["result"] == {"last_train_loss": 0.6}
     assert data["steps"]["student_a"]["done"] and "discarded" not in data
+
+
+def test_a_failed_teacher_does_not_block_steps_that_read_only_finished_results(tmp_path):
+    """Study 2's amendment 1b: the recorded teacher does not reproduce on a new machine, and a
+    step that reads only recorded results below it (the curve's evaluations) still runs, with
+    a second teacher after it; what reads the failed teacher's outputs waits."""
+    toy = _sitting_1_of_toy(tmp_path)
+    toy.loss = 0.6
+    base = toy.steps
+    toy.steps = lambda: base() + [toy.step("summary", "choose", ("eval_student_a",)),
+                                  toy.step("teacher2", "train", ("summary",))]
+    code, data = toy.run("w2", "results.json")
+    assert code == 1  # the teacher's check failed
+    assert {"summary", "teacher2"} <= set(toy.calls)
+    assert "student_b" not in toy.calls and "store" not in toy.calls
+    assert data["steps"]["teacher2"]["done"] and "discarded" not in data
 
 
 def test_discard_unreproduced_moves_the_dependent_records_and_measures_them_again(tmp_path):

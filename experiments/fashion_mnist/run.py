@@ -1135,8 +1135,12 @@ class Driver:
                 f"{self.ctx.state_dir / name}.json and the step's outputs to redo it")
 
     def blocked_by_failure(self, name: str, failed: set[str]) -> bool:
+        """Whether ``name`` waits on a failed step. A finished step (its result recorded or
+        computed here) does not: its dependents read its result, not what failed above it."""
         if name in failed:
             return True
+        if name in self.ctx.results:
+            return False
         return any(self.blocked_by_failure(d, failed) for d in self.steps[name].deps)
 
     def with_deps(self, names: set[str]) -> set[str]:

@@ -91,12 +91,14 @@ def write_markdown(res: Results, png: Optional[Path]) -> str:
     w(f"Budget 1× = {sc['student_epochs']} epochs over L (study 1's budget; batch "
       f"{sc['batch_size']}); L + U rows take the same steps. Teacher: `teacher_T`. Steps per "
       "run: the plot's x axis.\n")
-    w("| row | " + " | ".join(f"{m}× top-1 (seeds)" for m in mults) + " |")
-    w("|---|" + "---|" * len(mults))
     cv = curve(res)
+    # the curve's budgets and any one-seed budget beyond them (amendment 1: 27x)
+    cols = sorted(set(mults) | {m for rows in cv.values() for m in rows})
+    w("| row | " + " | ".join(f"{m}× top-1 (seeds)" for m in cols) + " |")
+    w("|---|" + "---|" * len(cols))
     for kind, label in CURVE:
         cells = []
-        for m in mults:
+        for m in cols:
             st = cv[kind].get(m)
             cells.append("-" if st is None or st["mean"] is None else
                          f"{top1_cell(st)} ({seeds_cell(st)})")

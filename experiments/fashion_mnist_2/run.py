@@ -49,9 +49,6 @@ infer_step, inspect_step, read_json, read_list, write_list, per_class = (
     fm1.per_class)
 VIEWS, DEV_SEED, MEASURED = fm1.VIEWS, fm1.DEV_SEED, fm1.MEASURED
 SPLIT_SEED = 20261201  # draws T's extra images and U from the prepared pool
-# amendment 1 (README): one seed of SSLD on L beyond the curve's largest budget. A module
-# constant, not a Scale2 field: the record's scale_config stays the one its steps ran with
-EXTRA_MULTIPLES = (27,)
 
 
 @dataclass(frozen=True)
@@ -290,11 +287,12 @@ def build_steps(ctx: Context) -> list[Step]:
     infer("infer_L", "L", "L", VIEWS, ckpt["T"], ("teacher_T_s0",))
 
     # 2. students: one architecture, the budget in multiples of study 1's 16 epochs over L -----
-    L_rows = lambda c: c.result("inspect_L")["rows"]  # noqa: E731
-
     def student(name: str, *, group: str, multiple: int, deps: tuple[str, ...], seed: int,
                 store: Optional[str] = None, supervised: bool = False,
-                defaults: bool = False) -> None:
+                defaults: bool = False, l_store: str = "L") -> None:
+        def L_rows(c: Context) -> int:  # the steps of one epoch over L set the budget
+            return c.result(f"inspect_{l_store}")["rows"]
+
         def build(c: Context) -> list[str]:
             if defaults:  # train-student's own lr and weight decay
                 lr, wd = None, None
@@ -313,7 +311,8 @@ def build_steps(ctx: Context) -> list[Step]:
                                  warmup=warmup, extra=("--supervised",) if supervised else (),
                                  **kwargs)
 
-        inspects = ("inspect_L", f"inspect_{store}") if store else ()  # label-only: none
+        inspects = tuple(dict.fromkeys((f"inspect_{l_store}", f"inspect_{store}"))) \
+            if store else ()  # label-only: none
         add(train_step(name, deps=deps + inspects, build=build, group=group))
         add(eval_step(f"eval_{name}", name, S, group=group))
         rate = "student_train" if supervised else "ssld_train"
@@ -334,42 +333,47 @@ def build_steps(ctx: Context) -> list[Step]:
                         for m in sc.multiples for s in sc.seeds)
     add(Step("gate", "choose", internal=gate, deps=curve_evals))
     G = ("gate",)
-    # amendment 1 (README, declared in sitting 3 before any of its numbers): what does not
-    # need a plateau runs once the curve is complete, whatever the gate says -- the defaults
-    # rows (step 8) with the U pipeline they read and their tuned L + U counterpart at the
-    # side budget, and one seed of SSLD on L at 27x ("more if it still rises")
+    # amendment 1 (README, declared in sitting 3 before any of its numbers): the defaults
+    # question does not need a plateau; its rows wait for the finished curve, not the gate
     add(Step("curve", "choose", internal=lambda c: curve_summary(c), deps=curve_evals))
     C = ("curve",)
-    for m in EXTRA_MULTIPLES:
-        student(f"ssld_L_x{m}_s0", group=f"ssld_L_x{m}", multiple=m, deps=tuned + C, seed=0,
-                store="L")
 
     # 3. after the gate: U's labels, dedup against V, selection, the other teachers ---------
-    infer("infer_U", "U", "U", VIEWS, ckpt["T"], C + ("teacher_T_s0",), embeddings=True)
-    infer("infer_V", "V", "V", 1, ckpt["T"], C + ("teacher_T_s0",), embeddings=True)
-    cands = lambda c: c.stores / "U_vs_V.candidates.tsv"  # noqa: E731
-    dups = lambda c: c.stores / "U_vs_V.dups"  # noqa: E731
-    add(Step("dedup_candidates", "dedup", deps=("inspect_U", "inspect_V"),
-             command=lambda c: ssld(c, "dedup", "--query", c.store("V"), "--pool",
-                                    c.store("U"), "--out", cands(c), "--verify", "none",
-                                    "--top-m", 1, "--threshold", sc.dedup_threshold),
-             outputs=lambda c: [cands(c)], collect=lambda c: fm1.count_dups(c, cands(c))))
-    add(Step("choose_dedup_threshold", "choose", deps=("dedup_candidates",),
-             internal=lambda c: fm1.dedup_threshold(c, cands(c))))
-    add(Step("dedup", "dedup", deps=("choose_dedup_threshold",),
-             command=lambda c: ssld(c, "dedup", "--query", c.store("V"), "--pool", c.store("U"),
-                                    "--out", dups(c), "--top-m", 1, "--threshold",
-                                    c.result("choose_dedup_threshold")["threshold"]),
-             outputs=lambda c: [dups(c)], collect=lambda c: fm1.count_dups(c, dups(c))))
-    ctx.work_est["dedup"] = ("sift_pairs", min(sc.dedup_max_pairs, n["V"]))
+    infer("infer_U", "U", "U", VIEWS, ckpt["T"], G + ("teacher_T_s0",), embeddings=True)
+    infer("infer_V", "V", "V", 1, ckpt["T"], G + ("teacher_T_s0",), embeddings=True)
+    def dedup_steps(tag: str, pool_store: str, query_store: str) -> Callable[[Context], Path]:
+        """Dedup of POOL_STORE against QUERY_STORE (stage 1 cosine, its threshold chosen from
+        the candidates, then SIFT); returns the duplicates list's path."""
+        cands = lambda c: c.stores / f"{pool_store}_vs_{query_store}.candidates.tsv"  # noqa: E731
+        dups = lambda c: c.stores / f"{pool_store}_vs_{query_store}.dups"  # noqa: E731
+        add(Step(f"dedup_candidates{tag}", "dedup",
+                 deps=(f"inspect_{pool_store}", f"inspect_{query_store}"),
+                 command=lambda c: ssld(c, "dedup", "--query", c.store(query_store), "--pool",
+                                        c.store(pool_store), "--out", cands(c), "--verify",
+                                        "none", "--top-m", 1, "--threshold",
+                                        sc.dedup_threshold),
+                 outputs=lambda c: [cands(c)], collect=lambda c: fm1.count_dups(c, cands(c))))
+        add(Step(f"choose_dedup_threshold{tag}", "choose", deps=(f"dedup_candidates{tag}",),
+                 internal=lambda c: fm1.dedup_threshold(c, cands(c))))
+        add(Step(f"dedup{tag}", "dedup", deps=(f"choose_dedup_threshold{tag}",),
+                 command=lambda c: ssld(c, "dedup", "--query", c.store(query_store), "--pool",
+                                        c.store(pool_store), "--out", dups(c), "--top-m", 1,
+                                        "--threshold",
+                                        c.result(f"choose_dedup_threshold{tag}")["threshold"]),
+                 outputs=lambda c: [dups(c)], collect=lambda c: fm1.count_dups(c, dups(c))))
+        ctx.work_est[f"dedup{tag}"] = ("sift_pairs", min(sc.dedup_max_pairs, n["V"]))
+        return dups
 
-    def select_merge(tag: str, pool_store: str, labeled_store: str, k_of) -> str:
+    dups = dedup_steps("", "U", "V")
+
+    def select_merge(tag: str, pool_store: str, labeled_store: str, k_of,
+                     dedup: tuple[str, Callable[[Context], Path]] = ("dedup", dups)) -> str:
         """select-topk on POOL_STORE (dedup's duplicates excluded), merged with L's store."""
         sel, merged = f"{pool_store}_{tag}", f"{labeled_store}+{pool_store}_{tag}"
-        add(Step(f"select_{sel}", "select", deps=("dedup", f"inspect_{pool_store}"),
+        add(Step(f"select_{sel}", "select", deps=(dedup[0], f"inspect_{pool_store}"),
                  command=lambda c: ssld(
                      c, "select-topk", "--store", c.store(pool_store), "--k", k_of(c),
-                     "--exclude", dups(c), "--out", c.store(sel), "--list-out",
+                     "--exclude", dedup[1](c), "--out", c.store(sel), "--list-out",
                      c.stores / f"{sel}.txt"),
                  outputs=lambda c: [Path(c.store(sel)), c.stores / f"{sel}.txt"],
                  rerun_flag="--overwrite"))
@@ -391,10 +395,10 @@ def build_steps(ctx: Context) -> list[Step]:
 
     # 4. L vs L + U at every budget of the curve (3 seeds) ---------------------------------
     X = sc.side_multiple
-    for m in longest_first:  # at X: amendment 1, the tuned counterpart of the defaults rows
+    for m in longest_first:
         for s in sc.seeds:
-            student(f"ssld_L+U_x{m}_s{s}", group=f"ssld_L+U_x{m}", multiple=m,
-                    deps=tuned + (C if m == X else G), seed=s, store=main)
+            student(f"ssld_L+U_x{m}_s{s}", group=f"ssld_L+U_x{m}", multiple=m, deps=tuned + G,
+                    seed=s, store=main)
     # 5. side rows, one seed, at the side budget --------------------------------------------
     student(f"ssld_L+U_all_x{X}_s0", group=f"ssld_L+U_all_x{X}", multiple=X, deps=tuned + G,
             seed=0, store=all_u)
@@ -415,21 +419,61 @@ def build_steps(ctx: Context) -> list[Step]:
     student(f"ssld_L+U_bridge_x{X}_s0", group=f"ssld_L+U_bridge_x{X}", multiple=X,
             deps=tuned + G, seed=0, store=bridge)
     # 6. defaults vs tuned: train-student's lr / weight decay, infer-teacher's one view ------
-    infer("infer_L_v1", "L_v1", "L", 1, ckpt["T"], C + ("teacher_T_s0",))
-    infer("infer_U_v1", "U_v1", "U", 1, ckpt["T"], C + ("teacher_T_s0",))
+    infer("infer_L_v1", "L_v1", "L", 1, ckpt["T"], G + ("teacher_T_s0",))
+    infer("infer_U_v1", "U_v1", "U", 1, ckpt["T"], G + ("teacher_T_s0",))
     main_v1 = select_merge(f"top{K}", "U_v1", "L_v1", lambda c: K)
-    student(f"ssld_L_v1_x{X}_s0", group=f"ssld_L_v1_x{X}", multiple=X, deps=tuned + C,
+    student(f"ssld_L_v1_x{X}_s0", group=f"ssld_L_v1_x{X}", multiple=X, deps=tuned + G,
             seed=0, store="L_v1")
     for m in sorted({1, X}, reverse=True):
         seeds = sc.seeds if m == X else sc.seeds[:1]
         for s in seeds:
             student(f"ssld_L_default_x{m}_s{s}", group=f"ssld_L_default_x{m}", multiple=m,
-                    deps=C, seed=s, store="L_v1", defaults=True)
+                    deps=G, seed=s, store="L_v1", defaults=True)
             student(f"ssld_L+U_default_x{m}_s{s}", group=f"ssld_L+U_default_x{m}", multiple=m,
-                    deps=C, seed=s, store=main_v1, defaults=True)
+                    deps=G, seed=s, store=main_v1, defaults=True)
         student(f"label_only_default_x{m}_s0", group=f"label_only_default_x{m}", multiple=m,
                 deps=C, seed=0, supervised=True, defaults=True)
+    amendment_teacher3(ctx, add, est, teacher, infer, student, dedup_steps, select_merge,
+                       tuned + C, C)
     return steps
+
+
+def amendment_teacher3(ctx, add, est, teacher, infer, student, dedup_steps, select_merge,
+                       tuned: tuple[str, ...], C: tuple[str, ...]) -> None:
+    """Amendment 1b (README): the defaults rows measured from ``teacher_T3_s0``, the teacher on
+    T recomputed on sitting 3's machine (sittings 1-2's did not reproduce there), with their
+    tuned counterparts measured from the same teacher: no row of one teacher is compared with
+    a row of another. Order: the rows on L first, then U's pipeline and the L + U rows."""
+    sc, X, K = ctx.scale, ctx.scale.side_multiple, ctx.scale.k_main
+    teacher("teacher_T3_s0", "T", sc.teacher_epochs, C + ("choose_tune_teacher",),
+            lambda c: (c.result("choose_tune_teacher")["lr"],
+                       c.result("choose_tune_teacher")["weight_decay"]))
+    ck = lambda c: str(c.run_dir("teacher_T3_s0") / "last.pt")  # noqa: E731
+    infer("infer_L3", "L3", "L", VIEWS, ck, ("teacher_T3_s0",))
+    infer("infer_L3_v1", "L3_v1", "L", 1, ck, ("teacher_T3_s0",))
+    on_l3 = {"l_store": "L3"}
+    for s in sc.seeds:  # tuned and defaults on L at X, seed by seed
+        student(f"ssld_L3_x{X}_s{s}", group=f"ssld_L3_x{X}", multiple=X, deps=tuned, seed=s,
+                store="L3", **on_l3)
+        student(f"ssld_L3_default_x{X}_s{s}", group=f"ssld_L3_default_x{X}", multiple=X,
+                deps=C, seed=s, store="L3_v1", defaults=True, **on_l3)
+    student(f"ssld_L3_v1_x{X}_s0", group=f"ssld_L3_v1_x{X}", multiple=X, deps=tuned, seed=0,
+            store="L3_v1", **on_l3)
+    student("ssld_L3_default_x1_s0", group="ssld_L3_default_x1", multiple=1, deps=C, seed=0,
+            store="L3_v1", defaults=True, **on_l3)
+    infer("infer_U3", "U3", "U", VIEWS, ck, ("teacher_T3_s0",), embeddings=True)
+    infer("infer_V3", "V3", "V", 1, ck, ("teacher_T3_s0",), embeddings=True)
+    dups3 = dedup_steps("3", "U3", "V3")
+    infer("infer_U3_v1", "U3_v1", "U", 1, ck, ("teacher_T3_s0",))
+    main3 = select_merge(f"top{K}", "U3", "L3", lambda c: K, dedup=("dedup3", dups3))
+    main3_v1 = select_merge(f"top{K}", "U3_v1", "L3_v1", lambda c: K, dedup=("dedup3", dups3))
+    for s in sc.seeds:
+        student(f"ssld_L3+U_x{X}_s{s}", group=f"ssld_L3+U_x{X}", multiple=X, deps=tuned, seed=s,
+                store=main3, **on_l3)
+        student(f"ssld_L3+U_default_x{X}_s{s}", group=f"ssld_L3+U_default_x{X}", multiple=X,
+                deps=C, seed=s, store=main3_v1, defaults=True, **on_l3)
+    student("ssld_L3+U_default_x1_s0", group="ssld_L3+U_default_x1", multiple=1, deps=C,
+            seed=0, store=main3_v1, defaults=True, **on_l3)
 
 
 def sizes(sc: Scale2) -> dict[str, int]:
@@ -466,8 +510,6 @@ def row_spec(ctx: Context) -> list[dict]:
                  row(f"ssld_L_x{m}", "student, SSLD JS on L", "L", "T", seeds, m),
                  row(f"ssld_L+U_x{m}", f"student, SSLD JS on L + top-{K}/class of U",
                      f"L + U_top{K}", "T", seeds, m, "equal steps")]
-    rows += [row(f"ssld_L_x{m}", "student, SSLD JS on L", "L", "T", [0], m,
-                 "amendment 1: one seed") for m in EXTRA_MULTIPLES]
     rows += [
         row(f"ssld_L+U_all_x{X}", "student, SSLD JS on L + all of U (no selection)",
             "L + U_all", "T", [0], X, "equal steps"),
@@ -491,6 +533,23 @@ def row_spec(ctx: Context) -> list[dict]:
                 f"L + U_top{K}", "T", n, m, "lr 0.1, wd 1e-5, 1 view, equal steps"),
             row(f"label_only_default_x{m}", "student, label-only, train-student defaults", "L",
                 "-", [0], m, "lr 0.1, wd 1e-5")]
+    note3 = "amendment 1b: teacher T3"
+    rows += [
+        row("teacher_T3", f"teacher {T} on T, recomputed in sitting 3 (T3)", "T", "-", [0],
+            None, model=T),
+        row(f"ssld_L3_x{X}", "student, SSLD JS on L, tuned", "L", "T3", seeds, X, note3),
+        row(f"ssld_L3_default_x{X}", "student, SSLD on L, train-student defaults", "L", "T3",
+            seeds, X, note3 + "; lr 0.1, wd 1e-5, 1 view"),
+        row(f"ssld_L3_v1_x{X}", "student, SSLD JS on L, 1 stored view, tuned lr", "L", "T3",
+            [0], X, note3 + "; views alone"),
+        row("ssld_L3_default_x1", "student, SSLD on L, train-student defaults", "L", "T3", [0],
+            1, note3 + "; lr 0.1, wd 1e-5, 1 view"),
+        row(f"ssld_L3+U_x{X}", f"student, SSLD JS on L + top-{K}/class of U, tuned",
+            f"L + U_top{K}", "T3", seeds, X, note3 + "; equal steps"),
+        row(f"ssld_L3+U_default_x{X}", f"student, SSLD on L + top-{K}/class, defaults",
+            f"L + U_top{K}", "T3", seeds, X, note3 + "; lr 0.1, wd 1e-5, 1 view, equal steps"),
+        row("ssld_L3+U_default_x1", f"student, SSLD on L + top-{K}/class, defaults",
+            f"L + U_top{K}", "T3", [0], 1, note3 + "; lr 0.1, wd 1e-5, 1 view, equal steps")]
     return rows
 
 
