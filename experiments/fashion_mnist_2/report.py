@@ -119,14 +119,21 @@ def write_markdown(res: Results, png: Optional[Path]) -> str:
     w("### Side rows and defaults vs tuned\n")
     w("| setup | data | teacher | budget | seeds | top-1 % | note |")
     w("|---|---|---|---|---|---|---|")
+    not_run = []
     for row in d["rows"]:
         kind = row["group"].rsplit("_x", 1)[0]
         if row["group"].startswith("teacher_") or kind in cv:
             continue
         st = res.row_stats(row)
+        if st["n"] == 0 and not any(res.steps.get(n, {}).get("done")
+                                    for n in row["train_steps"]):
+            not_run.append(f"`{row['group']}`")
+            continue
         w(f"| {row['label']} | {row['data']} | {row['teacher']} | {row['multiple']}× | "
           f"{seeds_cell(st)} | {top1_cell(st)} | {row['note']} |")
     w("")
+    if not_run:
+        w(f"Not run (no seed finished): {', '.join(not_run)}.\n")
     return "\n".join(out)
 
 
