@@ -409,6 +409,24 @@ def inspect_step(name: str, store: str, deps: tuple[str, ...]) -> Step:
 # the protocol
 
 
+def tune_steps(add: Callable[[Step], None], prefix: str, model: str, grid, epochs: int,
+               extra: Callable[[Context], dict], deps: tuple[str, ...]) -> list[str]:
+    """A hyper-parameter grid on dev: one run per (lr, weight decay) of ``grid`` (seed 0,
+    warmup one epoch, scored on the dev split) and the ``choose_PREFIX`` step that picks the
+    best by last-epoch dev top-1. Both studies build their grids with it; returns the runs."""
+    names = []
+    for i, (lr, wd) in enumerate(grid):
+        name = f"{prefix}_{i}"
+        names.append(name)
+        add(train_step(name, deps=deps, group="tuning",
+                       build=lambda c, name=name, lr=lr, wd=wd: train_command(
+                           c, name, model=model, epochs=epochs, lr=lr, wd=wd, seed=0,
+                           warmup=1.0, val=c.split("dev"), **extra(c))))
+    add(Step(f"choose_{prefix}", "choose", deps=tuple(names),
+             internal=lambda c, names=tuple(names): choose(c, names)))
+    return names
+
+
 def build_steps(ctx: Context) -> list[Step]:
     sc, T, S = ctx.scale, ctx.teacher, ctx.student
     steps: list[Step] = []
@@ -424,17 +442,7 @@ def build_steps(ctx: Context) -> list[Step]:
     # 1a. hyper-parameters, chosen on the dev split only (train on L minus dev) -----------------
     def tune(prefix: str, model: str, grid, epochs: int, extra: Callable[[Context], dict],
              deps: tuple[str, ...]) -> list[str]:
-        names = []
-        for i, (lr, wd) in enumerate(grid):
-            name = f"{prefix}_{i}"
-            names.append(name)
-            add(train_step(name, deps=deps, group="tuning",
-                           build=lambda c, name=name, lr=lr, wd=wd: train_command(
-                               c, name, model=model, epochs=epochs, lr=lr, wd=wd, seed=0,
-                               warmup=1.0, val=c.split("dev"), **extra(c))))
-        add(Step(f"choose_{prefix}", "choose", deps=tuple(names),
-                 internal=lambda c, names=tuple(names): choose(c, names)))
-        return names
+        return tune_steps(add, prefix, model, grid, epochs, extra, deps)
 
     tune("tune_teacher", T, sc.teacher_grid, sc.teacher_epochs,
          lambda c: {"data": c.split("Ltrain"), "extra": ("--supervised",)}, ("splits",))

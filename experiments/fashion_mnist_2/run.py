@@ -232,19 +232,10 @@ def build_steps(ctx: Context) -> list[Step]:
 
     def tune(prefix: str, model: str, grid, epochs: int, extra: Callable[[Context], dict],
              deps: tuple[str, ...], rate: str, n_train: int) -> None:
-        names = []
-        for i, (lr, wd) in enumerate(grid):
-            name = f"{prefix}_{i}"
-            names.append(name)
-            add(train_step(name, deps=deps, group="tuning",
-                           build=lambda c, name=name, lr=lr, wd=wd: train_command(
-                               c, name, model=model, epochs=epochs, lr=lr, wd=wd, seed=0,
-                               warmup=1.0, val=c.split("dev"), **extra(c))))
+        for name in fm1.tune_steps(add, prefix, model, grid, epochs, extra, deps):
             est(name, rate, epochs * n_train)
             est(name + ":val", "eval_teacher" if model == T else "eval_student",
                 epochs * n["dev"])
-        add(Step(f"choose_{prefix}", "choose", deps=tuple(names),
-                 internal=lambda c, names=tuple(names): fm1.choose(c, names)))
 
     # 1. hyper-parameters on dev: the students on L minus dev (label-only first: minutes, and
     # they measure the student's throughput early), the teacher on T minus dev ---------------
