@@ -160,7 +160,8 @@ def test_steps_graph(scale, tmp_path):
     select3 = " ".join(map(str, steps[f"select_U3_v1_top{sc.k_main}"].command(ctx)))
     assert "--exclude" in select3 and "U3_vs_V3.dups" in select3
     # the rows on L come before U's pipeline (list order: they start first)
-    assert order.index("ssld_L3_default_x3_s2") < order.index("infer_U3")
+    assert order.index("ssld_L3_default_x3_s1") < order.index("infer_U3")
+    assert "ssld_L3_default_x3_s2" not in steps  # amendment 2: the old default, 2 seeds
     # equal steps: estimated student images depend on the budget only
     assert ctx.work_est["ssld_L+U_x3_s0"] == ctx.work_est["ssld_L_x3_s0"]
     sc = m.SCALES[scale]

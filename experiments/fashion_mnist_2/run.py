@@ -49,6 +49,9 @@ infer_step, inspect_step, read_json, read_list, write_list, per_class = (
     fm1.per_class)
 VIEWS, DEV_SEED, MEASURED = fm1.VIEWS, fm1.DEV_SEED, fm1.MEASURED
 SPLIT_SEED = 20261201  # draws T's extra images and U from the prepared pool
+# amendment 2 (README): the seeds of ssld_L3_default_x3 run with the old default lr (0.1);
+# train-student's default for --loss js changed to 0.4 before seed 2 could run
+OLD_DEFAULT_SEEDS = (0, 1)
 
 
 @dataclass(frozen=True)
@@ -429,6 +432,17 @@ def build_steps(ctx: Context) -> list[Step]:
     return steps
 
 
+def js_default_lr(ctx: Context) -> dict:
+    """The lr train-student resolves without --lr for --loss js: amendment 2's rows need the
+    package whose default is 0.4 (a package before the change fails this step)."""
+    from student_train.config import default_lr
+    lr = default_lr("js", supervised=False)
+    if abs(lr - 0.4) > 1e-12:
+        raise RuntimeError(f"this package's default lr for --loss js is {lr}, amendment 2 "
+                           "measures the default 0.4")
+    return {"lr": lr}
+
+
 def amendment_teacher3(ctx, add, est, teacher, infer, student, dedup_steps, select_merge,
                        tuned: tuple[str, ...], C: tuple[str, ...]) -> None:
     """Amendment 1b (README): the defaults rows measured from ``teacher_T3_s0``, the teacher on
@@ -436,6 +450,7 @@ def amendment_teacher3(ctx, add, est, teacher, infer, student, dedup_steps, sele
     tuned counterparts measured from the same teacher: no row of one teacher is compared with
     a row of another. Order: the rows on L first, then U's pipeline and the L + U rows."""
     sc, X, K = ctx.scale, ctx.scale.side_multiple, ctx.scale.k_main
+    add(fm1.Step("js_default_lr", "choose", internal=js_default_lr))
     teacher("teacher_T3_s0", "T", sc.teacher_epochs, C + ("choose_tune_teacher",),
             lambda c: (c.result("choose_tune_teacher")["lr"],
                        c.result("choose_tune_teacher")["weight_decay"]))
@@ -446,8 +461,15 @@ def amendment_teacher3(ctx, add, est, teacher, infer, student, dedup_steps, sele
     for s in sc.seeds:  # tuned and defaults on L at X, seed by seed
         student(f"ssld_L3_x{X}_s{s}", group=f"ssld_L3_x{X}", multiple=X, deps=tuned, seed=s,
                 store="L3", **on_l3)
-        student(f"ssld_L3_default_x{X}_s{s}", group=f"ssld_L3_default_x{X}", multiple=X,
-                deps=C, seed=s, store="L3_v1", defaults=True, **on_l3)
+        if s in OLD_DEFAULT_SEEDS:  # the old default lr: amendment 2 changed it before seed 2
+            student(f"ssld_L3_default_x{X}_s{s}", group=f"ssld_L3_default_x{X}", multiple=X,
+                    deps=C, seed=s, store="L3_v1", defaults=True, **on_l3)
+    # amendment 2 (README): the defaults after train-student's JS default lr changed from 0.1
+    # to 0.4 (student_train/config.py: default_lr); the same command as ssld_L3_default_x3,
+    # run by the changed package (the result records the lr it resolved)
+    for s in sc.seeds:
+        student(f"ssld_L3_jsdefault_x{X}_s{s}", group=f"ssld_L3_jsdefault_x{X}", multiple=X,
+                deps=C + ("js_default_lr",), seed=s, store="L3_v1", defaults=True, **on_l3)
     student(f"ssld_L3_v1_x{X}_s0", group=f"ssld_L3_v1_x{X}", multiple=X, deps=tuned, seed=0,
             store="L3_v1", **on_l3)
     student("ssld_L3_default_x1_s0", group="ssld_L3_default_x1", multiple=1, deps=C, seed=0,
@@ -529,18 +551,23 @@ def row_spec(ctx: Context) -> list[dict]:
         row("teacher_T3", f"teacher {T} on T, recomputed in sitting 3 (T3)", "T", "-", [0],
             None, model=T),
         row(f"ssld_L3_x{X}", "student, SSLD JS on L, tuned", "L", "T3", seeds, X, note3),
-        row(f"ssld_L3_default_x{X}", "student, SSLD on L, train-student defaults", "L", "T3",
-            seeds, X, note3 + "; lr 0.1, wd 1e-5, 1 view"),
+        row(f"ssld_L3_default_x{X}", "student, SSLD on L, train-student's old defaults", "L",
+            "T3", [s for s in seeds if s in OLD_DEFAULT_SEEDS], X,
+            note3 + "; lr 0.1, wd 1e-5, 1 view"),
         row(f"ssld_L3_v1_x{X}", "student, SSLD JS on L, 1 stored view, tuned lr", "L", "T3",
             [0], X, note3 + "; views alone"),
+        row(f"ssld_L3_jsdefault_x{X}", "student, SSLD on L, train-student's new defaults",
+            "L", "T3", seeds, X, note3 + "; amendment 2: lr 0.4 (JS), wd 1e-5, 1 view"),
         row("ssld_L3_default_x1", "student, SSLD on L, train-student defaults", "L", "T3", [0],
-            1, note3 + "; lr 0.1, wd 1e-5, 1 view"),
+            1, note3 + "; the package's default lr and wd (in the results), 1 view"),
         row(f"ssld_L3+U_x{X}", f"student, SSLD JS on L + top-{K}/class of U, tuned",
             f"L + U_top{K}", "T3", seeds, X, note3 + "; equal steps"),
         row(f"ssld_L3+U_default_x{X}", f"student, SSLD on L + top-{K}/class, defaults",
-            f"L + U_top{K}", "T3", seeds, X, note3 + "; lr 0.1, wd 1e-5, 1 view, equal steps"),
+            f"L + U_top{K}", "T3", seeds, X,
+            note3 + "; the package's default lr and wd (in the results), 1 view, equal steps"),
         row("ssld_L3+U_default_x1", f"student, SSLD on L + top-{K}/class, defaults",
-            f"L + U_top{K}", "T3", [0], 1, note3 + "; lr 0.1, wd 1e-5, 1 view, equal steps")]
+            f"L + U_top{K}", "T3", [0], 1,
+            note3 + "; the package's default lr and wd (in the results), 1 view, equal steps")]
     return rows
 
 
