@@ -26,6 +26,26 @@ EVAL_BATCH_SIZE = 256   # ssld eval's images per step (here: its module imports 
 RESUMABLE_CHANGES = frozenset({"resume", "num_workers", "threads"})
 
 
+# The method's learning rate for 256 images per step (method-ssld.txt: MobileNetV1 1.6 for
+# 4,096, ResNet50-vd 0.4 for 1,024), found with PaddleClas's loss, a symmetrised KL.
+BASE_LR = 0.1
+# Each loss's gradient near agreement relative to KL(p_t || p_s)'s. To second order in
+# d = p_s - p_t, KL, the symmetrised KL (skl) and soft cross-entropy are all
+# 1/2 sum(d^2 / p_t) (soft-ce up to a constant), kl at temperature T is scaled by T^2 to stay
+# comparable, and Jensen-Shannon is a quarter of it, 1/8 sum(d^2 / p_t) (tested in
+# tests/test_losses.py): at the same lr, --loss js takes steps four times shorter.
+LOSS_GRADIENT_SCALE = {"js": 0.25, "skl": 1.0, "kl": 1.0, "soft-ce": 1.0}
+
+
+def default_lr(loss: str, supervised: bool) -> float:
+    """The lr (for 256 images) a run gets without ``--lr``: :data:`BASE_LR` for hard labels
+    and for the KL-like losses; for JS, ``BASE_LR`` divided by its gradient scale (0.4), so
+    that the default step is the one the method's lr was found with."""
+    if supervised:
+        return BASE_LR
+    return BASE_LR / LOSS_GRADIENT_SCALE.get(loss, 1.0)  # an unknown loss: validate() says so
+
+
 @dataclass
 class TrainConfig:
     """Everything ``train(cfg)`` needs. ``None`` means "the model's / the data's default"."""
@@ -41,7 +61,8 @@ class TrainConfig:
 
     epochs: int = 120                     # SSLD trains students 120-360 epochs
     batch_size: int = 256                 # images per process and step (global = × world size)
-    lr: float = 0.1                       # for 256 images per step; scaled to the global batch
+    lr: Optional[float] = None            # for 256 images per step; scaled to the global batch.
+                                          # None: default_lr(loss, supervised)
     warmup_epochs: float = 5.0            # linear warmup, then cosine to 0 (per step); at
                                           # most all epochs
     weight_decay: float = 1e-5            # the method's l2_decay (MobileNets); never on norm/bias
@@ -79,6 +100,8 @@ class TrainConfig:
     seed: int = 0                         # model init, sample order, views, augmentation
 
     def __post_init__(self) -> None:
+        if self.lr is None:
+            self.lr = default_lr(self.loss, self.supervised)
         self.stores = tuple(str(s) for s in self.stores)
         if self.lr_mult is not None:
             self.lr_mult = tuple(float(m) for m in self.lr_mult)

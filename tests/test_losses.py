@@ -265,3 +265,27 @@ def test_distillation_loss_kl_uses_temperature(batch):
 def test_distillation_loss_rejects_bad_options(kwargs, message):
     with pytest.raises(ValueError, match=message):
         DistillationLoss(**kwargs)
+
+
+@pytest.mark.parametrize("name", ["skl", "soft-ce"])
+def test_js_gradient_near_agreement_is_a_quarter_of_the_kl_like_losses(name):
+    """The reason for train-student's default lr of 0.4 with --loss js (config.default_lr):
+    near agreement every KL-like loss has KL's gradient and JS a quarter of it. Reference:
+    KL's gradient w.r.t. the student logits, p_s - p_t, computed by hand in float64."""
+    from student_train.config import LOSS_GRADIENT_SCALE, default_lr
+
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.softmax(torch.randn(64, 10, generator=g, dtype=torch.float64), dim=-1)
+    for eps, tol in ((1e-2, 0.03), (1e-3, 0.005)):
+        logits = (teacher.log() + eps * torch.randn(64, 10, generator=g, dtype=torch.float64))
+        logits.requires_grad_(True)
+        reference = (torch.softmax(logits.detach(), -1) - teacher) / len(teacher)
+        grads = {}
+        for loss in ("js", name):
+            (grad,) = torch.autograd.grad(LOSSES[loss](logits, teacher), logits)
+            grads[loss] = grad.double()
+        scale = lambda g: float((g * reference).sum() / (reference * reference).sum())  # noqa: E731
+        assert scale(grads[name]) == pytest.approx(LOSS_GRADIENT_SCALE[name], rel=tol)
+        assert scale(grads["js"]) == pytest.approx(LOSS_GRADIENT_SCALE["js"], rel=tol)
+    assert default_lr("js", supervised=False) == pytest.approx(4 * default_lr(name, False))
+    assert default_lr("js", supervised=True) == default_lr(name, supervised=True) == 0.1

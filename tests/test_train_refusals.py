@@ -90,7 +90,7 @@ def test_resume_with_changed_options_is_refused_naming_them(images, tmp_path, mo
     with pytest.raises(KeyboardInterrupt):
         train(config(out, [store(images, "ok")]))
     monkeypatch.setattr(train_module, "train_one_epoch", original)
-    with pytest.raises(ValueError, match="options differ .*lr: 0.1 -> 0.3; .*seed: 0 -> 1"):
+    with pytest.raises(ValueError, match="options differ .*lr: 0.4 -> 0.3; .*seed: 0 -> 1"):
         train(config(out, [store(images, "ok")], resume=True, lr=0.3, seed=1))
     with pytest.raises(FileExistsError, match="pass --resume"):
         train(config(out, [store(images, "ok")]))
@@ -150,6 +150,23 @@ def test_cli_trains_and_prints_a_summary(images, tmp_path, capsys):
     assert code == 0, captured.err
     assert f"run {out}: 1 epoch(s)" in captured.out
     assert os.path.exists(out / "last.pt")
+
+
+def test_the_default_lr_follows_the_loss(images, tmp_path):
+    """Without --lr: 0.1 for 256 images with hard labels and the KL-like losses, 0.4 with JS
+    (its gradient near agreement is a quarter of KL's: tests/test_losses.py); an explicit
+    lr is kept, and the resolved value is what the run records."""
+    import json
+
+    ok = store(images, "ok")
+    assert config(tmp_path / "a", [ok]).lr == pytest.approx(0.4)
+    for loss in ("skl", "kl", "soft-ce"):
+        assert config(tmp_path / "a", [ok], loss=loss).lr == pytest.approx(0.1)
+    assert config(tmp_path / "a", [], supervised=True, data="x").lr == pytest.approx(0.1)
+    assert config(tmp_path / "a", [ok], lr=0.05).lr == pytest.approx(0.05)
+    out = tmp_path / "run"
+    train(config(out, [ok], epochs=1))
+    assert json.loads((out / "config.json").read_text())["lr"] == pytest.approx(0.4)
 
 
 def test_cli_crop_scale_reaches_the_config(monkeypatch, tmp_path):
