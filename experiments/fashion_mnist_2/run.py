@@ -185,11 +185,9 @@ def make_splits(ctx: Context) -> dict:
 
 def gate(ctx: Context) -> dict:
     sc = ctx.scale
-    curve = {m: [ctx.result(f"eval_ssld_L_x{m}_s{s}")["top1"] for s in sc.seeds]
-             for m in sc.multiples}
     labels = {m: [ctx.result(f"eval_label_only_x{m}_s{s}")["top1"] for s in sc.seeds]
               for m in sc.multiples}
-    result = plateau(curve, sc.multiples, sc.flat_points)
+    result = curve_summary(ctx)
     result["label_only"] = plateau(labels, sc.multiples, sc.flat_points)
     fm1.write_json(ctx.work / "gate.json", result)
     if not result["flattened"]:
@@ -329,7 +327,7 @@ def build_steps(ctx: Context) -> list[Step]:
     G = ("gate",)
     # amendment 1 (README, declared in sitting 3 before any of its numbers): the defaults
     # question does not need a plateau; its rows wait for the finished curve, not the gate
-    add(Step("curve", "choose", internal=lambda c: curve_summary(c), deps=curve_evals))
+    add(Step("curve", "choose", internal=curve_summary, deps=curve_evals))
     C = ("curve",)
 
     # 3. after the gate: U's labels, dedup against V, selection, the other teachers ---------
@@ -541,9 +539,10 @@ def row_spec(ctx: Context) -> list[dict]:
         n = seeds if m == X else [0]
         rows += [
             row(f"ssld_L_default_x{m}", "student, SSLD on L, train-student defaults", "L", "T",
-                n, m, "lr 0.1, wd 1e-5, 1 view"),
+                n, m, "the package's default lr and wd (in the results), 1 view"),
             row(f"ssld_L+U_default_x{m}", f"student, SSLD on L + top-{K}/class, defaults",
-                f"L + U_top{K}", "T", n, m, "lr 0.1, wd 1e-5, 1 view, equal steps"),
+                f"L + U_top{K}", "T", n, m,
+                "the package's default lr and wd (in the results), 1 view, equal steps"),
             row(f"label_only_default_x{m}", "student, label-only, train-student defaults", "L",
                 "-", [0], m, "lr 0.1, wd 1e-5")]
     note3 = "amendment 1b: teacher T3"
