@@ -217,6 +217,45 @@ def test_report_recomputes_the_curve(tmp_path):
     assert "2/3" in cells["SSLD on L + selected U"][2]
 
 
+def test_report_plots_t3s_pair_from_its_finished_seeds(tmp_path):
+    """The plot's L vs L + U pair from teacher T3 is the mean and sample std of the finished
+    seeds at the steps the runs recorded; a row with no finished seed is left out."""
+    np = pytest.importorskip("numpy")
+    m, rep = _driver(), _report()
+    args = argparse.Namespace(workdir=str(tmp_path), data=None, teacher=m.fm1.TEACHER,
+                              student=m.fm1.STUDENT, ssld="ssld", device="cpu", num_workers=0,
+                              src=None)
+    sc = m.SCALES["full"]
+    rows = m.row_spec(m.Context(args, sc))
+    by_group = {row["group"]: row for row in rows}
+    rng = random.Random(7)
+    steps, top1 = {}, {"ssld_L3_x3": [], "ssld_L3+U_x3": []}
+    for group in top1:
+        row = by_group[group]
+        for tr, ev in zip(row["train_steps"], row["eval_steps"]):
+            if group == "ssld_L3+U_x3" and ev.endswith("_s2"):
+                continue  # 2 of 3 seeds finished
+            top1[group].append(rng.uniform(0.7, 0.9))
+            steps[ev] = {"done": True, "result": {"top1": top1[group][-1], "top5": 0.99}}
+            steps[tr] = {"done": True, "wall_s": 60.0,
+                         "result": {"steps": 2208, "epochs": 48, "train_seconds": 50.0}}
+    data = {"scale": "full", "updated": "now", "scale_config": dataclasses.asdict(sc),
+            "multiples": list(sc.multiples), "rows": rows, "steps": steps}
+    points = rep.t3_points(rep.Results(data))
+    assert [p[0].split(" (")[0] for p in points] == [label for _, label, _ in rep.T3_PAIR]
+    for (label, _, n_steps, mean, std), (group, _, _) in zip(points, rep.T3_PAIR):
+        vals = top1[group]
+        assert n_steps == 2208
+        assert mean == pytest.approx(100 * np.mean(vals))
+        assert std == pytest.approx(100 * np.std(vals, ddof=1))
+        assert label.endswith(f"(3×, {len(vals)} seeds)" if len(vals) == 3 else
+                              f"(3×, {len(vals)}/3 seeds)")
+    del data["steps"]["eval_ssld_L3_x3_s0"], data["steps"]["eval_ssld_L3_x3_s1"], \
+        data["steps"]["eval_ssld_L3_x3_s2"]
+    assert [p[0].split(" (")[0] for p in rep.t3_points(rep.Results(data))] == \
+        ["SSLD on L + selected U, teacher T3"]
+
+
 # -- resuming from the results file (experiments/fashion_mnist/record.py) ----------------------
 
 # what sitting 1 recorded as finished (results/full.json at commit 983d51e)

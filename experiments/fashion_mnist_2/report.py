@@ -137,8 +137,30 @@ def write_markdown(res: Results, png: Optional[Path]) -> str:
     return "\n".join(out)
 
 
+# Rows from the recomputed teacher T3 (amendment 1b): the only L vs L + U pair that ran. Drawn
+# as separate markers, never joined to the curve of the recorded teacher T.
+T3_PAIR = (("ssld_L3_x3", "SSLD on L, teacher T3", "s"),
+           ("ssld_L3+U_x3", "SSLD on L + selected U, teacher T3", "D"))
+
+
+def t3_points(res: Results) -> list[tuple[str, str, int, float, float]]:
+    """(label, marker, steps, mean %, std %) of each row of T3_PAIR with a finished seed."""
+    by_group = {row["group"]: row for row in res.data["rows"]}
+    out = []
+    for group, label, marker in T3_PAIR:
+        if group not in by_group:
+            continue
+        st = res.row_stats(by_group[group])
+        if st["mean"] is None:
+            continue
+        out.append((f"{label} ({by_group[group]['multiple']}×, {seeds_cell(st)} seeds)", marker,
+                    st["train"]["steps"], 100 * st["mean"], 100 * (st["std"] or 0)))
+    return out
+
+
 def write_plot(res: Results, png: Path) -> bool:
-    """Top-1 vs optimizer steps for the curve's three rows; False when nothing is finished."""
+    """Top-1 vs optimizer steps for the curve's three rows and T3's pair; False when nothing
+    is finished."""
     cv = curve(res)
     if not any(st["mean"] is not None for rows in cv.values() for st in rows.values()):
         return False
@@ -155,6 +177,12 @@ def write_plot(res: Results, png: Path) -> bool:
         ax.errorbar(steps, [100 * st["mean"] for _, st in pts],
                     yerr=[100 * (st["std"] or 0) for _, st in pts], marker="o", capsize=3,
                     label=label)
+    pair = t3_points(res)
+    for i, (label, marker, steps, mean, std) in enumerate(pair):
+        # the pair has equal steps: drawn 3 % apart in x so the error bars do not hide each other
+        shift = 1.0 if len(pair) == 1 else (0.97, 1.03)[i]
+        ax.errorbar([steps * shift], [mean], yerr=[std], marker=marker, linestyle="none",
+                    capsize=3, mfc="none", label=label + (" (x shifted 3 %)" if shift != 1 else ""))
     ax.set_xscale("log")
     ax.set_xlabel(f"optimizer steps (batch {res.data['scale_config']['batch_size']})")
     ax.set_ylabel("top-1 % on V (mean ± std over seeds)")
