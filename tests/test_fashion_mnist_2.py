@@ -439,7 +439,7 @@ class _Toy:
                 s("student_b", "train", ("choose", "inspect_store"), {"last_train_loss": 1.1}),
                 s("eval_student_b", "eval", ("student_b",), {"top1": 0.81, "images": 100})]
 
-    def run(self, workdir, results, discard=False):
+    def run(self, workdir, results, discard=False, only=None):
         m = self.m
         args = argparse.Namespace(
             workdir=str(self.tmp / workdir), data=None, teacher="t", student="s", ssld="ssld",
@@ -455,7 +455,7 @@ class _Toy:
         steps.insert(2, steps.pop([s.name for s in steps].index("teacher")))
         driver = m.fm1.Driver(ctx, steps, rows=lambda c: [], study="toy")
         self.calls = {}
-        return driver.run(), m.fm1.read_json(self.tmp / results)
+        return driver.run(only), m.fm1.read_json(self.tmp / results)
 
 
 def _sitting_1_of_toy(tmp_path):
@@ -525,6 +525,34 @@ def test_a_failed_teacher_does_not_block_steps_that_read_only_finished_results(t
     assert {"summary", "teacher2"} <= set(toy.calls)
     assert "student_b" not in toy.calls and "store" not in toy.calls
     assert data["steps"]["teacher2"]["done"] and "discarded" not in data
+
+
+def test_a_recorded_failure_stays_in_the_results_until_the_step_runs_again(tmp_path):
+    """Study 2's gate failed in sitting 2; a later sitting that runs other steps only
+    (--only) in a new workdir must keep that outcome in the results file, not write it as a
+    step that never ran."""
+    toy = _Toy(tmp_path)
+    base = toy.steps
+
+    flat = []
+
+    def gate():
+        if not flat:
+            raise RuntimeError("not flattened")
+        return {"flat": True}
+    toy.steps = lambda: base() + [toy.step("gate", "choose", ("eval_student_a",), gate)]
+    code, data = toy.run("w1", "results.json")
+    assert code == 1 and data["steps"]["gate"]["error"] == "RuntimeError: not flattened"
+    recorded = data["steps"]["gate"]
+    code, data = toy.run("w2", "results.json", only={"eval_student_b"})
+    assert code == 0 and "gate" not in toy.calls
+    assert data["steps"]["gate"] == recorded
+    # run again, the step's new outcome replaces the old one
+    flat.append(True)
+    code, data = toy.run("w3", "results.json")
+    assert code == 0 and toy.calls.get("gate") == 1
+    assert data["steps"]["gate"]["done"] and data["steps"]["gate"]["error"] is None
+    assert data["steps"]["gate"]["result"] == {"flat": True}
 
 
 def test_discard_unreproduced_moves_the_dependent_records_and_measures_them_again(tmp_path):

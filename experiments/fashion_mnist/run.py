@@ -1168,13 +1168,19 @@ class Driver:
         """The results file: every step (a recorded step as its record, with what this sitting
         recomputed of it), the discarded records, the sittings with their package and
         environment."""
-        ctx = self.ctx
+        ctx, saved_steps = self.ctx, self.saved.get("steps") or {}
         with self.lock:
             steps = {}
             for name in self.order:
                 st = self.state[name]
                 if st.get("record") is not None:
                     steps[name] = st["record"]
+                    continue
+                earlier = saved_steps.get(name) or {}
+                if earlier.get("error") and not st.get("attempts") and not st.get("done"):
+                    # an earlier sitting's failure (study 2's gate), not tried in this one:
+                    # an outcome of the protocol, kept until the step runs again
+                    steps[name] = earlier
                     continue
                 walls = [a["wall_s"] for a in st.get("attempts", []) if a["wall_s"] is not None]
                 steps[name] = {
