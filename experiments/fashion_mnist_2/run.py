@@ -468,8 +468,9 @@ def amendment_teacher3(ctx, add, est, teacher, infer, student, dedup_steps, sele
     for s in sc.seeds:
         student(f"ssld_L3_jsdefault_x{X}_s{s}", group=f"ssld_L3_jsdefault_x{X}", multiple=X,
                 deps=C + ("js_default_lr",), seed=s, store="L3_v1", defaults=True, **on_l3)
-    student(f"ssld_L3_v1_x{X}_s0", group=f"ssld_L3_v1_x{X}", multiple=X, deps=tuned, seed=0,
-            store="L3_v1", **on_l3)
+    for s in sc.seeds:  # seed 0 as declared in amendment 1b, seeds 1-2 by amendment 3
+        student(f"ssld_L3_v1_x{X}_s{s}", group=f"ssld_L3_v1_x{X}", multiple=X, deps=tuned,
+                seed=s, store="L3_v1", **on_l3)
     student("ssld_L3_default_x1_s0", group="ssld_L3_default_x1", multiple=1, deps=C, seed=0,
             store="L3_v1", defaults=True, **on_l3)
     infer("infer_U3", "U3", "U", VIEWS, ck, ("teacher_T3_s0",), embeddings=True)
@@ -554,7 +555,7 @@ def row_spec(ctx: Context) -> list[dict]:
             "T3", [s for s in seeds if s in OLD_DEFAULT_SEEDS], X,
             note3 + "; lr 0.1, wd 1e-5, 1 view"),
         row(f"ssld_L3_v1_x{X}", "student, SSLD JS on L, 1 stored view, tuned lr", "L", "T3",
-            [0], X, note3 + "; views alone"),
+            seeds, X, note3 + "; views alone (amendment 3: 3 seeds)"),
         row(f"ssld_L3_jsdefault_x{X}", "student, SSLD on L, train-student's new defaults",
             "L", "T3", seeds, X, note3 + "; amendment 2: lr 0.4 (JS), wd 1e-5, 1 view"),
         row("ssld_L3_default_x1", "student, SSLD on L, train-student defaults", "L", "T3", [0],
