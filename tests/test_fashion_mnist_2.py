@@ -173,17 +173,21 @@ def _report():
     return _load("fashion_mnist_2_report", "report.py")
 
 
+def _full_rows(m, tmp_path):
+    """The full scale and the report's rows of study 2's driver ``m``."""
+    args = argparse.Namespace(workdir=str(tmp_path), data=None, teacher=m.fm1.TEACHER,
+                              student=m.fm1.STUDENT, ssld="ssld", device="cpu", num_workers=0,
+                              src=None)
+    sc = m.SCALES["full"]
+    return sc, m.row_spec(m.Context(args, sc))
+
+
 def test_report_recomputes_the_curve(tmp_path):
     """The curve table's cells are the mean and sample std of the finished seeds' top-1;
     a row with a seed missing says so, an unfinished budget shows '-'."""
     np = pytest.importorskip("numpy")
     m, rep = _driver(), _report()
-    args = argparse.Namespace(workdir=str(tmp_path), data=None, teacher=m.fm1.TEACHER,
-                              student=m.fm1.STUDENT, ssld="ssld", device="cpu", num_workers=0,
-                              src=None)
-    sc = m.SCALES["full"]
-    ctx = m.Context(args, sc)
-    rows = m.row_spec(ctx)
+    sc, rows = _full_rows(m, tmp_path)
     rng = random.Random(5)
     steps, top1 = {}, {}
     for row in rows:
@@ -222,11 +226,7 @@ def test_report_plots_t3s_pair_from_its_finished_seeds(tmp_path):
     seeds at the steps the runs recorded; a row with no finished seed is left out."""
     np = pytest.importorskip("numpy")
     m, rep = _driver(), _report()
-    args = argparse.Namespace(workdir=str(tmp_path), data=None, teacher=m.fm1.TEACHER,
-                              student=m.fm1.STUDENT, ssld="ssld", device="cpu", num_workers=0,
-                              src=None)
-    sc = m.SCALES["full"]
-    rows = m.row_spec(m.Context(args, sc))
+    sc, rows = _full_rows(m, tmp_path)
     by_group = {row["group"]: row for row in rows}
     rng = random.Random(7)
     steps, top1 = {}, {"ssld_L3_x3": [], "ssld_L3+U_x3": []}
