@@ -143,9 +143,11 @@ def test_steps_graph(scale, tmp_path):
 
     assert "gate" not in ancestors("eval_ssld_L_x9_s2")
     assert "gate" in ancestors("eval_ssld_L+U_x9_s0") and "gate" in ancestors("eval_ssld_L+U_x1_s0")
-    for side in ("ssld_L+U_all_x3_s0", "teacher_L_s0", "teacher_Tshort_s0",
-                 "ssld_L+U_bridge_x3_s0"):
+    for side in ("ssld_L+U_all_x3_s0", "teacher_L_s0", "ssld_L+U_bridge_x3_s0"):
         assert "gate" in ancestors(side), side
+    # amendment 4: the teacher table needs no plateau, only the finished curve
+    for side in ("teacher_Tshort_s0", "ssld_L_tshort_x3_s0"):
+        assert "gate" not in ancestors(side) and "curve" in ancestors(side), side
     sc = m.SCALES[scale]
     # amendment 1: the defaults rows wait for the finished curve, not the gate; 1b: those
     # that read a teacher read T3 (recomputed in sitting 3), as do their tuned counterparts

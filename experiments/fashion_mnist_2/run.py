@@ -395,11 +395,12 @@ def build_steps(ctx: Context) -> list[Step]:
     student(f"ssld_L+U_all_x{X}_s0", group=f"ssld_L+U_all_x{X}", multiple=X, deps=tuned + G,
             seed=0, store=all_u)
     # the teacher table: the same architecture at other accuracies, distilled on L
-    teacher("teacher_Tshort_s0", "T", sc.short_teacher_epochs, G + ("choose_tune_teacher",),
+    # amendment 4: the short teacher and its student need no plateau: they wait for the curve
+    teacher("teacher_Tshort_s0", "T", sc.short_teacher_epochs, C + ("choose_tune_teacher",),
             lambda c: hp(c, "tune_teacher"))
     teacher("teacher_L_s0", "L", sc.bridge_epochs, G, lambda c: (sc.bridge_lr, sc.bridge_wd))
     infer("infer_L_tshort", "L_tshort", "L", VIEWS, ckpt["tshort"], ("teacher_Tshort_s0",))
-    student(f"ssld_L_tshort_x{X}_s0", group=f"ssld_L_tshort_x{X}", multiple=X, deps=tuned + G,
+    student(f"ssld_L_tshort_x{X}_s0", group=f"ssld_L_tshort_x{X}", multiple=X, deps=tuned + C,
             seed=0, store="L_tshort")
     # the bridge: study 1's teacher (on L only) labels L and selects from U
     infer("infer_L_bridge", "L_bridge", "L", VIEWS, ckpt["bridge"], ("teacher_L_s0",))
