@@ -401,7 +401,8 @@ def build_steps(ctx: Context) -> list[Step]:
     teacher("teacher_L_s0", "L", sc.bridge_epochs, G, lambda c: (sc.bridge_lr, sc.bridge_wd))
     infer("infer_L_tshort", "L_tshort", "L", VIEWS, ckpt["tshort"], ("teacher_Tshort_s0",))
     student(f"ssld_L_tshort_x{X}_s0", group=f"ssld_L_tshort_x{X}", multiple=X, deps=tuned + C,
-            seed=0, store="L_tshort")
+            seed=0, store="L_tshort", l_store="L_tshort")  # L's rows from its own store: T's
+    # store of L is not rebuilt for it (T does not reproduce on every machine: amendment 1b)
     # the bridge: study 1's teacher (on L only) labels L and selects from U
     infer("infer_L_bridge", "L_bridge", "L", VIEWS, ckpt["bridge"], ("teacher_L_s0",))
     infer("infer_U_bridge", "U_bridge", "U", VIEWS, ckpt["bridge"], ("teacher_L_s0",))
