@@ -1,4 +1,5 @@
-"""experiments/fashion_mnist_2/run.py: the split, the gate's rule, the step graph.
+"""experiments/fashion_mnist_2/run.py: the split, the gate's rule, the step graph, its report,
+and how its committed record resumes (the driver itself: tests/test_study_driver.py).
 
 Pure functions only: no ssld command runs here.
 """
@@ -6,29 +7,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import random
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def _load(name: str, filename: str):
-    """A study script imported once under ``name`` (they are scripts, not a package)."""
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            name, REPO / "experiments" / "fashion_mnist_2" / filename)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+from experiments import record
+from experiments.fashion_mnist_2 import report as study2_report
+from experiments.fashion_mnist_2 import run as study2
 
 
 def _driver():
-    return _load("fashion_mnist_2_run", "run.py")
+    return study2
 
 
 def _fake_data(per_class_labeled=40, per_class_pool=100, per_class_val=20):
@@ -118,8 +107,8 @@ def test_steps_graph(scale, tmp_path):
     """Every dependency and every step the report's rows name exists; nothing after the gate
     runs before it; the steps curve does not wait for anything after the teacher."""
     m = _driver()
-    args = argparse.Namespace(workdir=str(tmp_path), data=None, teacher=m.fm1.TEACHER,
-                              student=m.fm1.STUDENT, ssld="ssld", device="cpu", num_workers=0,
+    args = argparse.Namespace(workdir=str(tmp_path), data=None, teacher=m.TEACHER,
+                              student=m.STUDENT, ssld="ssld", device="cpu", num_workers=0,
                               src=None)
     ctx = m.Context(args, m.SCALES[scale])
     steps = {s.name: s for s in m.build_steps(ctx)}
@@ -172,13 +161,13 @@ def test_steps_graph(scale, tmp_path):
 
 
 def _report():
-    return _load("fashion_mnist_2_report", "report.py")
+    return study2_report
 
 
 def _full_rows(m, tmp_path):
     """The full scale and the report's rows of study 2's driver ``m``."""
-    args = argparse.Namespace(workdir=str(tmp_path), data=None, teacher=m.fm1.TEACHER,
-                              student=m.fm1.STUDENT, ssld="ssld", device="cpu", num_workers=0,
+    args = argparse.Namespace(workdir=str(tmp_path), data=None, teacher=m.TEACHER,
+                              student=m.STUDENT, ssld="ssld", device="cpu", num_workers=0,
                               src=None)
     sc = m.SCALES["full"]
     return sc, m.row_spec(m.Context(args, sc))
@@ -258,7 +247,7 @@ def test_report_plots_t3s_pair_from_its_finished_seeds(tmp_path):
         ["SSLD on L + selected U, teacher T3"]
 
 
-# -- resuming from the results file (experiments/fashion_mnist/record.py) ----------------------
+# -- resuming study 2 from its results file (experiments/record.py) ---------------------------
 
 # what sitting 1 recorded as finished (results/full.json at commit 983d51e)
 SITTING_1 = ("prepare", "splits", "tune_label_only_0", "tune_label_only_1", "tune_label_only_2",
@@ -271,11 +260,11 @@ SITTING_1 = ("prepare", "splits", "tune_label_only_0", "tune_label_only_1", "tun
 
 def _full_graph(tmp_path):
     m = _driver()
-    args = argparse.Namespace(workdir=str(tmp_path), data=None, teacher=m.fm1.TEACHER,
-                              student=m.fm1.STUDENT, ssld="ssld", device="cpu", num_workers=0,
+    args = argparse.Namespace(workdir=str(tmp_path), data=None, teacher=m.TEACHER,
+                              student=m.STUDENT, ssld="ssld", device="cpu", num_workers=0,
                               src=None)
     steps = m.build_steps(m.Context(args, m.SCALES["full"]))
-    return m.fm1.record, {s.name: s for s in steps}
+    return record, {s.name: s for s in steps}
 
 
 def _plan(rec, steps, recorded, done_here=()):
@@ -327,48 +316,6 @@ def test_a_fresh_machine_recomputes_only_what_pending_steps_read(tmp_path):
     assert "ssld_L_x9_s1" in plan.recompute and "eval_ssld_L_x9_s1" in plan.pending
 
 
-def test_recomputed_results_are_compared_exactly_where_they_must_repeat():
-    rec = _driver().fm1.record
-    # sitting 1 parsed "88.62%" (0.8862000000000001); eval --json gives the fraction
-    old = {"top1": 0.8862000000000001, "top5": 0.9975, "images": 10000, "data": "V"}
-    new = {"top1": 0.8862, "top5": 0.9975, "images": 10000, "top1_correct": 8862,
-           "top5_correct": 9975, "data": "V"}
-    assert rec.differences(old, new, "eval") == []
-    assert rec.differences(old, new | {"top1": 0.8861, "top1_correct": 8861}, "eval") == \
-        ["top1_percent: recorded '88.62', now '88.61'"]
-    # sitting 1's "99.81%" on 30,000 images is 29,942 or 29,943 correct: both reproduce it
-    on_u = {"top1": 0.8904000000000001, "top5": 0.9981, "images": 30000}
-    assert rec.differences(on_u, {"top1": 0.8904, "top5": 29942 / 30000, "images": 30000,
-                                  "top1_correct": 26712, "top5_correct": 29942}, "eval") == []
-    # records with counts (eval --json) are compared by count, exactly
-    assert rec.differences(new, new | {"top5": 0.9974, "top5_correct": 9974}, "eval") == \
-        ["top5_correct: recorded 9975, now 9974"]
-    # a store: its statistics (and, from now on, fingerprints) repeat; bytes on disk and paths
-    # need not (the store format's checksums changed them)
-    store = {"path": "/a/L.zarr", "rows": 6000, "mean_top1_prob": 0.8106748250325521,
-             "top1_counts": {"min": 502.0, "median": 601.0}, "bytes_on_disk": 620456}
-    again = store | {"path": "/b/L.zarr", "bytes_on_disk": 650000,
-                     "top1_counts": {"min": 502, "median": 601},
-                     "label_sha256": {"probs": "ab"}}
-    assert rec.differences(store, again, "inspect") == []
-    assert rec.differences(store, again | {"mean_top1_prob": 0.8106748250325522}, "inspect")
-    assert rec.differences(store, again | {"top1_counts": {"min": 503, "median": 601}},
-                           "inspect") == ["top1_counts.min: recorded 502.0, now 503"]
-    # the median was numpy's (a float) until 32bd51a, the lower middle count (an int) since:
-    # sitting 1 recorded 601.0 for counts whose lower median is 597
-    assert rec.differences(store, again | {"top1_counts": {"min": 502, "median": 597}},
-                           "inspect") == []
-    lower = store | {"top1_counts": {"min": 502, "median": 597}}
-    assert rec.differences(lower, again | {"top1_counts": {"min": 502, "median": 598}},
-                           "inspect") == ["top1_counts.median: recorded 597, now 598"]
-    train = {"last_train_loss": 0.902409, "train_seconds": 868.4, "steps": 1870,
-             "run_dir": "/work/fm2/full/runs/teacher_T_s0"}
-    assert rec.differences(train, train | {"train_seconds": 500.0, "run_dir": "/x"}) == []
-    assert rec.differences(train, train | {"last_train_loss": 0.902410})
-    assert rec.merged(store, again)["label_sha256"] == {"probs": "ab"}
-    assert rec.merged(store, again)["path"] == "/a/L.zarr"
-
-
 def test_commands_compare_without_location_and_output_format(tmp_path):
     """Sitting 1's eval command (no --json, another workdir, another ssld) is the command the
     driver builds now; a changed hyper-parameter is not."""
@@ -378,8 +325,8 @@ def test_commands_compare_without_location_and_output_format(tmp_path):
                 "/work/fm2/full/runs/teacher_T_s0/last.pt --data /work/fm2/full/splits/V.txt "
                 "--root /work/fm2/full/data/images --batch-size 256 --device cpu "
                 "--num-workers 0")
-    args = argparse.Namespace(workdir=str(tmp_path / "w"), data=None, teacher=m.fm1.TEACHER,
-                              student=m.fm1.STUDENT, ssld="/elsewhere/ssld", device="cpu",
+    args = argparse.Namespace(workdir=str(tmp_path / "w"), data=None, teacher=m.TEACHER,
+                              student=m.STUDENT, ssld="/elsewhere/ssld", device="cpu",
                               num_workers=2, src=None)
     ctx = m.Context(args, m.SCALES["full"])
     now = steps["eval_teacher_T_s0"].command(ctx)
@@ -389,267 +336,3 @@ def test_commands_compare_without_location_and_output_format(tmp_path):
         rec.comparable(recorded, "/work/fm2/full", "/work/fm2/full/data")
     other = recorded.replace("--batch-size 256", "--batch-size 128")
     assert rec.comparable(now, work) != rec.comparable(other, "/work/fm2/full")
-    sitting_1 = {"threads": 1, "device": "cpu", "scale": "full"}
-    assert rec.settings_differences(sitting_1, sitting_1 | {"environment": {"torch": "2"}}) == []
-    assert rec.settings_differences(sitting_1, sitting_1 | {"threads": 2}) == \
-        ["threads: recorded 1, now 2"]
-    versioned = sitting_1 | {"environment": {"torch": "2.14.1"}}
-    assert rec.settings_differences(versioned, sitting_1 | {"environment": {"torch": "2.15"}})
-
-
-class _Toy:
-    """A four-step protocol of internal steps, so the driver runs without ssld: the data, a
-    teacher, its evaluation, its store and the store's inspect, two students of the store and
-    their evaluations, a tuning run and its choice. ``calls`` counts runs per step."""
-
-    def __init__(self, tmp_path, teacher_loss=0.5):
-        self.m, self.calls, self.loss = _driver(), {}, teacher_loss
-        self.fail_once: set[str] = set()
-        self.tmp = tmp_path
-
-    def prepare(self):
-        (self.workdir / "prepared").write_text("data")
-        return {"n": 100}
-
-    def teacher(self):
-        if not (self.workdir / "prepared").exists():
-            raise RuntimeError("the teacher started before its data existed")
-        return {"last_train_loss": self.loss}
-
-    def step(self, name, kind, deps=(), value=None):
-        def internal(ctx, name=name, value=value):
-            self.calls[name] = self.calls.get(name, 0) + 1
-            if name in self.fail_once:  # e.g. the sitting ended while it ran
-                self.fail_once.discard(name)
-                raise RuntimeError(f"{name} was stopped")
-            return dict(value() if callable(value) else (value or {"ok": 1}))
-        return self.m.Step(name, kind, deps=deps, internal=internal)
-
-    def steps(self):
-        s = self.step
-        return [s("prepare", "prepare", value=self.prepare),
-                s("tune", "train", ("prepare",), {"dev_top1": 0.7}),
-                s("choose", "choose", ("tune",)),
-                s("teacher", "train", ("choose",), self.teacher),
-                s("eval_teacher", "eval", ("teacher",),
-                  lambda: {"top1": 0.9 if self.loss == 0.5 else 0.8, "images": 100}),
-                s("store", "infer", ("teacher",)),
-                s("inspect_store", "inspect", ("store",),
-                  lambda: {"mean_top1_prob": self.loss}),
-                s("student_a", "train", ("choose", "inspect_store"), {"last_train_loss": 1.0}),
-                s("eval_student_a", "eval", ("student_a",), {"top1": 0.8, "images": 100}),
-                s("student_b", "train", ("choose", "inspect_store"), {"last_train_loss": 1.1}),
-                s("eval_student_b", "eval", ("student_b",), {"top1": 0.81, "images": 100})]
-
-    def run(self, workdir, results, discard=False, only=None):
-        m = self.m
-        args = argparse.Namespace(
-            workdir=str(self.tmp / workdir), data=None, teacher="t", student="s", ssld="ssld",
-            device="cpu", num_workers=0, src=None, jobs=1, threads=1, scale="smoke",
-            results=str(self.tmp / results), discard_unreproduced=discard)
-        ctx = m.Context(args, m.SCALES["smoke"])
-        self.workdir = ctx.work
-        ctx.work.mkdir(parents=True, exist_ok=True)
-        # the teacher comes before the data in the step list, as a reused choice lets it
-        steps = self.steps()
-        steps.insert(0, steps.pop([s.name for s in steps].index("tune")))
-        steps.insert(1, steps.pop([s.name for s in steps].index("choose")))
-        steps.insert(2, steps.pop([s.name for s in steps].index("teacher")))
-        driver = m.fm1.Driver(ctx, steps, rows=lambda c: [], study="toy")
-        self.calls = {}
-        return driver.run(only), m.fm1.read_json(self.tmp / results)
-
-
-def _sitting_1_of_toy(tmp_path):
-    """A first sitting that finished everything but student_b's evaluation and whose workdir
-    is then lost."""
-    toy = _Toy(tmp_path)
-    code, data = toy.run("w1", "results.json")
-    assert code == 0 and all(v["done"] for v in data["steps"].values())
-    data["steps"]["eval_student_b"].update(done=False, result=None)
-    data["steps"]["student_b"].update(done=False, result=None)
-    (tmp_path / "results.json").write_text(__import__("json").dumps(data))
-    return toy
-
-
-def test_a_new_workdir_resumes_from_the_results_file(tmp_path):
-    toy = _sitting_1_of_toy(tmp_path)
-    code, data = toy.run("w2", "results.json")
-    assert code == 0
-    # recomputed: what student_b reads (teacher -> store) and its checks; run: student_b
-    assert set(toy.calls) == {"prepare", "teacher", "eval_teacher", "store", "inspect_store",
-                              "student_b", "eval_student_b"}
-    steps = data["steps"]
-    assert steps["teacher"]["recomputed"][-1]["reproduced"] is True
-    assert steps["student_a"]["done"] and "recomputed" not in steps["student_a"]
-    assert steps["eval_student_b"]["done"] and "discarded" not in data
-    # a third sitting finds everything recorded: nothing runs
-    code, data = toy.run("w3", "results.json")
-    assert code == 0 and toy.calls == {}
-
-
-def test_a_restart_in_the_same_workdir_still_checks_what_was_recomputed(tmp_path):
-    """The driver stopped after the teacher was recomputed here but before its evaluation:
-    started again, it evaluates the teacher and compares, instead of taking the record."""
-    toy = _sitting_1_of_toy(tmp_path)
-    toy.fail_once = {"eval_teacher"}
-    code, _ = toy.run("w2", "results.json")
-    assert code == 1 and "teacher" in toy.calls
-    code, data = toy.run("w2", "results.json")
-    assert code == 0 and "eval_teacher" in toy.calls and "teacher" not in toy.calls
-    assert data["steps"]["eval_teacher"]["recomputed"][-1]["reproduced"] is True
-
-
-def test_an_unreproduced_teacher_stops_its_dependents_and_keeps_the_record(tmp_path):
-    toy = _sitting_1_of_toy(tmp_path)
-    toy.loss = 0.6  # the recomputed teacher trains to another loss
-    code, data = toy.run("w2", "results.json")
-    assert code == 1
-    assert "student_b" not in toy.calls and "store" not in toy.calls
-    teacher = data["steps"]["teacher"]
-    assert teacher["result"] == {"last_train_loss": 0.5}  # the record is kept as it was
-    note = teacher["recomputed"][-1]
-    assert note["reproduced"] is False and note["result"] == {"last_train_loss": 0.6}
-    assert data["steps"]["student_a"]["done"] and "discarded" not in data
-
-
-def test_a_failed_teacher_does_not_block_steps_that_read_only_finished_results(tmp_path):
-    """Study 2's amendment 1b: the recorded teacher does not reproduce on a new machine, and a
-    step that reads only recorded results below it (the curve's evaluations) still runs, with
-    a second teacher after it; what reads the failed teacher's outputs waits."""
-    toy = _sitting_1_of_toy(tmp_path)
-    toy.loss = 0.6
-    base = toy.steps
-    toy.steps = lambda: base() + [toy.step("summary", "choose", ("eval_student_a",)),
-                                  toy.step("teacher2", "train", ("summary",))]
-    code, data = toy.run("w2", "results.json")
-    assert code == 1  # the teacher's check failed
-    assert {"summary", "teacher2"} <= set(toy.calls)
-    assert "student_b" not in toy.calls and "store" not in toy.calls
-    assert data["steps"]["teacher2"]["done"] and "discarded" not in data
-
-
-def test_a_recorded_failure_stays_in_the_results_until_the_step_runs_again(tmp_path):
-    """Study 2's gate failed in sitting 2; a later sitting that runs other steps only
-    (--only) in a new workdir must keep that outcome in the results file, not write it as a
-    step that never ran."""
-    toy = _Toy(tmp_path)
-    base = toy.steps
-
-    flat = []
-
-    def gate():
-        if not flat:
-            raise RuntimeError("not flattened")
-        return {"flat": True}
-    toy.steps = lambda: base() + [toy.step("gate", "choose", ("eval_student_a",), gate)]
-    code, data = toy.run("w1", "results.json")
-    assert code == 1 and data["steps"]["gate"]["error"] == "RuntimeError: not flattened"
-    recorded = data["steps"]["gate"]
-    code, data = toy.run("w2", "results.json", only={"eval_student_b"})
-    assert code == 0 and "gate" not in toy.calls
-    assert data["steps"]["gate"] == recorded
-    # run again, the step's new outcome replaces the old one
-    flat.append(True)
-    code, data = toy.run("w3", "results.json")
-    assert code == 0 and toy.calls.get("gate") == 1
-    assert data["steps"]["gate"]["done"] and data["steps"]["gate"]["error"] is None
-    assert data["steps"]["gate"]["result"] == {"flat": True}
-
-
-def test_discard_unreproduced_moves_the_dependent_records_and_measures_them_again(tmp_path):
-    toy = _sitting_1_of_toy(tmp_path)
-    toy.loss = 0.6
-    code, data = toy.run("w2", "results.json", discard=True)
-    assert code == 0
-    assert {"student_a", "eval_student_a", "student_b"} <= set(toy.calls)
-    assert "tune" not in toy.calls  # does not depend on the teacher: kept
-    assert data["steps"]["teacher"]["result"] == {"last_train_loss": 0.6}
-    assert data["steps"]["eval_teacher"]["result"]["top1"] == 0.8
-    gone = data["discarded"]
-    assert {"teacher", "eval_teacher", "store", "inspect_store", "student_a",
-            "eval_student_a"} <= set(gone)
-    assert "tune" not in gone and "choose" not in gone
-    assert gone["eval_student_a"][0]["result"]["top1"] == 0.8
-    assert "does not reproduce" in gone["teacher"][0]["discarded"]["reason"]
-    assert gone["student_a"][0]["discarded"]["reason"].startswith("depends on teacher")
-
-
-# -- the driver reads JSON, not printed text (issue 11, point 5) -----------------------------
-
-def test_eval_and_dedup_results_come_from_the_commands_json(tmp_path):
-    fm1 = _driver().fm1
-    out = tmp_path / "eval.out"
-    out.write_text('{"model": "m", "checkpoint": "c", "data": "d", "top1": 0.8862, '
-                   '"top5": 0.9975, "images": 10000, "seconds": 3.0, "images_per_s": 3000}\n')
-    assert fm1.read_eval(out) == {"top1": 0.8862, "top5": 0.9975, "images": 10000,
-                                  "top1_correct": 8862, "top5_correct": 9975}
-    dups = tmp_path / "U_vs_V.dups"
-    dups.write_text("# ssld dedup: query=/a/V.zarr pool=/a/U.zarr threshold=0.9\n"
-                    "# pool_key\tquery_key\tcosine\tinliers\n"
-                    "pool/1.png\tval/1.png\t0.9900\t40\npool/1.png\tval/2.png\t0.9500\t30\n"
-                    "pool/3.png\tval/3.png\t0.9300\t25\n")
-    (tmp_path / "U_vs_V.dups.rules.json").write_text(
-        '{"query": "/a/V.zarr", "pool": "/a/U.zarr", "threshold": 0.9, "verify": "sift", '
-        '"min_inliers": 20, "rule": "best", "candidates": 7, "confirmed": 3, '
-        '"excluded_pool_images": 2, "thresholds": []}')
-    counted = fm1.count_dups(None, dups)
-    assert counted["pairs"] == 3 and counted["pool_images"] == 2 and counted["val_images"] == 3
-    assert counted["candidates"] == 7 and counted["confirmed"] == 3
-    assert counted["excluded_pool_images"] == 2
-    # the hash is of the pairs, not of the header that names the stores' paths
-    moved = tmp_path / "moved.dups"
-    moved.write_text(dups.read_text().replace("/a/", "/b/"))
-    (tmp_path / "moved.dups.rules.json").write_text(
-        (tmp_path / "U_vs_V.dups.rules.json").read_text())
-    assert fm1.count_dups(None, moved)["sha256"] == counted["sha256"]
-
-
-def test_checks_then_evaluations_then_interrupted_runs_start_first(tmp_path):
-    m = _driver()
-    args = argparse.Namespace(workdir=str(tmp_path), data=None, teacher="t", student="s",
-                              ssld="ssld", device="cpu", num_workers=0, src=None, jobs=1,
-                              threads=1, scale="smoke", results=str(tmp_path / "r.json"))
-    ctx = m.Context(args, m.SCALES["smoke"])
-    steps = [m.Step(n, "train", resumable_train=Path(n)) for n in ("a", "b", "c")]
-    steps.append(m.Step("eval_x", "eval"))
-    driver = m.fm1.Driver(ctx, steps, rows=lambda c: [], study="toy")
-    (ctx.run_dir("c")).mkdir(parents=True)
-    (ctx.run_dir("c") / "last.pt").write_bytes(b"")
-    driver.expected["b"] = {}
-    assert sorted(["a", "b", "c", "eval_x"], key=driver.urgency) == ["b", "eval_x", "c", "a"]
-
-
-def test_a_run_that_finished_while_no_driver_watched_is_collected_not_resumed(tmp_path):
-    """A driver that dies leaves its train-student processes running; one that reaches its last
-    epoch then must be collected by the next driver, not resumed (--resume refuses a finished
-    run: exit status 2 in ssld, 3 in this stand-in)."""
-    import sys
-
-    m = _driver()
-    args = argparse.Namespace(
-        workdir=str(tmp_path / "w"), data=None, teacher="t", student="s", ssld="ssld",
-        device="cpu", num_workers=0, src=None, jobs=1, threads=1, scale="smoke",
-        results=str(tmp_path / "results.json"), discard_unreproduced=False)
-    ctx = m.Context(args, m.SCALES["smoke"])
-    ctx.work.mkdir(parents=True)
-    run_dir = ctx.run_dir("r")
-    script = (f"import pathlib, sys; d = pathlib.Path({str(run_dir)!r}); "
-              "d.mkdir(parents=True, exist_ok=True); (d / 'last.pt').write_text('x'); "
-              "sys.exit(3 if '--resume' in sys.argv else 0)")
-
-    def collect(c):
-        if not (run_dir / "finished").exists():
-            raise RuntimeError("metrics.csv does not reach the last epoch")
-        return {"epochs": 1}
-
-    def driver():
-        step = m.Step("r", "train", command=lambda c: [sys.executable, "-c", script],
-                      collect=collect, outputs=lambda c: [run_dir / "last.pt"],
-                      resumable_train=Path("r"))
-        return m.fm1.Driver(ctx, [step], rows=lambda c: [], study="toy")
-
-    assert driver().run() == 1          # the driver "died" before the run's last epoch
-    (run_dir / "finished").write_text("")   # the orphaned run then finished
-    assert driver().run() == 0
-    assert m.fm1.read_json(tmp_path / "results.json")["steps"]["r"]["result"] == {"epochs": 1}

@@ -6,13 +6,14 @@ check is decided by the rule it states, and that a smoke-scale JSON is flagged a
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from experiments.fashion_mnist import report
 
 REPO = Path(__file__).resolve().parent.parent
 STUDY = REPO / "experiments" / "fashion_mnist"
@@ -22,10 +23,7 @@ pytestmark = pytest.mark.skipif(not RESULTS.exists(), reason="no full.json commi
 
 
 def _report():
-    spec = importlib.util.spec_from_file_location("fm_report", STUDY / "report.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return report
 
 
 def _row_top1(data: dict, row: dict) -> list[float]:

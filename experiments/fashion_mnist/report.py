@@ -15,30 +15,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
+
+if __package__ in (None, ""):  # run as a script: the checkout's `experiments` package
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from experiments.results import Results, fmt_seconds, pct, top1_cell  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
-
-
-def pct(x: Optional[float], digits: int = 2) -> str:
-    return "-" if x is None else f"{100 * x:.{digits}f}"
-
-
-def mean_std(values: list[float]) -> tuple[Optional[float], Optional[float]]:
-    if not values:
-        return None, None
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
-
-
-def fmt_seconds(s: Optional[float]) -> str:
-    if s is None:
-        return "-"
-    if s < 120:
-        return f"{s:.0f} s"
-    return f"{s / 60:.1f} min"
 
 
 def fmt_bytes(n: Optional[float]) -> str:
@@ -49,43 +36,6 @@ def fmt_bytes(n: Optional[float]) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n} B"
-
-
-class Results:
-    def __init__(self, data: dict[str, Any]):
-        self.data = data
-        self.steps: dict[str, dict] = data["steps"]
-
-    def result(self, name: str) -> Optional[dict]:
-        step = self.steps.get(name)
-        return step["result"] if step and step.get("done") else None
-
-    def wall(self, name: str) -> Optional[float]:
-        step = self.steps.get(name)
-        return step.get("wall_s") if step and step.get("done") else None
-
-    def row_stats(self, row: dict) -> dict[str, Any]:
-        evals = [self.result(n) for n in row["eval_steps"]]
-        top1 = [e["top1"] for e in evals if e]
-        top5 = [e["top5"] for e in evals if e]
-        trains = [self.result(n) for n in row["train_steps"]]
-        walls = [self.wall(n) for n in row["train_steps"] if self.wall(n) is not None]
-        m1, s1 = mean_std(top1)
-        m5, _ = mean_std(top5)
-        first = next((t for t in trains if t), None)
-        return {"top1": top1, "mean": m1, "std": s1, "top5": m5, "n": len(top1),
-                "planned": len(row["eval_steps"]), "train": first,
-                "wall": statistics.fmean(walls) if walls else None,
-                "train_s": statistics.fmean([t["train_seconds"] for t in trains if t])
-                if any(trains) else None}
-
-
-def top1_cell(st: dict) -> str:
-    if st["mean"] is None:
-        return "-"
-    if st["std"] is not None:
-        return f"{100 * st['mean']:.2f} ± {100 * st['std']:.2f}"
-    return f"{100 * st['mean']:.2f}"
 
 
 def write_markdown(res: Results, path: Path, png: Path, source: Path,

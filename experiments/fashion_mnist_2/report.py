@@ -3,35 +3,26 @@
 
     python experiments/fashion_mnist_2/report.py --md /tmp/fm2.md --png /tmp/fm2.png
 
-Reads only ``run.py``'s results JSON and reuses study 1's report helpers (``Results``,
-``row_stats``: mean and sample std over the seeds that finished). It writes a markdown
-fragment: the section study 2 adds to ``docs/results.md`` once its numbers exist. Unfinished
-runs show as "-", and a row with fewer seeds than planned says so ("2/3"). No reading of the
-numbers is generated: that is written by hand after the run.
+Reads only ``run.py``'s results JSON, with the reader the reports share
+(``experiments/results.py``: ``Results.row_stats``, mean and sample std over the seeds that
+finished). It writes a markdown fragment: the section study 2 adds to ``docs/results.md`` once
+its numbers exist. Unfinished runs show as "-", and a row with fewer seeds than planned says so
+("2/3"). No reading of the numbers is generated: that is written by hand after the run.
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 from pathlib import Path
 from typing import Optional
 
+if __package__ in (None, ""):  # run as a script: the checkout's `experiments` package
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from experiments.results import Results, fmt_seconds, pct, top1_cell  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
-
-
-def _load(name: str, path: Path):
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-r1 = _load("fashion_mnist_report", HERE.parent / "fashion_mnist" / "report.py")
-Results, pct, top1_cell, fmt_seconds = r1.Results, r1.pct, r1.top1_cell, r1.fmt_seconds
 
 CURVE = (("label_only", "label-only on L"), ("ssld_L", "SSLD on L"),
          ("ssld_L+U", "SSLD on L + selected U"))

@@ -1,22 +1,22 @@
 #!/usr/bin/env python3
 """Study 2 on Fashion-MNIST (issue 16): when do teacher-selected unlabeled images help?
 
-The second protocol of the Fashion-MNIST driver: it imports the scheduler, the step builders
-and the helpers of ``experiments/fashion_mnist/run.py`` (study 1) and only describes its own
-splits, steps and table. Protocol, run time and how to resume: ``README.md`` next to this file.
+The protocol as steps for the study driver (``experiments/driver.py``), built from the shared
+step builders (``experiments/steps.py``): only its splits, steps, gate and table are here.
+Protocol, run time and how to resume: ``README.md`` next to this file.
 
     python experiments/fashion_mnist_2/run.py --workdir /work/fm2/full --scale full \\
         --src /usr/share/datasets/fashion-mnist
 
 Resumable exactly as study 1 (state files, ``train-student --resume``), and across sittings
-on fresh machines from the committed results file (study 1's ``record.py``): run the same
+on fresh machines from the committed results file (``experiments/record.py``): run the same
 command again. The steps curve comes first; the ``gate`` step then applies the rule declared in the
 README and, when SSLD on L has not flattened by 9x the study-1 budget, fails on purpose, which
 stops every later step (the issue: "say so and stop there").
 """
 from __future__ import annotations
 
-import importlib.util
+import argparse
 import math
 import random
 import statistics
@@ -25,29 +25,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+if __package__ in (None, ""):  # run as a script: the checkout's `experiments` package
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from experiments import driver  # noqa: E402
+from experiments.driver import Context, Step, read_json, write_json  # noqa: E402
+from experiments.steps import (  # noqa: E402
+    DEV_SEED, INPUT_SIZE, MEASURED, STUDENT, TEACHER, VIEWS, collect_prepared, count_dups,
+    dedup_threshold, eval_step, infer_step, inspect_step, list_hashes, per_class,
+    pseudo_label_check, read_list, ssld, train_command, train_step, tune_steps, write_list)
+
 HERE = Path(__file__).resolve().parent
-RESULTS_DIR = HERE / "results"
-
-
-def _load_study1():
-    name = "fashion_mnist_run"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, HERE.parent / "fashion_mnist" / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-fm1 = _load_study1()
-Context, Step = fm1.Context, fm1.Step
-ssld, train_step, eval_step, train_command = fm1.ssld, fm1.train_step, fm1.eval_step, \
-    fm1.train_command
-infer_step, inspect_step, read_json, read_list, write_list, per_class = (
-    fm1.infer_step, fm1.inspect_step, fm1.read_json, fm1.read_list, fm1.write_list,
-    fm1.per_class)
-VIEWS, DEV_SEED, MEASURED = fm1.VIEWS, fm1.DEV_SEED, fm1.MEASURED
 SPLIT_SEED = 20261201  # draws T's extra images and U from the prepared pool
 # amendment 2 (README): the seeds of ssld_L3_default_x3 run with the old default lr (0.1);
 # train-student's default for --loss js changed to 0.4 before seed 2 could run
@@ -180,7 +168,7 @@ def make_splits(ctx: Context) -> dict:
     for name, rows in lists.items():
         write_list(Path(ctx.split(name)), rows)
     return {name: len(rows) for name, rows in lists.items()} | {
-        "dev_seed": DEV_SEED, "split_seed": SPLIT_SEED} | fm1.list_hashes(ctx, lists)
+        "dev_seed": DEV_SEED, "split_seed": SPLIT_SEED} | list_hashes(ctx, lists)
 
 
 def gate(ctx: Context) -> dict:
@@ -189,7 +177,7 @@ def gate(ctx: Context) -> dict:
               for m in sc.multiples}
     result = curve_summary(ctx)
     result["label_only"] = plateau(labels, sc.multiples, sc.flat_points)
-    fm1.write_json(ctx.work / "gate.json", result)
+    write_json(ctx.work / "gate.json", result)
     if not result["flattened"]:
         raise RuntimeError(
             f"SSLD on L has not flattened by {sc.multiples[-1]}x: +{100 * result['last_gain']:.2f}"
@@ -223,7 +211,7 @@ def build_steps(ctx: Context) -> list[Step]:
             (["--src", c.args.src] if c.args.src else [])
 
     add(Step("prepare", "prepare", command=prepare_cmd,
-             outputs=lambda c: [c.data / "meta.json"], collect=fm1.collect_prepared))
+             outputs=lambda c: [c.data / "meta.json"], collect=collect_prepared))
     add(Step("splits", "split", deps=("prepare",), internal=make_splits,
              outputs=lambda c: [Path(c.split(x)) for x in ("L", "T", "dev", "U", "V")]))
 
@@ -233,7 +221,7 @@ def build_steps(ctx: Context) -> list[Step]:
 
     def tune(prefix: str, model: str, grid, epochs: int, extra: Callable[[Context], dict],
              deps: tuple[str, ...], rate: str, n_train: int) -> None:
-        for name in fm1.tune_steps(add, prefix, model, grid, epochs, extra, deps):
+        for name in tune_steps(add, prefix, model, grid, epochs, extra, deps):
             est(name, rate, epochs * n_train)
             est(name + ":val", "eval_teacher" if model == T else "eval_student",
                 epochs * n["dev"])
@@ -344,15 +332,15 @@ def build_steps(ctx: Context) -> list[Step]:
                                         c.store(pool_store), "--out", cands(c), "--verify",
                                         "none", "--top-m", 1, "--threshold",
                                         sc.dedup_threshold),
-                 outputs=lambda c: [cands(c)], collect=lambda c: fm1.count_dups(c, cands(c))))
+                 outputs=lambda c: [cands(c)], collect=lambda c: count_dups(c, cands(c))))
         add(Step(f"choose_dedup_threshold{tag}", "choose", deps=(f"dedup_candidates{tag}",),
-                 internal=lambda c: fm1.dedup_threshold(c, cands(c))))
+                 internal=lambda c: dedup_threshold(c, cands(c))))
         add(Step(f"dedup{tag}", "dedup", deps=(f"choose_dedup_threshold{tag}",),
                  command=lambda c: ssld(c, "dedup", "--query", c.store(query_store), "--pool",
                                         c.store(pool_store), "--out", dups(c), "--top-m", 1,
                                         "--threshold",
                                         c.result(f"choose_dedup_threshold{tag}")["threshold"]),
-                 outputs=lambda c: [dups(c)], collect=lambda c: fm1.count_dups(c, dups(c))))
+                 outputs=lambda c: [dups(c)], collect=lambda c: count_dups(c, dups(c))))
         ctx.work_est[f"dedup{tag}"] = ("sift_pairs", min(sc.dedup_max_pairs, n["V"]))
         return dups
 
@@ -381,7 +369,7 @@ def build_steps(ctx: Context) -> list[Step]:
     main = select_merge(f"top{K}", "U", "L", lambda c: K)
     all_u = select_merge("all", "U", "L", lambda c: c.result("inspect_U")["rows"])
     add(Step("pseudo_label_check", "labels", deps=("select_U_all", f"select_U_top{K}"),
-             internal=lambda c: fm1.pseudo_label_check(c, [f"U_top{K}", "U_all"])))
+             internal=lambda c: pseudo_label_check(c, [f"U_top{K}", "U_all"])))
     add(eval_step("eval_teacher_T_s0_on_U", "teacher_T_s0", T, data="U_hidden", group="report"))
     est("eval_teacher_T_s0_on_U", "eval_teacher", n["U"])
 
@@ -450,7 +438,7 @@ def amendment_teacher3(ctx, add, est, teacher, infer, student, dedup_steps, sele
     tuned counterparts measured from the same teacher: no row of one teacher is compared with
     a row of another. Order: the rows on L first, then U's pipeline and the L + U rows."""
     sc, X, K = ctx.scale, ctx.scale.side_multiple, ctx.scale.k_main
-    add(fm1.Step("js_default_lr", "choose", internal=js_default_lr))
+    add(Step("js_default_lr", "choose", internal=js_default_lr))
     teacher("teacher_T3_s0", "T", sc.teacher_epochs, C + ("choose_tune_teacher",),
             lambda c: (c.result("choose_tune_teacher")["lr"],
                        c.result("choose_tune_teacher")["weight_decay"]))
@@ -573,10 +561,12 @@ def row_spec(ctx: Context) -> list[dict]:
     return rows
 
 
-def estimate(sc: Scale2, steps: list[Step]) -> dict[str, float]:
-    """Seconds per part at the MEASURED rates (study 1's table, or --rates), one at a time."""
-    ctx_est = estimate.work  # set by main before build_steps' ctx is discarded
-    m = dict(MEASURED) | estimate.rates
+def estimate(ctx: Context, steps: list[Step]) -> driver.Estimate:
+    """Seconds per part at the MEASURED rates (study 1's table, or --rates), one at a time,
+    of the work ``build_steps`` put in ``ctx.work_est``."""
+    # e.g. per-job rates measured while two jobs run: two_jobs_speedup 2
+    rates = read_json(Path(ctx.args.rates)) if ctx.args.rates else {}
+    m = dict(MEASURED) | rates
     parts: dict[str, float] = {}
 
     def part(name: str) -> str:
@@ -594,39 +584,33 @@ def estimate(sc: Scale2, steps: list[Step]) -> dict[str, float]:
             return "students: L + U at every budget"
         return "students: side rows (all of U, teacher table, bridge)"
 
-    for name, (rate, images) in ctx_est.items():
+    for name, (rate, images) in ctx.work_est.items():
         key = part(name.split(":")[0])
         parts[key] = parts.get(key, 0.0) + images / m[rate]
     n_processes = sum(step.command is not None for step in steps)
     parts["process start-ups"] = n_processes * m["startup_s"]
-    return parts
+    return driver.Estimate(parts, rates.get("two_jobs_speedup", MEASURED["two_jobs_speedup"]))
 
 
-estimate.work, estimate.rates = {}, {}
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = fm1.make_parser(__doc__.split("\n\n")[0], SCALES)
+def options(parser: argparse.ArgumentParser) -> None:
+    """Study 2's own options."""
     parser.add_argument("--src", default=None,
                         help="IDX folder for `ssld prepare fashion-mnist --src` (default: its "
                              "own, /usr/share/datasets/fashion-mnist).")
     parser.add_argument("--rates", default=None,
                         help="JSON file of MEASURED rates that replace study 1's in --estimate.")
-    args = parser.parse_args(argv)
-    if args.rates:  # e.g. per-job rates measured while two jobs run: two_jobs_speedup 2
-        estimate.rates = read_json(Path(args.rates))
-        estimate.two_jobs_speedup = estimate.rates.get("two_jobs_speedup",
-                                                       MEASURED["two_jobs_speedup"])
 
-    def build(c: Context) -> list[Step]:
-        steps = build_steps(c)
-        estimate.work = c.work_est
-        return steps
 
-    return fm1.run_main(parser, args, SCALES, build=build, rows=row_spec,
-                        study="Fashion-MNIST study 2: when do selected unlabeled images help? "
-                              "(issue 16)", estimate_of=estimate, results_dir=RESULTS_DIR,
-                        extra=lambda c: {"protocol": 2, "multiples": list(c.scale.multiples)})
+STUDY = driver.Study(
+    name="Fashion-MNIST study 2: when do selected unlabeled images help? (issue 16)",
+    description=__doc__.split("\n\n")[0], scales=SCALES, build=build_steps, rows=row_spec,
+    estimate=estimate, results_dir=HERE / "results", teacher=TEACHER, student=STUDENT,
+    constants={"input_size": INPUT_SIZE, "views": VIEWS}, options=options,
+    extra=lambda c: {"protocol": 2, "multiples": list(c.scale.multiples)})
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    return driver.main(STUDY, argv)
 
 
 if __name__ == "__main__":

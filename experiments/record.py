@@ -48,9 +48,6 @@ VOLATILE = frozenset({"train_seconds", "images_per_s", "seconds", "metrics_rows_
                       "bytes_on_disk", "bytes_per_row_view", "missing", "path", "store",
                       "file", "run_dir", "source", "wall_s"})
 
-# top-level fields of the results file that every recorded step was computed with
-SETTINGS = ("study", "scale", "scale_config", "teacher", "student", "input_size", "views",
-            "threads", "device")
 # library versions that change floating-point results: a record of other versions is refused
 VERSIONED = ("python", "torch", "timm", "numpy")
 
@@ -81,10 +78,15 @@ def _placeholder(arg: str, workdir: str, data: Optional[str]) -> str:
 
 
 def settings_differences(record: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """The SETTINGS and VERSIONED fields in which a results file differs from this run
-    (versions only where the file records them: files of sitting 1 do not)."""
+    """The fields in which a results file differs from this run's settings.
+
+    ``current``: the top-level fields of the results file that every step is computed with
+    (``Driver.settings``: the study, scale, models, the study's constants, threads, device)
+    and its ``environment``, of which the VERSIONED fields are compared. A field the file does
+    not hold is not compared (versions: files of study 1's sitting 1 do not record them)."""
     out = [f"{key}: recorded {record.get(key)!r}, now {current.get(key)!r}"
-           for key in SETTINGS if key in record and record.get(key) != current.get(key)]
+           for key in current if key != "environment" and key in record
+           and record.get(key) != current.get(key)]
     recorded_env, env = record.get("environment") or {}, current.get("environment") or {}
     out += [f"environment {key}: recorded {recorded_env[key]!r}, now {env.get(key)!r}"
             for key in VERSIONED if key in recorded_env and recorded_env[key] != env.get(key)]

@@ -1,0 +1,1 @@
+"""Study 1: the SSLD ablation table on Fashion-MNIST (``run.py``, ``report.py``)."""

@@ -1,0 +1,1 @@
+"""Study 2: when do teacher-selected unlabeled images help? (``run.py``, ``report.py``)."""

@@ -1,0 +1,78 @@
+"""Reading a results file the study driver wrote, for a study's report.
+
+A results file (``driver.Driver.write_results``) holds every step (``done``, ``result``,
+``wall_s``) and the report's ``rows`` (their ``train_steps`` and ``eval_steps``, one per
+seed). ``Results.row_stats`` gives a row's numbers over the seeds that finished; an unfinished
+step has no result, and shows as "-".
+"""
+from __future__ import annotations
+
+import statistics
+from typing import Any, Optional
+
+__all__ = ["Results", "fmt_seconds", "mean_std", "pct", "top1_cell"]
+
+
+def pct(x: Optional[float], digits: int = 2) -> str:
+    """A fraction as a percentage with ``digits`` decimals ("-" for None)."""
+    return "-" if x is None else f"{100 * x:.{digits}f}"
+
+
+def mean_std(values: list[float]) -> tuple[Optional[float], Optional[float]]:
+    """Mean and sample standard deviation (n - 1; None for fewer than two values)."""
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def fmt_seconds(s: Optional[float]) -> str:
+    """Seconds below two minutes, minutes above ("-" for None)."""
+    if s is None:
+        return "-"
+    if s < 120:
+        return f"{s:.0f} s"
+    return f"{s / 60:.1f} min"
+
+
+class Results:
+    """A results file's data, read by step and by row of the report's table."""
+
+    def __init__(self, data: dict[str, Any]):
+        self.data = data
+        self.steps: dict[str, dict] = data["steps"]
+
+    def result(self, name: str) -> Optional[dict]:
+        """The result of a finished step, else None."""
+        step = self.steps.get(name)
+        return step["result"] if step and step.get("done") else None
+
+    def wall(self, name: str) -> Optional[float]:
+        """The wall time of a finished step, else None."""
+        step = self.steps.get(name)
+        return step.get("wall_s") if step and step.get("done") else None
+
+    def row_stats(self, row: dict) -> dict[str, Any]:
+        """A row's top-1 (each finished seed's, mean, sample std), top-5 mean, seeds finished
+        (``n``) and planned, the first finished run's result, mean wall and train seconds."""
+        evals = [self.result(n) for n in row["eval_steps"]]
+        top1 = [e["top1"] for e in evals if e]
+        top5 = [e["top5"] for e in evals if e]
+        trains = [self.result(n) for n in row["train_steps"]]
+        walls = [self.wall(n) for n in row["train_steps"] if self.wall(n) is not None]
+        m1, s1 = mean_std(top1)
+        m5, _ = mean_std(top5)
+        first = next((t for t in trains if t), None)
+        return {"top1": top1, "mean": m1, "std": s1, "top5": m5, "n": len(top1),
+                "planned": len(row["eval_steps"]), "train": first,
+                "wall": statistics.fmean(walls) if walls else None,
+                "train_s": statistics.fmean([t["train_seconds"] for t in trains if t])
+                if any(trains) else None}
+
+
+def top1_cell(st: dict) -> str:
+    """A ``row_stats`` top-1 as "mean ± std" in percent (one seed: the mean; none: "-")."""
+    if st["mean"] is None:
+        return "-"
+    if st["std"] is not None:
+        return f"{100 * st['mean']:.2f} ± {100 * st['std']:.2f}"
+    return f"{100 * st['mean']:.2f}"
