@@ -37,8 +37,9 @@ def _column(values: Sequence[float], images: torch.Tensor, dtype: torch.dtype) -
 
 
 def _to_uint8(values: torch.Tensor) -> torch.Tensor:
-    """Clamp to [0, 255] and truncate toward zero, as PIL's ``(UINT8)`` casts do."""
-    return values.clamp_(0, 255).trunc_().to(torch.uint8)
+    """Clamp to [0, 255] and truncate toward zero, as PIL's ``(UINT8)`` casts do (a float
+    to uint8 conversion truncates)."""
+    return values.clamp_(0, 255).to(torch.uint8)
 
 
 def _apply_lut(images: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
@@ -137,8 +138,9 @@ def _blend(degenerate: torch.Tensor, images: torch.Tensor,
     ``(UINT8)(d + alpha * (x - d))`` with ``alpha`` the factor rounded to float32,
     clipped to [0, 255] (extrapolation for factors outside [0, 1])."""
     alpha = _column(np.asarray(factors, dtype=np.float32), images, torch.float32)
-    difference = (images.to(torch.int32) - degenerate.to(torch.int32)).to(torch.float32)
-    return _to_uint8(degenerate.to(torch.float32) + alpha * difference)
+    start = degenerate.to(torch.float32)
+    # integers are exact in float32: the difference equals PIL's int difference converted
+    return _to_uint8(images.to(torch.float32).sub_(start).mul_(alpha).add_(start))
 
 
 def color(images: torch.Tensor, factors: Sequence[float]) -> torch.Tensor:
@@ -210,44 +212,54 @@ def _affine(images: torch.Tensor, matrices: list[tuple[float, ...] | None],
     (None: unchanged). Output pixel (x, y) samples the input at
     ``(a(x+½) + b(y+½) + c, d(x+½) + e(y+½) + f)``; outside the image it is ``fill``;
     inside, bilinear between the four neighbours (edge-clamped) in float64, truncated."""
-    out = images.clone()
     todo = [i for i, matrix in enumerate(matrices) if matrix is not None]
     if not todo:
-        return out
+        return images.clone()
     device = images.device
+    every = len(todo) == len(images)
+    index = None if every else torch.as_tensor(todo).to(device)
     n, channels, height, width = len(todo), images.shape[1], images.shape[2], images.shape[3]
     coefficients = torch.tensor([matrices[i] for i in todo], dtype=torch.float64).to(device)
     a, b, c, d, e, f = (coefficients[:, k].view(n, 1, 1) for k in range(6))
     xs = (torch.arange(width, dtype=torch.float64, device=device) + 0.5).view(1, 1, width)
     ys = (torch.arange(height, dtype=torch.float64, device=device) + 0.5).view(1, height, 1)
-    x_in = a * xs + b * ys + c          # (n, H, W), the same rounding steps as Geometry.c
-    y_in = d * xs + e * ys + f
+    x_in = (a * xs + b * ys).add_(c)   # (n, H, W), the rounding steps of Geometry.c
+    y_in = (d * xs + e * ys).add_(f)
     inside = (x_in >= 0) & (x_in < width) & (y_in >= 0) & (y_in < height)
-    x_in, y_in = x_in - 0.5, y_in - 0.5
+    x_in.sub_(0.5)
+    y_in.sub_(0.5)
     x_floor, y_floor = x_in.floor(), y_in.floor()
-    dx, dy = (x_in - x_floor).unsqueeze(1), (y_in - y_floor).unsqueeze(1)
-    x0 = x_floor.long().clamp(0, width - 1)
-    x1 = (x_floor.long() + 1).clamp(0, width - 1)
-    y0 = y_floor.long().clamp(0, height - 1)
-    y_next = y_floor.long() + 1
-    next_row = ((y_next >= 0) & (y_next < height)).unsqueeze(1)
-    y1 = y_next.clamp(0, height - 1)
-    flat = images[todo].reshape(n, channels, height * width).to(torch.int32)
+    dx, dy = x_in.sub_(x_floor).unsqueeze(1), y_in.sub_(y_floor).unsqueeze(1)
+    x0 = x_floor.long()
+    x1 = (x0 + 1).clamp_(0, width - 1)
+    x0.clamp_(0, width - 1)
+    # PIL reads row y + 1 only inside the image and reuses row y's value otherwise; the
+    # clamped row y + 1 is then row y itself, so clamping gives the same value.
+    y0 = y_floor.long()
+    y1 = (y0 + 1).clamp_(0, height - 1).mul_(width)
+    y0.clamp_(0, height - 1).mul_(width)
+    # Integers up to 255 are exact in float64: differences of gathered values equal PIL's
+    # integer differences converted to double.
+    source = images if every else images[index]
+    pixels = source.reshape(n, channels, height * width).to(torch.float64)
 
-    def pixel(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        index = (rows * width + cols).view(n, 1, -1).expand(n, channels, -1)
-        return torch.gather(flat, 2, index).view(n, channels, height, width)
+    def corner(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        at = (rows + cols).view(n, 1, -1).expand(n, channels, -1)
+        return torch.gather(pixels, 2, at).view(n, channels, height, width)
 
     def lerp(left: torch.Tensor, right: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        # PIL's BILINEAR(v, a, b, d): a + (b - a) * d, the difference taken in integers
-        return left + (right - left).to(torch.float64) * weight
+        # PIL's BILINEAR(v, a, b, d): a + (b - a) * d
+        return right.sub_(left).mul_(weight).add_(left)
 
-    top = lerp(pixel(y0, x0), pixel(y0, x1), dx)
-    bottom = torch.where(next_row, lerp(pixel(y1, x0), pixel(y1, x1), dx), top)
-    value = top + (bottom - top) * dy
+    top = lerp(corner(y0, x0), corner(y0, x1), dx)
+    bottom = lerp(corner(y1, x0), corner(y1, x1), dx)
+    value = lerp(top, bottom, dy).to(torch.uint8)  # in [0, 255]: the cast truncates, as PIL's
     fill_values = torch.as_tensor(list(fill), dtype=torch.uint8).to(device).view(1, -1, 1, 1)
-    warped = torch.where(inside.unsqueeze(1), value.trunc().to(torch.uint8), fill_values)
-    out[todo] = warped
+    warped = torch.where(inside.unsqueeze(1), value, fill_values)
+    if every:
+        return warped
+    out = images.clone()
+    out[index] = warped
     return out
 
 
@@ -295,12 +307,28 @@ GEOMETRIC_KERNELS: dict[str, Callable] = {
 }
 
 
+# Images per kernel call on a CPU: a batch's float64 temporaries (38 MB per 32 views at
+# 224 px) would leave the cache and make a batch several times slower per view than one view.
+CPU_CHUNK = 4
+
+
+def _in_chunks(function: Callable, images: torch.Tensor, *per_image: Sequence) -> torch.Tensor:
+    """``function(images, *per_image)``, on a CPU ``CPU_CHUNK`` images at a time (images are
+    independent, so the bytes are the same)."""
+    if images.device.type != "cpu" or len(images) <= CPU_CHUNK:
+        return function(images, *per_image)
+    return torch.cat([function(images[i:i + CPU_CHUNK], *(part[i:i + CPU_CHUNK]
+                                                          for part in per_image))
+                      for i in range(0, len(images), CPU_CHUNK)])
+
+
 def run_kernel(name: str, images: torch.Tensor, args: Sequence, fill: Sequence[int]) -> torch.Tensor:
     """Kernel ``name`` on ``images`` with one argument per image (geometric ops fill the
     uncovered area with ``fill``)."""
     if name in GEOMETRIC_KERNELS:
-        return GEOMETRIC_KERNELS[name](images, args, fill)
-    return COLOUR_KERNELS[name](images, args)
+        return _in_chunks(lambda part, part_args: GEOMETRIC_KERNELS[name](part, part_args, fill),
+                          images, list(args))
+    return _in_chunks(COLOUR_KERNELS[name], images, list(args))
 
 
 # -- erasing and mixing ----------------------------------------------------------------------
@@ -335,7 +363,11 @@ def erase(images: torch.Tensor, boxes: np.ndarray, fill: Sequence[int]) -> torch
 def mixup(images: torch.Tensor, partners: torch.Tensor, lambdas: Sequence[int]) -> torch.Tensor:
     """MixUp of uint8 images: ``λ·x + (1 − λ)·partner`` with ``λ = L / 255``, rounded half
     up, in integers: ``(2·(x·L + p·(255 − L)) + 255) // 510``."""
-    weight = _column(np.asarray(lambdas, dtype=np.int32), images, torch.int32)
+    return _in_chunks(_mixup, images, partners, np.asarray(lambdas))
+
+
+def _mixup(images: torch.Tensor, partners: torch.Tensor, lambdas: np.ndarray) -> torch.Tensor:
+    weight = _column(lambdas.astype(np.int32), images, torch.int32)
     total = images.to(torch.int32) * weight + partners.to(torch.int32) * (255 - weight)
     return ((2 * total + 255) // 510).to(torch.uint8)
 
