@@ -21,12 +21,11 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import time
 
 import numpy as np
 
 import labelstore
-from labelstore_bench import teacher_like_rows
+from labelstore_bench import teacher_like_rows, timed
 from teacher_infer.imaging.augment import (AugmentSpec, ViewRecords, augment_views, mix_views,
                                            plan_records)
 from teacher_infer.imaging.views import ViewSpec, plan_views
@@ -112,15 +111,6 @@ def main() -> None:
         apply_costs(args.time_rows, views)
 
 
-def best_of(fn, repeat: int = 3) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def apply_costs(rows: int, views: int) -> None:
     """Seconds per view: crop rendering (PIL), drawing records, applying them per row and
     in one batch."""
@@ -150,16 +140,16 @@ def apply_costs(rows: int, views: int) -> None:
     batch_records = ViewRecords.stack(records)
     count = rows * views
     times = {
-        "render the crops (PIL, render_views)": best_of(lambda: [
+        "render the crops (PIL, render_views)": timed(lambda: [
             render_views(image, boxes, flips, spec, "bilinear")
-            for image, (boxes, flips) in zip(images, plans)]),
-        "draw the records (plan_records)": best_of(lambda: [
+            for image, (boxes, flips) in zip(images, plans)], 1),
+        "draw the records (plan_records)": timed(lambda: [
             plan_records(augment, seed=0, key=key, row=row, rows=rows, chunk_rows=rows,
-                         views=views) for row, key in enumerate(keys)]),
-        "apply them, one row at a time (worker)": best_of(per_row),
-        "apply them, one batch (device path, CPU here)": best_of(lambda: mix_views(
+                         views=views) for row, key in enumerate(keys)], 1),
+        "apply them, one row at a time (worker)": timed(per_row, 1),
+        "apply them, one batch (device path, CPU here)": timed(lambda: mix_views(
             augment_views(batch_pixels, batch_records, augment.fill), batch_pixels,
-            batch_records)),
+            batch_records), 1),
     }
     floor = times["render the crops (PIL, render_views)"]
     print(f"\nCPU cost per view ({rows} rows x {views} views, 224 px, {augment.augment}, "

@@ -411,3 +411,27 @@ def test_derived_stores_refuse_records_they_cannot_carry_yet(tmp_path):
         labelstore.merge([path], tmp_path / "m.zarr")
     with pytest.raises(ValueError, match="has augmentation records"):
         labelstore.select_topk(path, 2, tmp_path / "s.zarr")
+
+
+def test_export_writes_the_records_as_stored(tmp_path):
+    import h5py
+
+    from labelstore._export import export_hdf5
+
+    path = tmp_path / "aug.zarr"
+    write_store(path, FULL)
+    export_hdf5(labelstore.open(path), str(tmp_path / "aug.h5"), slice(5, 30))
+    group = zarr.open_group(str(path), mode="r")
+    with h5py.File(tmp_path / "aug.h5", "r") as h5:
+        for name in ("aug_ops", "aug_levels", "erase_boxes", "mix_partners", "mix_views",
+                     "mix_lambdas", "mix_boxes"):
+            assert h5[name].dtype == group[name].dtype
+            np.testing.assert_array_equal(h5[name][:], group[name][5:30])
+
+
+def test_fill_is_timm_img_mean():
+    from teacher_infer.imaging.augment import fill_from_mean
+
+    assert fill_from_mean((0.485, 0.456, 0.406)) == (124, 116, 104)  # ImageNet, timm's img_mean
+    assert fill_from_mean((0.5, 0.5, 0.5)) == (128, 128, 128)
+    assert AugmentSpec().fill == fill_from_mean((0.485, 0.456, 0.406))

@@ -322,7 +322,8 @@ def _in_chunks(function: Callable, images: torch.Tensor, *per_image: Sequence) -
                       for i in range(0, len(images), CPU_CHUNK)])
 
 
-def run_kernel(name: str, images: torch.Tensor, args: Sequence, fill: Sequence[int]) -> torch.Tensor:
+def run_kernel(name: str, images: torch.Tensor, args: Sequence,
+               fill: Sequence[int]) -> torch.Tensor:
     """Kernel ``name`` on ``images`` with one argument per image (geometric ops fill the
     uncovered area with ``fill``)."""
     if name in GEOMETRIC_KERNELS:

@@ -108,7 +108,8 @@ def parse_policy(text: str, option: str = "--augment") -> RandAugmentPolicy:
 
 def fill_from_mean(mean: tuple[float, ...]) -> tuple[int, int, int]:
     """timm's ``img_mean`` fill of the geometric ops: the normalisation mean in 0..255."""
-    return tuple(min(255, round(255 * float(value))) for value in mean)  # type: ignore[return-value]
+    red, green, blue = (min(255, round(255 * float(value))) for value in mean)
+    return red, green, blue
 
 
 def _probability(value: float, option: str) -> float:
