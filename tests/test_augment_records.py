@@ -94,6 +94,8 @@ def test_store_shape_checks():
         AugmentSpec(cutmix=1.0).check_store(rows=10, views=4, chunk_rows=1)
     with pytest.raises(ValueError, match="--views 1 has none"):
         AugmentSpec(erase=0.5).check_store(rows=10, views=1, chunk_rows=16)
+    with pytest.raises(ValueError, match=r"^--mixup: the partner's view is stored as uint8"):
+        AugmentSpec(mixup=0.2).check_store(rows=10, views=256, chunk_rows=16)
     AugmentSpec().check_store(rows=1, views=1, chunk_rows=1)  # nothing to augment: nothing to check
     with pytest.raises(ValueError, match="store of 2 rows or more"):
         partner_window(0, 1, 16)
