@@ -4,6 +4,7 @@ distributions, partners inside the chunk), and the records' store arrays."""
 from __future__ import annotations
 
 import json
+import re
 import math
 import os
 import subprocess
@@ -437,3 +438,31 @@ def test_fill_is_timm_img_mean():
     assert fill_from_mean((0.485, 0.456, 0.406)) == (124, 116, 104)  # ImageNet, timm's img_mean
     assert fill_from_mean((0.5, 0.5, 0.5)) == (128, 128, 128)
     assert AugmentSpec().fill == fill_from_mean((0.485, 0.456, 0.406))
+
+
+def test_check_records_reports_what_cannot_be_replayed():
+    from teacher_infer.imaging.augment import check_records
+
+    rows = np.arange(10, 16)
+    records = ViewRecords.stack([plan(FULL, f"r/{row}", row=int(row), rows=40, chunk_rows=16)
+                                 for row in rows])
+    assert check_records(records, rows=rows, store_rows=40, ops=OPS_V1) is None
+    damages = [
+        ("ops", (2, 1, 0), 200, r"^row 12 view 1: op id 200 is not in the store's ops table"),
+        ("ops", (3, 2, 1), NAMES.index("Equalize"), r"^row 13 view 2: levels .* do not fit"),
+        ("erase_boxes", (1, 3, 0, 0), 250, r"^row 11 view 3: erasing box is not inside"),
+        ("mix_boxes", (0, 2, 2), 0, r"^row 10 view 2: CutMix box is not inside"),
+        ("mix_partners", (4, 1), 14, r"^row 14 view 1: mixing partner row 14 \(store of 40"),
+        ("mix_partners", (4, 1), 40, r"^row 14 view 1: mixing partner row 40"),
+        ("mix_views", (5, 3), 4, r"^row 15 view 3: partner view 4 of 4"),
+    ]
+    for name, where, value, message in damages:
+        damaged = records.map(np.copy)
+        if name == "ops":  # a level on an op that takes none, or an unknown id
+            damaged.levels[where[:2]] = 50
+        if name == "mix_boxes":
+            damaged.mix_boxes[where[:2]] = (10, 10, 20, 30)
+        if name == "erase_boxes":
+            damaged.erase_boxes[where[:3]] = (0, 0, 10, 10)
+        getattr(damaged, name)[where] = value
+        assert re.match(message, check_records(damaged, rows=rows, store_rows=40, ops=OPS_V1))

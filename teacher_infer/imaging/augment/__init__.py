@@ -5,7 +5,7 @@ implementation on any device.
 - :mod:`.policy`: the settings (``AugmentSpec``; timm's RandAugment grammar in
   ``parse_policy``), their checks and the store's ``augment`` attribute;
 - :mod:`.table`: the versioned ops table (op id → name, kernel, level → argument);
-- :mod:`.records`: ``ViewRecords`` and the draws (``plan_records``);
+- :mod:`.records`: ``ViewRecords``, the draws (``plan_records``) and ``check_records``;
 - :mod:`.kernels`: the pixel ops (PIL's arithmetic, per image, any device);
 - :mod:`.apply`: ``augment_views``, ``mix_views``, ``partner_views``.
 
@@ -27,6 +27,7 @@ _WHERE = {
     "OPS_V1": "table", "TABLE_VERSION": "table", "TABLES": "table", "Op": "table",
     "resolve_table": "table", "table_attrs": "table",
     "GRID": "records", "STORE_ARRAYS": "records", "ViewRecords": "records",
+    "check_records": "records",
     "partner_window": "records", "plan_records": "records",
     "pixel_rect": "kernels",
     "augment_views": "apply", "mix_views": "apply", "partner_views": "apply",

@@ -268,3 +268,46 @@ def plan_records(spec: AugmentSpec, *, seed: int, key: str, row: int, rows: int,
                 records.mix_lambdas[view] = lam
                 records.mix_boxes[view] = box
     return records
+
+
+def check_records(records: ViewRecords, *, rows: np.ndarray, store_rows: int,
+                  ops: tuple) -> str | None:
+    """The first reason records (n, V) of store rows ``rows`` cannot be replayed — an op id
+    outside the store's table ``ops``, a level an op cannot have, a box outside the view,
+    a partner that is the row itself or outside the store, a partner view the rows do
+    not have — as ``"row r view v: ..."``; None when they are sound."""
+    n, views = records.shape
+    own = np.broadcast_to(np.asarray(rows).reshape(-1, 1), (n, views))
+    problems: list[tuple[np.ndarray, Callable[[int, int], str]]] = []
+    op_ids = records.ops.astype(np.int64)
+    known = op_ids < len(ops)
+    problems.append((~known.all(-1), lambda i, v: f"op id {int(op_ids[i, v].max())} is not "
+                                                  f"in the store's ops table ({len(ops)} ops)"))
+    safe = np.where(known, op_ids, 0)
+    takes_level = np.array([op.arg is not None for op in ops])[safe]
+    signed = np.array([op.signed for op in ops])[safe]
+    levels = records.levels.astype(np.int64)
+    bad_level = (levels != 0) & ~takes_level | (levels < 0) & ~signed
+    problems.append((bad_level.any(-1), lambda i, v: f"levels {records.levels[i, v].tolist()} "
+                     f"do not fit ops {records.ops[i, v].tolist()}"))
+    for name, boxes in (("erasing box", records.erase_boxes),
+                        ("CutMix box", records.mix_boxes[..., None, :])):
+        boxes = boxes.astype(np.int64)
+        outside = ((boxes[..., 0] + boxes[..., 2] > GRID) | (boxes[..., 1] + boxes[..., 3] > GRID)
+                   | ((boxes[..., 2] == 0) != (boxes[..., 3] == 0))).any(-1)
+        problems.append((outside, lambda i, v, name=name: f"{name} is not inside the view"))
+    partners = records.mix_partners.astype(np.int64)
+    bad_partner = (partners < -1) | (partners >= store_rows) | (partners == own)
+    problems.append((bad_partner, lambda i, v: f"mixing partner row {int(partners[i, v])} "
+                                               f"(store of {store_rows} rows)"))
+    problems.append(((partners >= 0) & (records.mix_views >= views),
+                     lambda i, v: f"partner view {int(records.mix_views[i, v])} of {views}"))
+    first = None
+    for mask, message in problems:
+        found = np.argwhere(mask)
+        if len(found) and (first is None or tuple(found[0]) < first[0]):
+            first = (tuple(found[0]), message)
+    if first is None:
+        return None
+    (i, view), message = first
+    return f"row {int(own[i, 0])} view {int(view)}: {message(i, view)}"
