@@ -44,6 +44,11 @@ def open_complete(stores: Sequence[Any]) -> list[LabelStore]:
             raise ValueError(f"store {opened[i].path} is given twice")
     for store in opened:
         store.require_complete()
+        if store.augment_dims:
+            # Copying the rows alone would keep labels of augmented pixels without the
+            # records that make them, and partner rows pointing at other rows (issue 25).
+            raise ValueError(f"{store.path} has augmentation records, which select-topk, "
+                             "merge and ensemble do not carry yet")
     return opened
 
 

@@ -55,6 +55,7 @@ class ArraySpec:
     export: str | None = "stored"  # HDF5 export: the "stored" values, the "read" ones, or None
     compress: bool = True
     optional: bool = False     # only in stores created with its size (embeddings: D)
+    requires: tuple[str, ...] = ()  # further sizes an optional array needs (records: "mix")
 
     @property
     def per_row(self) -> bool:
@@ -81,7 +82,7 @@ class ArraySpec:
 
     def present(self, lengths: dict[str, int]) -> bool:
         """Whether a store with these dimension sizes has this array."""
-        return not self.optional or all(lengths[dim] for dim in self.dims)
+        return not self.optional or all(lengths[dim] for dim in self.dims + self.requires)
 
     def read(self, stored: np.ndarray) -> np.ndarray:
         """Stored values as ``read`` returns them."""
@@ -101,6 +102,17 @@ SCHEMA = (
     ArraySpec("flips", ("row", "view"), bool, False, read_as=bool),
     ArraySpec("valid", ("row",), bool, False, read_as=bool),
     ArraySpec("embeddings", ("row", "feature"), np.float16, 0, optional=True),
+    # Augmentation records (docs/format.md, "Augmentation records") of stores created with
+    # augment_dims: L ops per view (op), E erasing boxes per view (erase), mixing (mix).
+    # Not part of read/load (read_as None) until the commands that replay them use them.
+    ArraySpec("aug_ops", ("row", "view", "op"), np.uint8, 0, optional=True),
+    ArraySpec("aug_levels", ("row", "view", "op"), np.int8, 0, optional=True),
+    ArraySpec("erase_boxes", ("row", "view", "erase", "box"), np.uint8, 0, optional=True),
+    ArraySpec("mix_partners", ("row", "view"), np.int32, -1, optional=True, requires=("mix",)),
+    ArraySpec("mix_views", ("row", "view"), np.uint8, 0, optional=True, requires=("mix",)),
+    ArraySpec("mix_lambdas", ("row", "view"), np.uint8, 255, optional=True, requires=("mix",)),
+    ArraySpec("mix_boxes", ("row", "view", "box"), np.uint8, 0, optional=True,
+              requires=("mix",)),
     # One flag per chunk, each in its own zarr chunk, so ranks never share a done-chunk.
     ArraySpec("done", ("chunk",), bool, False, written="done", compress=False, export=None),
 )
@@ -136,11 +148,30 @@ LABEL_ARRAYS = label_arrays()
 INTEGRITY = {"every_chunk_written": True, "checksum": "crc32c"}
 
 
-def sizes(*, rows: int, views: int, topk: int, chunk_rows: int,
-          embedding_dim: int | None) -> dict[str, int]:
-    """Length of each named dimension."""
+AUGMENT_DIMS = ("op", "erase", "mix")  # the record sizes ``create(augment_dims=...)`` takes
+
+
+def sizes(*, rows: int, views: int, topk: int, chunk_rows: int, embedding_dim: int | None,
+          augment_dims: dict[str, int] | None = None) -> dict[str, int]:
+    """Length of each named dimension (a record size not given is 0: no such arrays)."""
+    records = {dim: int((augment_dims or {}).get(dim, 0)) for dim in AUGMENT_DIMS}
     return {"row": rows, "view": views, "rank": topk, "box": 4,
-            "feature": int(embedding_dim or 0), "chunk": (rows + chunk_rows - 1) // chunk_rows}
+            "feature": int(embedding_dim or 0), "chunk": (rows + chunk_rows - 1) // chunk_rows,
+            **records}
+
+
+def check_augment_dims(augment_dims: Any) -> dict[str, int] | None:
+    """The record sizes as {op, erase, mix} ints >= 0 (mix 0 or 1), None when all are 0."""
+    if augment_dims is None:
+        return None
+    unknown = sorted(set(augment_dims) - set(AUGMENT_DIMS))
+    if unknown:
+        raise ValueError(f"augment_dims: unknown dimension {unknown[0]!r} "
+                         f"(known: {', '.join(AUGMENT_DIMS)})")
+    dims = {dim: int(augment_dims.get(dim, 0)) for dim in AUGMENT_DIMS}
+    if min(dims.values()) < 0 or dims["mix"] > 1:
+        raise ValueError(f"augment_dims {dims}: sizes must be >= 0 and mix 0 or 1")
+    return dims if any(dims.values()) else None
 
 
 def stored_dtype(spec: ArraySpec, num_classes: int) -> Any:
@@ -284,7 +315,8 @@ def _as_array(name: str, value: Any, shape: tuple, kinds: str, what: str) -> np.
 
 
 def check_rows(values: dict[str, Any], *, num_views: int, topk: int, num_classes: int,
-               embedding_dim: int | None) -> dict[str, np.ndarray]:
+               embedding_dim: int | None,
+               augment_dims: dict[str, int] | None = None) -> dict[str, np.ndarray]:
     """Validate one write (``values``: array name → rows given, ``indices`` and ``probs``
     required) and return every array ``write`` stores, in its stored dtype.
 
@@ -303,15 +335,15 @@ def check_rows(values: dict[str, Any], *, num_views: int, topk: int, num_classes
     out = _check_teacher_rows(indices, values, n=n, num_views=num_views, topk=topk,
                               num_classes=num_classes)
     lengths = sizes(rows=n, views=num_views, topk=topk, chunk_rows=1,
-                    embedding_dim=embedding_dim)
+                    embedding_dim=embedding_dim, augment_dims=augment_dims)
     for entry in specs(written="rows"):
         if entry.name in out:
             continue
         value = values.get(entry.name)
         if not entry.present(lengths):
             if value is not None:
-                raise ValueError(f"this store was created without {entry.name} "
-                                 f"(embedding_dim=None)")
+                size = "embedding_dim" if "feature" in entry.dims else "augment_dims"
+                raise ValueError(f"this store was created without {entry.name} ({size})")
             continue
         if value is None and entry.optional:  # a store that has it has it in every row
             shape = "(" + ", ".join(_DIM_LETTERS.get(dim, dim) for dim in entry.dims) + ")"
@@ -327,7 +359,7 @@ def _repeats(indices: np.ndarray) -> np.ndarray:
     return (ordered[..., 1:] == ordered[..., :-1]).any(-1)
 
 
-_DIM_LETTERS = {"row": "n", "view": "V", "rank": "k", "feature": "D"}
+_DIM_LETTERS = {"row": "n", "view": "V", "rank": "k", "feature": "D", "op": "L", "erase": "E"}
 
 
 _KINDS = {"i": ("iu", "integers"), "u": ("iu", "integers"), "f": ("f", "floating point"),

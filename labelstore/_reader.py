@@ -87,7 +87,8 @@ def check_structure(group: zarr.Group, path: Any) -> None:
         n = int(group["labels"].shape[0])
         lengths = fmt.sizes(rows=n, views=int(attrs["views"]), topk=int(attrs["topk"]),
                             chunk_rows=int(attrs["chunk_rows"]),
-                            embedding_dim=attrs.get("embedding_dim"))
+                            embedding_dim=attrs.get("embedding_dim"),
+                            augment_dims=attrs.get("augment_dims"))
     except KeyError as exc:
         raise DamagedStoreError(f"label store {path} is damaged: {exc} is missing") from None
     arrays = {}
@@ -262,6 +263,13 @@ class LabelStore:
     @property
     def embedding_dim(self) -> int | None:
         return int(self._group["embeddings"].shape[1]) if self.has_embeddings else None
+
+    @property
+    def augment_dims(self) -> dict[str, int] | None:
+        """Sizes of the augmentation records ({op, erase, mix}; docs/format.md), None for a
+        store without them."""
+        dims = self._attrs.get("augment_dims")
+        return dict(dims) if dims else None
 
     @cached_property
     def keys(self) -> np.ndarray:

@@ -40,7 +40,8 @@ _exists = exists
 def create(path: Any, *, keys: Sequence[str], num_classes: int, topk: int, views: int = 1,
            labels: Sequence[int] | None = None, attrs: Mapping[str, Any] | None = None,
            chunk_rows: int = fmt.DEFAULT_CHUNK_ROWS, overwrite: bool = False,
-           embedding_dim: int | None = None) -> "LabelStoreWriter":
+           embedding_dim: int | None = None,
+           augment_dims: Mapping[str, int] | None = None) -> "LabelStoreWriter":
     """Create an empty label store and return a writer for it.
 
     Parameters
@@ -61,6 +62,9 @@ def create(path: Any, *, keys: Sequence[str], num_classes: int, topk: int, views
         Rows per chunk R; a writer (rank) always owns whole chunks.
     embedding_dim : int, optional
         Adds an ``embeddings`` (N, D) float16 array.
+    augment_dims : mapping, optional
+        Sizes of the augmentation records (``{"op": L, "erase": E, "mix": 0 or 1}``, see
+        docs/format.md): adds the record arrays whose sizes are not 0.
 
     Examples
     --------
@@ -73,18 +77,20 @@ def create(path: Any, *, keys: Sequence[str], num_classes: int, topk: int, views
     """
     num_classes, topk, views, chunk_rows, embedding_dim = _check_sizes(
         num_classes, topk, views, chunk_rows, embedding_dim)
+    augment_dims = fmt.check_augment_dims(augment_dims)
     joined = fmt.check_keys(keys)
     labels = fmt.check_labels(labels, len(joined), num_classes)
     _clear(path, overwrite)
     lengths = fmt.sizes(rows=len(joined), views=views, topk=topk, chunk_rows=chunk_rows,
-                        embedding_dim=embedding_dim)
+                        embedding_dim=embedding_dim, augment_dims=augment_dims)
     # file:// URLs go to zarr as plain paths: its fsspec store does not create directories
     local = local_path(path)
     group = zarr.open_group(local if local is not None else path, mode="w")
     arrays = _create_arrays(group, lengths, chunk_rows, num_classes)
     _write_columns(arrays, {"keys": joined, "labels": labels})
     group.attrs.update(_group_attrs(attrs, joined, num_classes=num_classes, topk=topk, views=views,
-                                    chunk_rows=chunk_rows, embedding_dim=embedding_dim))
+                                    chunk_rows=chunk_rows, embedding_dim=embedding_dim,
+                                    augment_dims=augment_dims))
     return LabelStoreWriter(group, path)
 
 
@@ -118,7 +124,8 @@ def _clear(path: Any, overwrite: bool) -> None:
 
 def _group_attrs(attrs: Mapping[str, Any] | None, keys: _keys.JoinedKeys, *, num_classes: int,
                  topk: int, views: int, chunk_rows: int,
-                 embedding_dim: int | None) -> dict[str, Any]:
+                 embedding_dim: int | None,
+                 augment_dims: dict[str, int] | None = None) -> dict[str, Any]:
     """The group attributes: defaults, the caller's ``attrs``, then the structural fields
     (a caller's attrs cannot contradict the arrays) and ``dataset`` with the keys' count
     and fingerprint."""
@@ -144,6 +151,9 @@ def _group_attrs(attrs: Mapping[str, Any] | None, keys: _keys.JoinedKeys, *, num
     group_attrs.update(format=fmt.FORMAT, format_version=fmt.FORMAT_VERSION,
                        num_classes=num_classes, topk=topk, views=views, chunk_rows=chunk_rows,
                        complete=False, integrity=dict(fmt.INTEGRITY))
+    group_attrs.pop("augment_dims", None)
+    if augment_dims is not None:  # crop-only stores keep the attributes they always had
+        group_attrs["augment_dims"] = dict(augment_dims)
     return group_attrs
 
 
@@ -192,10 +202,12 @@ class LabelStoreWriter:
         self.num_views = int(attrs["views"])
         self.chunk_rows = int(attrs["chunk_rows"])
         self.embedding_dim = attrs.get("embedding_dim")
+        self.augment_dims = attrs.get("augment_dims")
         self._n = int(group["labels"].shape[0])
         self.num_chunks = _chunk_count(self._n, self.chunk_rows)
         lengths = fmt.sizes(rows=self._n, views=self.num_views, topk=self.topk,
-                            chunk_rows=self.chunk_rows, embedding_dim=self.embedding_dim)
+                            chunk_rows=self.chunk_rows, embedding_dim=self.embedding_dim,
+                            augment_dims=self.augment_dims)
         # Array handles looked up once: each group lookup re-reads the array's metadata.
         self._arrays = {spec.name: group[spec.name].with_config(_WRITE_ALL)
                         for spec in fmt.SCHEMA
@@ -257,7 +269,8 @@ class LabelStoreWriter:
                      valid=valid, embeddings=embeddings, **arrays)
         rows = fmt.check_rows({name: value for name, value in given.items() if value is not None},
                               num_views=self.num_views, topk=self.topk,
-                              num_classes=self.num_classes, embedding_dim=self.embedding_dim)
+                              num_classes=self.num_classes, embedding_dim=self.embedding_dim,
+                              augment_dims=self.augment_dims)
         self._place(int(start), rows)
 
     def write_stored(self, start: int, rows: dict[str, np.ndarray]) -> None:
