@@ -13,12 +13,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from labelstore.cli_options import DEVICES
 from teacher_infer.imaging import decoder_names
+from teacher_infer.runtime import DEVICES, PRECISIONS
 
 VIEWS = ("auto", "replay", "global")
 DECODERS = decoder_names()  # the registry's names, "auto" first
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 EVAL_BATCH_SIZE = 256   # ssld eval's images per step (here: its module imports torch)
 
 # Options that may change between a run and its --resume without changing the result:
@@ -90,12 +89,12 @@ class TrainConfig:
     ema: Optional[float] = None           # EMA decay of the weights, e.g. 0.9998
 
     device: str = "auto"                  # cuda when available
-    decoder: str = "auto"                 # dali on a GPU when importable, else pil
+    decoder: str = "auto"                 # the registry's rule: dali on a GPU, pil on the CPU
     # bf16 autocast on GPUs, fp32 on the CPU
     precision: str = field(default="auto", metadata={"choices": PRECISIONS})
     channels_last: Optional[bool] = None  # None: on for GPUs
     num_workers: Optional[int] = None     # DataLoader workers per process; None: cores / processes
-    threads: Optional[int] = None         # torch CPU threads per process; None: leave as set
+    threads: Optional[int] = None         # CPU threads per process; None: the CPUs per rank
     resume: bool = False                  # continue RUN_DIR/last.pt exactly
     seed: int = 0                         # model init, sample order, views, augmentation
 
