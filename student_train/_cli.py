@@ -79,8 +79,8 @@ def _runtime(fn):
 @_field("warmup_epochs", type=float)
 @_field("weight_decay", type=float, help="L2 decay (not on norm and bias parameters).")
 @_field("nesterov", is_flag=True, help="Nesterov momentum (SGD momentum 0.9).")
-@_field("loss", help="js: Jensen–Shannon; skl: PaddleClas's JSDivLoss.")
-@_field("temperature", type=float, help="For --loss kl.")
+@_field("loss")
+@_field("temperature", type=float)
 @_field("label_weight", type=float, help="Add this × cross-entropy on known ground-truth labels.")
 @_field("views", help="replay: stored teacher views; global: RandomResizedCrop with view-0 "
         "targets; auto: replay when the stores hold > 1 view.")

@@ -132,10 +132,11 @@ def test_threads_is_a_field_of_every_computing_command(path, target):
 
 
 def test_loss_choices_are_the_losses_the_trainer_knows():
+    from student_train.loss_registry import LOSS_SPECS
     from student_train.losses import LOSSES
 
     choices = cli_options.config_field(TrainConfig, "loss").metadata["choices"]
-    assert tuple(LOSSES) == tuple(choices)
+    assert tuple(LOSSES) == tuple(choices) == tuple(LOSS_SPECS)
     assert tuple(options(command("train-student"))["loss"].type.choices) == tuple(choices)
 
 
