@@ -10,8 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from teacher_infer.imaging import (DaliDecoder, DecodeError, ViewDataset, ViewSpec, collate,
-                                   header_size, open_rgb, pixels_to_input, to_rgb)
+from teacher_infer.imaging import (DecodeError, ViewDataset, ViewSpec, collate, open_rgb,
+                                   pixels_to_input)
+from teacher_infer.imaging.dali import DaliDecoder
+from teacher_infer.imaging.decode import header_size, to_rgb
 
 SPEC = ViewSpec(views=3, input_size=(32, 32), crop_pct=0.875, seed=1)
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
