@@ -18,15 +18,20 @@ KEYS = ([f"n{i % 7:08d}/ü{i}_é.JPEG" * (1 + i % 3) for i in range(300)]
         + ["with space/x.jpg", "日本/猫.png", "a"])
 
 
-def chunk_files(path: str, name: str) -> dict[str, bytes]:
-    """Every chunk file of array ``name`` (keys nested like ``c/3/0/0``), by its key."""
-    folder = os.path.join(path, name, "c")
+def files_below(folder: str) -> dict[str, bytes]:
+    """Every file below ``folder``, by its path relative to it."""
     files = {}
     for where, _, names in os.walk(folder):
         for entry in names:
             full = os.path.join(where, entry)
             with open(full, "rb") as handle:
                 files[os.path.relpath(full, folder)] = handle.read()
+    return files
+
+
+def chunk_files(path: str, name: str) -> dict[str, bytes]:
+    """Every chunk file of array ``name`` (keys nested like ``c/3/0/0``), by its key."""
+    files = files_below(os.path.join(path, name, "c"))
     assert files
     return files
 
@@ -144,12 +149,7 @@ def _store_files(path: str) -> dict[str, bytes]:
     creation time and the software versions (which differ between any two writes)."""
     import json
 
-    files = {}
-    for where, _, names in os.walk(path):
-        for entry in names:
-            full = os.path.join(where, entry)
-            with open(full, "rb") as handle:
-                files[os.path.relpath(full, path)] = handle.read()
+    files = files_below(path)
     group = json.loads(files.pop("zarr.json"))
     for entry in group["attributes"].get("provenance", []):
         entry.pop("time", None)
