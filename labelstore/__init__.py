@@ -3,7 +3,8 @@
 The format and the operations on stores alone: create, read, write, select-topk, merge,
 ensemble, export, inspect and the structure check. At run time it imports numpy, zarr,
 numcodecs, google-crc32c and fsspec (h5py inside ``export``, tqdm when a progress bar is
-asked for); torch, click and images are the layers above (docs/architecture.md).
+asked for, xarray or pandas in ``LabelStore.to_xarray`` / ``to_dataframe``); torch, click and
+images are the layers above (docs/architecture.md; tests/test_layers.py checks it).
 
 >>> import labelstore
 >>> st = labelstore.open("train.zarr")          # doctest: +SKIP
