@@ -1,9 +1,11 @@
 """The ``ssld`` command line: a thin click group.
 
-Each command lives next to the library it drives (``labelstore/_cli.py``,
-``teacher_infer/_cli.py``, ``student_train/_cli.py``): it reads options, builds a
-config, calls one library function and echoes a summary. Options shared by several
-commands, and options read from config dataclasses, come from ``labelstore.cli_options``.
+Each command's click wiring lives in the lowest package that may import click and drives
+its library: ``teacher_infer/_store_cli.py``, ``_select_cli.py`` and ``_ensemble_cli.py``
+(the store commands, whose work is ``labelstore``'s), ``teacher_infer/_dedup_cli.py``,
+``teacher_infer/_cli.py``, ``student_train/_cli.py``: it reads options, builds a config,
+calls one library function and echoes a summary. Options shared by several commands, and
+options read from config dataclasses, come from ``teacher_infer.cli_options``.
 This module only assembles the group and turns user errors into one line on stderr with
 exit status 2. Nothing here imports torch, so ``ssld --help`` is instant.
 """
@@ -35,16 +37,17 @@ def ssld(ctx: click.Context, debug: bool) -> None:
 
 
 def _register() -> None:
-    from labelstore._cli import commands as store_commands
-    from labelstore._select_cli import commands as select_commands
-    from labelstore._ensemble_cli import commands as ensemble_commands
+    from teacher_infer._store_cli import commands as store_commands
+    from teacher_infer._select_cli import commands as select_commands
+    from teacher_infer._dedup_cli import commands as dedup_commands
+    from teacher_infer._ensemble_cli import commands as ensemble_commands
     from teacher_infer._cli import commands as infer_commands
     from teacher_infer._prepare_cli import commands as prepare_commands
     from student_train._cli import commands as train_commands
     from student_train._quickstart_cli import commands as quickstart_commands
 
-    for command in (*store_commands, *select_commands, *ensemble_commands, *infer_commands,
-                    *prepare_commands, *train_commands, *quickstart_commands):
+    for command in (*store_commands, *select_commands, *dedup_commands, *ensemble_commands,
+                    *infer_commands, *prepare_commands, *train_commands, *quickstart_commands):
         ssld.add_command(command)
 
 

@@ -34,7 +34,8 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tests"))
 
 import labelstore  # noqa: E402
-from labelstore import _dedup  # noqa: E402
+from teacher_infer.dedup import search as dedup_search  # noqa: E402
+from teacher_infer.dedup import sift  # noqa: E402
 
 FULL_POOL, FULL_QUERIES, FULL_DIM, FULL_TOP_M = 14_000_000, 50_000, 2048, 5
 PIECE = 65536   # rows generated per write call
@@ -85,8 +86,8 @@ def _stage1(query: str, pool: str, device: str, precision: str, top_m: int, thre
         warm = time.perf_counter() - started
     start_rss = peak_rss_mib()
     started = time.perf_counter()
-    pairs = _dedup.search(query_store, pool_store, threshold=threshold, top_m=top_m,
-                          device=device, precision=precision)
+    pairs = dedup_search.search(query_store, pool_store, threshold=threshold, top_m=top_m,
+                                device=device, precision=precision)
     seconds = time.perf_counter() - started
     gpu = None
     if device.startswith("cuda"):
@@ -133,13 +134,13 @@ def stage2(workdir: str, pairs: int, workers: int) -> dict:
         query_keys.append(query_key)
         pool_keys.append(pool_key)
     rows = np.arange(pairs)
-    candidates = _dedup.Candidates(rows, rows, np.ones(pairs, dtype=np.float32))
+    candidates = dedup_search.Candidates(rows, rows, np.ones(pairs, dtype=np.float32))
     started = time.perf_counter()
-    inliers, _ = _dedup.verify_pairs(candidates, np.asarray(query_keys, dtype=object),
-                                     np.asarray(pool_keys, dtype=object), root, root,
-                                     workers=workers)
+    inliers, _ = sift.verify_pairs(candidates, np.asarray(query_keys, dtype=object),
+                                   np.asarray(pool_keys, dtype=object), root, root,
+                                   workers=workers)
     seconds = time.perf_counter() - started
-    confirmed = inliers >= _dedup.DEFAULT_MIN_INLIERS
+    confirmed = inliers >= sift.DEFAULT_MIN_INLIERS
     return dict(pairs=pairs, workers=workers, seconds=seconds, pairs_per_s=pairs / seconds,
                 copies_confirmed=int(confirmed[0::2].sum()),
                 unrelated_confirmed=int(confirmed[1::2].sum()))

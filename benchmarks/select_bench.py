@@ -11,7 +11,7 @@ measurement runs in a fresh process so that its peak RSS (``VmHWM``) is its own:
 
 - floor: read the store's ``indices`` and ``probs`` arrays into RAM (what any
   selection must at least do);
-- rank: ``select-topk``'s streaming selection (``labelstore._select.rank``);
+- rank: ``select-topk``'s streaming selection (``labelstore.select_rows``);
 - rank + exclude: the same with an exclude list of 4,511 keys (keys are then read too);
 - select-topk: the whole command — rank, gather keys, write the output store;
 - create: ``labelstore.create`` alone with the selected store's keys and labels (the
@@ -41,12 +41,12 @@ import tempfile
 import time
 
 import numpy as np
+import zarr
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from labelstore_bench import teacher_like_rows  # noqa: E402  (same teacher-like generator)
 
 import labelstore  # noqa: E402
-from labelstore import _select  # noqa: E402
 
 PIECE = 1_000_000   # rows per call of the generator (its keys are numbered per call)
 
@@ -92,17 +92,17 @@ def digest(classes: np.ndarray, rows: np.ndarray) -> str:
 # turns its result into what is reported (e.g. a digest to compare picks).
 
 def run_floor(path: str, k: int, workdir: str):
-    group = labelstore.open(path)._group
+    group = zarr.open_group(path, mode="r")
     return np.asarray(group["indices"][:]), np.asarray(group["probs"][:])
 
 
 def run_rank(path: str, k: int, workdir: str):
-    return _select.rank([labelstore.open(path)], k)
+    return labelstore.select_rows([labelstore.open(path)], k)
 
 
 def run_rank_exclude(path: str, k: int, workdir: str):
-    exclude, _ = _select.read_exclude(os.path.join(workdir, "exclude.tsv"))
-    return _select.rank([labelstore.open(path)], k, exclude=exclude)
+    return labelstore.select_rows([labelstore.open(path)], k,
+                                  exclude=os.path.join(workdir, "exclude.tsv"))
 
 
 def run_select(path: str, k: int, workdir: str):
@@ -130,7 +130,7 @@ def run_compress(path: str, k: int, workdir: str):
     import google_crc32c
     import numcodecs
 
-    group = labelstore.open(os.path.join(workdir, "selected.zarr"))._group
+    group = zarr.open_group(os.path.join(workdir, "selected.zarr"), mode="r")
     jobs = []
     for name in group.array_keys():
         array = group[name]
@@ -169,7 +169,7 @@ def run_merge(path: str, k: int, workdir: str):
 def run_pandas(path: str, k: int, workdir: str):
     import pandas as pd
 
-    group = labelstore.open(path)._group
+    group = zarr.open_group(path, mode="r")
     indices = np.asarray(group["indices"][:, 0])
     probs = np.asarray(group["probs"][:, 0])
     valid = np.asarray(group["valid"][:])

@@ -67,7 +67,8 @@ def config(args, data: str, out: str, decoder: str):
                        decoder=decoder, batch_size=args.batch_size, precision=args.precision,
                        views=args.views,
                        channels_last=args.channels_last, device=args.device, topk=10,
-                       num_workers=args.workers, progress=False, overwrite=True)
+                       num_workers=args.workers, progress=False, overwrite=True,
+                       threads=args.threads if args.device == "cpu" else None)
 
 
 def pretrained_data_config(model: str) -> dict:
@@ -87,14 +88,16 @@ def model_only(args, data: str, out: str) -> float:
 
     from teacher_infer.data import find_samples
     from teacher_infer.imaging import ViewDataset, collate, pixels_to_input
-    from teacher_infer.infer import _data_config_view_spec, _make_forward, top_k
+    from teacher_infer.infer import data_config_view_spec, make_forward, top_k
     from teacher_infer.model import load_teacher
-    from teacher_infer.runtime import Dist, autocast, resolve_device, resolve_precision
+    from teacher_infer.runtime import (Dist, allow_tf32, autocast, resolve_device,
+                                       resolve_precision)
 
     cfg = config(args, data, out, "pil")
     device = resolve_device(cfg.device, Dist())
+    allow_tf32(device)  # as the teacher pass does
     teacher = load_teacher(cfg, device)
-    spec = _data_config_view_spec(cfg, teacher.data_config)
+    spec = data_config_view_spec(cfg, teacher.data_config)
     samples = find_samples(data)
     dataset = ViewDataset([samples.path(i) for i in range(args.batch_size)],
                           samples.keys[:args.batch_size], spec,
@@ -108,7 +111,7 @@ def model_only(args, data: str, out: str) -> float:
         x = x.contiguous(memory_format=torch.channels_last)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    forward = _make_forward(teacher.model, False, False)
+    forward = make_forward(teacher.model, False, False)
     precision = autocast(resolve_precision(cfg.precision, device), device)
     batches = max(1, args.images // args.batch_size)
 
@@ -134,7 +137,7 @@ def decode_only(args, data: str, out: str, decoder: str) -> float:
 
     from teacher_infer.data import find_samples
     from teacher_infer.imaging import batch_ranges, resolve_decoder
-    from teacher_infer.infer import _data_config_view_spec, _data_path
+    from teacher_infer.infer import data_config_view_spec, data_path
     from teacher_infer.runtime import Dist, resolve_device
 
     cfg = config(args, data, out, decoder)
@@ -142,9 +145,9 @@ def decode_only(args, data: str, out: str, decoder: str) -> float:
     data_config = pretrained_data_config(args.model)  # no need to build the model here
     samples = find_samples(data)
     batches = batch_ranges([(0, len(samples))], args.batch_size)
-    spec = _data_config_view_spec(cfg, data_config)
-    decoder_class = resolve_decoder(decoder, device, dali_on_cpu=True)
-    loader, decoding, _ = _data_path(cfg, Dist(), samples, spec, data_config, decoder_class,
+    spec = data_config_view_spec(cfg, data_config)
+    decoder_class = resolve_decoder(decoder, device)
+    loader, decoding, _ = data_path(cfg, Dist(), samples, spec, data_config, decoder_class,
                                      batches, device, None)
     count = 0
     start = time.perf_counter()

@@ -4,9 +4,10 @@ Run:  python benchmarks/threads_bench.py [--steps 30] [--models resnet18 mobilen
 
 The quickstart's shapes (32 px, batch 32, 10 classes, SGD): each (model, threads) pair runs in a
 fresh process, first with nothing else started by this script, then beside one
-``while True: pass`` process that it starts and stops itself. This is why ``--threads``
-defaults to 1 (labelstore/_threads.py): with the cores shared, two torch threads wait for each
-other at every parallel region. On a machine that other jobs load too, report its load
+``while True: pass`` process that it starts and stops itself. This is why the quickstart and the
+tests ask for ``--threads 1`` (every other command defaults to the CPUs per rank:
+teacher_infer/runtime/threads.py): with the cores shared, two torch threads wait for each other
+at every parallel region. On a machine that other jobs load too, report its load
 (``uptime``) beside the figures.
 """
 from __future__ import annotations

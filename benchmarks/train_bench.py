@@ -97,7 +97,8 @@ def run_mode(mode: str, store: str, work: str, settings: dict,
                    epochs=settings["epochs"], batch_size=settings["batch_size"],
                    input_size=settings["input_size"], num_workers=settings["workers"],
                    device=settings["device"], decoder=settings["decoder"],
-                   precision=settings["precision"], warmup_epochs=0, lr=0.1)
+                   precision=settings["precision"], warmup_epochs=0, lr=0.1,
+                   threads=settings.get("threads"))
     extra = {"supervised": dict(supervised=True), "stored (global)": dict(views="global"),
              "stored (replay)": dict(views="replay"),
              "online": dict(teacher=settings["teacher"], teacher_checkpoint=teacher_file)}[mode]
@@ -130,7 +131,7 @@ def isolated_target_cost(store: str, settings: dict) -> dict:
     from student_train.models import data_config_for
     from student_train.samples import open_stores
 
-    samples = open_stores([store], env=setup("cpu"))
+    samples = open_stores([store], env=setup("cpu", settings.get("threads")))
     crops = CropDataset(samples, crop="random", seed=0, with_targets=True,
                         data_config=data_config_for(settings["student"], settings["input_size"]))
     rows = min(len(samples), 256)

@@ -1,39 +1,39 @@
 """The ssld label store: teacher top-k soft labels in a chunked Zarr v3 group.
 
+The format and the operations on stores alone: create, read, write, select-topk, merge,
+ensemble, export, inspect and the structure check. At run time it imports numpy, zarr,
+numcodecs, google-crc32c and fsspec (h5py inside ``export``, tqdm when a progress bar is
+asked for, xarray or pandas in ``LabelStore.to_xarray`` / ``to_dataframe``); torch, click and
+images are the layers above (docs/architecture.md; tests/test_layers.py checks it).
+
 >>> import labelstore
 >>> st = labelstore.open("train.zarr")          # doctest: +SKIP
 >>> st.load().dense([3, 1, 3]).shape            # doctest: +SKIP
 (3, 1000)
 """
-from ._format import (BOX_SCALE, DEFAULT_CHUNK_ROWS, FORMAT, FORMAT_VERSION, dequantize_boxes,
-                      fingerprint, quantize_boxes)
+from ._derive import first_in_runs, read_blocks
+from ._ensemble import combine_distributions, ensemble
+from ._export import export
+from ._format import BOX_SCALE, DEFAULT_CHUNK_ROWS, dequantize_boxes, fingerprint, quantize_boxes
+from ._inspect import inspect_store
 from ._lock import LockedError, OutputLock
-from ._paths import (check_disjoint, disk_bytes, exists, human_size, is_store_dir, local_path,
-                     real_path)
-from ._reader import DamagedStoreError, LabelSlice, LabelStore, densify, open
+from ._merge import merge
+from ._paths import (check_disjoint, check_output_file, disk_bytes, exists, human_size,
+                     is_store_dir, local_path)
+from ._reader import DamagedStoreError, LabelStore, densify, open
+from ._select import select_rows, select_topk
+from ._text import KEY_RULE, escapes_root, first_bad_key, key_problem, read_lines
+from ._verify import TeacherCheck, VerifyResult, verify
 from ._version import __version__
 from ._writer import IncompleteRunError, LabelStoreWriter, create
-from ._dedup import dedup
-from ._ensemble import EnsembleResult, combine_distributions, combine_top_k, ensemble
-from ._merge import merge
-from ._select import select_topk
-from ._dist import Dist
-from ._text import (KEY_RULE, escapes_root, first_bad_key, first_escaping_key, key_problem,
-                    read_lines)
-from ._threads import set_threads
-from ._verify import TeacherCheck, VerifyResult, verify
 
+# Each name, who needs it and why: docs/architecture.md, "labelstore's public names".
 __all__ = [
     "BOX_SCALE",
     "DEFAULT_CHUNK_ROWS",
-    "FORMAT",
-    "FORMAT_VERSION",
     "KEY_RULE",
     "DamagedStoreError",
-    "Dist",
-    "EnsembleResult",
     "IncompleteRunError",
-    "LabelSlice",
     "LabelStore",
     "LabelStoreWriter",
     "LockedError",
@@ -42,29 +42,30 @@ __all__ = [
     "VerifyResult",
     "__version__",
     "check_disjoint",
+    "check_output_file",
     "combine_distributions",
-    "combine_top_k",
     "create",
-    "dedup",
     "densify",
-    "ensemble",
     "dequantize_boxes",
     "disk_bytes",
+    "ensemble",
     "escapes_root",
     "exists",
+    "export",
     "fingerprint",
     "first_bad_key",
-    "first_escaping_key",
+    "first_in_runs",
     "human_size",
+    "inspect_store",
     "is_store_dir",
     "key_problem",
     "local_path",
     "merge",
     "open",
     "quantize_boxes",
+    "read_blocks",
     "read_lines",
-    "real_path",
+    "select_rows",
     "select_topk",
-    "set_threads",
     "verify",
 ]

@@ -7,6 +7,12 @@ bytes-to-bytes codecs (here Blosc and crc32c). Doing the same here, for the code
 writes, skips zarr's indexing, buffer and task layers (measured: about as much time again as
 the compression itself). An array with any other codec goes through zarr. The tests compare
 every chunk file with zarr's own.
+
+The fast path (here, in ``_keys`` and in the reader's batched reads) uses three zarr internals:
+``zarr.core.sync.sync``, ``zarr.core.buffer.default_buffer_prototype`` and the array metadata's
+``encode_chunk_key``. It is on only for the zarr releases it is tested with
+(:data:`TESTED_ZARR`); with any other zarr every read and write goes through zarr's public API,
+slower and byte for byte the same (tests/test_labelstore_keys.py writes a store both ways).
 """
 from __future__ import annotations
 
@@ -14,6 +20,12 @@ import asyncio
 from typing import Any, Sequence
 
 import numpy as np
+import zarr
+
+# The zarr releases (major.minor) the fast path is tested with; add one only after the test
+# suite passes on it (setup.cfg's zarr>=3 stands: other releases take the public API).
+TESTED_ZARR = ("3.1",)
+FAST_PATH = ".".join(zarr.__version__.split(".")[:2]) in TESTED_ZARR
 
 _SHUFFLES = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
 THREADS = 2   # chunks compressed at once (Blosc runs without its own threads under zarr)
@@ -67,9 +79,12 @@ class BytesCodecs:
 
 def numeric_codecs(array: Any) -> BytesCodecs | None:
     """The bytes codecs of a zarr v3 array of numbers stored little-endian (``bytes`` codec),
-    when its chunks can be written here; None otherwise (also for anything not a zarr array)."""
+    when its chunks can be written here; None otherwise (also for anything not a zarr array,
+    and on a zarr release the fast path is not tested with)."""
     from zarr.codecs import BytesCodec
 
+    if not FAST_PATH:
+        return None
     metadata = getattr(array, "metadata", None)
     if getattr(metadata, "zarr_format", None) != 3 or np.dtype(array.dtype).kind not in "biuf":
         return None
@@ -84,12 +99,25 @@ def numeric_codecs(array: Any) -> BytesCodecs | None:
         return None
 
 
+def chunk_key(array: Any, coords: Sequence[int]) -> str:
+    """The key of chunk ``coords`` below its array, by the array's chunk key encoding (zarr's
+    own method on the fast path; the v3 spec's two encodings from the metadata otherwise)."""
+    coords = tuple(int(c) for c in coords)
+    if FAST_PATH:
+        return array.metadata.encode_chunk_key(coords)
+    encoding = array.metadata.to_dict()["chunk_key_encoding"]
+    default = encoding["name"] == "default"
+    separator = (encoding.get("configuration") or {}).get("separator", "/" if default else ".")
+    key = separator.join(map(str, coords))
+    return "c" + separator + key if default else key
+
+
 def chunk_keys(array: Any, chunks: Sequence[int]) -> list[str]:
     """Store keys of row-chunks ``chunks`` (every other dimension is one chunk)."""
     path = array.store_path.path
     prefix = f"{path}/" if path else ""
     tail = (0,) * (len(array.shape) - 1)
-    return [prefix + array.metadata.encode_chunk_key((int(chunk),) + tail) for chunk in chunks]
+    return [prefix + chunk_key(array, (int(chunk),) + tail) for chunk in chunks]
 
 
 def put(array: Any, chunks: Sequence[int], encoded: Sequence[bytes]) -> None:

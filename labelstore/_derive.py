@@ -21,9 +21,9 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from . import _format as fmt
-from ._paths import check_disjoint, check_replaceable, real_path
+from ._paths import check_disjoint, check_replaceable, exists, real_path
 from ._reader import LabelStore, open as open_store
-from ._writer import _exists, create
+from ._writer import create
 
 # Rows read per zarr call when streaming: several chunks at once lets zarr decode
 # them concurrently, while memory stays a few MB per million-class-free row block.
@@ -77,7 +77,7 @@ def check_output(out: Any, stores: Sequence[LabelStore], *, overwrite: bool,
     inputs: dict[str, Any] = {"one of the input stores": [s.path for s in stores]}
     inputs.update(files or {})
     check_disjoint(out, inputs)
-    if _exists(out):
+    if exists(out):
         if not overwrite:
             raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
         check_replaceable(out)
@@ -324,12 +324,33 @@ def first_in_runs(sorted_groups: np.ndarray, m: int) -> np.ndarray:
 
 
 def progress_bar(enabled: bool, total: int, desc: str, unit: str = "rows"):
-    """A tqdm bar on stderr, or a silent stand-in when ``enabled`` is false."""
+    """A tqdm bar on stderr, or a silent stand-in when ``enabled`` is false (tqdm is then
+    not imported: the store library needs it only to draw)."""
     import sys
 
+    if not enabled:
+        return _NoBar()
     from tqdm.auto import tqdm
 
     # In a log file (stderr not a terminal) every redraw is a line: redraw rarely.
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, disable=not enabled,
-                leave=False, dynamic_ncols=True,
-                mininterval=0.1 if sys.stderr.isatty() else 30.0)
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, leave=False,
+                dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 30.0)
+
+
+class _NoBar:
+    """What the commands use of a tqdm bar, doing nothing."""
+
+    def __enter__(self) -> "_NoBar":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix_str(self, text: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -27,9 +27,9 @@ import numpy as np
 from . import _derive
 from . import _format as fmt
 from ._lock import OutputLock
-from ._paths import check_disjoint, check_replaceable, real_path
+from ._paths import check_disjoint, check_replaceable, exists, real_path
 from ._reader import LabelStore, open as open_store
-from ._writer import _exists, create
+from ._writer import create
 
 RULES = ("mean", "geomean")
 # Rows combined at once: temporaries are (rows × sum k_i × k_i), a few MiB.
@@ -231,10 +231,10 @@ def _ensemble(stores, out, *, weights, topk, rule, overwrite, progress) -> Ensem
     check_same_rows(members)
 
     settings = _settings(members, weights, rule, k)
-    if _exists(out) and not overwrite:
+    if exists(out) and not overwrite:
         writer = _resume(out, settings)
     else:
-        if _exists(out):
+        if exists(out):
             check_replaceable(out)
         root = (first.attrs.get("dataset") or {}).get("root")
         entry = {"command": "ensemble", "rule": rule, "weights": weights, "topk": k,

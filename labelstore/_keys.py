@@ -19,6 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
+from . import _chunks
 from ._chunks import THREADS, BytesCodecs, chunk_keys, put
 
 _NEWLINE = 10
@@ -89,9 +90,12 @@ class JoinedKeys:
 
 
 def _fast_codecs(array) -> BytesCodecs | None:
-    """The array's bytes codecs when its chunks can take the fast path, else None."""
+    """The array's bytes codecs when its chunks can take the fast path, else None (also on a
+    zarr release the fast path is not tested with: ``_chunks.TESTED_ZARR``)."""
     from zarr.codecs import VLenUTF8Codec
 
+    if not _chunks.FAST_PATH:
+        return None
     metadata = array.metadata
     if getattr(metadata, "zarr_format", None) != 3 or len(array.shape) != 1:
         return None

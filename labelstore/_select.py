@@ -408,6 +408,32 @@ def select_topk(stores: Any, k: int, out: Any, *, exclude: str | None = None,
                             progress=progress)
 
 
+def select_rows(stores: Any, k: int, *, exclude: str | None = None,
+                min_prob: float | None = None, view: int = 0,
+                progress: bool = False) -> Selection:
+    """The rows :func:`select_topk` keeps per class, without writing anything: its ranking
+    pass alone, with the same arguments and rules (a preview of the per-class counts and
+    thresholds; benchmarks/select_bench.py times it against the read floor). Keys that
+    repeat across stores are not dropped here (select_topk drops them when it copies)."""
+    opened = _derive.open_complete(stores)
+    _derive.check_compatible(opened)
+    _check_selection(opened, k, min_prob, view)
+    exclude_keys = read_exclude(exclude)[0] if exclude else None
+    return rank(opened, int(k), exclude=exclude_keys, min_prob=min_prob, view=int(view),
+                progress=progress)
+
+
+def _check_selection(opened: Sequence[LabelStore], k: Any, min_prob: float | None,
+                     view: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    if min_prob is not None and not 0.0 <= float(min_prob) <= 1.0:
+        raise ValueError(f"min_prob must be within [0, 1], got {min_prob}")
+    if not 0 <= int(view) < opened[0].num_views:
+        raise ValueError(f"view {view} is out of range for stores with {opened[0].num_views} "
+                         "view(s)")
+
+
 def _select_topk(stores: Any, k: int, out: Any, *, exclude: str | None, min_prob: float | None,
                  view: int, list_out: str | None, chunk_rows: int | None, overwrite: bool,
                  progress: bool) -> SelectResult:
@@ -418,13 +444,7 @@ def _select_topk(stores: Any, k: int, out: Any, *, exclude: str | None, min_prob
         check_disjoint(list_out, {"one of the input stores": [s.path for s in opened],
                                   "--out": out}, option="--list-out")
         check_output_file(list_out, "--list-out")  # before the long pass, not after it
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
-    if min_prob is not None and not 0.0 <= float(min_prob) <= 1.0:
-        raise ValueError(f"min_prob must be within [0, 1], got {min_prob}")
-    if not 0 <= int(view) < opened[0].num_views:
-        raise ValueError(f"view {view} is out of range for stores with {opened[0].num_views} "
-                         "view(s)")
+    _check_selection(opened, k, min_prob, view)
     exclude_keys, exclude_sha = read_exclude(exclude) if exclude else (None, None)
     root, prefixes = _derive.common_root(opened)  # fail before the long pass
 

@@ -27,14 +27,9 @@ def _chunk_count(n: int, chunk_rows: int) -> int:
     return (n + chunk_rows - 1) // chunk_rows
 
 
-_local_path = local_path  # the old private name, kept for code that still imports it
-
 # Chunks equal to the fill value are written too: a done chunk then has every array's
 # chunk on storage, so a missing one is damage, not a chunk of zeros (see _reader).
 _WRITE_ALL = {"write_empty_chunks": True}
-
-
-_exists = exists
 
 
 def create(path: Any, *, keys: Sequence[str], num_classes: int, topk: int, views: int = 1,
@@ -115,7 +110,7 @@ def _check_sizes(num_classes: Any, topk: Any, views: Any, chunk_rows: Any,
 def _clear(path: Any, overwrite: bool) -> None:
     """Make room for a new store at ``path``: refused unless ``overwrite``, and then only
     a recognisable label store is removed."""
-    if _exists(path):
+    if exists(path):
         if not overwrite:
             raise FileExistsError(f"{path} already exists (pass overwrite=True / --overwrite "
                                   "to replace it)")

@@ -5,8 +5,8 @@ import functools
 
 import click
 
-from labelstore.cli_options import (config_option, device_option, is_main_process,
-                                    json_option, threads_option)
+from teacher_infer.cli_options import config_option, device_option, json_option, threads_option
+from teacher_infer.runtime import Dist
 
 from .config import DECODERS, EVAL_BATCH_SIZE, TrainConfig  # no torch import: `ssld --help` stays instant
 
@@ -36,15 +36,17 @@ def _lr_mult(ctx, param, value):
 _runtime_options = [
     device_option,
     _field("decoder", type=click.Choice(DECODERS),
-           help="auto: DALI on a GPU, PIL workers on the CPU."),
-    _field("precision", help="auto: bf16 autocast on GPUs, fp32 on the CPU."),
+           help="auto: DALI on a GPU, PIL workers on the CPU (and wherever DALI is not "
+           "installed)."),
+    _field("precision", help="auto: bf16 autocast on GPUs, fp32 on the CPU (fp32 on a GPU "
+           "uses TF32 matmuls)."),
     _field("channels_last", "--channels-last/--no-channels-last",
            help="Memory format (default: channels_last on GPUs)."),
     _field("num_workers", type=int,
            help="Decoding workers per process (default: cores / processes, at most 8)."),
     _field("input_size", type=int,
            help="Square input side (default: the model's pretrained config)."),
-    threads_option,
+    threads_option(TrainConfig),  # eval's `threads` keyword has the same default (None)
 ]
 
 
@@ -77,8 +79,8 @@ def _runtime(fn):
 @_field("warmup_epochs", type=float)
 @_field("weight_decay", type=float, help="L2 decay (not on norm and bias parameters).")
 @_field("nesterov", is_flag=True, help="Nesterov momentum (SGD momentum 0.9).")
-@_field("loss", help="js: Jensen–Shannon; skl: PaddleClas's JSDivLoss.")
-@_field("temperature", type=float, help="For --loss kl.")
+@_field("loss")
+@_field("temperature", type=float)
 @_field("label_weight", type=float, help="Add this × cross-entropy on known ground-truth labels.")
 @_field("views", help="replay: stored teacher views; global: RandomResizedCrop with view-0 "
         "targets; auto: replay when the stores hold > 1 view.")
@@ -113,7 +115,7 @@ def train_student_cmd(ctx: click.Context, **options) -> None:
     except TrainingDiverged as exc:
         click.echo(f"ssld: training stopped: {exc}", err=True)
         ctx.exit(1)
-    if is_main_process():  # under torchrun, one summary
+    if Dist.from_env().is_main:  # under torchrun, one summary
         click.echo(result.summary())
 
 
@@ -128,10 +130,10 @@ def train_student_cmd(ctx: click.Context, **options) -> None:
 @click.option("--batch-size", type=int, default=EVAL_BATCH_SIZE, show_default=True)
 @json_option
 @_runtime
-def eval_cmd(as_json: bool, threads: int, **options) -> None:
+def eval_cmd(as_json: bool, **options) -> None:
     """Top-1/top-5 accuracy and images/s of a checkpoint on a labeled data set."""
     from .evaluation import evaluate, report
 
-    result = evaluate(**options)  # threads: already set by the option
+    result = evaluate(**options)
     click.echo(report(result, options["model"], options["checkpoint"], options["data"],
                       as_json=as_json))

@@ -5,7 +5,7 @@ import functools
 
 import click
 
-from labelstore.cli_options import config_option, device_option, threads_option
+from teacher_infer.cli_options import config_option, device_option, threads_option
 
 from .quickstart import QuickstartConfig  # no torch import
 
@@ -22,7 +22,7 @@ _field = functools.partial(config_option, QuickstartConfig)
 @_field("select_k", help="Pool images kept per class.")
 @device_option
 @_field("seed")
-@threads_option
+@threads_option(QuickstartConfig)
 def quickstart(**options) -> None:
     """Teacher → infer-teacher → dedup → select-topk → merge → train-student → eval on digits."""
     from .quickstart import run

@@ -13,12 +13,13 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from labelstore.cli_options import DEVICES
 from teacher_infer.imaging import decoder_names
+from teacher_infer.runtime import DEVICES, PRECISIONS
+
+from .loss_registry import LOSS_SPECS, loss_help
 
 VIEWS = ("auto", "replay", "global")
 DECODERS = decoder_names()  # the registry's names, "auto" first
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 EVAL_BATCH_SIZE = 256   # ssld eval's images per step (here: its module imports torch)
 
 # Options that may change between a run and its --resume without changing the result:
@@ -26,24 +27,19 @@ EVAL_BATCH_SIZE = 256   # ssld eval's images per step (here: its module imports 
 RESUMABLE_CHANGES = frozenset({"resume", "num_workers", "threads"})
 
 
-# The method's learning rate for 256 images per step (method-ssld.txt: MobileNetV1 1.6 for
-# 4,096, ResNet50-vd 0.4 for 1,024), found with PaddleClas's loss, a symmetrised KL.
+# The method's learning rate for 256 images per step (the SSLD paper's recipes: MobileNetV1
+# 1.6 for 4,096, ResNet50-vd 0.4 for 1,024), found with PaddleClas's loss, a symmetrised KL.
 BASE_LR = 0.1
-# Each loss's gradient near agreement relative to KL(p_t || p_s)'s. To second order in
-# d = p_s - p_t, KL, the symmetrised KL (skl) and soft cross-entropy are all
-# 1/2 sum(d^2 / p_t) (soft-ce up to a constant), kl at temperature T is scaled by T^2 to stay
-# comparable, and Jensen-Shannon is a quarter of it, 1/8 sum(d^2 / p_t) (tested in
-# tests/test_losses.py): at the same lr, --loss js takes steps four times shorter.
-LOSS_GRADIENT_SCALE = {"js": 0.25, "skl": 1.0, "kl": 1.0, "soft-ce": 1.0}
 
 
 def default_lr(loss: str, supervised: bool) -> float:
-    """The lr (for 256 images) a run gets without ``--lr``: :data:`BASE_LR` for hard labels
-    and for the KL-like losses; for JS, ``BASE_LR`` divided by its gradient scale (0.4), so
-    that the default step is the one the method's lr was found with."""
-    if supervised:
+    """The lr (for 256 images) a run gets without ``--lr``: :data:`BASE_LR` for hard labels;
+    for a distillation loss, ``BASE_LR`` divided by its gradient scale near agreement
+    relative to KL's (student_train/loss_registry.py: 1 for the KL-like losses, 0.25 for JS,
+    so 0.4), so that the default step is the one the method's lr was found with."""
+    if supervised or loss not in LOSS_SPECS:  # an unknown loss: validate() says so
         return BASE_LR
-    return BASE_LR / LOSS_GRADIENT_SCALE.get(loss, 1.0)  # an unknown loss: validate() says so
+    return BASE_LR / LOSS_SPECS[loss].gradient_scale
 
 
 @dataclass
@@ -69,9 +65,12 @@ class TrainConfig:
     momentum: float = 0.9
     nesterov: bool = False
 
-    # skl: PaddleClas's JSDivLoss; the names of student_train/losses.py:LOSSES
-    loss: str = field(default="js", metadata={"choices": ("js", "skl", "kl", "soft-ce")})
-    temperature: float = 1.0              # only for --loss kl
+    # the names of student_train/loss_registry.py (js, skl: PaddleClas's JSDivLoss, kl, soft-ce)
+    loss: str = field(default="js", metadata={"choices": tuple(LOSS_SPECS),
+                                              "help": loss_help()})
+    temperature: float = field(           # only for the losses that take one (--loss kl)
+        default=1.0, metadata={"help": "For --loss " + " or ".join(
+            name for name, spec in LOSS_SPECS.items() if spec.temperature) + "."})
     label_weight: float = 0.0             # + α·CE on ground truth where known (SSLD: 0)
     supervised: bool = False              # hard labels + label smoothing instead of a teacher
     label_smoothing: float = 0.1          # --supervised only
@@ -90,12 +89,12 @@ class TrainConfig:
     ema: Optional[float] = None           # EMA decay of the weights, e.g. 0.9998
 
     device: str = "auto"                  # cuda when available
-    decoder: str = "auto"                 # dali on a GPU when importable, else pil
+    decoder: str = "auto"                 # the registry's rule: dali on a GPU, pil on the CPU
     # bf16 autocast on GPUs, fp32 on the CPU
     precision: str = field(default="auto", metadata={"choices": PRECISIONS})
     channels_last: Optional[bool] = None  # None: on for GPUs
     num_workers: Optional[int] = None     # DataLoader workers per process; None: cores / processes
-    threads: Optional[int] = None         # torch CPU threads per process; None: leave as set
+    threads: Optional[int] = None         # CPU threads per process; None: the CPUs per rank
     resume: bool = False                  # continue RUN_DIR/last.pt exactly
     seed: int = 0                         # model init, sample order, views, augmentation
 
@@ -112,7 +111,8 @@ class TrainConfig:
         """Raise ValueError naming the first option that cannot work."""
         for name, value, allowed in (("views", self.views, VIEWS), ("device", self.device, DEVICES),
                                      ("decoder", self.decoder, DECODERS),
-                                     ("precision", self.precision, PRECISIONS)):
+                                     ("precision", self.precision, PRECISIONS),
+                                     ("loss", self.loss, tuple(LOSS_SPECS))):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
         numbers = {"lr": self.lr, "weight_decay": self.weight_decay, "momentum": self.momentum,
@@ -139,9 +139,10 @@ class TrainConfig:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.num_workers is not None and self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
-        if self.temperature != 1.0 and self.loss != "kl":
-            raise ValueError(f"--temperature {self.temperature} only applies to --loss kl, "
-                             f"not {self.loss}")
+        if self.temperature != 1.0 and not LOSS_SPECS[self.loss].temperature:
+            tempered = " or ".join(n for n, spec in LOSS_SPECS.items() if spec.temperature)
+            raise ValueError(f"--temperature {self.temperature} only applies to --loss "
+                             f"{tempered}, not {self.loss}")
         if self.supervised and self.teacher:
             raise ValueError("--supervised and --teacher are two different baselines; give one")
         if (self.teacher is None) != (self.teacher_checkpoint is None):

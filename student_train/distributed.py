@@ -1,9 +1,9 @@
 """Processes and devices: one code path for a CPU, one GPU, and DDP under ``torchrun``.
 
-Rank discovery, the process group (nccl for CUDA, gloo for the CPU), the device, precision and
-autocast are the shared layer's (:mod:`teacher_infer.runtime`); this module adds what training
-needs on top: the process's place and device in one object, summing tensors over ranks,
-syncing buffers, and the memory format.
+Rank discovery, the process group (nccl for CUDA, gloo for the CPU), the device, precision,
+threads and autocast are the shared layer's (:mod:`teacher_infer.runtime`); this module adds
+what training needs on top: the process's place and device in one object, summing tensors over
+ranks, syncing buffers, and the memory format.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from teacher_infer.runtime import Dist, resolve_device
+from teacher_infer.runtime import Dist, allow_tf32, resolve_device, set_threads
 
 
 @dataclass(frozen=True)
@@ -40,10 +40,13 @@ class DistEnv:
         return self.dist.enabled
 
 
-def setup(device: str = "auto") -> DistEnv:
-    """Join the ``torchrun`` process group when there is one and pick this rank's device."""
+def setup(device: str = "auto", threads: Optional[int] = None) -> DistEnv:
+    """Set this process's CPU threads (None: the CPUs per rank), pick its device, and join the
+    ``torchrun`` process group when there is one: how train and eval start."""
     ranks = Dist.from_env()
+    set_threads(threads, ranks)
     resolved = resolve_device(device, ranks)
+    allow_tf32(resolved)
     ranks.init(resolved)
     return DistEnv(ranks, resolved)
 

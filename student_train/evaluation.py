@@ -15,7 +15,7 @@ from .metrics import EvalResult
 def evaluate(model: str, checkpoint: str, data: str, *, root: Optional[str] = None,
              input_size: Optional[int] = None, batch_size: int = EVAL_BATCH_SIZE, device: str = "auto",
              decoder: str = "auto", precision: str = "auto", num_workers: Optional[int] = None,
-             channels_last: Optional[bool] = None) -> EvalResult:
+             channels_last: Optional[bool] = None, threads: Optional[int] = None) -> EvalResult:
     """Evaluate ``checkpoint`` (a train-student checkpoint or a plain state dict) on ``data``.
 
     Images get the model's evaluation preprocessing (resize + center crop at its crop_pct) at
@@ -25,7 +25,8 @@ def evaluate(model: str, checkpoint: str, data: str, *, root: Optional[str] = No
     EMA weights are preferred when it has them (timm's rule).
 
     Returns an :class:`EvalResult` (fractions and images/s); runs under ``torchrun`` too,
-    each rank evaluating a disjoint share.
+    each rank evaluating a disjoint share, on ``threads`` CPU threads per rank (None: the CPUs
+    available per rank).
     """
     from teacher_infer import resolve_model_name
     from teacher_infer.imaging import resolve_decoder
@@ -39,7 +40,7 @@ def evaluate(model: str, checkpoint: str, data: str, *, root: Optional[str] = No
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    env = D.setup(device)
+    env = D.setup(device, threads)
     try:
         name = resolve_model_name(model)
         if input_size is None:

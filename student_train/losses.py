@@ -1,4 +1,5 @@
-"""Distillation losses between student logits and stored teacher probabilities (design.md §4).
+"""Distillation losses between student logits and stored teacher probabilities (README,
+"Training a student": the losses and their defaults).
 
 Every loss takes ``(student_logits, teacher_probs)``, both shaped ``(B, C)``, and returns a
 scalar tensor: the per-row divergence averaged over the batch. ``teacher_probs`` are the dense
@@ -24,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .loss_registry import LOSS_SPECS, loss_spec
+
 __all__ = [
     "js_divergence",
     "symmetric_kl",
@@ -31,6 +34,7 @@ __all__ = [
     "soft_cross_entropy",
     "LOSSES",
     "DistillationLoss",
+    "loss_function",
 ]
 
 _LN2 = math.log(2.0)
@@ -199,12 +203,13 @@ def soft_cross_entropy(student_logits: Tensor, teacher_probs: Tensor) -> Tensor:
     return -per_class.sum(dim=-1).mean()
 
 
-LOSSES: dict[str, Callable[..., Tensor]] = {
-    "js": js_divergence,
-    "skl": symmetric_kl,
-    "kl": kl_divergence,
-    "soft-ce": soft_cross_entropy,
-}
+def loss_function(name: str) -> Callable[..., Tensor]:
+    """The pure function of the registry entry ``name`` (student_train/loss_registry.py)."""
+    return globals()[loss_spec(name).function]
+
+
+# name → pure function, from the one table
+LOSSES: dict[str, Callable[..., Tensor]] = {name: loss_function(name) for name in LOSS_SPECS}
 
 
 class DistillationLoss(nn.Module):
@@ -218,35 +223,39 @@ class DistillationLoss(nn.Module):
     Parameters
     ----------
     name : str
-        One of ``"js"``, ``"skl"``, ``"kl"``, ``"soft-ce"``.
+        A name of :data:`LOSSES` (``"js"``, ``"skl"``, ``"kl"``, ``"soft-ce"``).
     temperature : float
-        Only for ``"kl"``; other losses are defined at T = 1 and reject anything else.
+        Only for the losses whose registry entry takes one (``"kl"``); the others are defined
+        at T = 1 and reject anything else.
     label_weight : float
         Weight ≥ 0 of the hard-label term; 0 disables it.
     """
 
     def __init__(self, name: str, temperature: float = 1.0, label_weight: float = 0.0):
         super().__init__()
-        if name not in LOSSES:
-            raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}")
+        spec = loss_spec(name)
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature!r}")
-        if temperature != 1.0 and name != "kl":
+        if temperature != 1.0 and not spec.temperature:
             # Silently ignoring --temperature would make a run look tempered when it is not.
-            raise ValueError(f"temperature={temperature!r} only applies to loss 'kl', not {name!r}")
+            tempered = [n for n, s in LOSS_SPECS.items() if s.temperature]
+            raise ValueError(f"temperature={temperature!r} only applies to loss "
+                             f"{', '.join(repr(n) for n in tempered)}, not {name!r}")
         if not label_weight >= 0:
             raise ValueError(f"label_weight must be >= 0, got {label_weight!r}")
         self.name = name
         self.temperature = float(temperature)
         self.label_weight = float(label_weight)
+        self._divergence = loss_function(name)
+        self._tempered = spec.temperature
 
     def forward(
         self, student_logits: Tensor, teacher_probs: Tensor, labels: Optional[Tensor] = None
     ) -> Tensor:
-        if self.name == "kl":
-            loss = kl_divergence(student_logits, teacher_probs, self.temperature)
+        if self._tempered:
+            loss = self._divergence(student_logits, teacher_probs, self.temperature)
         else:
-            loss = LOSSES[self.name](student_logits, teacher_probs)
+            loss = self._divergence(student_logits, teacher_probs)
         if labels is None or self.label_weight == 0.0:
             return loss
         if labels.shape != student_logits.shape[:1]:

@@ -15,9 +15,10 @@ matching ``ssld`` command:
                                   SSLD (JS divergence to the stored labels) on L + selected U
 8. ``eval``                       top-1 of teacher and students on V
 
-Sizes are chosen so the run takes under two minutes of one CPU core (one torch thread: the
-same result run after run, and no thrashing when the cores are shared); the printed table is a
-demonstration of the pipeline, not a tuned result (see docs/results.md for the study).
+Sizes are chosen so the run takes under two minutes of one CPU core (one thread: the same
+result run after run, and no thrashing when the cores are shared; ``threads`` is the one
+setting every step gets); the printed table is a demonstration of the pipeline, not a tuned
+result (see docs/results.md for the study).
 """
 from __future__ import annotations
 
@@ -52,8 +53,9 @@ class QuickstartConfig:
     seed: int = 0
     device: str = "auto"
     num_workers: int = 1                 # one decoding process beside the 1-thread compute
-    threads: int = 1                     # CPU threads (labelstore.set_threads: 1 is fastest
-                                         # on a shared machine, and keeps runs identical)
+    # CPU threads of every step (not the CPUs per rank, every other command's default): 1 is
+    # fastest on a shared machine and keeps the table the same run after run
+    threads: int = 1
     val_every: int = 10                  # validation every N epochs; the table is last.pt's
     progress: bool = True
 
@@ -167,7 +169,6 @@ def run(cfg: QuickstartConfig, echo: Callable[[str], None] = print) -> Quickstar
     so an interrupted quickstart continues where it stopped. ``quickstart.json`` keeps the
     first complete run's step times and adds each later run under ``reruns``.
     """
-    labelstore.set_threads(cfg.threads)
     work = Path(cfg.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     steps = _Steps(echo)
@@ -190,8 +191,9 @@ def run(cfg: QuickstartConfig, echo: Callable[[str], None] = print) -> Quickstar
 
 
 def _runtime(cfg: QuickstartConfig) -> dict:
-    """Where every step runs: the options teacher inference, training and eval share."""
-    return dict(device=cfg.device, num_workers=cfg.num_workers)
+    """Where and on how many threads every step runs: the options teacher inference,
+    training and eval share (dedup gets the same device and threads)."""
+    return dict(device=cfg.device, num_workers=cfg.num_workers, threads=cfg.threads)
 
 
 def _prepare(cfg: QuickstartConfig, work: Path, steps: _Steps) -> PreparedDataset:
@@ -211,7 +213,7 @@ def _train_options(cfg: QuickstartConfig, dataset: PreparedDataset, run_dir: Pat
     return {**dict(student=STUDENT, out=str(run_dir), val=dataset.val, val_root=dataset.root,
                    input_size=INPUT_SIZE, batch_size=cfg.batch_size, lr=0.4, warmup_epochs=2,
                    weight_decay=5e-5, crop_scale=CROP_SCALE, seed=cfg.seed, precision="fp32",
-                   val_every=cfg.val_every, threads=cfg.threads, **_runtime(cfg)), **options}
+                   val_every=cfg.val_every, **_runtime(cfg)), **options}
 
 
 def _train(steps: _Steps, title: str, options: dict, note: Callable = lambda r: "") -> str:
@@ -253,9 +255,19 @@ def _infer(cfg: QuickstartConfig, data: PreparedDataset, steps: _Steps, checkpoi
     steps.timed(title, lambda: complete or infer(InferConfig(
         model=TEACHER, checkpoint=checkpoint, data=source, root=data.root, out=out,
         topk=cfg.topk, seed=cfg.seed, crop_scale=CROP_SCALE, batch_size=256,
-        class_names=data.class_names, progress=cfg.progress, **PREPROCESSING,
-        **{**_runtime(cfg), **options})), lambda r: note, reused=complete)
+        class_names=data.class_names, progress=cfg.progress, decoder=_teacher_decoder(),
+        precision="fp32", **PREPROCESSING, **{**_runtime(cfg), **options})),
+        lambda r: note, reused=complete)
     return out
+
+
+def _teacher_decoder() -> str:
+    """The quickstart's teacher pass decodes with DALI wherever it is installed (its CPU mode
+    on the CPU), as before ``--decoder auto`` became one rule (PIL on the CPU): the stores and
+    the table stay those every earlier quickstart wrote."""
+    from teacher_infer.imaging import decoder_class
+
+    return "dali" if decoder_class("dali").unavailable() is None else "pil"
 
 
 def _infer_teacher(cfg: QuickstartConfig, work: Path, data: PreparedDataset, teacher: str,
@@ -281,7 +293,10 @@ def _dedup(cfg: QuickstartConfig, work: Path, pool: str, val: str,
 
     def find_duplicates() -> int:
         if not exclude.exists():  # written whole (renamed into place): it exists = complete
-            found = labelstore.dedup(val, pool, workers=cfg.threads)
+            from teacher_infer.dedup import DedupConfig, dedup
+
+            found = dedup(DedupConfig(query=val, pool=pool, device=cfg.device,
+                                      threads=cfg.threads))
             _write_atomic(exclude, "\n".join(found.lines()) + "\n")
         return sum(1 for line in exclude.read_text().splitlines()
                    if line and not line.startswith("#"))

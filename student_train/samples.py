@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 import labelstore
-from labelstore import first_escaping_key
+from labelstore import escapes_root
 from teacher_infer import find_samples
 
 from . import distributed as D
@@ -111,7 +111,7 @@ def open_stores(paths: Sequence[str], *, env: D.DistEnv) -> SampleSet:
 def _refuse_escaping_keys(store, keys: list[str], root: str) -> None:
     """Keys are paths below the store's root: an absolute key or one with ``..`` would make
     training open a file outside it."""
-    row = first_escaping_key(keys)
+    row = next((row for row, key in enumerate(keys) if escapes_root(key)), None)
     if row is not None:
         raise ValueError(f"label store {store.path}: key {keys[row]!r} points outside its "
                          f"dataset root {root}; keys must be relative paths below the root")

@@ -142,9 +142,7 @@ def validate(model: nn.Module, batches: Iterable, *, env: D.DistEnv, precision: 
 def train(cfg: TrainConfig) -> TrainResult:
     """Train a student as ``cfg`` says; under ``torchrun`` every process calls this."""
     _check_out(cfg)
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    env = D.setup(cfg.device)
+    env = D.setup(cfg.device, cfg.threads)
     lock = OutputLock(cfg.out, command="train-student")
     try:
         if env.is_main:  # one run per run directory; the processes of this run share it

@@ -7,10 +7,13 @@
 infer-teacher: 1,281,167 images (0 failed) in ... img/s ... → train.zarr (...)
 
 The layer training shares with the teacher pass is public here too: ``teacher_infer.imaging``
-(views, PIL and DALI decoding, the decoder registry) and ``teacher_infer.runtime`` (ranks,
-device, precision, worker counts, checkpoint reading); see docs/architecture.md.
+(views, PIL and DALI decoding, the decoder registry), ``teacher_infer.runtime`` (ranks,
+device, precision, threads, checkpoint reading) and ``teacher_infer.cli_options`` (the click
+options every command shares); ``teacher_infer.dedup`` is ``ssld dedup``. See
+docs/architecture.md.
 
-Importing this package does not import torch, timm or DALI (``ssld --help`` stays instant).
+Importing this package does not import torch, timm, OpenCV or DALI (``ssld --help`` stays
+instant).
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from .data import Samples, find_samples
 if TYPE_CHECKING:  # pragma: no cover
     from .infer import RunSummary
 
-__all__ = ["InferConfig", "RunSummary", "Samples", "find_samples", "imaging",
+__all__ = ["InferConfig", "RunSummary", "Samples", "dedup", "find_samples", "imaging",
            "resolve_model_name", "run", "runtime", "verify"]
 
 
@@ -34,12 +37,13 @@ def run(cfg: InferConfig) -> "RunSummary":
     return _run(cfg)
 
 
-def verify(store, **options):
+def verify(store, *, threads: int | None = None, **options):
     """``ssld verify``: the store's structure, then sampled rows recomputed with its recorded
-    teacher(s); returns a ``labelstore.VerifyResult`` (see ``teacher_infer.recompute.verify``)."""
+    teacher(s) on ``threads`` CPU threads (None: the CPUs per rank); returns a
+    ``labelstore.VerifyResult`` (see ``teacher_infer.recompute.verify``)."""
     from .recompute import verify as _verify
 
-    return _verify(store, **options)
+    return _verify(store, threads=threads, **options)
 
 
 def resolve_model_name(name: str) -> str:
@@ -54,6 +58,6 @@ def __getattr__(name: str):
         from .infer import RunSummary
 
         return RunSummary
-    if name in ("imaging", "runtime"):
+    if name in ("dedup", "imaging", "runtime"):
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'teacher_infer' has no attribute {name!r}")

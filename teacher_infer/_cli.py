@@ -8,10 +8,11 @@ import click
 
 from labelstore import DEFAULT_CHUNK_ROWS
 from labelstore import verify as verify_structure
-from labelstore.cli_options import (config_option, device_option, is_main_process,
-                                    overwrite_option, threads_option)
 
+from . import verify as verify_teacher  # the package's wrapper: no torch import here
+from .cli_options import config_option, device_option, overwrite_option, threads_option
 from .config import DECODERS, VERIFY_SAMPLE, VERIFY_SEED, InferConfig
+from .runtime import Dist
 
 commands: list[click.Command] = []
 
@@ -49,8 +50,10 @@ _field = functools.partial(config_option, InferConfig)
 @_field("crop_pct", type=float, help="Center-crop fraction of view 0 [model's].")
 @_field("batch_size", help="Images per forward pass.")
 @device_option
-@_field("decoder", type=click.Choice(DECODERS), help="auto = DALI when installed, else PIL.")
-@_field("precision")
+@_field("decoder", type=click.Choice(DECODERS), help="auto: DALI on a GPU, PIL workers on the "
+        "CPU (and wherever DALI is not installed).")
+@_field("precision", help="auto: bf16 autocast on GPUs, fp32 on the CPU (fp32 on a GPU uses "
+        "TF32 matmuls); softmax and top-k are float32 whatever this says.")
 @_field("channels_last", is_flag=True, help="channels_last memory format.")
 @_field("compile", is_flag=True, help="torch.compile the forward.")
 @_field("num_workers", type=int, help="Data-loading workers per rank [from CPU count].")
@@ -61,8 +64,8 @@ _field = functools.partial(config_option, InferConfig)
 @_field("embeddings", is_flag=True, help="Also store view 0's pooled features (fp16).")
 @overwrite_option
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-@threads_option
-def infer_teacher(no_progress: bool, threads: int, **options) -> None:
+@threads_option(InferConfig)
+def infer_teacher(no_progress: bool, **options) -> None:
     """Run a teacher once over a data set and write its top-k soft labels to a label store.
 
     Rerunning the same command resumes an interrupted store; under torchrun every rank
@@ -71,8 +74,8 @@ def infer_teacher(no_progress: bool, threads: int, **options) -> None:
     """
     from teacher_infer import InferConfig, run  # through the package: tests replace them
 
-    summary = run(InferConfig(**options, progress=not no_progress))  # threads: already set
-    if is_main_process():  # under torchrun, one summary line
+    summary = run(InferConfig(**options, progress=not no_progress))
+    if Dist.from_env().is_main:  # under torchrun, one summary line
         click.echo(str(summary))
 
 
@@ -95,9 +98,10 @@ commands.append(infer_teacher)
 @config_option(verify_structure, "atol", type=float, help="Largest |Δp| of an agreeing row-view.")
 @config_option(verify_structure, "min_agreement", type=float,
                help="Fraction of row-views that must agree.")
+@threads_option(verify_teacher)
 @click.pass_context
 def verify_cmd(ctx, store, sample, checkpoints, structure_only, root, seed, device, decoder,
-               atol, min_agreement) -> None:
+               atol, min_agreement, threads) -> None:
     """Check a store: its structure, and sampled rows recomputed with its teacher.
 
     Exit status 1 (with the problems and the worst rows) when it fails.
@@ -109,7 +113,7 @@ def verify_cmd(ctx, store, sample, checkpoints, structure_only, root, seed, devi
 
         result = verify(store, sample=sample, checkpoint=list(checkpoints) or None, root=root,
                         seed=seed, device=device, decoder=decoder, atol=atol,
-                        min_agreement=min_agreement)
+                        min_agreement=min_agreement, threads=threads)
     click.echo(result)
     if not result.ok:
         ctx.exit(1)

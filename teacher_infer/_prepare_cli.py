@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from labelstore.cli_options import config_option, overwrite_option
+from .cli_options import config_option, overwrite_option
 
 from .prepare import prepare_digits, prepare_fashion_mnist  # numpy only: no torch
 

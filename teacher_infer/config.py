@@ -9,12 +9,10 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from labelstore.cli_options import DEVICES
-
 from .imaging.decoders import decoder_names
+from .runtime.device import DEVICES, PRECISIONS
 
 DECODERS = decoder_names()  # the registry's names, "auto" first
-PRECISIONS = ("fp32", "bf16", "fp16")
 SOURCES = ("auto", "folder", "unlabeled", "list")
 VERIFY_SAMPLE, VERIFY_SEED = 64, 0   # ssld verify's rows recomputed and their seed
 
@@ -52,13 +50,15 @@ class InferConfig:
 
     batch_size: int = 64                # images per forward pass (each carries all its views)
     device: str = "auto"                # auto = cuda when available
-    # a registry name (imaging.decoders); auto = DALI when importable, else PIL
+    # a registry name (imaging.decoders); auto: their rule (DALI on a GPU, PIL on the CPU)
     decoder: str = field(default="auto", metadata={"choices": DECODERS})
-    # bf16/fp16 autocast; softmax/top-k stay float32
-    precision: str = field(default="fp32", metadata={"choices": PRECISIONS})
+    # auto: bf16 autocast on a GPU, fp32 on the CPU (runtime.resolve_precision); softmax and
+    # top-k stay float32
+    precision: str = field(default="auto", metadata={"choices": PRECISIONS})
     channels_last: bool = False
     compile: bool = False               # torch.compile the forward
     num_workers: int | None = None      # DataLoader workers per rank; None = from the CPU count
+    threads: int | None = None          # CPU threads per rank; None = the CPUs per rank
     chunk_rows: int | None = None       # rows per store chunk (a rank's unit of work); None = labelstore.DEFAULT_CHUNK_ROWS
     embeddings: bool = False            # also store pooled pre-logit features of view 0
     overwrite: bool = False             # replace an existing store instead of resuming it
@@ -94,7 +94,7 @@ class InferConfig:
         for name, value in positive.items():
             if int(value) < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        for name in ("input_size", "num_classes", "chunk_rows"):
+        for name in ("input_size", "num_classes", "chunk_rows", "threads"):
             value = getattr(self, name)
             if value is not None and int(value) < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")

@@ -29,7 +29,8 @@ from .config import InferConfig
 from .data import Samples, find_samples, read_class_names
 from .imaging.decoders import resolve_decoder
 from .imaging.views import ViewSpec
-from .runtime import Dist, autocast, cpus_per_rank, resolve_device, resolve_precision
+from .runtime import (Dist, allow_tf32, autocast, cpus_per_rank, resolve_device,
+                      resolve_precision, set_threads)
 
 FAILED_FILE = "failed.txt"
 BOX_CONVENTION = ("(y0, x0, h, w) fractions of the EXIF-oriented RGB image; a view resamples "
@@ -111,7 +112,12 @@ def _labels_and_names(samples: Samples, num_classes: int,
     return labels, names
 
 
-def _data_config_view_spec(cfg: InferConfig, data_config: dict[str, Any]) -> ViewSpec:
+def data_config_view_spec(cfg: InferConfig, data_config: dict[str, Any]) -> ViewSpec:
+    """The views ``cfg`` asks for at the teacher's preprocessing (``data_config``).
+
+    Public, like :func:`make_forward` and :func:`data_path`, so that
+    benchmarks/teacher_infer_bench.py measures its floors (model only, decode only) with the
+    loop's own pieces."""
     _, height, width = data_config["input_size"]
     return ViewSpec(views=cfg.views, input_size=(int(height), int(width)),
                     crop_pct=float(data_config["crop_pct"]),
@@ -260,7 +266,7 @@ def _merge_failures(out: str, keys: list[str], failed: np.ndarray, pending: list
 
 
 # -- compute --------------------------------------------------------------------------
-def _make_forward(model, embeddings: bool, compile_model: bool):
+def make_forward(model, embeddings: bool, compile_model: bool):
     """``x → (logits, pre-logit features or None)`` through timm's features/head split."""
     import torch
 
@@ -299,7 +305,9 @@ def run(cfg: InferConfig) -> RunSummary:
                              "--class-names": cfg.class_names, "--checkpoint": cfg.checkpoint,
                              "--views-from": cfg.views_from})
     dist = Dist.from_env()
+    set_threads(cfg.threads, dist)
     device = resolve_device(cfg.device, dist)
+    allow_tf32(device)
     dist.init(device)
     lock = OutputLock(cfg.out, command="infer-teacher")
     try:
@@ -312,7 +320,8 @@ def run(cfg: InferConfig) -> RunSummary:
 
 def _store_attrs(cfg: InferConfig, samples: Samples, labels: np.ndarray, teacher, spec: ViewSpec,
                  class_names: list[str] | None, embedding_dim: int | None,
-                 decoder_name: str, device, views_from: dict | None) -> dict[str, Any]:
+                 decoder_name: str, device, precision: str,
+                 views_from: dict | None) -> dict[str, Any]:
     import labelstore
 
     attrs = {
@@ -327,7 +336,8 @@ def _store_attrs(cfg: InferConfig, samples: Samples, labels: np.ndarray, teacher
         "topk": cfg.topk, "views": cfg.views, "num_classes": teacher.num_classes,
         "class_names": class_names,
         "embedding_dim": embedding_dim,
-        "compute": {"precision": cfg.precision, "decoder": decoder_name, "device": device.type,
+        # what ran (auto resolved): ssld verify recomputes with it, a resume must match it
+        "compute": {"precision": precision, "decoder": decoder_name, "device": device.type,
                     "channels_last": cfg.channels_last, "compile": cfg.compile,
                     "batch_size": cfg.batch_size},
         "config": cfg.to_dict(),
@@ -428,7 +438,7 @@ def _rows(cfg: InferConfig, dist: Dist):
 def _view_spec(cfg: InferConfig, data_config: dict[str, Any], reference) -> ViewSpec:
     """How the views are drawn: from the teacher's preprocessing, and with a reference store
     the crop parameters it recorded (its boxes are replayed, never drawn here)."""
-    spec = _data_config_view_spec(cfg, data_config)
+    spec = data_config_view_spec(cfg, data_config)
     if reference is None:
         return spec
     drawn = reference.preprocessing
@@ -439,7 +449,7 @@ def _view_spec(cfg: InferConfig, data_config: dict[str, Any], reference) -> View
         seed=int(drawn.get("seed", spec.seed)))
 
 
-def _data_path(cfg: InferConfig, dist: Dist, samples: Samples, spec: ViewSpec,
+def data_path(cfg: InferConfig, dist: Dist, samples: Samples, spec: ViewSpec,
                data_config: dict[str, Any], decoder_class: type, batches: list[list[int]],
                device, planned):
     """(loader, decoder, workers): the DataLoader of this rank's batches and the decoder that
@@ -475,7 +485,7 @@ def _run(cfg: InferConfig, dist: Dist, device, started: float) -> RunSummary:
     from .imaging.decode import batch_ranges
     from .model import load_teacher
 
-    decoder_class = resolve_decoder(cfg.decoder, device, dali_on_cpu=True)
+    decoder_class = resolve_decoder(cfg.decoder, device)
     cfg, samples, reference = _rows(cfg, dist)
     teacher = load_teacher(cfg, device)
     labels, class_names = _labels_and_names(samples, teacher.num_classes, cfg.class_names)
@@ -487,7 +497,8 @@ def _run(cfg: InferConfig, dist: Dist, device, started: float) -> RunSummary:
     spec = _view_spec(cfg, teacher.data_config, reference)
     embedding_dim = _embedding_dim(teacher.model, spec, device) if cfg.embeddings else None
     attrs = _store_attrs(cfg, samples, labels, teacher, spec, class_names, embedding_dim,
-                         decoder_class.name, device, reference and reference.record)
+                         decoder_class.name, device, precision,
+                         reference and reference.record)
     plan: Plan = _on_main(dist, lambda: _open_or_create(
         cfg, samples, labels, attrs, teacher.num_classes, embedding_dim))
     dist.barrier()  # the store exists before any rank writes
@@ -497,11 +508,11 @@ def _run(cfg: InferConfig, dist: Dist, device, started: float) -> RunSummary:
     # another rank may already have finished a chunk.
     batches = batch_ranges([writer.chunk_range(c) for c in plan.chunks_of(dist)],
                            cfg.batch_size)
-    loader, decoder, workers = _data_path(cfg, dist, samples, spec, teacher.data_config,
+    loader, decoder, workers = data_path(cfg, dist, samples, spec, teacher.data_config,
                                           decoder_class, batches, device,
                                           reference and reference.planned)
     label = functools.partial(
-        _label_batch, _make_forward(teacher.model, cfg.embeddings, cfg.compile),
+        _label_batch, make_forward(teacher.model, cfg.embeddings, cfg.compile),
         views=cfg.views, k=cfg.topk, temperature=cfg.temperature,
         autocast=autocast(precision, device), channels_last=cfg.channels_last,
         embedding_dim=embedding_dim)

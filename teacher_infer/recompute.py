@@ -32,17 +32,22 @@ WORST_SHOWN = 5   # worst rows listed
 def verify(store: Any, *, sample: int = VERIFY_SAMPLE, checkpoint: Sequence[str] | str | None = None,
            seed: int = VERIFY_SEED, root: str | None = None, device: str = "auto",
            decoder: str | None = None, atol: float | None = None,
-           min_agreement: float | None = None, batch_size: int | None = None) -> VerifyResult:
+           min_agreement: float | None = None, batch_size: int | None = None,
+           threads: int | None = None) -> VerifyResult:
     """``labelstore.verify`` (the structure), then ``sample`` random rows (drawn with
     ``seed``; all of them in a smaller store) recomputed with the recorded teacher(s).
 
     ``checkpoint`` replaces the recorded weights (one file per teacher, in member order for
     an ensemble store), ``root`` the recorded dataset root, ``decoder`` the recorded decoder;
-    ``atol`` / ``min_agreement`` default to labelstore's documented tolerances. The teacher
-    part is skipped when the structure check found the store damaged.
+    ``atol`` / ``min_agreement`` default to labelstore's documented tolerances; ``threads``
+    are the CPU threads (None: the CPUs per rank). The teacher part is skipped when the
+    structure check found the store damaged.
     """
+    from .runtime import set_threads
+
     if int(sample) < 1:
         raise ValueError(f"sample must be >= 1, got {sample}")
+    set_threads(threads)
     tolerances = {k: v for k, v in (("atol", atol), ("min_agreement", min_agreement))
                   if v is not None}
     result = labelstore.verify(store, **tolerances)
@@ -123,15 +128,16 @@ def recompute(record: TeacherRecord, cfg: InferConfig, *, paths: list[str], keys
     from .imaging.decode import ViewDataset, batch_ranges, collate
     from .imaging.decoders import decoder_class, resolve_decoder
     from .model import load_teacher
-    from .runtime import Dist, autocast, resolve_device
+    from .runtime import Dist, allow_tf32, autocast, resolve_device
 
     notes = []
     device = resolve_device(device_name, Dist.from_env())
+    allow_tf32(device)  # fp32 means what it meant in the teacher pass
     wanted = decoder or record.decoder or "pil"
     if decoder is None and wanted != "pil" and decoder_class(wanted).unavailable() is not None:
         notes.append(f"the store was decoded with {wanted}, which is not available here: PIL here")
         wanted = "pil"
-    decoder_cls = resolve_decoder(wanted, device, dali_on_cpu=True)
+    decoder_cls = resolve_decoder(wanted, device)
     precision = record.precision
     if precision == "fp16" and device.type != "cuda":
         notes.append("the store was computed in fp16 on CUDA; bf16 here")

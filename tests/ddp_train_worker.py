@@ -35,7 +35,7 @@ CropDataset.__getitem__ = recording_getitem
 trainer.train_one_epoch = capturing_epoch
 torch.set_num_threads(1)
 train(TrainConfig(student="test_resnet", out=out, stores=(store,), epochs=2, batch_size=8,
-                  input_size=32, num_workers=0, device="cpu", ema=0.9))
+                  input_size=32, num_workers=0, device="cpu", ema=0.9, threads=1))
 module = models[0].module if hasattr(models[0], "module") else models[0]
 torch.save({"seen": seen, "state_dict": module.state_dict(), "ddp": hasattr(models[0], "module")},
            os.path.join(record_dir, f"rank{os.environ['RANK']}.pt"))

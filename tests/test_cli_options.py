@@ -1,5 +1,5 @@
 """The CLI's options: defaults and choices read from the config dataclasses, shared options
-defined once (labelstore/cli_options.py)."""
+defined once (teacher_infer/cli_options.py)."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,16 +13,19 @@ from click.testing import CliRunner
 
 import cli
 import labelstore
-from labelstore import cli_options
-from labelstore._inspect import inspect_store
+import teacher_infer
+from labelstore import inspect_store
 from student_train.config import DECODERS as TRAIN_DECODERS
 from student_train.config import DEVICES as TRAIN_DEVICES
 from student_train.config import TrainConfig
 from student_train.quickstart import QuickstartConfig
+from teacher_infer import cli_options
 from teacher_infer.config import DECODERS as INFER_DECODERS
 from teacher_infer.config import DEVICES as INFER_DEVICES
 from teacher_infer.config import InferConfig
+from teacher_infer.dedup import DedupConfig
 from teacher_infer.prepare import prepare_digits, prepare_fashion_mnist
+from teacher_infer.runtime import DEVICES
 
 REPO = Path(__file__).resolve().parents[1]
 NO_DEFAULT = click.Option(["--probe"]).default  # None, or click 8.3+'s UNSET sentinel
@@ -48,27 +51,31 @@ def unset(value) -> bool:
     return value is None or value is False or value == ()
 
 
-# command, its config, the fields that have no option, and the options that are no field
+# command, its config, the fields that have no option, the options that are no field, and
+# the options with a default of their own
 CONFIG_COMMANDS = [
-    (("infer-teacher",), InferConfig, {"progress", "extra"}, {"no_progress", "threads"}),
-    (("train-student",), TrainConfig, {"momentum", "label_smoothing"}, set()),
+    (("infer-teacher",), InferConfig, {"progress", "extra"}, {"no_progress"}, set()),
+    (("train-student",), TrainConfig, {"momentum", "label_smoothing"}, set(), set()),
     (("quickstart",), QuickstartConfig,
-     {"views", "topk", "batch_size", "num_workers", "val_every", "progress"}, set()),
+     {"views", "topk", "batch_size", "num_workers", "val_every", "progress"}, set(), set()),
+    (("dedup",), DedupConfig, {"query_batch", "pool_batch", "progress"}, set(),
+     {"out"}),  # "-" = stdout on the command line; None (no file) from Python
 ]
-SHARED = {"overwrite": cli_options.overwrite_option, "threads": cli_options.threads_option,
-          "device": cli_options.device_option, "as_json": cli_options.json_option}
+SHARED = {"overwrite": cli_options.overwrite_option, "device": cli_options.device_option,
+          "as_json": cli_options.json_option}
 
 
-@pytest.mark.parametrize("path, config, without_option, not_fields", CONFIG_COMMANDS,
-                         ids=lambda v: v[0] if isinstance(v, tuple) else None)
+@pytest.mark.parametrize("path, config, without_option, not_fields, own_default",
+                         CONFIG_COMMANDS, ids=lambda v: v[0] if isinstance(v, tuple) else None)
 def test_every_config_option_has_the_dataclass_default_and_shows_it(path, config,
-                                                                   without_option, not_fields):
+                                                                   without_option, not_fields,
+                                                                   own_default):
     cmd, fields = command(*path), {f.name: f for f in dataclasses.fields(config)}
     opts = options(cmd)
     assert set(fields) - set(opts) == without_option     # no field forgotten by the CLI
     assert set(opts) - set(fields) == not_fields         # no option invented beside the config
     for name, option in opts.items():
-        if name not in fields or name in SHARED:
+        if name not in fields or name in SHARED or name in own_default:
             continue
         spec = fields[name]
         if spec.default is dataclasses.MISSING:  # required, or None for the library to refuse
@@ -89,17 +96,47 @@ def test_decoder_choices_are_the_configs(path, decoders):
     assert tuple(options(command(*path))["decoder"].type.choices) == decoders
 
 
-def test_shared_device_option_agrees_with_both_configs():
-    assert cli_options.DEVICES == INFER_DEVICES == TRAIN_DEVICES
-    for config in (InferConfig, TrainConfig, QuickstartConfig):
+def test_shared_device_option_agrees_with_every_config():
+    assert DEVICES == INFER_DEVICES == TRAIN_DEVICES
+    assert tuple(options(command("dedup"))["device"].type.choices) == DEVICES
+    for config in (InferConfig, TrainConfig, QuickstartConfig, DedupConfig):
         assert cli_options.config_field(config, "device").default == "auto"
 
 
+# every command that computes, and what its --threads becomes (a config field or a keyword)
+THREADS = [(("infer-teacher",), InferConfig), (("train-student",), TrainConfig),
+           (("dedup",), DedupConfig), (("quickstart",), QuickstartConfig),
+           (("eval",), "student_train.evaluation.evaluate"), (("verify",), teacher_infer.verify)]
+
+
+@pytest.mark.parametrize("path, target", THREADS, ids=lambda v: v[0] if isinstance(v, tuple)
+                         else None)
+def test_threads_is_a_field_of_every_computing_command(path, target):
+    """--threads is the config's field (or the function's keyword), its default included:
+    None (the CPUs per rank) everywhere but the quickstart, which asks for 1."""
+    if isinstance(target, str):
+        import importlib
+
+        module, name = target.rsplit(".", 1)
+        target = getattr(importlib.import_module(module), name)
+    if dataclasses.is_dataclass(target):
+        default = cli_options.config_field(target, "threads").default
+    else:
+        default = inspect.signature(target).parameters["threads"].default
+    option = options(command(*path))["threads"]
+    assert option.default == default or (default is None and option.default is NO_DEFAULT)
+    assert option.type.min == 1
+    assert default == (1 if target is QuickstartConfig else None), path
+    shown = help_text(command(*path), option)
+    assert ("the CPUs available per rank" in shown) == (default is None), shown
+
+
 def test_loss_choices_are_the_losses_the_trainer_knows():
+    from student_train.loss_registry import LOSS_SPECS
     from student_train.losses import LOSSES
 
     choices = cli_options.config_field(TrainConfig, "loss").metadata["choices"]
-    assert tuple(LOSSES) == tuple(choices)
+    assert tuple(LOSSES) == tuple(choices) == tuple(LOSS_SPECS)
     assert tuple(options(command("train-student"))["loss"].type.choices) == tuple(choices)
 
 
@@ -107,7 +144,6 @@ def test_loss_choices_are_the_losses_the_trainer_knows():
 FUNCTION_COMMANDS = [
     (("prepare", "digits"), prepare_digits, set()),
     (("prepare", "fashion-mnist"), prepare_fashion_mnist, set()),
-    (("dedup",), labelstore.dedup, {"out", "report_thresholds"}),  # "-" = stdout; repeated
     (("select-topk",), labelstore.select_topk, set()),
     (("ensemble",), labelstore.ensemble, set()),
     (("inspect",), inspect_store, set()),
@@ -163,7 +199,7 @@ def test_shared_options_are_spelled_only_in_cli_options():
     for flag in ("--overwrite", "--threads", "--device", "--json"):
         spelled = [path.name for path in modules if f'"{flag}"' in path.read_text()]
         assert spelled == [], flag
-    assert '"--overwrite"' in (REPO / "labelstore" / "cli_options.py").read_text()
+    assert '"--overwrite"' in (REPO / "teacher_infer" / "cli_options.py").read_text()
 
 
 def test_config_option_reads_default_choices_and_help_from_the_field():
@@ -203,6 +239,7 @@ def test_only_rank_0_prints_the_summary(monkeypatch, capsys, one_torch_thread):
     monkeypatch.setattr(teacher_infer, "run", lambda cfg: f"labelled {cfg.data}")
     args = ["infer-teacher", "--model", "resnet18", "--random-weights", "--data", "d",
             "--out", "o.zarr"]
+    monkeypatch.setenv("WORLD_SIZE", "2")   # as torchrun sets them
     monkeypatch.setenv("RANK", "1")
     assert cli.main(args) == 0
     assert capsys.readouterr().out == ""
@@ -221,6 +258,9 @@ def test_defaults_of_eval_and_verify_are_their_functions():
         return inspect.signature(fn).parameters[name].default
 
     assert options(command("eval"))["batch_size"].default == default(evaluate, "batch_size")
+    assert options(command("eval"))["threads"].default in (default(evaluate, "threads"),
+                                                          NO_DEFAULT)
+    assert default(verify, "threads") is default(teacher_infer.verify, "threads") is None
     verify_options = options(command("verify"))
     assert verify_options["sample"].default == default(verify, "sample")
     assert verify_options["seed"].default == default(verify, "seed")

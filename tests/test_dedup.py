@@ -23,10 +23,22 @@ import pytest
 
 import labelstore
 from cli import main
-from labelstore import _dedup, _dedup_rules, _dedup_search, _derive
-from labelstore._dedup_search import Candidates
+from labelstore import _derive
+from teacher_infer.dedup import DedupConfig
+from teacher_infer.dedup import dedup as run_dedup
+from teacher_infer.dedup import rules as _dedup_rules
+from teacher_infer.dedup import run as _dedup_run
+from teacher_infer.dedup import search as _dedup_search
+from teacher_infer.dedup import sift as _dedup_sift
+from teacher_infer.dedup.search import Candidates
 
 REPO = Path(__file__).resolve().parents[1]
+ONE_THREAD = ("--threads", "1")   # a shared two-core machine: one thread per process
+
+
+def dedup(query, pool, out=None, **options):
+    """``ssld dedup`` from Python, on one thread unless ``threads`` says otherwise."""
+    return run_dedup(DedupConfig(query=query, pool=pool, out=out, **{"threads": 1, **options}))
 
 FONTS = (cv2.FONT_HERSHEY_SIMPLEX, cv2.FONT_HERSHEY_DUPLEX, cv2.FONT_HERSHEY_COMPLEX,
          cv2.FONT_HERSHEY_TRIPLEX, cv2.FONT_HERSHEY_SCRIPT_SIMPLEX)
@@ -148,7 +160,7 @@ THRESHOLD = 0.6   # tiny-image cosine; chosen from the measured distributions (s
 def found(planted):
     """One full dedup run (SIFT verification), shared by the tests that read its output."""
     out = planted["base"] / "dups.tsv"
-    result = labelstore.dedup(planted["query"], planted["pool"], str(out), threshold=THRESHOLD,
+    result = dedup(planted["query"], planted["pool"], str(out), threshold=THRESHOLD,
                               pool_batch=64, query_batch=16)
     return result, out
 
@@ -170,12 +182,12 @@ def test_planted_duplicates_are_found_without_false_positives(planted, found):
     assert lines[1] == "# pool_key\tquery_key\tcosine\tinliers"
     fields = [line.split("\t") for line in lines[2:]]
     assert len(fields) == len(found) and all(len(f) == 4 for f in fields)
-    assert all(float(f[2]) >= THRESHOLD and int(f[3]) >= _dedup.DEFAULT_MIN_INLIERS for f in fields)
+    assert all(float(f[2]) >= THRESHOLD and int(f[3]) >= _dedup_sift.DEFAULT_MIN_INLIERS for f in fields)
 
 
 def test_stage_one_matches_a_full_similarity_matrix(planted):
     query, pool = labelstore.open(planted["query"]), labelstore.open(planted["pool"])
-    pairs = _dedup.search(query, pool, threshold=0.3, top_m=3, pool_batch=50, query_batch=7)
+    pairs = _dedup_search.search(query, pool, threshold=0.3, top_m=3, pool_batch=50, query_batch=7)
     q = query.read_embeddings(slice(None))
     p = pool.read_embeddings(slice(None))
     sims = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ (p / np.linalg.norm(p, axis=1,
@@ -199,7 +211,7 @@ def test_dedup_output_excludes_duplicates_in_select_topk(planted, found):
 
 
 def test_verify_none_reports_every_candidate(planted):
-    result = labelstore.dedup(planted["query"], planted["pool"], threshold=THRESHOLD,
+    result = dedup(planted["query"], planted["pool"], threshold=THRESHOLD,
                               verify="none")
     assert result.duplicates == result.candidates and set(result.inliers) == {-1}
     assert result.lines()[2].endswith("\t-")
@@ -214,11 +226,11 @@ def test_sift_rejects_unrelated_images_and_accepts_edited_copies(tmp_path, seed)
                        ("b.jpg", near_duplicate(image, rng)),
                        ("c.png", cv2.imencode(".png", other)[1].tobytes())):
         (tmp_path / name).write_bytes(data)
-        features[name] = _dedup._sift_features(str(tmp_path / name))
-    assert _dedup.count_inliers(features["a.png"], features["b.jpg"]) >= _dedup.DEFAULT_MIN_INLIERS
-    unrelated = _dedup.count_inliers(features["a.png"], features["c.png"])
-    assert unrelated < _dedup.DEFAULT_MIN_INLIERS / 2
-    assert _dedup._sift_features(str(tmp_path / "missing.jpg")) is None
+        features[name] = _dedup_sift.sift_features(str(tmp_path / name))
+    assert _dedup_sift.count_inliers(features["a.png"], features["b.jpg"]) >= _dedup_sift.DEFAULT_MIN_INLIERS
+    unrelated = _dedup_sift.count_inliers(features["a.png"], features["c.png"])
+    assert unrelated < _dedup_sift.DEFAULT_MIN_INLIERS / 2
+    assert _dedup_sift.sift_features(str(tmp_path / "missing.jpg")) is None
 
 
 def test_missing_embeddings_and_bad_input_are_clear_errors(planted, tmp_path, capsys):
@@ -226,15 +238,15 @@ def test_missing_embeddings_and_bad_input_are_clear_errors(planted, tmp_path, ca
     with labelstore.create(bare, keys=["a"], num_classes=3, topk=1) as writer:
         writer.write(0, np.array([[[0]]]), np.array([[[0.9]]]))
     with pytest.raises(ValueError, match="has no embeddings: run `ssld infer-teacher"):
-        labelstore.dedup(planted["query"], bare)
+        dedup(planted["query"], bare)
     with pytest.raises(ValueError, match="image folder, not a label store"):
-        labelstore.dedup(planted["base"] / "val", planted["pool"])
+        dedup(planted["base"] / "val", planted["pool"])
     with pytest.raises(ValueError, match="verify must be"):
-        labelstore.dedup(planted["query"], planted["pool"], verify="orb")
+        dedup(planted["query"], planted["pool"], verify="orb")
     with pytest.raises(ValueError, match="threshold must be"):
-        labelstore.dedup(planted["query"], planted["pool"], threshold=2)
+        dedup(planted["query"], planted["pool"], threshold=2)
     with pytest.raises(FileNotFoundError, match="image root"):
-        labelstore.dedup(planted["query"], planted["pool"], pool_root=str(tmp_path / "nowhere"))
+        dedup(planted["query"], planted["pool"], pool_root=str(tmp_path / "nowhere"))
     code = main(["dedup", "--query", planted["query"], "--pool", str(bare)])
     assert code == 2 and "has no embeddings" in capsys.readouterr().err
 
@@ -242,23 +254,21 @@ def test_missing_embeddings_and_bad_input_are_clear_errors(planted, tmp_path, ca
 def test_cli_dedup_writes_the_list(planted, capsys):
     out = planted["base"] / "cli.tsv"
     code = main(["dedup", "--query", planted["query"], "--pool", planted["pool"], "--out", str(out),
-                 "--threshold", str(THRESHOLD), "--top-m", "1"])
+                 "--threshold", str(THRESHOLD), "--top-m", "1", *ONE_THREAD])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "confirmed by SIFT" in captured.out
     pairs = {tuple(line.split("\t")[:2]) for line in out.read_text().splitlines()[2:]}
     assert len(pairs) >= 28 and pairs <= planted["truth"]   # 30 queries have a copy
     code = main(["dedup", "--query", planted["query"], "--pool", planted["pool"],
-                 "--threshold", str(THRESHOLD), "--verify", "none"])
+                 "--threshold", str(THRESHOLD), "--verify", "none", *ONE_THREAD])
     captured = capsys.readouterr()
     assert code == 0 and captured.out.startswith("# ssld dedup:") and "compared" in captured.err
 
 
 def test_cli_dedup_out_that_cannot_be_written_is_refused_before_the_search(planted, tmp_path,
                                                                            capsys, monkeypatch):
-    import labelstore._dedup as dedup_module
-
-    monkeypatch.setattr(dedup_module, "search", lambda *a, **k: pytest.fail("searched first"))
+    monkeypatch.setattr(_dedup_run, "search", lambda *a, **k: pytest.fail("searched first"))
     folder = tmp_path / "out_dir"
     folder.mkdir()
     for out, message in ((folder, f"--out {folder} is a directory"),
@@ -332,20 +342,20 @@ def test_stage_one_is_exact_on_every_path(random_stores, monkeypatch, threshold,
     query, pool = random_stores["query"], random_stores["pool"]
     expected = brute_force(random_stores, threshold, top_m)
     runs = {
-        "numpy": _dedup.search(query, pool, threshold=threshold, top_m=top_m, device="numpy",
+        "numpy": _dedup_search.search(query, pool, threshold=threshold, top_m=top_m, device="numpy",
                                pool_batch=250, query_batch=7),
-        "torch cpu": _dedup.search(query, pool, threshold=threshold, top_m=top_m, device="cpu"),
-        "torch cpu, blocks of 97": _dedup.search(query, pool, threshold=threshold, top_m=top_m,
+        "torch cpu": _dedup_search.search(query, pool, threshold=threshold, top_m=top_m, device="cpu"),
+        "torch cpu, blocks of 97": _dedup_search.search(query, pool, threshold=threshold, top_m=top_m,
                                                  device="cpu", pool_batch=97),
         "torch fp16 (the CUDA path)": _dedup_search.search_torch(
             query, pool, threshold=threshold, top_m=top_m, device="cpu", pool_batch=500,
             precision="fp16"),
-        "torch bf16": _dedup.search(query, pool, threshold=threshold, top_m=top_m,
+        "torch bf16": _dedup_search.search(query, pool, threshold=threshold, top_m=top_m,
                                     device="cpu", precision="bf16"),
     }
     # torchrun: three ranks, each a share of the pool blocks (blocks of 256 rows here)
     monkeypatch.setattr(_derive, "READ_ROWS", 256)
-    shares = [_dedup.search(query, pool, threshold=threshold, top_m=top_m, device="cpu",
+    shares = [_dedup_search.search(query, pool, threshold=threshold, top_m=top_m, device="cpu",
                             part=(rank, 3)) for rank in range(3)]
     for rank, share in enumerate(shares):      # each rank saw only its own blocks
         assert set((share.pool_rows // 256 % 3).tolist()) <= {rank}
@@ -394,12 +404,12 @@ def test_error_bound_covers_the_device_products(precision):
 
 def test_unknown_or_missing_device_is_a_clear_error(random_stores):
     with pytest.raises(ValueError, match="device must be"):
-        _dedup.search(random_stores["query"], random_stores["pool"], device="tpu")
+        _dedup_search.search(random_stores["query"], random_stores["pool"], device="tpu")
     import torch
 
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
-            _dedup.search(random_stores["query"], random_stores["pool"], device="cuda")
+            _dedup_search.search(random_stores["query"], random_stores["pool"], device="cuda")
 
 
 # -- rules ------------------------------------------------------------------------------------
@@ -428,7 +438,7 @@ def test_component_rule_drops_whole_components():
 def test_dedup_component_rule_and_report_beside_the_output(planted, found, tmp_path):
     result, out = found
     out_component = tmp_path / "component.tsv"
-    component = labelstore.dedup(planted["query"], planted["pool"], str(out_component),
+    component = dedup(planted["query"], planted["pool"], str(out_component),
                                  threshold=THRESHOLD, rule="component",
                                  report_thresholds=[THRESHOLD, 0.7, 0.9])
     assert set(result.pool_keys) <= set(component.pool_keys)
@@ -449,7 +459,7 @@ def test_killed_stage_two_resumes_from_the_progress_file(planted, found, tmp_pat
     _, reference = found
     out = tmp_path / "resumed.tsv"
     options = dict(threshold=THRESHOLD, workers=1)
-    real = _dedup.count_inliers
+    real = _dedup_sift.count_inliers
     calls = []
 
     def dies_after_30(*args, **kwargs):
@@ -458,9 +468,9 @@ def test_killed_stage_two_resumes_from_the_progress_file(planted, found, tmp_pat
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(_dedup, "count_inliers", dies_after_30)
+    monkeypatch.setattr(_dedup_sift, "count_inliers", dies_after_30)
     with pytest.raises(RuntimeError, match="injected failure"):
-        labelstore.dedup(planted["query"], planted["pool"], str(out), **options)
+        dedup(planted["query"], planted["pool"], str(out), **options)
     assert not out.exists()
     progress = tmp_path / "resumed.tsv.progress.0"
     recorded = progress.read_text().splitlines()
@@ -469,8 +479,8 @@ def test_killed_stage_two_resumes_from_the_progress_file(planted, found, tmp_pat
         handle.write(b"12\t3")
 
     calls.clear()
-    monkeypatch.setattr(_dedup, "count_inliers", lambda *a, **k: calls.append(1) or real(*a, **k))
-    result = labelstore.dedup(planted["query"], planted["pool"], str(out), **options)
+    monkeypatch.setattr(_dedup_sift, "count_inliers", lambda *a, **k: calls.append(1) or real(*a, **k))
+    result = dedup(planted["query"], planted["pool"], str(out), **options)
     assert result.resumed_pairs == len(recorded) - 1
     assert len(calls) == result.candidates - result.resumed_pairs     # only the rest
     assert out.read_text() == reference.read_text()
@@ -479,13 +489,13 @@ def test_killed_stage_two_resumes_from_the_progress_file(planted, found, tmp_pat
     # a progress file of other stores is refused, not silently mixed in
     progress.write_text('# ssld dedup progress {"other": 1}\n0\t0\t50\t0\n')
     with pytest.raises(ValueError, match="other stores or stage-2 settings"):
-        labelstore.dedup(planted["query"], planted["pool"], str(out), **options)
+        dedup(planted["query"], planted["pool"], str(out), **options)
 
 
 @pytest.mark.slow
 def test_torchrun_two_processes_equal_one(planted, tmp_path):
     options = ["--threshold", str(THRESHOLD), "--top-m", "2", "--workers", "1",
-               "--rule", "component"]
+               "--rule", "component", *ONE_THREAD]
     out_two = tmp_path / "two.tsv"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     run = subprocess.run(

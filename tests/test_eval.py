@@ -41,14 +41,14 @@ def test_eval_of_a_plain_state_dict_equals_a_direct_forward(image_folder, make_c
     top1, top5 = direct_accuracy(model, image_folder)
     assert 0 < top1 < 1  # the test can tell a wrong answer from a right one
     result = evaluate("test_resnet", str(path), str(image_folder.data), input_size=SIZE,
-                      batch_size=5, device="cpu", num_workers=0)
+                      batch_size=5, device="cpu", num_workers=0, threads=1)
     assert result.images == len(image_folder)
     assert result.top1 == pytest.approx(top1) and result.top5 == pytest.approx(top5)
     assert result.images_per_s > 0
 
     code = main(["eval", "--model", "test_resnet", "--checkpoint", str(path), "--data",
                  str(image_folder.data), "--input-size", str(SIZE), "--device", "cpu",
-                 "--num-workers", "0"])
+                 "--num-workers", "0", "--threads", "1"])
     out = capsys.readouterr().out
     assert code == 0
     shown = float(re.search(r"top-1 ([\d.]+)%", out).group(1))
@@ -56,7 +56,7 @@ def test_eval_of_a_plain_state_dict_equals_a_direct_forward(image_folder, make_c
 
     code = main(["eval", "--model", "test_resnet", "--checkpoint", str(path), "--data",
                  str(image_folder.data), "--input-size", str(SIZE), "--device", "cpu",
-                 "--num-workers", "0", "--json"])
+                 "--num-workers", "0", "--json", "--threads", "1"])
     report = json.loads(capsys.readouterr().out)
     assert code == 0 and report["images"] == len(image_folder)
     assert report["top1"] == pytest.approx(top1) and report["top5"] == pytest.approx(top5)
@@ -77,11 +77,11 @@ def test_eval_of_a_train_student_checkpoint_uses_its_input_size(image_folder, li
     torch.save(state, tmp_path / "last.pt")
     top1, top5 = direct_accuracy(model, image_folder, input_size=40)
     result = evaluate("test_resnet", str(tmp_path / "last.pt"), str(image_folder.data),
-                      device="cpu", num_workers=0)
+                      device="cpu", num_workers=0, threads=1)
     assert (result.top1, result.top5) == (pytest.approx(top1), pytest.approx(top5))
     # a list file with one unlabeled line: that image is not counted
     listed = evaluate("test_resnet", str(tmp_path / "last.pt"), str(list_file.data),
-                      root=str(list_file.root), device="cpu", num_workers=0)
+                      root=str(list_file.root), device="cpu", num_workers=0, threads=1)
     assert listed.images == len(list_file) - 1
 
 
@@ -89,7 +89,7 @@ def test_eval_refuses_what_does_not_fit(image_folder, make_checkpoint, tmp_path)
     two = make_checkpoint(model="test_resnet", num_classes=2, seed=1)
     with pytest.raises(ValueError, match="label 2 but the checkpoint has 2 classes"):
         evaluate("test_resnet", str(two), str(image_folder.data), input_size=SIZE,
-                 device="cpu", num_workers=0)
+                 device="cpu", num_workers=0, threads=1)
     with pytest.raises(ValueError, match="is it a checkpoint of this model"):
         evaluate("test_efficientnet", str(two), str(image_folder.data), device="cpu")
     with pytest.raises(FileNotFoundError):

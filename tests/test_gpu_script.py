@@ -140,6 +140,19 @@ def test_smoke_run_writes_every_part(tmp_path):
         assert 0 <= agreement["max_abs_dp"] <= 0.05
         assert agreement["pil_distinct_top1"] > 1  # the teacher's answer depends on the image
 
+    # bf16 autocast against fp32 on the same images, weights and boxes (infer-teacher's
+    # default precision on a GPU): the same bounds as tests/test_teacher_infer.py's bf16 test,
+    # with a random teacher deliberately sensitive to pixel noise
+    precision = parts["precision"]["results"]
+    for name in ("fp32", "bf16"):
+        assert precision[f"store/{name}"]["images"] == images
+    bf16 = precision["bf16_vs_fp32"]
+    assert bf16["rows"] == images and bf16["view_rows"] == images * 4
+    assert bf16["boxes_equal"] and bf16["flips_equal"]
+    assert bf16["top1_equal_rate"] >= 0.75 and bf16["topk_overlap"] >= 0.75
+    assert 0 < bf16["max_abs_dp"] < 0.15   # bf16 did run: the stores are not the same
+    assert bf16["fp32_distinct_top1"] > 1
+
     train = parts["train"]["results"]
     teachers = results["config"]["train"]["teachers"]
     labels = ["supervised", "stored (replay)", "stored (global)"] + [

@@ -18,15 +18,20 @@ KEYS = ([f"n{i % 7:08d}/ü{i}_é.JPEG" * (1 + i % 3) for i in range(300)]
         + ["with space/x.jpg", "日本/猫.png", "a"])
 
 
-def chunk_files(path: str, name: str) -> dict[str, bytes]:
-    """Every chunk file of array ``name`` (keys nested like ``c/3/0/0``), by its key."""
-    folder = os.path.join(path, name, "c")
+def files_below(folder: str) -> dict[str, bytes]:
+    """Every file below ``folder``, by its path relative to it."""
     files = {}
     for where, _, names in os.walk(folder):
         for entry in names:
             full = os.path.join(where, entry)
             with open(full, "rb") as handle:
                 files[os.path.relpath(full, folder)] = handle.read()
+    return files
+
+
+def chunk_files(path: str, name: str) -> dict[str, bytes]:
+    """Every chunk file of array ``name`` (keys nested like ``c/3/0/0``), by its key."""
+    files = files_below(os.path.join(path, name, "c"))
     assert files
     return files
 
@@ -135,3 +140,61 @@ def test_write_stored_takes_only_stored_values_of_every_array(tmp_path):
     copy = zarr.open_group(str(tmp_path / "b.zarr"), mode="r")
     for name, value in raw.items():
         np.testing.assert_array_equal(copy[name][:], value, err_msg=name)
+
+
+# -- the zarr releases the fast path is tested with ------------------------------------------
+
+def _store_files(path: str) -> dict[str, bytes]:
+    """Every file of a store by its relative path, the group's attributes without the
+    creation time and the software versions (which differ between any two writes)."""
+    import json
+
+    files = files_below(path)
+    group = json.loads(files.pop("zarr.json"))
+    for entry in group["attributes"].get("provenance", []):
+        entry.pop("time", None)
+        entry.pop("software", None)
+    for key in ("created", "software"):
+        group["attributes"].pop(key, None)
+    files["zarr.json"] = json.dumps(group, sort_keys=True).encode()
+    return files
+
+
+def test_the_installed_zarr_is_one_the_fast_path_is_tested_with():
+    """A new zarr release turns the fast path off (writes stay correct, through zarr, but
+    slower): this test says so, so that the release is tested and added to TESTED_ZARR."""
+    from labelstore import _chunks
+
+    assert _chunks.FAST_PATH, (f"zarr {zarr.__version__} is not in labelstore._chunks."
+                               f"TESTED_ZARR {_chunks.TESTED_ZARR}: run the suite on it, then "
+                               "add it")
+
+
+def test_without_the_fast_path_zarr_writes_the_same_store(tmp_path, monkeypatch):
+    """On a zarr release the fast path is not tested with, writes and reads go through zarr's
+    public API: the same bytes in every file, the same values read, the same damage found."""
+    from labelstore import _chunks
+
+    fast = str(tmp_path / "fast.zarr")
+    data = make_store(fast, n=300, chunk_rows=64)   # whole chunks and a fill-padded tail
+    monkeypatch.setattr(_chunks, "FAST_PATH", False)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the fast path ran on an untested zarr")
+
+    monkeypatch.setattr(_chunks, "put", fail)           # every fast write and read puts/gets
+    monkeypatch.setattr(_keys, "put", fail)
+    monkeypatch.setattr(_chunks, "chunk_keys", fail)
+    monkeypatch.setattr(_keys, "chunk_keys", fail)
+    plain = str(tmp_path / "plain.zarr")
+    make_store(plain, n=300, chunk_rows=64)
+    assert _store_files(plain) == _store_files(fast)
+
+    read = labelstore.open(plain)
+    np.testing.assert_array_equal(read.keys, data["keys"])
+    part = read.read(slice(None))
+    np.testing.assert_array_equal(part.indices, data["indices"])
+    np.testing.assert_array_equal(part.valid, data["valid"])
+    os.remove(os.path.join(plain, "probs", "c", "2", "0", "0"))   # a done chunk goes missing
+    with pytest.raises(labelstore.DamagedStoreError, match="chunk 2 of array 'probs'"):
+        labelstore.open(plain)

@@ -58,7 +58,7 @@ def images(tmp_path):
 def infer_args(data, out, *extra):
     return ["infer-teacher", "--model", TINY_MODEL, "--random-weights", "--data", data,
             "--out", out, "--input-size", TINY_INPUT, "--topk", 2, "--num-workers", 0,
-            "--no-progress", "--decoder", "pil", "--device", "cpu", *extra]
+            "--no-progress", "--decoder", "pil", "--device", "cpu", "--threads", 1, *extra]
 
 
 # -- outputs never overlap inputs -----------------------------------------------------
@@ -93,7 +93,8 @@ def test_an_alias_of_an_input_through_a_symlink_is_refused(pool, tmp_path, capsy
 
 def test_train_student_out_must_not_be_a_store_or_inside_the_images(pool, images, tmp_path,
                                                                     capsys):
-    base = ["train-student", "--student", TINY_MODEL, "--epochs", 1, "--device", "cpu"]
+    base = ["train-student", "--student", TINY_MODEL, "--epochs", 1, "--device", "cpu",
+            "--threads", 1]
     before = tree(pool)
     refused(capsys, base + ["--store", pool, "--out", pool], "is a label store")
     refused(capsys, base + ["--store", pool, "--out", pool.parent], "contains a --store")

@@ -89,7 +89,7 @@ def test_every_command_on_s3_matches_local_disk(image_folder, make_checkpoint, b
                          f"{where}/sel.zarr"]) == 0
         assert cli_main(["merge", src, f"{where}/sel.zarr", "--out", f"{where}/m.zarr"]) == 0
         assert cli_main(["dedup", "--query", src, "--pool", f"{where}/sel.zarr", "--verify",
-                         "none", "--threshold", "0.5", "--out",
+                         "none", "--threshold", "0.5", "--threads", "1", "--out",
                          str(tmp_path / f"dups-{where.startswith('s3')}.tsv")]) == 0
     capsys.readouterr()
     for name in ("sel.zarr", "m.zarr"):
@@ -102,7 +102,8 @@ def test_every_command_on_s3_matches_local_disk(image_folder, make_checkpoint, b
         out = tmp_path / f"run-{where}"
         assert cli_main(["train-student", "--student", "test_resnet", "--store", store,
                          "--out", str(out), "--epochs", "1", "--batch-size", "4",
-                         "--num-workers", "0", "--device", "cpu", "--input-size", "32"]) == 0
+                         "--num-workers", "0", "--device", "cpu", "--input-size", "32",
+                         "--threads", "1"]) == 0
         runs[where] = torch.load(out / "last.pt", weights_only=True)["state_dict"]
     for name, value in runs["local"].items():
         torch.testing.assert_close(runs["s3"][name], value, rtol=0, atol=0, msg=name)

@@ -267,12 +267,14 @@ def test_distillation_loss_rejects_bad_options(kwargs, message):
         DistillationLoss(**kwargs)
 
 
-@pytest.mark.parametrize("name", ["skl", "soft-ce"])
-def test_js_gradient_near_agreement_is_a_quarter_of_the_kl_like_losses(name):
-    """The reason for train-student's default lr of 0.4 with --loss js (config.default_lr):
-    near agreement every KL-like loss has KL's gradient and JS a quarter of it. Reference:
-    KL's gradient w.r.t. the student logits, p_s - p_t, computed by hand in float64."""
-    from student_train.config import LOSS_GRADIENT_SCALE, default_lr
+@pytest.mark.parametrize("name", ALL_LOSSES)
+def test_gradient_near_agreement_is_the_registry_scale(name):
+    """The reason for each loss's default lr (config.default_lr divides the method's lr by the
+    loss's gradient scale in student_train/loss_registry.py): near agreement every KL-like
+    loss has KL's gradient and JS a quarter of it. Reference: KL's gradient w.r.t. the student
+    logits, p_s - p_t, computed by hand in float64."""
+    from student_train.config import BASE_LR, default_lr
+    from student_train.loss_registry import LOSS_SPECS
 
     g = torch.Generator().manual_seed(0)
     teacher = torch.softmax(torch.randn(64, 10, generator=g, dtype=torch.float64), dim=-1)
@@ -280,12 +282,36 @@ def test_js_gradient_near_agreement_is_a_quarter_of_the_kl_like_losses(name):
         logits = (teacher.log() + eps * torch.randn(64, 10, generator=g, dtype=torch.float64))
         logits.requires_grad_(True)
         reference = (torch.softmax(logits.detach(), -1) - teacher) / len(teacher)
-        grads = {}
-        for loss in ("js", name):
-            (grad,) = torch.autograd.grad(LOSSES[loss](logits, teacher), logits)
-            grads[loss] = grad.double()
-        scale = lambda g: float((g * reference).sum() / (reference * reference).sum())  # noqa: E731
-        assert scale(grads[name]) == pytest.approx(LOSS_GRADIENT_SCALE[name], rel=tol)
-        assert scale(grads["js"]) == pytest.approx(LOSS_GRADIENT_SCALE["js"], rel=tol)
-    assert default_lr("js", supervised=False) == pytest.approx(4 * default_lr(name, False))
-    assert default_lr("js", supervised=True) == default_lr(name, supervised=True) == 0.1
+        (grad,) = torch.autograd.grad(LOSSES[name](logits, teacher), logits)
+        scale = float((grad.double() * reference).sum() / (reference * reference).sum())
+        assert scale == pytest.approx(LOSS_SPECS[name].gradient_scale, rel=tol)
+    assert default_lr(name, supervised=False) == pytest.approx(
+        BASE_LR / LOSS_SPECS[name].gradient_scale)
+    assert default_lr(name, supervised=True) == BASE_LR == 0.1
+    if name == "js":   # README: 0.4 by default with --loss js
+        assert default_lr(name, supervised=False) == pytest.approx(0.4)
+
+
+def test_a_new_loss_is_one_registry_entry(monkeypatch, tmp_path):
+    """Adding a loss: one entry in the table and its pure function. The config's validation,
+    the temperature rule, the default lr and the training module all follow from the entry."""
+    import student_train.losses as losses
+    from student_train.config import BASE_LR, TrainConfig
+    from student_train.loss_registry import LOSS_SPECS, LossSpec
+
+    def squared_error(student_logits, teacher_probs):   # 1/2 sum (p_s - p_t)^2
+        return 0.5 * (torch.softmax(student_logits.float(), -1)
+                      - teacher_probs.float()).pow(2).sum(-1).mean()
+
+    monkeypatch.setattr(losses, "squared_error", squared_error, raising=False)
+    monkeypatch.setitem(LOSS_SPECS, "se", LossSpec("squared_error", 0.5, False, "test loss"))
+    cfg = TrainConfig(student="m", out=str(tmp_path), stores=("s.zarr",), loss="se")
+    assert cfg.lr == pytest.approx(BASE_LR / 0.5)
+    with pytest.raises(ValueError, match="only applies to --loss kl, not se"):
+        TrainConfig(student="m", out=str(tmp_path), stores=("s.zarr",), loss="se",
+                    temperature=2.0)
+    logits, teacher = torch.randn(4, 5), torch.softmax(torch.randn(4, 5), -1)
+    assert DistillationLoss("se")(logits, teacher).item() == pytest.approx(
+        squared_error(logits, teacher).item())
+    with pytest.raises(ValueError, match="loss must be one of"):
+        TrainConfig(student="m", out=str(tmp_path), stores=("s.zarr",), loss="nope")

@@ -349,3 +349,24 @@ def test_exclude_file_with_invalid_utf8_names_the_file_and_line(tmp_path):
     with pytest.raises(ValueError, match=f"exclude file {path}:3: not valid UTF-8 "
                                          r"\(byte 0xff\)"):
         _select.read_exclude(str(path))
+
+
+def test_select_rows_is_select_topk_without_the_write(tmp_path, small_blocks):
+    """labelstore.select_rows: the rows select-topk ranks, from the same arguments (an
+    exclude file, min_prob, view), checked against the brute force; nothing is written, and
+    bad arguments are refused as select-topk refuses them."""
+    paths, pools = make_pools(tmp_path, (300, 250))
+    excluded = pools[0]["keys"][:40:3]
+    exclude = _write(tmp_path / "x.txt", "\n".join(excluded) + "\n")
+    before = sorted(os.listdir(tmp_path))
+    selection = labelstore.select_rows(paths, 9, exclude=exclude, min_prob=2 / 32, view=1)
+    assert sorted(os.listdir(tmp_path)) == before
+    assert as_dict(selection) == brute_force(pools, 9, exclude=set(excluded), min_prob=2 / 32,
+                                             view=1)
+    written = labelstore.select_topk(paths, 9, tmp_path / "s.zarr", exclude=exclude,
+                                     min_prob=2 / 32, view=1)
+    assert as_dict(written.selection) == as_dict(selection)
+    with pytest.raises(ValueError, match="k must be a positive integer"):
+        labelstore.select_rows(paths, 0)
+    with pytest.raises(ValueError, match="view 2 is out of range"):
+        labelstore.select_rows(paths, 3, view=2)

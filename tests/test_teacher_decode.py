@@ -3,14 +3,17 @@ both decoders, headers give the oriented size, bad files become reasons, not exc
 from __future__ import annotations
 
 import io
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from teacher_infer.imaging import (DaliDecoder, DecodeError, ViewDataset, ViewSpec, collate,
-                                   header_size, open_rgb, pixels_to_input, to_rgb)
+from teacher_infer.imaging import (DecodeError, ViewDataset, ViewSpec, collate, open_rgb,
+                                   pixels_to_input)
+from teacher_infer.imaging.dali import DaliDecoder
+from teacher_infer.imaging.decode import header_size, to_rgb
 
 SPEC = ViewSpec(views=3, input_size=(32, 32), crop_pct=0.875, seed=1)
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
@@ -168,3 +171,49 @@ def test_dali_output_copies_wait_for_the_current_stream(image_folder, monkeypatc
     torch.testing.assert_close(decoder.decode_batch(batch), expected, rtol=0, atol=0)
     assert events == ([("wait", "current")] + [("copy", stream)] * SPEC.views
                       + [("synchronize", None)])
+
+
+# -- --decoder auto: one rule over the registry entries' own properties -----------------------
+
+def _decoder(name: str, preferred_on: tuple[str, ...], why: str | None = None) -> type:
+    return type(name, (), {"name": name, "preferred_on": preferred_on,
+                           "unavailable": staticmethod(lambda: why)})
+
+
+def test_auto_picks_by_the_decoders_properties_not_their_names(monkeypatch):
+    """auto = the first registered decoder preferred on the device's type that can run here;
+    else the first that can run here. A newly registered decoder takes part like the others."""
+    from teacher_infer.imaging import decoders
+
+    cpu, cuda = torch.device("cpu"), SimpleNamespace(type="cuda")
+    assert decoders.resolve_decoder("auto", cpu).name == "pil"        # the registry as shipped
+    if decoders.decoder_class("dali").unavailable() is None:
+        assert decoders.resolve_decoder("auto", cuda).name == "dali"
+    classes = {"first": _decoder("first", ("cuda",), why="not installed here"),
+               "second": _decoder("second", ("cpu", "cuda")),
+               "third": _decoder("third", ())}
+    monkeypatch.setattr(decoders, "_WHERE", {name: ("decode", name) for name in classes})
+    monkeypatch.setattr(decoders, "decoder_class", lambda name: classes[name])
+    assert decoders.resolve_decoder("auto", cuda).name == "second"    # first cannot run
+    assert decoders.resolve_decoder("auto", cpu).name == "second"
+    classes["second"] = _decoder("second", ("cuda",))
+    assert decoders.resolve_decoder("auto", cpu).name == "second"     # none preferred: the
+    classes["second"] = _decoder("second", (), why="gone")            # first that can run
+    assert decoders.resolve_decoder("auto", cpu).name == "third"
+    with pytest.raises(ImportError, match="--decoder first: not installed here"):
+        decoders.resolve_decoder("first", cpu)
+
+
+def test_the_teacher_pass_decodes_with_pil_on_the_cpu_by_default(image_folder, tmp_path):
+    """The teacher pass takes the one rule (resolve_decoder has no per-command switch): on the
+    CPU auto is PIL, as in training, not DALI's CPU mode as before; the store records it."""
+    import labelstore
+    from teacher_infer import InferConfig, run
+
+    from conftest import TINY_MODEL
+
+    summary = run(InferConfig(model=TINY_MODEL, random_weights=True, data=str(image_folder.data),
+                              out=str(tmp_path / "s.zarr"), input_size=32, num_workers=0,
+                              progress=False, device="cpu", threads=1))
+    assert summary.decoder == "pil"
+    assert labelstore.open(summary.out).attrs["compute"]["decoder"] == "pil"

@@ -28,13 +28,15 @@ from teacher_infer import InferConfig, run
 REPO = Path(__file__).resolve().parents[1]
 TOPK = 5
 ONE_THREAD = dict(os.environ, OMP_NUM_THREADS="1")  # subprocesses: as one_torch_thread
+THREADS = ("--threads", "1")   # every command that computes asks for one thread (shared box)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def infer(data, out, **options):
     """One in-process run with the test defaults (tiny model at 64 px, no workers, quiet)."""
     settings = dict(model=TINY_MODEL, data=data and str(data), out=str(out),
-                    input_size=TINY_INPUT, topk=TOPK, num_workers=0, progress=False, batch_size=8)
+                    input_size=TINY_INPUT, topk=TOPK, num_workers=0, progress=False, batch_size=8,
+                    threads=1)
     settings.update(options)
     return run(InferConfig(**settings))
 
@@ -275,11 +277,45 @@ def test_bf16_and_channels_last_on_cpu(image_folder, make_checkpoint, tmp_path):
     assert labelstore.open(bf16.out).attrs["compute"]["precision"] == "bf16"
 
 
+def test_precision_auto_is_fp32_on_the_cpu_and_resumes_an_fp32_store(image_folder,
+                                                                     make_checkpoint, tmp_path):
+    """infer-teacher's default precision is auto (bf16 on a GPU, fp32 on the CPU): the store
+    records what ran, so a store written with the old default (--precision fp32) resumes
+    under auto, bit for bit."""
+    assert InferConfig(model="m", data="d", out="o", random_weights=True).precision == "auto"
+    checkpoint = str(make_checkpoint())
+    options = dict(checkpoint=checkpoint, decoder="pil", chunk_rows=4)
+    whole = infer(image_folder.data, tmp_path / "whole.zarr", precision="fp32", **options)
+    out = tmp_path / "resumed.zarr"
+    infer(image_folder.data, out, precision="fp32", **options)
+    zarr.open_group(str(out), mode="r+")["done"][1] = False
+    again = infer(image_folder.data, out, **options)               # precision auto
+    assert (again.images, again.skipped, again.complete) == (4, 8, True)
+    assert labelstore.open(str(out)).attrs["compute"]["precision"] == "fp32"
+    assert_same_store(out, whole.out)
+
+
+def test_tf32_is_allowed_for_fp32_on_a_gpu_only():
+    from types import SimpleNamespace
+
+    from teacher_infer.runtime import allow_tf32
+
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        allow_tf32(torch.device("cpu"))
+        assert not torch.backends.cuda.matmul.allow_tf32
+        allow_tf32(SimpleNamespace(type="cuda"))
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
 # -- resume, refusal, overwrite --------------------------------------------------------------
 def _cli_args(data, out, checkpoint, **extra):
     args = ["infer-teacher", "--model", TINY_MODEL, "--checkpoint", str(checkpoint),
             "--data", str(data), "--out", str(out), "--input-size", str(TINY_INPUT),
-            "--topk", str(TOPK), "--num-workers", "0", "--no-progress"]
+            "--topk", str(TOPK), "--num-workers", "0", "--no-progress", *THREADS]
     for key, value in extra.items():
         args += [f"--{key.replace('_', '-')}", str(value)]
     return args
@@ -548,7 +584,7 @@ def test_cli_disk_full_is_one_line(image_folder, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(labelstore.LabelStoreWriter, "write", full)
     status = cli_main(["infer-teacher", "--model", TINY_MODEL, "--random-weights", "--data",
                        str(image_folder.data), "--out", str(tmp_path / "d.zarr"), "--input-size",
-                       "32", "--no-progress", "--num-workers", "0"])
+                       "32", "--no-progress", "--num-workers", "0", *THREADS])
     err = capsys.readouterr().err.strip()
     assert status == 1 and "\n" not in err, err
     assert err.startswith(f"ssld: failed: No space left on device (errno 28): {tmp_path}/d.zarr/")
@@ -582,7 +618,7 @@ def test_cli_runs_and_prints_a_summary(list_file, tmp_path, capsys):
                        str(list_file.data), "--root", str(list_file.root), "--out",
                        str(tmp_path / "c.zarr"), "--input-size", "32", "--topk", "3",
                        "--views", "2", "--crop-scale", "0.3", "1", "--no-progress",
-                       "--num-workers", "0"])
+                       "--num-workers", "0", *THREADS])
     out = capsys.readouterr().out.strip().splitlines()
     assert status == 0 and len(out) == 1
     assert out[0].startswith(f"infer-teacher: {len(list_file)} images (0 failed)")
@@ -720,7 +756,7 @@ def test_views_from_under_torchrun_equals_one_process(reference_store, make_chec
     args = ["infer-teacher", "--model", TINY_MODEL, "--checkpoint", str(checkpoint),
             "--views-from", str(reference_store), "--out", str(out), "--input-size", "48",
             "--topk", str(TOPK), "--num-workers", "0", "--no-progress", "--decoder", "pil",
-            "--batch-size", "2"]
+            "--batch-size", "2", *THREADS]
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          "-m", "cli", *args], cwd=REPO, env=ONE_THREAD, capture_output=True, text=True,

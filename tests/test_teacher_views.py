@@ -8,9 +8,11 @@ import torch
 from PIL import Image
 
 from conftest import smooth_rgb
-from labelstore import dequantize_boxes
-from teacher_infer.imaging import (BOX_SCALE, ViewSpec, eval_box, plan_views, quantize_inside,
-                                   random_resized_crop_box, render_box, render_views, view_rng)
+from labelstore import BOX_SCALE, dequantize_boxes
+from teacher_infer.imaging import (ViewSpec, eval_box, plan_views, quantize_inside,
+                                   random_resized_crop_box, render_box)
+from teacher_infer.imaging.decode import render_views
+from teacher_infer.imaging.views import view_rng
 
 
 def timm_eval_pixels(image: Image.Image, input_size: int, crop_pct: float, interpolation: str):

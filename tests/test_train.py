@@ -44,7 +44,7 @@ def dataset(tmp_path_factory):
 def config(dataset, out, **options) -> TrainConfig:
     values = dict(student="test_resnet", out=str(out), stores=(dataset["store"],), epochs=2,
                   batch_size=16, lr=0.2, warmup_epochs=0.5, input_size=SIZE, num_workers=0,
-                  device="cpu")
+                  device="cpu", threads=1)
     values.update(options)
     return TrainConfig(**values)
 
@@ -242,7 +242,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(dataset, tmp_path, mo
     calls["n"] = 0
     code = main(["train-student", "--student", "test_resnet", "--store", dataset["store"],
                  "--out", str(tmp_path / "nan-cli"), "--epochs", "3", "--batch-size", "20",
-                 "--input-size", str(SIZE), "--num-workers", "0", "--device", "cpu"])
+                 "--input-size", str(SIZE), "--num-workers", "0", "--device", "cpu",
+                 "--threads", "1"])
     assert code == 1
     assert "ssld: training stopped: loss became nan" in capsys.readouterr().err
 

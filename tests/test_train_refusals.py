@@ -33,7 +33,7 @@ def store(images, name, **options):
 
 def config(out, stores, **options):
     values = dict(student="test_resnet", out=str(out), stores=tuple(stores), epochs=2,
-                  batch_size=8, input_size=32, num_workers=0, device="cpu")
+                  batch_size=8, input_size=32, num_workers=0, device="cpu", threads=1)
     return TrainConfig(**{**values, **options})
 
 
@@ -145,7 +145,7 @@ def test_cli_trains_and_prints_a_summary(images, tmp_path, capsys):
     out = tmp_path / "cli"
     code = main(["train-student", "--student", "test_resnet", "--store", store(images, "ok"),
                  "--out", str(out), "--epochs", "1", "--batch-size", "8", "--input-size", "32",
-                 "--num-workers", "0", "--device", "cpu", "--loss", "skl"])
+                 "--num-workers", "0", "--device", "cpu", "--loss", "skl", "--threads", "1"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert f"run {out}: 1 epoch(s)" in captured.out
@@ -190,7 +190,7 @@ def cli_train(out, stores, *extra):
     return main(["train-student", "--student", "test_resnet", *[a for s in stores
                                                                 for a in ("--store", s)],
                  "--out", str(out), "--epochs", "2", "--batch-size", "8", "--input-size", "32",
-                 "--num-workers", "0", "--device", "cpu", *extra])
+                 "--num-workers", "0", "--device", "cpu", "--threads", "1", *extra])
 
 
 def test_disk_full_before_best_pt_is_one_line_and_resume_rewrites_best(images, tmp_path, capsys,
@@ -303,7 +303,7 @@ def test_store_keys_outside_the_dataset_root_are_refused(images, tmp_path, capsy
     zarr.open_array(f"{path}/keys", mode="r+")[3] = key  # what a hand-made store might hold
     code = main(["train-student", "--student", "test_resnet", "--store", path, "--out",
                  str(tmp_path / "run"), "--input-size", "32", "--device", "cpu",
-                 "--num-workers", "0", "--batch-size", "8", "--epochs", "1"])
+                 "--num-workers", "0", "--batch-size", "8", "--epochs", "1", "--threads", "1"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1, err
     assert err.startswith(f"ssld: error: label store {path}: key {key!r} points outside its "

@@ -24,7 +24,7 @@ def stores(image_folder, make_checkpoint, tmp_path_factory):
     folder = tmp_path_factory.mktemp("verify")
     common = ["--model", TINY_MODEL, "--input-size", str(TINY_INPUT), "--topk", "5",
               "--views", "2", "--chunk-rows", str(CHUNK), "--num-workers", "0",
-              "--no-progress", "--device", "cpu", "--decoder", "pil"]
+              "--no-progress", "--device", "cpu", "--decoder", "pil", "--threads", "1"]
     a, b, e = (str(folder / f"{name}.zarr") for name in "abe")
     assert main(["infer-teacher", *common, "--checkpoint", str(make_checkpoint(seed=0)),
                  "--data", str(image_folder.data), "--out", a]) == 0
@@ -48,7 +48,7 @@ def arrays(path: str):
 
 def test_fresh_stores_pass(stores):
     for name in ("a", "b"):
-        result = teacher_infer.verify(stores[name], sample=100)
+        result = teacher_infer.verify(stores[name], sample=100, threads=1)
         assert result.ok, result
         assert result.teacher.rows == 12 and result.teacher.row_views == 24
         assert result.teacher.top1_equal == 1.0
@@ -56,7 +56,7 @@ def test_fresh_stores_pass(stores):
 
 
 def test_an_ensemble_store_is_recomputed_from_its_members(stores, capsys):
-    assert main(["verify", stores["e"], "--sample", "5"]) == 0
+    assert main(["verify", stores["e"], "--sample", "5", "--threads", "1"]) == 0
     out = capsys.readouterr().out
     assert "verify" in out and "OK" in out and "5 rows (10 row-views)" in out
 
@@ -69,7 +69,7 @@ def test_altered_probabilities_fail_but_keep_a_valid_structure(stores, tmp_path,
     get("probs")[lo:hi] = probs.astype(np.float16)
     get("residual")[lo:hi] = 1 - probs.astype(np.float16).astype(np.float32).sum(-1)
     assert labelstore.verify(path).ok   # plausible rows, valid checksums
-    assert main(["verify", path, "--sample", "100"]) == 1
+    assert main(["verify", path, "--sample", "100", "--threads", "1"]) == 1
     out = capsys.readouterr().out
     assert "FAILED" in out and "worst rows:" in out
     assert any(f"row {row} " in out for row in range(lo, hi))
@@ -87,7 +87,7 @@ def test_a_done_flag_over_zeros_fails(stores, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "residual != 1 - sum(probs)" in out and f"first row {lo} view 0" in out
     assert "4 invalid rows, but the run recorded 0 failures" in out
-    result = teacher_infer.verify(path, sample=100)
+    result = teacher_infer.verify(path, sample=100, threads=1)
     assert not result.ok
 
 
@@ -97,14 +97,14 @@ def test_the_teacher_check_sees_rows_marked_invalid_that_decode(stores, tmp_path
     valid = get("valid")[:]
     valid[1] = False
     get("valid")[:] = valid
-    result = teacher_infer.verify(path, sample=100)
+    result = teacher_infer.verify(path, sample=100, threads=1)
     assert not result.ok and result.teacher.validity_mismatches == 1
     assert any("invalid in the store, but decodes now" in line for line in result.teacher.worst)
 
 
 def test_another_checkpoint_fails(stores, make_checkpoint, capsys):
     other = str(make_checkpoint(seed=1))
-    assert main(["verify", stores["a"], "--checkpoint", other]) == 1
+    assert main(["verify", stores["a"], "--checkpoint", other, "--threads", "1"]) == 1
     out = capsys.readouterr().out
     assert "FAILED" in out and "sha256 differs" in out
     assert main(["verify", stores["e"], "--checkpoint", other]) == 2     # needs one per teacher

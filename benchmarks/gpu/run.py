@@ -1,5 +1,6 @@
-"""Every GPU figure of issue 12 from one run: teacher, decoder agreement, training, dedup,
-quickstart — DALI ``mixed`` and PIL side by side.
+"""Every GPU figure of issue 12 from one run: teacher, decoder agreement, the teacher's bf16 vs
+fp32 agreement (issue 22: infer-teacher's default precision), training, dedup, quickstart —
+DALI ``mixed`` and PIL side by side.
 
 GPU (one H200, <= 6 minutes; after the DALI staging, see README.md here):
     PYTHONPATH=/tmp/site:$PWD python benchmarks/gpu/run.py --out "$OUT"
@@ -37,15 +38,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path[:0] = [ROOT, os.path.dirname(HERE)]  # the project's packages, the benchmark modules
 
-PARTS = ("env", "images", "teacher", "agreement", "train", "quickstart", "dedup")
+PARTS = ("env", "images", "teacher", "agreement", "precision", "train", "quickstart", "dedup")
 TRAIN_MODES = ("supervised", "stored (replay)", "stored (global)", "online")
 
 # One H200: the issue's sizes. Part caps add up to more than the budget on purpose: a part
 # that finishes early leaves its time to the next ones.
 GPU = dict(
     device="cuda", budget_s=345,
-    caps=dict(env=30, images=45, teacher=125, agreement=30, train=120, quickstart=80,
-              dedup=30),
+    caps=dict(env=30, images=45, teacher=125, agreement=30, precision=45, train=120,
+              quickstart=80, dedup=30),
     teacher=dict(model="resnext101_32x16d", images=6144, batch_size=256, precision="bf16",
                  channels_last=True, views=(1, 4), workers=None),
     # 2,048 images, 3 epochs, epochs 2-3 measured: 16 steps of 256 per mode and decoder
@@ -59,8 +60,8 @@ GPU = dict(
 SMOKE = dict(
     # generous caps: the shared development machine runs 5-10x slower when others are busy
     device="cpu", budget_s=540,
-    caps=dict(env=60, images=60, teacher=150, agreement=60, train=120, quickstart=60,
-              dedup=60),
+    caps=dict(env=60, images=60, teacher=150, agreement=60, precision=90, train=120,
+              quickstart=60, dedup=60),
     teacher=dict(model="test_convnext", images=32, batch_size=16, precision="fp32",
                  channels_last=False, views=(1, 4), workers=None),
     train=dict(student="test_resnet", teachers=("test_resnet", "test_convnext"), images=32,
@@ -217,10 +218,16 @@ def part_images(rec: Recorder, cfg: dict, ctx) -> None:
     rec.measure("teacher_jpegs", generate)
 
 
+def _threads(cfg: dict) -> int | None:
+    """CPU threads of every run: 1 on the CPU (a shared two-core machine: one thread is faster
+    and steadier), the CPUs per rank (ssld's default) on the GPU machine."""
+    return 1 if cfg["device"] == "cpu" else None
+
+
 def _torch_threads(cfg: dict) -> None:
     if cfg["device"] == "cpu":
         import torch
-        torch.set_num_threads(1)  # a shared two-core machine: one thread is faster and steadier
+        torch.set_num_threads(_threads(cfg))
 
 
 def _complete(path: str) -> bool:
@@ -241,7 +248,8 @@ def _teacher_args(cfg: dict, views: int) -> SimpleNamespace:
     t = cfg["teacher"]
     return SimpleNamespace(model=t["model"], images=t["images"], batch_size=t["batch_size"],
                            precision=t["precision"], channels_last=t["channels_last"],
-                           device=cfg["device"], workers=t["workers"], views=views)
+                           device=cfg["device"], workers=t["workers"], views=views,
+                           threads=_threads(cfg))
 
 
 def _teacher_images(cfg: dict, ctx) -> None:
@@ -270,34 +278,38 @@ def part_teacher(rec: Recorder, cfg: dict, ctx) -> None:
                 args, ctx.images, _store_path(ctx, decoder, views), decoder))
 
 
-def _compare_stores(pil_path: str, dali_path: str) -> dict:
-    """DALI vs PIL on the same images, the same weights and the same view boxes."""
+def _compare_stores(reference_path: str, other_path: str, reference: str = "pil") -> dict:
+    """Two stores of the same images, weights and view boxes (DALI vs PIL, bf16 vs fp32):
+    how far the second's top-k is from the reference's (named ``reference`` in the keys)."""
     import numpy as np
 
     import labelstore
 
-    pil, dali = labelstore.open(pil_path), labelstore.open(dali_path)
-    if list(pil.keys) != list(dali.keys):
-        raise ValueError(f"{pil_path} and {dali_path} hold different images")
-    a, b = pil.read(slice(None)), dali.read(slice(None))
+    first, second = labelstore.open(reference_path), labelstore.open(other_path)
+    if list(first.keys) != list(second.keys):
+        raise ValueError(f"{reference_path} and {other_path} hold different images")
+    a, b = first.read(slice(None)), second.read(slice(None))
     valid = a.valid & b.valid
     top1_a, top1_b = a.indices[valid, :, 0], b.indices[valid, :, 0]
     max_dp = 0.0
-    for view in range(pil.num_views):  # dense (N, C) per view: bounded memory
-        max_dp = max(max_dp, float(np.abs(pil.dense(slice(None), view=view)[valid]
-                                          - dali.dense(slice(None), view=view)[valid]).max()))
-    return {"rows": int(valid.sum()), "views": pil.num_views,
+    for view in range(first.num_views):  # dense (N, C) per view: bounded memory
+        max_dp = max(max_dp, float(np.abs(first.dense(slice(None), view=view)[valid]
+                                          - second.dense(slice(None), view=view)[valid]).max()))
+    # the share of each view-row's stored top-k classes that the other store keeps too
+    shared = (a.indices[valid][..., :, None] == b.indices[valid][..., None, :]).any(-1)
+    return {"rows": int(valid.sum()), "views": first.num_views,
             "view_rows": int(top1_a.size), "invalid_rows": int((~valid).sum()),
             "top1_equal_rate": float((top1_a == top1_b).mean()),
             "top1_equal_rate_view0": float((top1_a[:, 0] == top1_b[:, 0]).mean()),
+            "topk": first.topk, "topk_overlap": float(shared.mean()),
             "max_abs_dp": max_dp,
             "max_abs_dp_top1": float(np.abs(a.probs[valid, :, 0] - b.probs[valid, :, 0]).max()),
             "boxes_equal": bool(np.array_equal(a.boxes, b.boxes)),
             "flips_equal": bool(np.array_equal(a.flips, b.flips)),
             # how much the (random-weights) teacher's answer depends on the image: a flat
             # teacher would make any agreement figure meaningless
-            "pil_mean_top1_prob": float(a.probs[valid, :, 0].mean()),
-            "pil_distinct_top1": int(len(np.unique(top1_a)))}
+            f"{reference}_mean_top1_prob": float(a.probs[valid, :, 0].mean()),
+            f"{reference}_distinct_top1": int(len(np.unique(top1_a)))}
 
 
 def part_agreement(rec: Recorder, cfg: dict, ctx) -> None:
@@ -315,6 +327,28 @@ def part_agreement(rec: Recorder, cfg: dict, ctx) -> None:
                 rec.measure(f"v{views}/store/{decoder}", lambda: tb.end_to_end(
                     _teacher_args(cfg, views), ctx.images, path, decoder))
         rec.measure(f"v{views}", lambda: _compare_stores(paths["pil"], paths["dali"]))
+
+
+def part_precision(rec: Recorder, cfg: dict, ctx) -> None:
+    """The teacher's top-k with bf16 autocast against fp32 (TF32 matmuls on a GPU, as
+    ``--precision fp32`` runs there): the same images, weights, decoder and boxes. The
+    evidence for ``infer-teacher --precision auto`` = bf16 on a GPU, and its speed-up."""
+    import teacher_infer_bench as tb
+
+    _torch_threads(cfg)
+    _teacher_images(cfg, ctx)
+    decoder, views = ctx.decoders[0], max(cfg["teacher"]["views"])  # the random views too
+    rec.note(decoder=decoder, views=views, model=cfg["teacher"]["model"],
+             images=cfg["teacher"]["images"])
+    paths = {}
+    for precision in ("fp32", "bf16"):
+        paths[precision] = os.path.join(ctx.work, "stores", f"precision-{precision}.zarr")
+        args = _teacher_args(cfg, views)
+        args.precision = precision
+        rec.measure(f"store/{precision}", lambda args=args, path=paths[precision]: tb.end_to_end(
+            args, ctx.images, path, decoder))
+    rec.measure("bf16_vs_fp32", lambda: _compare_stores(paths["fp32"], paths["bf16"],
+                                                        reference="fp32"))
 
 
 def _train_store(cfg: dict, ctx) -> tuple[str, str]:
@@ -353,7 +387,8 @@ def part_train(rec: Recorder, cfg: dict, ctx) -> None:
         teachers[name] = path
     settings = dict(student=t["student"], teacher=t["teachers"][0], epochs=t["epochs"],
                     batch_size=t["batch_size"], input_size=t["input_size"],
-                    workers=t["workers"], device=cfg["device"], precision=t["precision"])
+                    workers=t["workers"], device=cfg["device"], precision=t["precision"],
+                    threads=_threads(cfg))
     rec.note(settings=settings, teachers=list(t["teachers"]), images=t["images"],
              image_size=list(t["image_size"]), measured_epochs=t["epochs"] - 1)
     for decoder in ctx.decoders:  # DALI first: its figures are the point of the run
@@ -499,6 +534,8 @@ def part_dedup(rec: Recorder, cfg: dict, ctx) -> None:
         out = os.path.join(folder, "pairs.txt")
         args = ["dedup", "--query", made["query"], "--pool", made["pool"], "--verify", "none",
                 "--out", out, "--device", cfg["device"]]
+        if _threads(cfg):
+            args += ["--threads", str(_threads(cfg))]
         started = time.perf_counter()
         done = _ssld(args, rec.left_s() - 2)
         if done.returncode != 0:
@@ -514,7 +551,7 @@ def part_dedup(rec: Recorder, cfg: dict, ctx) -> None:
 
 
 PART_FUNCTIONS = {"env": part_env, "images": part_images, "teacher": part_teacher,
-                  "agreement": part_agreement, "train": part_train,
+                  "agreement": part_agreement, "precision": part_precision, "train": part_train,
                   "quickstart": part_quickstart, "dedup": part_dedup}
 
 
@@ -691,6 +728,14 @@ def summary_rows(results: dict) -> list[tuple[str, str, str, str]]:
                     rows.append((name, f"{key} DALI vs PIL", f"top-1 {r['top1_equal_rate']:.4f}",
                                  f"max |dp| {r['max_abs_dp']:.4f} over {r['view_rows']} "
                                  f"view-rows, boxes equal {r['boxes_equal']}"))
+        elif name == "precision" and "bf16_vs_fp32" in got:
+            r = got["bf16_vs_fp32"]
+            speed = {p: got.get(f"store/{p}", {}).get("img_s") for p in ("fp32", "bf16")}
+            rows.append((name, "bf16 vs fp32", f"top-1 {r['top1_equal_rate']:.4f}",
+                         f"top-{r['topk']} overlap {r['topk_overlap']:.4f}, max |dp| "
+                         f"{r['max_abs_dp']:.4f} over {r['view_rows']} view-rows"
+                         + (f"; {speed['bf16'] / speed['fp32']:.2f}x the fp32 img/s"
+                            if speed["fp32"] and speed["bf16"] else "")))
         elif name == "train":
             for key, r in got.items():
                 if "img_s" not in r:

@@ -14,25 +14,26 @@ workers collate, and the decoder registry.
 >>> boxes.shape, flips.shape
 ((2, 4), (2,))
 
-Names are imported on first use, so importing this package imports neither torch nor DALI.
+The names below are what ``student_train`` and the benchmarks use (docs/architecture.md says
+why each); everything else stays in its module (``teacher_infer.imaging.views``, ``.decode``,
+``.dali``, ``.decoders``), where the teacher pass and the tests import it from. Names are
+imported on first use, so importing this package imports neither torch nor DALI.
 """
 from __future__ import annotations
 
 import importlib
 
 _WHERE = {
-    "BOX_SCALE": "views", "PlannedViews": "views", "ViewSpec": "views", "eval_box": "views",
-    "eval_geometry": "views", "is_eval_box": "views", "pixel_box": "views",
-    "plan_views": "views", "quantize_inside": "views", "random_resized_crop_box": "views",
-    "separable_roi": "views", "view_rng": "views",
-    "DALI_FORMATS": "decode", "Batch": "decode", "DecodeError": "decode", "Item": "decode",
-    "PilDecoder": "decode", "ViewDataset": "decode", "batch_ranges": "decode",
-    "collate": "decode", "header_size": "decode", "open_rgb": "decode",
+    # the view geometry training replays and draws
+    "ViewSpec": "views", "eval_box": "views", "plan_views": "views",
+    "quantize_inside": "views", "random_resized_crop_box": "views",
+    # decoding and rendering in the workers, and the batches they collate
+    "Batch": "decode", "DecodeError": "decode", "ViewDataset": "decode",
+    "batch_ranges": "decode", "collate": "decode", "open_rgb": "decode",
     "pixels_to_input": "decode", "read_encoded": "decode", "render_box": "decode",
-    "render_eval": "decode", "render_views": "decode", "to_rgb": "decode",
-    "DaliDecoder": "dali", "dali_available": "dali",
-    "DECODERS": "decoders", "decoder_class": "decoders", "decoder_names": "decoders",
-    "resolve_decoder": "decoders",
+    "render_eval": "decode",
+    # the decoder registry
+    "decoder_class": "decoders", "decoder_names": "decoders", "resolve_decoder": "decoders",
 }
 
 __all__ = sorted(_WHERE)

@@ -71,6 +71,7 @@ class DaliDecoder:
 
     name = "dali"
     worker_mode = "bytes"  # workers read files and headers; decoding happens here
+    preferred_on = ("cuda",)  # `auto` on a GPU: nvJPEG decodes there, beside the model
 
     @staticmethod
     def unavailable() -> str | None:

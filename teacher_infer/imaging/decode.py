@@ -313,6 +313,9 @@ class PilDecoder:
 
     name = "pil"
     worker_mode = "pil"
+    # `auto` on the CPU: forked PIL workers decode faster than DALI's CPU mode there
+    # (docs/benchmarks.md, "Teacher inference"); on a GPU, the fallback when DALI is missing
+    preferred_on = ("cpu",)
 
     def __init__(self, *, spec: ViewSpec, interpolation: str, mean, std, max_batch: int,
                  device: torch.device, num_threads: int):

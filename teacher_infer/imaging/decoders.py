@@ -1,5 +1,6 @@
 """The decoders: one registry from the name a user types (``--decoder``) to the class that
-decodes, and the one rule for ``auto``.
+decodes, and the one rule for ``auto``, the same in the teacher pass, ``ssld verify``, training
+and eval.
 
 Every decoder class follows the same small protocol, in the teacher pass and in training:
 
@@ -10,6 +11,7 @@ Every decoder class follows the same small protocol, in the teacher pass and in 
   its header and plan the boxes from the header's (EXIF-oriented) size, and the decoder
   decodes on the device.
 - ``unavailable()``: None when it can run here, else why not (one line, with the fix).
+- ``preferred_on``: the device types (``torch.device.type``) on which ``auto`` picks it first.
 - ``default_workers(cpus)``: DataLoader workers per rank when ``--num-workers`` is not given.
 - ``Decoder(spec=, interpolation=, mean=, std=, max_batch=, device=, num_threads=)``, then
   ``decode(batches)``: ``(batch, images)`` for each :class:`~.decode.Batch`, in order, with
@@ -17,8 +19,15 @@ Every decoder class follows the same small protocol, in the teacher pass and in 
   the batch had already failed). A row it cannot decode is reported in the batch itself:
   ``batch.valid[i] = False`` and ``batch.reasons[i]`` (its pixels stay zero).
 
+``auto`` (:func:`resolve_decoder`) is a rule over those properties, never over names: the first
+registered decoder that is preferred on the device's type and can run here; when none is, the
+first that can run here at all. DALI is preferred on GPUs (nvJPEG decodes on the device); PIL
+on the CPU, where forked PIL workers decode faster than DALI's CPU mode (docs/benchmarks.md,
+"Teacher inference") and PIL is the fallback everywhere.
+
 A new decoder is a class with that protocol and one entry in ``_WHERE``; the configs and
-command lines take their choices from :func:`decoder_names`.
+command lines take their choices from :func:`decoder_names`, and ``auto`` considers it by its
+``preferred_on``.
 
 Importing this module imports neither torch nor DALI (``ssld --help`` stays instant); a class
 is imported when it is asked for.
@@ -45,18 +54,19 @@ def decoder_class(name: str) -> type:
     return getattr(importlib.import_module(f".{module}", __package__), attribute)
 
 
-def resolve_decoder(name: str, device, *, dali_on_cpu: bool = False) -> type:
+def resolve_decoder(name: str, device) -> type:
     """The decoder class to run for ``--decoder name`` on ``device``.
 
-    ``auto`` → DALI when it imports and the device is a GPU, PIL otherwise: on the CPU forked
-    PIL workers beat DALI's CPU mode in training. ``dali_on_cpu`` picks DALI whenever it
-    imports, its CPU mode included: the teacher pass's rule, kept as it was.
-    A decoder named explicitly that cannot run here is an ImportError saying why.
+    ``auto`` → the first registered decoder whose ``preferred_on`` holds ``device.type`` and
+    that can run here, else the first that can run here (see the module doc). A decoder named
+    explicitly that cannot run here is an ImportError saying why.
     """
     if name == AUTO:
-        dali = decoder_class("dali")
-        use_dali = (device.type == "cuda" or dali_on_cpu) and dali.unavailable() is None
-        return dali if use_dali else decoder_class("pil")
+        usable = [cls for cls in map(decoder_class, _WHERE) if cls.unavailable() is None]
+        preferred = [cls for cls in usable if device.type in cls.preferred_on]
+        if not usable:  # pragma: no cover - PIL is a dependency and always runs
+            raise ImportError("--decoder auto: no registered decoder can run here")
+        return (preferred or usable)[0]
     decoder = decoder_class(name)
     why = decoder.unavailable()
     if why is not None:

@@ -1,10 +1,13 @@
 """torchrun support: rank/world from the environment, gloo on CPU, nccl on CUDA.
 
 A single process (no ``WORLD_SIZE`` or ``WORLD_SIZE=1``) never initialises a process
-group; every collective below is then a local no-op, so there is one code path.
+group; every collective below is then a local no-op, so there is one code path. The teacher
+pass, dedup, training and eval all take their rank from here (``Dist.from_env().is_main`` is
+also how a command decides to print its summary).
 """
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -41,15 +44,21 @@ class Dist:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def init(self, device) -> None:
+    def init(self, device, *, timeout: datetime.timedelta | None = None) -> bool:
+        """Join the process group (nccl for a CUDA ``device``, gloo otherwise); True when this
+        call created it (the caller then closes it), False when there was nothing to do."""
         if not self.enabled:
-            return
+            return False
         import torch.distributed as dist
 
-        if not dist.is_initialized():
-            backend = "nccl" if device.type == "cuda" else "gloo"
-            kwargs = {"device_id": device} if device.type == "cuda" else {}
-            dist.init_process_group(backend=backend, **kwargs)
+        if dist.is_initialized():
+            return False
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kwargs: dict[str, Any] = {"device_id": device} if device.type == "cuda" else {}
+        if timeout is not None:
+            kwargs["timeout"] = timeout
+        dist.init_process_group(backend=backend, **kwargs)
+        return True
 
     def close(self) -> None:
         if self.enabled:

@@ -1,4 +1,4 @@
-"""Stage 1 of ``dedup``: exact top-m cosine search of a query set against a streamed pool.
+"""Stage 1 of dedup: exact top-m cosine search of a query set against a streamed pool.
 
 The result is defined without reference to how it is computed, so that the numpy
 path and the torch path (CPU or CUDA, any block size, any number of ranks) return
@@ -13,8 +13,9 @@ the same pairs:
   ordered by lower pool row first (exact copies of one image are ties, and the first
   copy wins).
 
-Both paths score blocks fast and approximately (float32 BLAS; fp16 query and pool
-on CUDA; bf16 on request), keep what could be in the top m given a proven bound on
+Both paths score blocks fast and approximately (float32 BLAS; the torch path in the
+precision ``teacher_infer.runtime.resolve_precision`` gives: bf16 on CUDA, fp32 on the CPU,
+or what was asked for), keep what could be in the top m given a proven bound on
 the approximation error (:func:`slack`), and re-score those pairs exactly on the CPU
 from the block that is already in memory. The torch path keeps a running top-K
 (K = top_m + EXTRA) per query on the device and afterwards certifies each query: no
@@ -25,15 +26,22 @@ one image) is searched again with a larger K.
 from __future__ import annotations
 
 import math
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 
-from . import _derive
-from ._reader import LabelStore
+from labelstore import LabelStore, first_in_runs, read_blocks
 
+from ..runtime import Dist, resolve_device, resolve_precision
+
+# Teacher embeddings of an image and its resized / re-encoded / slightly cropped copy typically
+# have cosine > 0.9; 0.8 leaves room for heavier edits while top_m bounds the number of pairs
+# stage 2 must look at.
+DEFAULT_THRESHOLD = 0.8
+DEFAULT_TOP_M = 5
 # Candidates the device keeps per query beyond top_m: room for near-ties at the m-th
 # place, so that nearly every query is certified in one pass over the pool.
 EXTRA = 16
@@ -74,7 +82,7 @@ def keep_best(query_rows, pool_rows, cosines, top_m: int) -> tuple[np.ndarray, .
     """Per query the ``top_m`` highest scores, ties by lower pool row; sorted as Candidates."""
     order = np.lexsort((pool_rows, -cosines, query_rows))
     query_rows, pool_rows, cosines = query_rows[order], pool_rows[order], cosines[order]
-    keep = _derive.first_in_runs(query_rows, top_m)
+    keep = first_in_runs(query_rows, top_m)
     return query_rows[keep], pool_rows[keep], cosines[keep]
 
 
@@ -102,7 +110,7 @@ def eligible(scores: np.ndarray, threshold: float) -> np.ndarray:
 
 
 # Unit roundoff of the dtypes the device may multiply in.
-PRECISIONS = {"fp32": 2.0 ** -24, "fp16": 2.0 ** -11, "bf16": 2.0 ** -8}
+UNIT_ROUNDOFF = {"fp32": 2.0 ** -24, "fp16": 2.0 ** -11, "bf16": 2.0 ** -8}
 
 
 def slack(dim: int, precision: str = "fp32") -> float:
@@ -114,7 +122,7 @@ def slack(dim: int, precision: str = "fp32") -> float:
     rounding the product to the compute dtype ≤ u; 1e-6 covers fp16 subnormals and the
     float32 rounding of the score.
     """
-    u = PRECISIONS[precision]
+    u = UNIT_ROUNDOFF[precision]
     return 2 * (3 * u + 4 * 2.0 ** -24 + (dim + 2) * 2.0 ** -24) + 1e-6
 
 
@@ -135,9 +143,56 @@ def _unit(raw: np.ndarray, norms: np.ndarray) -> np.ndarray:
 
 def _pool_blocks(pool: LabelStore, part) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """(first row, usable rows within the block, stored embeddings) per prefetched block."""
-    for lo, _, data in _derive.read_blocks(pool, ("embeddings", "valid"), part=part):
+    for lo, _, data in read_blocks(pool, ("embeddings", "valid"), part=part):
         raw = data["embeddings"]
         yield lo, np.flatnonzero(data["valid"].astype(bool) & usable_rows(raw)), raw
+
+
+def require_embeddings(store: LabelStore, role: str) -> None:
+    if not store.has_embeddings:
+        raise ValueError(f"{role} store {store.path} has no embeddings: run `ssld infer-teacher "
+                         "... --embeddings` to write them")
+
+
+def search(query: LabelStore, pool: LabelStore, *, threshold: float = DEFAULT_THRESHOLD,
+           top_m: int = DEFAULT_TOP_M, device: str = "auto", precision: str = "auto", query_batch: int = 4096,
+           pool_batch: int | None = None, part: tuple[int, int] | None = None,
+           progress: bool = False) -> Candidates:
+    """Stage 1: per query row, the ``top_m`` pool rows with cosine >= ``threshold``.
+
+    The result is exact and the same on every ``device`` (see the module doc):
+    ``"auto"``, ``"cpu"`` or ``"cuda"`` (``teacher_infer.runtime.resolve_device``; or a
+    ``torch.device`` resolved already) run the torch path (queries held on the device,
+    running top-K per query there); ``"numpy"`` runs the float32-BLAS reference. ``precision`` is the dtype of the torch products
+    (``teacher_infer.runtime.resolve_precision``: ``"auto"`` is bf16 on CUDA, fp32 on the
+    CPU; ``"bf16"`` is fast on CPUs with AVX512-BF16/AMX); it changes the speed, not the
+    result. Rows with ``valid=False`` or an all-zero embedding take no part.
+    ``pool_batch`` sets the pool rows per matrix product (default: the score matrix
+    stays under 256 MiB on the CPU, 2 GiB on CUDA; 16384 rows for numpy, with
+    ``query_batch`` queries per product); ``part=(i, n)`` searches only every n-th
+    pool block from block i (one rank's share).
+    """
+    require_embeddings(query, "query")
+    require_embeddings(pool, "pool")
+    if query.embedding_dim != pool.embedding_dim:
+        raise ValueError(f"embedding widths differ: {query.path} has {query.embedding_dim}, "
+                         f"{pool.path} has {pool.embedding_dim}")
+    options = dict(threshold=float(threshold), top_m=int(top_m), pool_batch=pool_batch,
+                   part=part)
+    with progress_bar(progress, len(pool), "dedup: cosine search") as bar:
+        if device == "numpy":
+            return search_numpy(query, pool, query_batch=int(query_batch), bar=bar, **options)
+        dev = resolve_device(device, Dist.from_env()) if isinstance(device, str) else device
+        return search_torch(query, pool, device=dev, precision=resolve_precision(precision, dev),
+                            bar=bar, **options)
+
+
+def progress_bar(enabled: bool, total: int, desc: str, unit: str = "rows"):
+    """dedup's tqdm bar on stderr (both stages); silent when ``enabled`` is false."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, disable=not enabled,
+                leave=False, dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
 
 
 # -- numpy: the reference -------------------------------------------------------------
@@ -184,19 +239,6 @@ def search_numpy(query: LabelStore, pool: LabelStore, *, threshold: float, top_m
 
 # -- torch: queries on the device, running top-K ----------------------------------------
 
-def resolve_device(device: str):
-    """``auto`` → CUDA when available, else CPU; ``cuda`` without a GPU is a ValueError."""
-    import torch
-
-    if device not in ("auto", "cpu", "cuda") and not str(device).startswith("cuda:"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but torch sees no CUDA device")
-    return torch.device(device)
-
-
 @contextmanager
 def _exact_matmul():
     """No TF32, no fp16/bf16 partial sums while searching: :func:`slack` assumes fp32 sums."""
@@ -225,25 +267,24 @@ def block_rows(num_queries: int, dim: int, device_type: str) -> int:
 
 
 def search_torch(query: LabelStore, pool: LabelStore, *, threshold: float, top_m: int,
-                 device: str = "auto", pool_batch: int | None = None,
-                 part: tuple[int, int] | None = None, bar=None,
-                 precision: str = "auto") -> Candidates:
-    """Stage 1 with torch: the same pairs as :func:`search_numpy`.
+                 device="cpu", precision: str = "fp32", pool_batch: int | None = None,
+                 part: tuple[int, int] | None = None, bar=None) -> Candidates:
+    """Stage 1 with torch on ``device`` (resolved already: a ``torch.device`` or its name):
+    the same pairs as :func:`search_numpy`.
 
-    Memory on the device: queries × D × (2 bytes on CUDA, 4 on CPU), one pool block
+    Memory on the device: queries × D × (2 bytes in bf16/fp16, 4 in fp32), one pool block
     × D, the (queries × block) score matrix (bounded by ``SCORE_BYTES``, or set by
-    ``pool_batch``) and the running top-K, queries × K × 12 bytes. ``precision`` is
-    the dtype of the products: ``"auto"`` = fp16 on CUDA, fp32 on the CPU; ``"bf16"``
-    is ~4× faster than fp32 on CPUs with AVX512-BF16 or AMX (slow elsewhere); the
-    result does not depend on it (a coarser dtype only widens the error bound).
+    ``pool_batch``) and the running top-K, queries × K × 12 bytes. ``precision`` (fp32,
+    bf16 or fp16) is the dtype of the products; bf16 is ~4× faster than fp32 on CPUs with
+    AVX512-BF16 or AMX (slow elsewhere); the result does not depend on it (a coarser dtype
+    only widens the error bound).
     """
     import torch
 
-    dev = resolve_device(device)
-    if precision == "auto":
-        precision = "fp16" if dev.type == "cuda" else "fp32"
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be 'auto', 'fp32', 'fp16' or 'bf16', got {precision!r}")
+    device = torch.device(device)
+    if precision not in UNIT_ROUNDOFF:
+        raise ValueError(f"precision must be one of {', '.join(UNIT_ROUNDOFF)}, got "
+                         f"{precision!r}")
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     ids, queries_raw, query_norms = _queries(query)
     if not len(ids):
@@ -258,7 +299,7 @@ def search_torch(query: LabelStore, pool: LabelStore, *, threshold: float, top_m
     with torch.inference_mode(), _exact_matmul():
         while len(pending):
             unit = torch.from_numpy(_unit(queries_raw[pending], query_norms[pending]))
-            on_device = unit.to(dev, dtype)
+            on_device = unit.to(device, dtype)
             found, kth, total = _stream(on_device, pool, width, low, threshold, queries_raw,
                                         query_norms, pending, pool_batch, part, bar)
             bar = None     # a second pass is not drawn as progress
@@ -285,7 +326,7 @@ def _stream(queries, pool, width, low, threshold, queries_raw, query_norms, pend
     top_rows = torch.full((n, width), -1, dtype=torch.int64, device=dev)
     found: list[tuple[np.ndarray, ...]] = []
     total = 0
-    for lo, _, data in _derive.read_blocks(pool, ("embeddings", "valid"), part=part):
+    for lo, _, data in read_blocks(pool, ("embeddings", "valid"), part=part):
         raw = data["embeddings"]
         stored, valid = torch.from_numpy(raw), torch.from_numpy(data["valid"].astype(bool))
         for b0 in range(0, len(raw), step):
@@ -339,7 +380,7 @@ def _certified(positions, scores, pending, kth, error, threshold, top_m, saw_all
     index = np.searchsorted(pending, positions)
     counts = np.bincount(index, minlength=len(pending))
     mth = np.full(len(pending), np.inf)
-    last = np.flatnonzero(_derive.first_in_runs(positions, top_m)
-                          & ~_derive.first_in_runs(positions, top_m - 1))
+    last = np.flatnonzero(first_in_runs(positions, top_m)
+                          & ~first_in_runs(positions, top_m - 1))
     mth[index[last]] = scores[last]
     return ~np.isfinite(kth) | (bar < threshold) | ((counts >= top_m) & (bar < mth))

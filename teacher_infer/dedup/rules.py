@@ -1,4 +1,4 @@
-"""Which pool images a ``dedup`` run removes, and how many each rule would remove.
+"""Which pool images a dedup run removes, and how many each rule would remove.
 
 - ``best``: the pool rows of confirmed pairs (each query's confirmed top-m matches).
 - ``component`` (DINOv2, Oquab et al. 2023, App. A.3, as used against evaluation sets):
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._dedup_search import Candidates, eligible
+from .search import Candidates, eligible
 
 RULES = ("best", "component")
 REPORT_STEPS = (0.0, 0.05, 0.1, 0.15)   # default report thresholds: threshold + these

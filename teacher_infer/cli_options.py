@@ -1,13 +1,18 @@
 """The click options every package's commands share, and options read from config dataclasses.
 
-``labelstore`` is the lowest layer whose commands need them, so they live here, public, and
-``teacher_infer/_cli.py``, ``student_train/_cli.py`` and the other command modules import them:
+``teacher_infer`` is the lowest layer that may import click (``labelstore`` is the store
+library alone), so they live here, public, and every command module imports them: the store
+commands' (``teacher_infer/_store_cli.py``, ``_select_cli.py``, ``_ensemble_cli.py``),
+dedup's, the teacher pass's and ``student_train``'s.
 
 - :func:`config_option` makes an option for one field of a config dataclass (or one keyword of
   a library function): its default (shown by ``--help``) and, where the field's ``metadata``
   names them, its choices and help come from the field, so no default is typed twice.
-- :data:`overwrite_option`, :data:`threads_option`, :data:`json_option` and
-  :data:`device_option` are each defined once here and used by every command that has them.
+- :func:`threads_option` is ``--threads`` of a computing command, read from its config's
+  ``threads`` field like any other option; the library entry point applies it
+  (``teacher_infer.runtime.set_threads``), so the CLI and Python behave the same.
+- :data:`overwrite_option`, :data:`json_option` and :data:`device_option` are each defined
+  once here and used by every command that has them.
 
 Nothing here imports torch: ``ssld --help`` stays instant.
 """
@@ -15,14 +20,11 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import os
 from typing import Any, Callable, Mapping
 
 import click
 
-from ._threads import DEFAULT_THREADS, set_threads
-
-DEVICES = ("auto", "cpu", "cuda")   # the one list: both configs take theirs from here
+from .runtime.device import DEVICES
 
 
 def config_field(config: type, name: str) -> dataclasses.Field:
@@ -69,18 +71,19 @@ def config_option(config: Callable, name: str, *param_decls: str, **attrs: Any) 
     return click.option(*param_decls, name, **attrs)
 
 
-def _apply_threads(ctx: click.Context, param: click.Parameter, value: int) -> int:
-    return set_threads(value)
+def threads_option(config: Callable) -> Callable:
+    """``--threads N``: the ``threads`` field (or keyword) of ``config``; its default None is
+    shown as what it means."""
+    default, _ = _default_and_metadata(config, "threads")
+    return config_option(config, "threads", type=click.IntRange(min=1), help=(
+        "CPU threads per process: torch, OpenMP, BLAS, OpenCV"
+        + (" (default: the CPUs available per rank)" if default is None else "")
+        + ". 1 is fastest when other jobs share the cores."))
 
 
 overwrite_option = click.option(
     "--overwrite", is_flag=True,
     help="Replace --out if it exists (instead of refusing, or of resuming it).")
-
-threads_option = click.option(
-    "--threads", type=click.IntRange(min=1), default=DEFAULT_THREADS, show_default=True,
-    callback=_apply_threads, help="CPU threads (torch, BLAS, OpenCV). 1 is fastest when other "
-    "jobs share the cores; on an idle machine, try the number of cores.")
 
 json_option = click.option(
     "--json", "as_json", is_flag=True,
@@ -91,10 +94,5 @@ device_option = click.option(
     help="auto: CUDA when available.")
 
 
-def is_main_process() -> bool:
-    """False on the ranks other than 0 under torchrun, which print no summary."""
-    return int(os.environ.get("RANK", "0") or 0) == 0
-
-
-__all__ = ["DEVICES", "config_field", "config_option", "device_option", "is_main_process",
-           "json_option", "overwrite_option", "threads_option"]
+__all__ = ["config_field", "config_option", "device_option", "json_option", "overwrite_option",
+           "threads_option"]

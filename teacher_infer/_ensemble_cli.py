@@ -1,9 +1,11 @@
-"""``ssld ensemble``: one store from several teachers' stores on the same crops."""
+"""``ssld ensemble``: one store from several teachers' stores on the same crops (the click
+wiring; the work is ``labelstore.ensemble``)."""
 from __future__ import annotations
 
 import click
 
-from . import _ensemble
+import labelstore
+
 from .cli_options import config_option, overwrite_option
 
 commands: list[click.Command] = []
@@ -24,15 +26,13 @@ def _weights(ctx, param, value):
 @click.option("--weights", callback=_weights, help="One weight per store, e.g. 0.5,0.5 "
               "(normalised) [equal].")
 @click.option("--topk", type=int, help="Classes kept per view [the largest member k].")
-@config_option(_ensemble.ensemble, "rule", type=click.Choice(["mean", "geomean"]),
+@config_option(labelstore.ensemble, "rule", type=click.Choice(["mean", "geomean"]),
                help="Weighted mean of the distributions, or their normalised weighted "
                "geometric mean.")
 @overwrite_option
 def ensemble_cmd(stores, out, weights, topk, rule, overwrite) -> None:
     """Combine stores that label the same crops (infer-teacher --views-from) into one."""
-    from labelstore import ensemble
-
-    click.echo(ensemble(list(stores), out, weights=weights, topk=topk, rule=rule,
+    click.echo(labelstore.ensemble(list(stores), out, weights=weights, topk=topk, rule=rule,
                         overwrite=overwrite, progress=True))
 
 

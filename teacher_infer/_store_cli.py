@@ -1,11 +1,13 @@
-"""``ssld inspect`` and ``ssld export`` (store-only commands)."""
+"""``ssld inspect`` and ``ssld export`` (store-only commands): their click wiring, here in the
+lowest layer that may import click; the work is ``labelstore``'s."""
 from __future__ import annotations
 
 import json
 
 import click
 
-from ._inspect import inspect_store
+from labelstore import inspect_store
+
 from .cli_options import config_option, json_option, overwrite_option
 
 commands: list[click.Command] = []
@@ -41,9 +43,8 @@ def export_cmd(store: str, out: str, rows: str | None, overwrite: bool,
                allow_incomplete: bool) -> None:
     """Export a label store (or a row range of it) to HDF5 with h5py."""
     import labelstore
-    from labelstore._export import export
 
-    result = export(labelstore.open(store), out, rows, overwrite=overwrite,
+    result = labelstore.export(labelstore.open(store), out, rows, overwrite=overwrite,
                     allow_incomplete=allow_incomplete)
     if result.warning():
         click.echo(result.warning(), err=True)
