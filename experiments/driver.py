@@ -221,7 +221,9 @@ class Driver:
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
         threads = str(self.ctx.args.threads)
-        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, HF_HUB_OFFLINE="1",
+        # SSLD_THREADS is every ssld command's --threads default (the commands stay as recorded)
+        env.update(SSLD_THREADS=threads, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads,
+                   HF_HUB_OFFLINE="1",
                    PYTHONUNBUFFERED="1")
         return env
 

@@ -151,6 +151,14 @@ def test_checks_then_evaluations_then_interrupted_runs_start_first(tmp_path):
     assert sorted(["a", "b", "c", "eval_x"], key=driver.urgency) == ["b", "eval_x", "c", "a"]
 
 
+def test_steps_run_with_the_sittings_thread_count(tmp_path):
+    """ssld's --threads defaults to every CPU of the rank; the driver's commands are recorded
+    without --threads, so it hands its own count to every step as $SSLD_THREADS."""
+    ctx = _context(tmp_path)
+    env = Driver(ctx, [Step("a", "train")], study="toy").env()
+    assert env["SSLD_THREADS"] == env["OMP_NUM_THREADS"] == str(ctx.args.threads)
+
+
 # -- resuming in the same workdir --------------------------------------------------------------
 
 def _sitting(tmp_path, *options: str) -> subprocess.Popen:

@@ -110,6 +110,7 @@ def test_set_threads_sets_torch_openmp_blas_and_opencv(restore_threads):
 
 
 def test_the_default_is_the_cpus_available_per_rank(restore_threads, monkeypatch):
+    monkeypatch.delenv("SSLD_THREADS", raising=False)
     cpus = len(os.sched_getaffinity(0))
     assert set_threads(None, Dist()) == cpus == torch.get_num_threads()
     two_ranks = Dist(rank=1, world_size=2, local_rank=1, local_world_size=2)
@@ -117,6 +118,19 @@ def test_the_default_is_the_cpus_available_per_rank(restore_threads, monkeypatch
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")     # from the environment, as under torchrun
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert set_threads() == max(1, cpus // 2)
+
+
+def test_ssld_threads_is_the_default_when_set(restore_threads, monkeypatch):
+    """A driver of many commands (experiments/driver.py) sets the default once; an explicit
+    count still wins, and a value that is not a count is one line naming the variable."""
+    wanted = 3 if torch.get_num_threads() != 3 else 2
+    monkeypatch.setenv("SSLD_THREADS", str(wanted))
+    assert set_threads(None, Dist()) == wanted == torch.get_num_threads()
+    assert set_threads(1) == 1 == torch.get_num_threads()
+    for bad in ("0", "two", "-1", "1.5"):
+        monkeypatch.setenv("SSLD_THREADS", bad)
+        with pytest.raises(ValueError, match="SSLD_THREADS="):
+            set_threads(None, Dist())
 
 
 class _Started(Exception):
