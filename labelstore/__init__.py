@@ -13,13 +13,14 @@ from ._paths import (check_disjoint, disk_bytes, exists, human_size, is_store_di
 from ._reader import DamagedStoreError, LabelSlice, LabelStore, densify, open
 from ._version import __version__
 from ._writer import IncompleteRunError, LabelStoreWriter, create
+from ._derive import check_compatible, open_complete
 from ._dedup import dedup
 from ._ensemble import EnsembleResult, combine_distributions, combine_top_k, ensemble
 from ._merge import merge
 from ._select import select_topk
 from ._dist import Dist
 from ._text import (KEY_RULE, escapes_root, first_bad_key, first_escaping_key, key_problem,
-                    read_lines)
+                    read_lines, read_text)
 from ._threads import set_threads
 from ._verify import TeacherCheck, VerifyResult, verify
 
@@ -41,6 +42,7 @@ __all__ = [
     "TeacherCheck",
     "VerifyResult",
     "__version__",
+    "check_compatible",
     "check_disjoint",
     "combine_distributions",
     "combine_top_k",
@@ -61,8 +63,10 @@ __all__ = [
     "local_path",
     "merge",
     "open",
+    "open_complete",
     "quantize_boxes",
     "read_lines",
+    "read_text",
     "real_path",
     "select_topk",
     "set_threads",

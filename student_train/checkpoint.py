@@ -18,6 +18,8 @@ from typing import Any, Optional
 
 import torch
 
+from teacher_infer.runtime import saved_entries
+
 from .config import TrainConfig, changed_options
 
 FORMAT = "ssld.train-student"
@@ -64,13 +66,15 @@ def make_checkpoint(*, model: torch.nn.Module, ema: Optional[torch.nn.Module],
                     optimizer: torch.optim.Optimizer, scaler: Any, epoch: int, step: int,
                     cfg: TrainConfig, model_name: str, num_classes: int,
                     data_config: dict[str, Any], rng: list, best: dict[str, Any],
-                    metrics: dict[str, Any]) -> dict[str, Any]:
+                    metrics: dict[str, Any], class_names: Optional[list] = None
+                    ) -> dict[str, Any]:
     """The dict written to ``last.pt``/``best.pt``; ``epoch`` counts completed epochs."""
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "model_name": model_name,
         "num_classes": num_classes,
+        "class_names": class_names,     # the training data's, where known: eval matches by name
         "data_config": data_config,     # eval preprocessing: input_size, mean, std, crop_pct, ...
         "state_dict": model.state_dict(),
         "state_dict_ema": None if ema is None else ema.module.state_dict(),
@@ -168,12 +172,5 @@ def saved_data_config(path: str) -> Optional[dict[str, Any]]:
     ``ssld eval`` uses it as the default, so a student trained at 64 px is evaluated at 64 px.
     Reading the weights themselves is teacher_infer's job (``teacher_infer.model``).
     """
-    if path.endswith(".safetensors") or not os.path.isfile(path):
-        return None
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # not a zip-format torch file: the weights reader reports it
-        return None
-    if isinstance(checkpoint, dict) and checkpoint.get("format") == FORMAT:
-        return checkpoint.get("data_config")
-    return None
+    checkpoint = saved_entries(path) or {}
+    return checkpoint.get("data_config") if checkpoint.get("format") == FORMAT else None

@@ -31,11 +31,11 @@ import labelstore
 from teacher_infer.imaging import (DecodeError, ViewSpec, eval_box, open_rgb, pixels_to_input,
                                    random_resized_crop_box, render_box, render_eval,
                                    resolve_decoder)
-from teacher_infer.runtime import cpus_per_rank
+from teacher_infer.runtime import cpus_per_rank, saved_class_names
 
 from . import distributed as D
 from .sampling import ShardedSampler, replay_view, sample_rng
-from .samples import SampleSet, open_source, open_stores, store_top1
+from .samples import Classes, SampleSet, open_source, open_stores, store_top1
 
 CROP_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop aspect range (torchvision, timm, PaddleClas)
 _EMPTY = torch.zeros(0)
@@ -193,6 +193,7 @@ class TrainData:
     num_train: int
     crop: str
     describe: dict[str, Any] = field(default_factory=dict)
+    class_names: Optional[list] = None   # recorded in checkpoints: eval matches folders to them
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
@@ -224,7 +225,12 @@ def build_data(cfg, env: D.DistEnv, data_config: dict[str, Any], *, log: logging
     if cfg.stores:
         samples = open_stores(cfg.stores, env=env)
     else:
-        samples = open_source(cfg.data, cfg.root, env=env, what="--data")
+        classes = None
+        if teacher_classes is not None:  # the teacher's class space: folders match its names
+            classes = Classes(teacher_classes,
+                              saved_class_names(cfg.teacher_checkpoint, teacher_classes),
+                              f"--teacher-checkpoint {cfg.teacher_checkpoint}")
+        samples = open_source(cfg.data, cfg.root, env=env, what="--data", classes=classes)
     if teacher_classes is not None:
         if samples.stores and samples.num_classes != teacher_classes:
             raise ValueError(f"label store {samples.stores[0].path} has {samples.num_classes} "
@@ -260,7 +266,8 @@ def build_data(cfg, env: D.DistEnv, data_config: dict[str, Any], *, log: logging
     train = make_batches(train_set, sampler, drop_last=True, **batching)
     val = None
     if cfg.val:
-        val_samples = open_source(cfg.val, cfg.val_root, env=env, what="--val")
+        val_samples = open_source(cfg.val, cfg.val_root, env=env, what="--val",
+                                  classes=Classes.of(samples))
         val_samples = val_samples.subset(val_samples.labels >= 0)
         if len(val_samples) == 0:
             raise ValueError(f"--val {cfg.val} has no labeled images")
@@ -279,7 +286,8 @@ def build_data(cfg, env: D.DistEnv, data_config: dict[str, Any], *, log: logging
              f"{workers} worker(s) per process)"
              + (f", {describe['num_val']:,} validation images" if val is not None else ""))
     return TrainData(train=train, val=val, sampler=sampler, num_classes=samples.num_classes,
-                     num_train=len(samples), crop=crop, describe=describe)
+                     num_train=len(samples), crop=crop, describe=describe,
+                     class_names=samples.class_names)
 
 
 def make_batches(dataset: CropDataset, sampler: ShardedSampler, *, batch_size: int,

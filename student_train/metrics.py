@@ -10,6 +10,8 @@ from typing import Any, Optional
 
 import torch
 
+from labelstore import read_lines
+
 COLUMNS = ("epoch", "lr", "train_loss", "val_top1", "val_top5", "ema_top1", "ema_top5",
            "agreement", "images_per_s", "epoch_s")
 
@@ -92,8 +94,8 @@ class MetricsCSV:
         self.path = path
         rows = []
         if keep_epochs and os.path.exists(path):
-            with open(path, newline="") as handle:
-                rows = [r for r in csv.DictReader(handle) if int(r["epoch"]) <= keep_epochs]
+            rows = [r for r in csv.DictReader(read_lines(path, "metrics file"))
+                    if int(r["epoch"]) <= keep_epochs]
         with open(path, "w", newline="") as handle:
             writer = csv.DictWriter(handle, COLUMNS)
             writer.writeheader()

@@ -283,7 +283,7 @@ def _dedup(cfg: QuickstartConfig, work: Path, pool: str, val: str,
         if not exclude.exists():  # written whole (renamed into place): it exists = complete
             found = labelstore.dedup(val, pool, workers=cfg.threads)
             _write_atomic(exclude, "\n".join(found.lines()) + "\n")
-        return sum(1 for line in exclude.read_text().splitlines()
+        return sum(1 for line in labelstore.read_lines(str(exclude), "exclude file")
                    if line and not line.startswith("#"))
 
     duplicates = steps.timed("dedup U vs V", find_duplicates, lambda n: f"{n} confirmed",
@@ -347,7 +347,7 @@ def _save_summary(path: Path, result: QuickstartResult) -> None:
     """The first complete run's record; later runs are appended under ``reruns``."""
     record = asdict(result)
     if path.exists():
-        first = json.loads(path.read_text())
+        first = json.loads(labelstore.read_text(str(path), "quickstart record"))
         rerun = {k: record[k] for k in ("steps", "threads")}
         rerun["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         record = {**first, "reruns": first.get("reruns", []) + [rerun]}

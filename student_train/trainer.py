@@ -365,7 +365,8 @@ def _save(run: _Run, *, epoch: int, step: int, best: dict, row: dict, improved: 
         state = make_checkpoint(model=run.model, ema=run.ema, optimizer=run.optimizer,
                                 scaler=run.scaler, epoch=epoch, step=step, cfg=run.cfg,
                                 model_name=run.model_name, num_classes=run.data.num_classes,
-                                data_config=run.data_config, rng=rngs, best=best, metrics=row)
+                                data_config=run.data_config, rng=rngs, best=best, metrics=row,
+                                class_names=run.data.class_names)
         save_atomic(state, os.path.join(run.cfg.out, "last.pt"))
         if improved:
             save_atomic(state, os.path.join(run.cfg.out, "best.pt"))

@@ -23,13 +23,14 @@ from typing import Any, Callable
 import numpy as np
 
 from labelstore import (DEFAULT_CHUNK_ROWS, IncompleteRunError, OutputLock, check_disjoint,
-                        disk_bytes, human_size, local_path)
+                        disk_bytes, human_size, local_path, read_lines)
 
 from .config import InferConfig
-from .data import Samples, find_samples, read_class_names
+from .data import Samples, find_samples, labels_by_name, read_class_names
 from .imaging.decoders import resolve_decoder
 from .imaging.views import ViewSpec
-from .runtime import Dist, autocast, cpus_per_rank, resolve_device, resolve_precision
+from .runtime import (Dist, autocast, cpus_per_rank, resolve_device, resolve_precision,
+                      saved_class_names)
 
 FAILED_FILE = "failed.txt"
 BOX_CONVENTION = ("(y0, x0, h, w) fractions of the EXIF-oriented RGB image; a view resamples "
@@ -86,19 +87,28 @@ def _on_main(dist: Dist, make: Callable[[], Any]) -> Any:
     return result
 
 
-def _labels_and_names(samples: Samples, num_classes: int,
-                      names_file: str | None) -> tuple[np.ndarray, list[str] | None]:
-    """Labels in the model's class space and the class names to record."""
+def _labels_and_names(samples: Samples, num_classes: int, names_file: str | None,
+                      checkpoint: str | None = None) -> tuple[np.ndarray, list[str] | None]:
+    """Labels in the model's class space and the class names to record.
+
+    The model's class names come from ``--class-names`` or, without it, from a checkpoint
+    that records them (train-student's); class folders are then matched to them by name
+    (``labels_by_name``). Without names, folders keep ImageFolder's sorted index.
+    """
     names = read_class_names(names_file) if names_file else None
+    named_by = f"--class-names {names_file}"
     if names is not None and len(names) != num_classes:
         raise ValueError(f"--class-names {names_file} has {len(names)} names but the model has "
                          f"{num_classes} classes")
+    if names is None:
+        names = saved_class_names(checkpoint, num_classes)
+        named_by = f"--checkpoint {checkpoint}"
     labels = samples.labels
     if samples.source == "folder":
         folders = samples.class_names or []
-        if names is not None and set(folders) <= set(names):
-            index = {name: i for i, name in enumerate(names)}  # map folders to model classes
-            labels = np.asarray([index[folders[label]] for label in labels], dtype=np.int64)
+        if names is not None:
+            labels = labels_by_name(samples, num_classes, names, option="--data",
+                                    named_by=named_by)
         elif len(folders) > num_classes:
             raise ValueError(f"{samples.root} has {len(folders)} class folders but the model has "
                              f"{num_classes} classes (pass --num-classes or --class-names)")
@@ -214,8 +224,8 @@ def _append_failures(out: str, rank: int, lines: list[str], pending: list[str]) 
         os.fsync(handle.fileno())
 
 
-def _read_reasons(handle, reasons: dict[str, str]) -> None:
-    for line in handle:
+def _read_reasons(lines, reasons: dict[str, str]) -> None:
+    for line in lines:
         key, _, reason = line.rstrip("\n").partition("\t")
         reasons[key] = reason
 
@@ -233,11 +243,10 @@ def _merge_failures(out: str, keys: list[str], failed: np.ndarray, pending: list
     parts = sorted(f for f in os.listdir(folder) if f.startswith("failed.rank")) if folder else []
     for path in [target] + [os.path.join(folder, name) for name in parts]:
         if fs is None and os.path.exists(path):
-            with open(path, encoding="utf-8") as handle:
-                _read_reasons(handle, reasons)
+            _read_reasons(read_lines(path, "failures file"), reasons)
         elif fs is not None and fs.exists(path):
-            with fs.open(path, "r", encoding="utf-8") as handle:
-                _read_reasons(handle, reasons)
+            _read_reasons(read_lines(f"{str(out).rstrip('/')}/{FAILED_FILE}", "failures file"),
+                          reasons)
     _read_reasons(pending, reasons)
     invalid = [keys[row] for row in np.flatnonzero(failed)]
     text = "".join(f"{key}\t{reasons.get(key, 'unknown')}\n" for key in invalid)
@@ -478,7 +487,8 @@ def _run(cfg: InferConfig, dist: Dist, device, started: float) -> RunSummary:
     decoder_class = resolve_decoder(cfg.decoder, device, dali_on_cpu=True)
     cfg, samples, reference = _rows(cfg, dist)
     teacher = load_teacher(cfg, device)
-    labels, class_names = _labels_and_names(samples, teacher.num_classes, cfg.class_names)
+    labels, class_names = _labels_and_names(samples, teacher.num_classes, cfg.class_names,
+                                            cfg.checkpoint)
     if cfg.topk > teacher.num_classes:
         raise ValueError(f"--topk {cfg.topk} exceeds the model's {teacher.num_classes} classes")
     precision = resolve_precision(cfg.precision, device)

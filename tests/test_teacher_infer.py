@@ -620,6 +620,50 @@ def test_class_names_map_folders_to_model_classes(image_folder, make_checkpoint,
               checkpoint=str(make_checkpoint(num_classes=10)), class_names=str(names_file))
 
 
+def test_class_names_never_fall_back_to_folder_order(image_folder, make_checkpoint, tmp_path):
+    """A folder missing from --class-names, a name listed twice: refused naming them (they
+    used to fall back to sorted folder order, silently). A file saved with a UTF-8 BOM reads
+    as one without."""
+    checkpoint = str(make_checkpoint(num_classes=10))
+    names = [f"class{i}" for i in range(10)]
+    for position, folder in zip((7, 2), image_folder.class_names):  # n03_fox left out
+        names[position] = folder
+    names_file = tmp_path / "names.txt"
+    names_file.write_text("\n".join(names) + "\n")
+    with pytest.raises(ValueError, match="class folder\\(s\\) 'n03_fox' are not among the 10 "
+                                         f"class names of --class-names {names_file}"):
+        infer(image_folder.data, tmp_path / "a.zarr", decoder="pil", num_classes=10,
+              checkpoint=checkpoint, class_names=str(names_file))
+    names[5] = "class1"
+    names_file.write_text("\n".join(names) + "\n")
+    with pytest.raises(ValueError, match=f"{names_file}:6: 'class1' is listed twice \\(first at "
+                                         "line 2\\)"):
+        infer(image_folder.data, tmp_path / "b.zarr", decoder="pil", num_classes=10,
+              checkpoint=checkpoint, class_names=str(names_file))
+    names[0], names[5] = "n03_fox", "class5"   # the first name, right behind the BOM
+    names_file.write_bytes(b"\xef\xbb\xbf" + ("\n".join(names) + "\n").encode())
+    summary = infer(image_folder.data, tmp_path / "c.zarr", decoder="pil", num_classes=10,
+                    checkpoint=checkpoint, class_names=str(names_file))
+    store = labelstore.open(summary.out)
+    assert store.class_names == names
+    assert store.labels.tolist() == [(7, 2, 0)[label] for label in image_folder.labels]
+
+
+def test_a_checkpoint_that_records_class_names_places_the_folders(image_folder, make_checkpoint,
+                                                                  tmp_path):
+    """A train-student checkpoint records the names of its classes: without --class-names,
+    the teacher pass matches folders to them (a data set lacking a class keeps its ids)."""
+    state = torch.load(make_checkpoint(num_classes=4), weights_only=True)
+    names = ["n03_fox", "wolf", "n01_cat", "n02_dog"]
+    torch.save({"format": "ssld.train-student", "state_dict": state, "class_names": names},
+               tmp_path / "teacher.pt")
+    summary = infer(image_folder.data, tmp_path / "n.zarr", decoder="pil",
+                    checkpoint=str(tmp_path / "teacher.pt"), num_classes=4, topk=3)
+    store = labelstore.open(summary.out)
+    assert store.class_names == names
+    assert store.labels.tolist() == [(2, 3, 0)[label] for label in image_folder.labels]
+
+
 # -- --views-from: a second teacher on the same crops -------------------------------------
 @pytest.fixture(scope="module")
 def reference_store(image_folder, make_checkpoint, tmp_path_factory):

@@ -309,3 +309,81 @@ def test_store_keys_outside_the_dataset_root_are_refused(images, tmp_path, capsy
     assert err.startswith(f"ssld: error: label store {path}: key {key!r} points outside its "
                           "dataset root")
     assert_nothing_trained(str(tmp_path / "run"))
+
+
+NAMES = [f"c{i}" for i in range(CLASSES)]  # the class folders make_images writes
+
+
+def test_stores_whose_class_names_differ_are_refused_naming_them(images, tmp_path):
+    """merge and ensemble refuse to combine them; so does train-student (a class id would
+    mean two classes in one training set)."""
+    named = store(images, "named", class_names=NAMES)
+    other = store(images, "renamed", class_names=["c0", "c1", "c3", "c2"])
+    with pytest.raises(ValueError, match=f"class_names differ: {named} has 'c2' at class 2, "
+                                         f"{other} has 'c3'"):
+        train(config(tmp_path / "run", [named, other]))
+    assert_nothing_trained(tmp_path / "run")
+    # a store that records no names is taken as of the same classes (merge's rule)
+    train(config(tmp_path / "fine", [named, store(images, "ok")], epochs=1))
+
+
+def test_the_same_store_twice_is_refused(images, tmp_path):
+    """Every row would train twice per epoch; an alias through a symlink is the same store."""
+    path = store(images, "ok")
+    with pytest.raises(ValueError, match=f"store {path} is given twice"):
+        train(config(tmp_path / "run", [path, path]))
+    alias = tmp_path / "alias.zarr"
+    alias.symlink_to(path)
+    with pytest.raises(ValueError, match=f"store {alias} is given twice"):
+        train(config(tmp_path / "run", [path, str(alias)]))
+    assert_nothing_trained(tmp_path / "run")
+
+
+def val_folder(images, tmp_path, folders):
+    """A --val class folder holding the images of ``folders`` only (a class left out)."""
+    root, keys, labels = images
+    val = tmp_path / "val"
+    for key in keys:
+        if key.split("/")[0] in folders:
+            (val / key).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(root / "images" / key, val / key)
+    return val
+
+
+def test_val_class_folders_are_matched_to_the_store_class_names(images, tmp_path):
+    """A --val folder without class c1: its c2 and c3 images keep classes 2 and 3 (by sorted
+    folder index they would be scored as 1 and 2), and the checkpoint records the names."""
+    from student_train.data import build_data
+    from student_train.distributed import setup
+    from student_train.metrics import setup_logger
+
+    root, keys, labels = images
+    val = val_folder(images, tmp_path, {"c0", "c2", "c3"})
+    cfg = config(tmp_path / "run", [store(images, "named", class_names=NAMES)], val=str(val),
+                 epochs=1)
+    data = build_data(cfg, setup("cpu"), {"input_size": 32, "interpolation": "bilinear",
+                                          "mean": (0.5,) * 3, "std": (0.5,) * 3,
+                                          "crop_pct": 0.875},
+                      log=setup_logger(None, is_main=True))
+    val_samples = data.val.loader.dataset.samples
+    expected = {os.path.join(val, key): int(label) for key, label in zip(keys, labels)
+                if key.split("/")[0] != "c1"}
+    got = {val_samples.paths[i]: int(val_samples.labels[i]) for i in range(len(val_samples))}
+    assert got == expected and 1 not in got.values()
+    train(cfg)
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["class_names"] == NAMES
+
+
+def test_val_folders_that_cannot_be_placed_are_refused(images, tmp_path, capsys):
+    val = val_folder(images, tmp_path, {"c0", "c2", "c3"})
+    (val / "c2").rename(val / "wolf")
+    with pytest.raises(ValueError, match="--val .*: class folder\\(s\\) 'wolf' are not among the "
+                                         "4 class names of label store"):
+        train(config(tmp_path / "run", [store(images, "named", class_names=NAMES)],
+                     val=str(val)))
+    # a store without names: three folders cannot be placed among four classes
+    code = cli_train(tmp_path / "run", [store(images, "ok")], "--val", str(val))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith(f"ssld: error: --val {val} has 3 class folders but "
+                                            "label store"), err
+    assert_nothing_trained(tmp_path / "run")
