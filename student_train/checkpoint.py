@@ -26,16 +26,46 @@ FORMAT = "ssld.train-student"
 FORMAT_VERSION = 1
 
 
+class _WriteErrors:
+    """A binary file for ``torch.save`` that keeps the ``OSError`` a write raised.
+
+    torch's zip writer calls ``write`` from C++ and turns its exception into a
+    ``RuntimeError`` ("unexpected pos ..."): kept here, the caller can raise what happened
+    (``No space left on device``) instead.
+    """
+
+    def __init__(self, handle):
+        self.handle = handle
+        self.error: Optional[OSError] = None
+
+    def write(self, data) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def __getattr__(self, name: str) -> Any:  # name, flush, fileno...: the file's own
+        return getattr(self.handle, name)
+
+
 def save_atomic(obj: dict[str, Any], path: str) -> None:
     """``torch.save`` to ``path`` through a temporary file, fsync and an atomic rename.
 
-    Written through a Python file object so that a full disk is an ``OSError`` naming
-    ``path`` (torch's own file writer reports it as a bare RuntimeError).
+    A failed write (a full disk) is an ``OSError`` naming ``path`` with the errno of the
+    failure, whether it surfaced from the write itself, from torch's writer (which reports
+    it as a bare RuntimeError), or from the final flush, fsync or rename.
     """
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         with open(tmp, "wb") as handle:
-            torch.save(obj, handle)
+            writer = _WriteErrors(handle)
+            try:
+                torch.save(obj, writer)
+            except RuntimeError:
+                if writer.error is None:
+                    raise
+                raise writer.error from None
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)

@@ -1,8 +1,12 @@
 """What ``ssld train-student`` refuses before the first epoch, and how the CLI reports it."""
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +17,7 @@ from student_train import TrainConfig, train
 from train_data import make_images, make_store
 
 CLASSES = 4
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -221,6 +226,82 @@ def test_disk_full_before_best_pt_is_one_line_and_resume_rewrites_best(images, t
         (out / "train.log").read_text()
     final = torch.load(out / "last.pt", weights_only=True)
     assert torch.load(out / "best.pt", weights_only=True)["epoch"] == final["best"]["epoch"]
+
+
+class FullDisk:
+    """A file opened for writing on a disk with ``room`` bytes left: the write that would
+    pass it fails with ENOSPC, as the kernel's does (a partial write first)."""
+
+    def __init__(self, path, mode, room):
+        self.file, self.room = open(path, mode), room
+
+    def write(self, data) -> int:
+        size = memoryview(data).nbytes
+        if size > self.room:
+            self.file.write(bytes(memoryview(data).cast("B")[:self.room]))
+            self.room = 0
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= size
+        return self.file.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+
+def test_disk_full_inside_torch_save_is_the_documented_line(images, tmp_path, capsys,
+                                                            monkeypatch):
+    """torch's zip writer turns the ENOSPC of a write into a bare RuntimeError ('unexpected
+    pos ...'); the command still ends with the one documented line naming the checkpoint."""
+    import student_train.checkpoint as checkpoint
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(checkpoint, "open", lambda path, mode: FullDisk(path, mode, 4096),
+                        raising=False)
+    code = cli_train(out, [store(images, "ok")], "--epochs", "1")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and err[-1] == (
+        f"ssld: failed: No space left on device (errno 28): {out / 'last.pt'}; free some space "
+        "and run the same command again (infer-teacher resumes the store, train-student "
+        "continues with --resume)"), err
+    assert not any(p.name.startswith("last.pt") for p in out.iterdir())  # no half file left
+
+
+def _tmpfs_works(folder) -> bool:
+    """A tmpfs mounted in a user and mount namespace of its own (no root on the host)."""
+    try:
+        return subprocess.run(["unshare", "-r", "-m", "sh", "-c",
+                               f"mount -t tmpfs -o size=1m none {folder}"],
+                              capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.slow
+def test_a_real_full_disk_while_saving_is_one_line(images, tmp_path):
+    """The same on a real full file system: --out on a 1 MiB tmpfs, where config.json and the
+    log fit and the first checkpoint does not."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if not _tmpfs_works(disk):
+        pytest.skip("cannot mount a tmpfs in a user namespace here")
+    out = disk / "run"
+    command = (f"mount -t tmpfs -o size=1m none {disk} && exec {sys.executable} -m cli "
+               f"train-student --student test_resnet --store {store(images, 'ok')} --out {out} "
+               "--epochs 1 --batch-size 8 --input-size 32 --num-workers 0 --device cpu && "
+               f"ls -a {out}")
+    done = subprocess.run(["unshare", "-r", "-m", "sh", "-c", command], capture_output=True,
+                          text=True, timeout=300, cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    err = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert err[-1].startswith(f"ssld: failed: No space left on device (errno 28): "
+                              f"{out / 'last.pt'}; free some space"), err
 
 
 def test_resume_of_a_finished_run_rewrites_a_missing_best_pt(images, tmp_path, capsys):
