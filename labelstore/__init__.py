@@ -16,6 +16,7 @@ from ._writer import IncompleteRunError, LabelStoreWriter, create
 from ._derive import check_compatible, open_complete
 from ._dedup import dedup
 from ._ensemble import EnsembleResult, combine_distributions, combine_top_k, ensemble
+from ._inspect import label_sha256
 from ._merge import merge
 from ._select import select_topk
 from ._dist import Dist
@@ -60,6 +61,7 @@ __all__ = [
     "human_size",
     "is_store_dir",
     "key_problem",
+    "label_sha256",
     "local_path",
     "merge",
     "open",

@@ -96,8 +96,8 @@ def make_checkpoint(*, model: torch.nn.Module, ema: Optional[torch.nn.Module],
                     optimizer: torch.optim.Optimizer, scaler: Any, epoch: int, step: int,
                     cfg: TrainConfig, model_name: str, num_classes: int,
                     data_config: dict[str, Any], rng: list, best: dict[str, Any],
-                    metrics: dict[str, Any], class_names: Optional[list] = None
-                    ) -> dict[str, Any]:
+                    metrics: dict[str, Any], class_names: Optional[list] = None,
+                    data: Optional[list] = None) -> dict[str, Any]:
     """The dict written to ``last.pt``/``best.pt``; ``epoch`` counts completed epochs."""
     return {
         "format": FORMAT,
@@ -113,6 +113,7 @@ def make_checkpoint(*, model: torch.nn.Module, ema: Optional[torch.nn.Module],
         "epoch": epoch,
         "step": step,
         "config": cfg.to_dict(),
+        "data": data,                   # what the stores and sources held (changed_data)
         "rng": rng,                     # one entry per rank
         "best": best,
         "metrics": metrics,
@@ -155,6 +156,29 @@ def load_for_resume(run_dir: str, cfg: TrainConfig, *, write: bool = True,
         raise ValueError(f"--resume: {path} already finished all {cfg.epochs} epochs"
                          + (f" ({note})" if note else ""))
     return checkpoint
+
+
+def changed_data(saved: Optional[list], current: list) -> list[str]:
+    """The data sources (label stores, ``--data``, ``--val``) whose content differs from what
+    a checkpoint recorded, each as ``label store X (probs, indices differ)``.
+
+    Options name the stores by path; a store rewritten at the same path (another teacher, a
+    rerun with other settings) is only told apart by its label digests. Checkpoints written
+    before digests were recorded (``saved`` None) cannot be checked.
+    """
+    if saved is None:
+        return []
+    now = {entry["path"]: entry for entry in current}
+    changes = []
+    for entry in saved:
+        other = now.get(entry["path"])
+        if other is None:
+            continue  # a changed --store/--data/--val option: the options check names it
+        old, new = entry.get("label_sha256") or {}, other.get("label_sha256") or {}
+        differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if differ:
+            changes.append(f"{other['what']} ({', '.join(differ)} differ)")
+    return changes
 
 
 def _saved_epoch(path: str) -> Optional[int]:

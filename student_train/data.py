@@ -194,6 +194,7 @@ class TrainData:
     crop: str
     describe: dict[str, Any] = field(default_factory=dict)
     class_names: Optional[list] = None   # recorded in checkpoints: eval matches folders to them
+    identity: list = field(default_factory=list)  # recorded in checkpoints: --resume compares
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
@@ -264,7 +265,7 @@ def build_data(cfg, env: D.DistEnv, data_config: dict[str, Any], *, log: logging
     batching = dict(batch_size=cfg.batch_size, workers=workers, env=env,
                     data_config=data_config, channels_last=channels_last, decoder=decoder)
     train = make_batches(train_set, sampler, drop_last=True, **batching)
-    val = None
+    val, identity = None, list(samples.identity)
     if cfg.val:
         val_samples = open_source(cfg.val, cfg.val_root, env=env, what="--val",
                                   classes=Classes.of(samples))
@@ -280,6 +281,7 @@ def build_data(cfg, env: D.DistEnv, data_config: dict[str, Any], *, log: logging
                                      world_size=env.world_size, shuffle=False)
         val = make_batches(val_set, val_sampler, drop_last=False, **batching)
         describe["num_val"] = len(val_samples)
+        identity += val_samples.identity
     describe.update(crop=crop, decoder=decoder.name, num_workers=workers,
                     num_train=len(samples))
     log.info(f"data: {len(samples):,} training images ({crop} crops, {decoder.name} decoding, "
@@ -287,7 +289,8 @@ def build_data(cfg, env: D.DistEnv, data_config: dict[str, Any], *, log: logging
              + (f", {describe['num_val']:,} validation images" if val is not None else ""))
     return TrainData(train=train, val=val, sampler=sampler, num_classes=samples.num_classes,
                      num_train=len(samples), crop=crop, describe=describe,
-                     class_names=samples.class_names)
+                     class_names=samples.class_names,
+                     identity=identity)
 
 
 def make_batches(dataset: CropDataset, sampler: ShardedSampler, *, batch_size: int,

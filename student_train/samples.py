@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import numpy as np
@@ -56,6 +56,9 @@ class SampleSet:
     rows: Optional[np.ndarray] = None        # (n,) int64
     class_names: Optional[list] = None
     named_by: str = ""                       # where the classes come from, for messages
+    # what the data is: per store its label digests, per image source its keys and labels
+    # (checkpoints record it; --resume refuses data that changed since)
+    identity: list = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -64,7 +67,7 @@ class SampleSet:
         pick = lambda a: None if a is None else a[keep]  # noqa: E731
         return SampleSet(PathTable([self.paths[i] for i in np.flatnonzero(keep)]),
                          self.labels[keep], self.num_classes, self.stores, pick(self.store_of),
-                         pick(self.rows), self.class_names, self.named_by)
+                         pick(self.rows), self.class_names, self.named_by, self.identity)
 
 
 def store_root(store) -> str:
@@ -109,9 +112,15 @@ def open_stores(paths: Sequence[str], *, env: D.DistEnv) -> SampleSet:
     if not all_paths:
         raise ValueError(f"the label stores {', '.join(paths)} have no valid rows")
     named = next((store for store in stores if store.class_names), stores[0])
+    identity = [{"what": f"label store {store.path}", "path": _absolute(store.path),
+                 "label_sha256": labelstore.label_sha256(store)} for store in stores]
     return SampleSet(PathTable(all_paths), np.concatenate(labels), stores[0].num_classes,
                      stores, np.concatenate(store_of), np.concatenate(rows),
-                     named.class_names, f"label store {named.path}")
+                     named.class_names, f"label store {named.path}", identity)
+
+
+def _absolute(path: str) -> str:
+    return path if "://" in path else os.path.abspath(path)
 
 
 def _refuse_escaping_keys(store, keys: list[str], root: str) -> None:
@@ -136,15 +145,21 @@ def open_source(data: str, root: Optional[str], *, env: D.DistEnv, what: str,
                          root_option="--val-root" if what == "--val" else "--root")
     paths = [found.path(i) for i in range(len(found))]
     require_files(paths, 0, len(paths), f"{what} {data} (root {found.root})", env)
+    labels = found.labels
     if classes is not None:
         labels = labels_by_name(found, classes.count, classes.names, option=what,
                                 named_by=classes.named_by)
+    identity = [{"what": f"{what} {data}", "path": os.path.abspath(data),
+                 "label_sha256": {"keys": labelstore.fingerprint(found.keys),
+                                  "labels": labelstore.fingerprint(map(str, labels))}}]
+    if classes is not None:
         return SampleSet(PathTable(paths), np.asarray(labels, dtype=np.int64), classes.count,
-                         class_names=classes.names, named_by=classes.named_by)
+                         class_names=classes.names, named_by=classes.named_by,
+                         identity=identity)
     num_classes = len(found.class_names) if found.class_names else int(found.labels.max()) + 1
     return SampleSet(PathTable(paths), np.asarray(found.labels, dtype=np.int64),
                      max(num_classes, 0), class_names=found.class_names,
-                     named_by=f"{what} {data}")
+                     named_by=f"{what} {data}", identity=identity)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,8 @@ from labelstore import OutputLock, check_disjoint, is_store_dir, local_path
 from teacher_infer.runtime import autocast, resolve_precision
 
 from . import distributed as D
-from .checkpoint import load_for_resume, make_checkpoint, rng_state, save_atomic, set_rng_state
+from .checkpoint import (changed_data, load_for_resume, make_checkpoint, rng_state, save_atomic,
+                         set_rng_state)
 from .config import TrainConfig
 from .metrics import EpochStats, EvalResult, MetricsCSV, TrainResult, setup_logger, topk_correct
 from .optim import build_optimizer, lr_at, make_ema, scale_lr, set_lr
@@ -307,6 +308,11 @@ def _restore(run: _Run, checkpoint: Optional[dict]) -> tuple[int, int, dict]:
     """(first epoch, global step, best-so-far) -- from the checkpoint when resuming."""
     if checkpoint is None:
         return 0, 0, {"top1": None, "epoch": None, "score": -math.inf}
+    changed = changed_data(checkpoint.get("data"), run.data.identity)
+    if changed:
+        raise ValueError(f"--resume: {'; '.join(changed)} since "
+                         f"{os.path.join(run.cfg.out, 'last.pt')} was written; resume with the "
+                         "data the run started from, or start a new --out")
     if len(checkpoint["rng"]) != run.env.world_size:
         # another process count changes the global batch, the lr and every rank's samples
         raise ValueError(f"--resume: {run.cfg.out} was trained by {len(checkpoint['rng'])} "
@@ -366,7 +372,7 @@ def _save(run: _Run, *, epoch: int, step: int, best: dict, row: dict, improved: 
                                 scaler=run.scaler, epoch=epoch, step=step, cfg=run.cfg,
                                 model_name=run.model_name, num_classes=run.data.num_classes,
                                 data_config=run.data_config, rng=rngs, best=best, metrics=row,
-                                class_names=run.data.class_names)
+                                class_names=run.data.class_names, data=run.data.identity)
         save_atomic(state, os.path.join(run.cfg.out, "last.pt"))
         if improved:
             save_atomic(state, os.path.join(run.cfg.out, "best.pt"))

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import labelstore
 import student_train.trainer as train_module
 from cli import main
 from student_train import TrainConfig, train
@@ -80,8 +81,8 @@ def test_missing_images_are_refused_naming_the_store(images, tmp_path):
         train(config(tmp_path / "run2", [path]))
 
 
-def test_resume_with_changed_options_is_refused_naming_them(images, tmp_path, monkeypatch):
-    out = tmp_path / "run"
+def train_one_epoch_of(cfg, monkeypatch):
+    """Train ``cfg`` and stop it after its first epoch (as a kill would)."""
     original = train_module.train_one_epoch
     calls = []
 
@@ -93,8 +94,13 @@ def test_resume_with_changed_options_is_refused_naming_them(images, tmp_path, mo
 
     monkeypatch.setattr(train_module, "train_one_epoch", once)
     with pytest.raises(KeyboardInterrupt):
-        train(config(out, [store(images, "ok")]))
+        train(cfg)
     monkeypatch.setattr(train_module, "train_one_epoch", original)
+
+
+def test_resume_with_changed_options_is_refused_naming_them(images, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    train_one_epoch_of(config(out, [store(images, "ok")]), monkeypatch)
     with pytest.raises(ValueError, match="options differ .*lr: 0.4 -> 0.3; .*seed: 0 -> 1"):
         train(config(out, [store(images, "ok")], resume=True, lr=0.3, seed=1))
     with pytest.raises(FileExistsError, match="pass --resume"):
@@ -226,6 +232,45 @@ def test_disk_full_before_best_pt_is_one_line_and_resume_rewrites_best(images, t
         (out / "train.log").read_text()
     final = torch.load(out / "last.pt", weights_only=True)
     assert torch.load(out / "best.pt", weights_only=True)["epoch"] == final["best"]["epoch"]
+
+
+def test_resume_refuses_a_store_rewritten_at_the_same_path(images, tmp_path, capsys,
+                                                           monkeypatch):
+    """The options name stores by path; another teacher's store written at that path would
+    be trained on as if it were the same. The checkpoint records each store's label digests
+    (inspect --json's label_sha256) and the resume names the store that changed."""
+    root, keys, labels = images
+    path = str(tmp_path / "teacher.zarr")
+    make_store(path, str(root / "images"), keys, labels, classes=CLASSES)
+    out = tmp_path / "run"
+    train_one_epoch_of(config(out, [path, store(images, "ok")]), monkeypatch)
+    recorded = torch.load(out / "last.pt", weights_only=True)["data"]
+    assert recorded[0]["label_sha256"] == labelstore.label_sha256(labelstore.open(path))
+    shutil.rmtree(path)
+    make_store(path, str(root / "images"), keys, labels, classes=CLASSES, seed=1)  # another teacher
+    code = cli_train(out, [path, store(images, "ok")], "--resume")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1] == (
+        f"ssld: error: --resume: label store {path} (indices, probs differ) since "
+        f"{out / 'last.pt'} was written; resume with the data the run started from, or start "
+        "a new --out"), err
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 1  # nothing trained
+    shutil.rmtree(path)
+    make_store(path, str(root / "images"), keys, labels, classes=CLASSES)  # the same again
+    assert train(config(out, [path, store(images, "ok")], resume=True)).epochs == 2
+
+
+def test_resume_refuses_a_changed_image_source(images, tmp_path, monkeypatch):
+    """The same for --data (and --val): a list file whose labels changed since."""
+    root, keys, labels = images
+    listing = tmp_path / "train.txt"
+    listing.write_text("".join(f"{k} {label}\n" for k, label in zip(keys, labels)))
+    out = tmp_path / "run"
+    options = dict(data=str(listing), root=str(root / "images"), supervised=True)
+    train_one_epoch_of(config(out, [], **options), monkeypatch)
+    listing.write_text("".join(f"{k} {(label + 1) % CLASSES}\n" for k, label in zip(keys, labels)))
+    with pytest.raises(ValueError, match=f"--resume: --data {listing} \\(labels differ\\)"):
+        train(config(out, [], resume=True, **options))
 
 
 class FullDisk:
