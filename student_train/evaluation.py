@@ -32,6 +32,7 @@ def evaluate(model: str, checkpoint: str, data: str, *, root: Optional[str] = No
     from teacher_infer.runtime import resolve_precision, saved_class_names
 
     from .data import CropDataset, default_workers, make_batches
+    from .failures import BadImages
     from .models import data_config_for, load_model
     from .samples import Classes, open_source
     from .sampling import ShardedSampler
@@ -66,7 +67,8 @@ def evaluate(model: str, checkpoint: str, data: str, *, root: Optional[str] = No
         workers = default_workers(env) if num_workers is None else num_workers
         batches = make_batches(dataset, sampler, batch_size=batch_size, workers=workers,
                                env=env, data_config=data_config, channels_last=channels_last,
-                               decoder=resolve_decoder(decoder, env.device), drop_last=False)
+                               decoder=resolve_decoder(decoder, env.device), drop_last=False,
+                               bad=BadImages("stop"))  # a score over every image, or none
         return validate(net, batches, env=env, precision=resolve_precision(precision,
                                                                              env.device))
     finally:

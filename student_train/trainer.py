@@ -27,6 +27,7 @@ from . import distributed as D
 from .checkpoint import (changed_data, load_for_resume, make_checkpoint, rng_state, save_atomic,
                          set_rng_state)
 from .config import TrainConfig
+from .failures import FailedFile, gather_left_out
 from .metrics import EpochStats, EvalResult, MetricsCSV, TrainResult, setup_logger, topk_correct
 from .optim import build_optimizer, lr_at, make_ema, scale_lr, set_lr
 
@@ -66,7 +67,9 @@ def train_one_epoch(model: nn.Module, batches: Iterable, loss_fn: Callable, opti
             if teacher is not None:
                 teacher_probs = teacher(images)
             logits = model(images)
-            loss = loss_fn(logits, teacher_probs, labels)
+            # a batch whose every image was unreadable (left out) still takes its step on
+            # every rank (DDP), with a zero loss instead of a mean over no rows (NaN)
+            loss = loss_fn(logits, teacher_probs, labels) if len(images) else logits.sum() * 0
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -221,7 +224,8 @@ def _train(cfg: TrainConfig, env: D.DistEnv) -> TrainResult:
     result = TrainResult(run_dir=cfg.out, epochs=cfg.epochs, best_epoch=best["epoch"],
                          best_top1=best["top1"], last=last, seconds=seconds,
                          images_per_s=images / seconds if seconds else 0.0,
-                         store_top1=run.data.describe.get("store_top1"))
+                         store_top1=run.data.describe.get("store_top1"),
+                         unreadable=len(run.failed) if run.failed is not None else 0)
     log.info(result.summary(), extra={"file_only": True})
     return result
 
@@ -239,6 +243,7 @@ class _Run:
     model: nn.Module             # the student itself (checkpoints, evaluation)
     net: nn.Module               # what trains: the student, or DDP around it
     teacher: Optional[nn.Module]
+    failed: Optional[FailedFile]  # RUN_DIR/failed.txt, on rank 0
     loss_fn: nn.Module
     optimizer: torch.optim.Optimizer
     schedule: Callable[[int], float]
@@ -298,6 +303,7 @@ def _build(cfg: TrainConfig, env: D.DistEnv, log: logging.Logger) -> _Run:
              f"{env.device}{f' × {env.world_size}' if env.distributed else ''}")
     return _Run(cfg=cfg, env=env, log=log, data=data, model_name=model_name,
                 data_config=data_config, model=model, net=net, teacher=teacher,
+                failed=FailedFile(cfg.out, resume=cfg.resume) if env.is_main else None,
                 loss_fn=loss_fn, optimizer=optimizer, schedule=schedule,
                 steps_per_epoch=steps_per_epoch, precision=precision,
                 scaler=torch.amp.GradScaler("cuda") if precision == "fp16" else None,
@@ -361,6 +367,10 @@ def _evaluate_epoch(run: _Run, epoch: int, stats: EpochStats) -> dict[str, Any]:
             result = validate(run.ema.module, run.data.val, env=run.env,
                               precision=run.precision, desc="eval ema")
             row.update(ema_top1=result.top1, ema_top5=result.top5)
+    row["skipped"] = gather_left_out(run.data.bad_images, run.failed, run.env)
+    if row["skipped"]:
+        run.log.warning(f"epoch {epoch + 1}: {row['skipped']} image(s) could not be read and "
+                        f"were left out ({os.path.join(run.cfg.out, 'failed.txt')} lists them)")
     return row
 
 

@@ -171,3 +171,22 @@ def test_eval_refuses_folders_the_classes_cannot_place(image_folder, make_checkp
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
     assert "has 2 class folders but --checkpoint" in err and "records no class names" in err
+
+
+def test_an_unreadable_image_is_one_line_naming_it(image_folder, make_checkpoint, tmp_path,
+                                                   capsys):
+    """eval scores every image or none: a damaged one ends it with one line naming the
+    file, from DataLoader worker processes too (not a worker's traceback)."""
+    import shutil
+
+    shutil.copytree(image_folder.data, tmp_path / "val")
+    damaged = tmp_path / "val" / image_folder.keys[5]
+    damaged.write_bytes(b"not an image" * 20)
+    code = main(["eval", "--model", "test_resnet", "--checkpoint",
+                 str(make_checkpoint(model="test_resnet", num_classes=3, seed=5)), "--data",
+                 str(tmp_path / "val"), "--input-size", str(SIZE), "--device", "cpu",
+                 "--num-workers", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert err == f"ssld: error: cannot decode {damaged}: not an image (PIL cannot identify " \
+                  "the format)\n"

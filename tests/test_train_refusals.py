@@ -491,7 +491,7 @@ def test_val_class_folders_are_matched_to_the_store_class_names(images, tmp_path
                                           "mean": (0.5,) * 3, "std": (0.5,) * 3,
                                           "crop_pct": 0.875},
                       log=setup_logger(None, is_main=True))
-    val_samples = data.val.loader.dataset.samples
+    val_samples = data.val.dataset.samples
     expected = {os.path.join(val, key): int(label) for key, label in zip(keys, labels)
                 if key.split("/")[0] != "c1"}
     got = {val_samples.paths[i]: int(val_samples.labels[i]) for i in range(len(val_samples))}
@@ -513,3 +513,86 @@ def test_val_folders_that_cannot_be_placed_are_refused(images, tmp_path, capsys)
     assert code == 2 and err[-1].startswith(f"ssld: error: --val {val} has 3 class folders but "
                                             "label store"), err
     assert_nothing_trained(tmp_path / "run")
+
+
+def damaged_copy(images, tmp_path, bad=(3, 17)):
+    """A store over a copy of the images whose files ``bad`` were damaged after the teacher
+    read them (their rows are valid). Returns (store, damaged paths)."""
+    root, keys, labels = images
+    shutil.copytree(root / "images", tmp_path / "images")
+    path = str(tmp_path / "s.zarr")
+    make_store(path, str(tmp_path / "images"), keys, labels, classes=CLASSES)
+    damaged = []
+    for row in bad:
+        target = tmp_path / "images" / keys[row]
+        target.write_bytes(b"garbage, not an image" * 10)
+        damaged.append(str(target))
+    return path, damaged
+
+
+def read_failed(out):
+    return dict(line.split("\t", 1) for line in (out / "failed.txt").read_text().splitlines())
+
+
+@pytest.mark.parametrize("workers,decoder", [
+    (0, "pil"), (2, "pil"), (2, "dali")])
+def test_unreadable_images_met_in_training_are_left_out_and_listed(images, tmp_path, capsys,
+                                                                   workers, decoder):
+    """Like the teacher pass: the run goes on without them, counts them per epoch
+    (metrics.csv 'skipped', the log) and lists them in RUN_DIR/failed.txt; in DataLoader
+    worker processes too, with either decoder, and for validation images."""
+    if decoder == "dali":
+        pytest.importorskip("nvidia.dali")
+    path, damaged = damaged_copy(images, tmp_path)
+    val = tmp_path / "val"
+    shutil.copytree(tmp_path / "images", val)  # the same two damaged files among them
+    out = tmp_path / "run"
+    code = cli_train(out, [path], "--num-workers", str(workers), "--val", str(val),
+                     "--decoder", decoder)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "Traceback" not in captured.err
+    listed = read_failed(out)
+    assert sorted(listed) == sorted(damaged + [str(val / p[len(str(tmp_path / "images")) + 1:])
+                                               for p in damaged])
+    assert all("PIL cannot identify" in reason for reason in listed.values()), listed
+    import csv
+    with open(out / "metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    # per epoch: both training images (5 full batches of 8: every sample is met) and both
+    # validation images
+    assert [int(row["skipped"]) for row in rows] == [4, 4], rows
+    assert f"images that could not be read, left out: 4 (listed in {out / 'failed.txt'})" \
+        in captured.out
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_bad_images_stop_ends_the_run_with_one_line(images, tmp_path, capsys, workers):
+    path, damaged = damaged_copy(images, tmp_path, bad=(5,))
+    out = tmp_path / "run"
+    code = cli_train(out, [path], "--num-workers", str(workers), "--bad-images", "stop")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "Traceback" not in "\n".join(err), err
+    assert err[-1].startswith(f"ssld: error: cannot decode {damaged[0]}: not an image (PIL "
+                              "cannot identify the format) (--bad-images stop;"), err
+    assert not (out / "failed.txt").exists() and not (out / "last.pt").exists()
+
+
+def test_a_step_whose_every_image_was_left_out_is_a_zero_step(images):
+    """All rows of a batch unreadable: the step still runs (every DDP rank must take it) with
+    a zero loss, not the NaN of a mean over no rows, and leaves the weights finite."""
+    import timm
+
+    from student_train.distributed import setup
+    from student_train.losses import DistillationLoss
+
+    model = timm.create_model("test_resnet", num_classes=CLASSES)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    empty = (torch.zeros(0, 3, 32, 32), torch.zeros(0, CLASSES), torch.zeros(0, dtype=torch.long))
+    full = (torch.rand(4, 3, 32, 32), torch.softmax(torch.rand(4, CLASSES), 1),
+            torch.zeros(4, dtype=torch.long))
+    stats = train_module.train_one_epoch(model, [empty, full], DistillationLoss("js"), optimizer,
+                                         lambda step: 0.1, first_step=0, env=setup("cpu"),
+                                         precision="fp32")
+    assert stats.images == 4 and torch.isfinite(torch.tensor(stats.loss))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
