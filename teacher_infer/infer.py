@@ -282,6 +282,19 @@ def _make_forward(model, embeddings: bool, compile_model: bool):
     return torch.compile(forward) if compile_model else forward
 
 
+def in_chunks(fn: Callable, x, size: int) -> tuple:
+    """``fn(x)`` computed ``size`` rows of ``x`` at a time, its outputs (a tuple of tensors or
+    None) concatenated: the result of one call, the memory of a ``size``-row call. A batch
+    of many views (``--views 2000``) thus needs no more than ``--batch-size`` images'
+    activations; every row is computed as it would be alone (the model is in eval mode)."""
+    import torch
+
+    if len(x) <= size:
+        return fn(x)
+    parts = [fn(x[lo:lo + size]) for lo in range(0, len(x), size)]
+    return tuple(None if part[0] is None else torch.cat(part) for part in zip(*parts))
+
+
 def top_k(logits, k: int, temperature: float):
     """Top-k softmax probabilities at ``temperature`` and the residual mass, in float32."""
     import torch
@@ -347,9 +360,10 @@ def _store_attrs(cfg: InferConfig, samples: Samples, labels: np.ndarray, teacher
 
 
 def _label_batch(forward, images, valid: np.ndarray, *, views: int, k: int, temperature: float,
-                 autocast, channels_last: bool, embedding_dim: int | None):
+                 autocast, channels_last: bool, embedding_dim: int | None, batch_size: int):
     """Top-k indices (n, V, k), probabilities, residual (n, V) and view-0 embeddings of one
-    batch as numpy arrays; invalid rows get "no information" (zero top-k mass)."""
+    batch as numpy arrays; invalid rows get "no information" (zero top-k mass). The model
+    sees at most ``batch_size`` images at a time."""
     import torch
 
     n = len(valid)
@@ -360,11 +374,15 @@ def _label_batch(forward, images, valid: np.ndarray, *, views: int, k: int, temp
     if images is None or not valid.any():
         return indices, probs, residual, embeddings
     x = images.reshape((views * n,) + tuple(images.shape[2:]))  # view-major rows v * n + i
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    with autocast:
-        logits, pooled = forward(x)
-    top_i, top_p, rest = top_k(logits, k, temperature)
+
+    def label(part):
+        if channels_last:
+            part = part.contiguous(memory_format=torch.channels_last)
+        with autocast:
+            logits, pooled = forward(part)
+        return (*top_k(logits, k, temperature), pooled)
+
+    top_i, top_p, rest, pooled = in_chunks(label, x, batch_size)
     indices[valid] = top_i.view(views, n, k).transpose(0, 1).cpu().numpy()[valid]
     probs[valid] = top_p.view(views, n, k).transpose(0, 1).cpu().numpy()[valid]
     residual[valid] = rest.view(views, n).transpose(0, 1).cpu().numpy()[valid]
@@ -470,7 +488,7 @@ def _data_path(cfg: InferConfig, dist: Dist, samples: Samples, spec: ViewSpec,
     if batches:  # building a decoder can cost seconds (DALI's pipeline)
         decoder = decoder_class(spec=spec, interpolation=data_config["interpolation"],
                                 mean=data_config["mean"], std=data_config["std"],
-                                max_batch=cfg.batch_size, device=device,
+                                max_batch=max(len(b) for b in batches), device=device,
                                 num_threads=max(1, cpus - workers))
     return loader, decoder, workers
 
@@ -506,7 +524,7 @@ def _run(cfg: InferConfig, dist: Dist, device, started: float) -> RunSummary:
     # Whole chunks of rank 0's plan, round-robin: never re-read from the store here, where
     # another rank may already have finished a chunk.
     batches = batch_ranges([writer.chunk_range(c) for c in plan.chunks_of(dist)],
-                           cfg.batch_size)
+                           cfg.batch_size, cfg.views)
     loader, decoder, workers = _data_path(cfg, dist, samples, spec, teacher.data_config,
                                           decoder_class, batches, device,
                                           reference and reference.planned)
@@ -514,7 +532,7 @@ def _run(cfg: InferConfig, dist: Dist, device, started: float) -> RunSummary:
         _label_batch, _make_forward(teacher.model, cfg.embeddings, cfg.compile),
         views=cfg.views, k=cfg.topk, temperature=cfg.temperature,
         autocast=autocast(precision, device), channels_last=cfg.channels_last,
-        embedding_dim=embedding_dim)
+        embedding_dim=embedding_dim, batch_size=cfg.batch_size)
     progress = tqdm(total=sum(len(b) for b in batches), unit="img", desc="infer-teacher",
                     disable=not (dist.is_main and cfg.progress), dynamic_ncols=True,
                     mininterval=1.0, file=sys.stderr)

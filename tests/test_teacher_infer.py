@@ -23,6 +23,7 @@ from PIL import Image
 import labelstore
 from cli import main as cli_main
 from conftest import TINY_INPUT, TINY_MODEL, make_image
+import teacher_infer
 from teacher_infer import InferConfig, run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,6 +122,62 @@ def test_store_matches_an_independent_timm_forward(image_folder, make_checkpoint
     assert np.all(labels.boxes[..., :2] + labels.boxes[..., 2:] <= 1 + 1e-6)
     assert store.labels.tolist() == image_folder.labels
     assert store.class_names is None  # 3 folders, 1000 model classes: folder names not recorded
+
+
+def test_many_views_are_forwarded_in_bounded_batches(image_folder, make_checkpoint, tmp_path,
+                                                     monkeypatch):
+    """--batch-size counts the images the model sees, views included: memory no longer grows
+    with batch × views (--views 2000 on 10 images needed 5 GB). A batch holds
+    batch_size // views rows (at least one), a row with more views is forwarded batch_size
+    at a time, and the store equals the unsplit computation (every row of a chunk in one
+    forward pass)."""
+    import teacher_infer.infer as infer_module
+
+    seen = {"forward": [], "decoded": []}
+    make_forward, label_batch = infer_module._make_forward, infer_module._label_batch
+
+    def recording_forward(*args, **kwargs):
+        forward = make_forward(*args, **kwargs)
+
+        def recorded(x):
+            seen["forward"].append(len(x))
+            return forward(x)
+        return recorded
+
+    def recording_label(forward, images, valid, **kwargs):
+        seen["decoded"].append(images.shape[0] * images.shape[1])  # views × rows
+        return label_batch(forward, images, valid, **kwargs)
+
+    monkeypatch.setattr(infer_module, "_make_forward", recording_forward)
+    monkeypatch.setattr(infer_module, "_label_batch", recording_label)
+    checkpoint = str(make_checkpoint())
+    options = dict(checkpoint=checkpoint, views=7, decoder="pil", embeddings=True,
+                   chunk_rows=6)
+    unsplit = infer(image_folder.data, tmp_path / "one.zarr", batch_size=1000, **options)
+    assert seen["forward"] == [42, 42]  # two chunks of 6 rows × 7 views, one pass each
+    for batch_size, most in ((3, 3), (16, 14)):  # 1 row (3 + 3 + 1 views), then 2 rows
+        seen["forward"].clear(), seen["decoded"].clear()
+        split = infer(image_folder.data, tmp_path / f"b{batch_size}.zarr",
+                      batch_size=batch_size, **options)
+        assert max(seen["forward"]) == most and sum(seen["forward"]) == 7 * len(image_folder)
+        assert max(seen["decoded"]) == max(batch_size // 7, 1) * 7
+        assert split.complete
+        # a convolution's float32 result depends on the batch it is in by a few ulp, no more
+        arrays, expected = (store_arrays(tmp_path / name) for name in (f"b{batch_size}.zarr",
+                                                                        "one.zarr"))
+        assert sorted(arrays) == sorted(expected)
+        for name, values in arrays.items():
+            if values.dtype.kind == "f":
+                ulps = 2e-3 if values.dtype == np.float16 else 1e-5  # fp16: one rounding step
+                np.testing.assert_allclose(values.astype(np.float64), expected[name],
+                                           rtol=ulps, atol=1e-6, err_msg=name)
+            else:
+                np.testing.assert_array_equal(values, expected[name], err_msg=name)
+    # ssld verify recomputes rows by the same rule
+    checked = teacher_infer.verify(str(tmp_path / "one.zarr"), sample=3, batch_size=3,
+                                   decoder="pil", device="cpu")
+    assert checked.ok and checked.teacher.rows == 3, checked
+    assert unsplit.complete
 
 
 def test_attributes_record_the_run(image_folder, make_checkpoint, tmp_path):
