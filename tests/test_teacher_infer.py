@@ -484,6 +484,26 @@ def test_torchrun_two_processes_equal_one(image_folder, make_checkpoint, tmp_pat
     assert_same_store(out, tmp_path / "one.zarr")
 
 
+@pytest.mark.slow
+def test_two_nodes_equal_one_process(image_folder, make_checkpoint, tmp_path):
+    """Two torchrun nodes (--nnodes 2, c10d rendezvous on 127.0.0.1, one process each, gloo)
+    write the store one process writes: multi-node ranks split rank 0's plan the same way."""
+    from torchrun_nodes import run_two_nodes
+
+    checkpoint = make_checkpoint()
+    options = dict(chunk_rows=3, batch_size=4, views=2, decoder="pil", embeddings=True)
+    out = tmp_path / "nodes.zarr"
+    args = _cli_args(image_folder.data, out, checkpoint, device="cpu", threads=1,
+                     **{k: v for k, v in options.items() if k != "embeddings"})
+    nodes = run_two_nodes(["-m", "cli", *args, "--embeddings"])
+    assert [node.returncode for node in nodes] == [0, 0], [n.stderr[-3000:] for n in nodes]
+    assert sum(node.stdout.count("infer-teacher:") for node in nodes) == 1  # rank 0's summary
+    runs = labelstore.open(str(out)).attrs["runs"]
+    assert runs[-1]["world_size"] == 2 and not runs[-1]["resumed"]
+    infer(image_folder.data, tmp_path / "one.zarr", checkpoint=str(checkpoint), **options)
+    assert_same_store(out, tmp_path / "one.zarr")
+
+
 def _torchrun(nproc: int, args: list[str], **env):
     """``ssld`` under torchrun through tests/chaos_cli.py (ranks out of step on request)."""
     environ = dict(ONE_THREAD, PYTHONPATH=os.pathsep.join(
