@@ -99,10 +99,10 @@ def model_only(args, data: str, out: str) -> float:
     teacher = load_teacher(cfg, device)
     spec = data_config_view_spec(cfg, teacher.data_config)
     samples = find_samples(data)
-    dataset = ViewDataset([samples.path(i) for i in range(args.batch_size)],
-                          samples.keys[:args.batch_size], spec,
+    rows = max(1, args.batch_size // args.views)  # --batch-size counts views (batch_ranges)
+    dataset = ViewDataset([samples.path(i) for i in range(rows)], samples.keys[:rows], spec,
                           teacher.data_config["interpolation"])
-    batch = collate([dataset[i] for i in range(args.batch_size)])
+    batch = collate([dataset[i] for i in range(rows)])
     mean = torch.tensor(teacher.data_config["mean"], device=device)
     std = torch.tensor(teacher.data_config["std"], device=device)
     # every view of the batch in one forward, view-major as the loop feeds them
@@ -113,7 +113,7 @@ def model_only(args, data: str, out: str) -> float:
         torch.backends.cudnn.benchmark = True
     forward = make_forward(teacher.model, False, False)
     precision = autocast(resolve_precision(cfg.precision, device), device)
-    batches = max(1, args.images // args.batch_size)
+    batches = max(1, args.images // rows)
 
     def one() -> None:
         with precision:
@@ -128,7 +128,7 @@ def model_only(args, data: str, out: str) -> float:
         for _ in range(batches):
             one()
         seconds = time.perf_counter() - start
-    return batches * args.batch_size / seconds
+    return batches * rows / seconds
 
 
 def decode_only(args, data: str, out: str, decoder: str) -> float:
@@ -144,7 +144,7 @@ def decode_only(args, data: str, out: str, decoder: str) -> float:
     device = resolve_device(cfg.device, Dist())
     data_config = pretrained_data_config(args.model)  # no need to build the model here
     samples = find_samples(data)
-    batches = batch_ranges([(0, len(samples))], args.batch_size)
+    batches = batch_ranges([(0, len(samples))], args.batch_size, args.views)
     spec = data_config_view_spec(cfg, data_config)
     decoder_class = resolve_decoder(decoder, device)
     loader, decoding, _ = data_path(cfg, Dist(), samples, spec, data_config, decoder_class,

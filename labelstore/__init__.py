@@ -11,18 +11,18 @@ images are the layers above (docs/architecture.md; tests/test_layers.py checks i
 >>> st.load().dense([3, 1, 3]).shape            # doctest: +SKIP
 (3, 1000)
 """
-from ._derive import first_in_runs, read_blocks
+from ._derive import check_compatible, first_in_runs, open_complete, read_blocks
 from ._ensemble import combine_distributions, ensemble
 from ._export import export
 from ._format import BOX_SCALE, DEFAULT_CHUNK_ROWS, dequantize_boxes, fingerprint, quantize_boxes
-from ._inspect import inspect_store
+from ._inspect import inspect_store, label_sha256
 from ._lock import LockedError, OutputLock
 from ._merge import merge
 from ._paths import (check_disjoint, check_output_file, disk_bytes, exists, human_size,
                      is_store_dir, local_path)
 from ._reader import DamagedStoreError, LabelStore, densify, open
 from ._select import select_rows, select_topk
-from ._text import KEY_RULE, escapes_root, first_bad_key, key_problem, read_lines
+from ._text import KEY_RULE, escapes_root, first_bad_key, key_problem, read_lines, read_text
 from ._verify import TeacherCheck, VerifyResult, verify
 from ._version import __version__
 from ._writer import IncompleteRunError, LabelStoreWriter, create
@@ -41,6 +41,7 @@ __all__ = [
     "TeacherCheck",
     "VerifyResult",
     "__version__",
+    "check_compatible",
     "check_disjoint",
     "check_output_file",
     "combine_distributions",
@@ -59,12 +60,15 @@ __all__ = [
     "inspect_store",
     "is_store_dir",
     "key_problem",
+    "label_sha256",
     "local_path",
     "merge",
     "open",
+    "open_complete",
     "quantize_boxes",
     "read_blocks",
     "read_lines",
+    "read_text",
     "select_rows",
     "select_topk",
     "verify",

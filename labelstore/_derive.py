@@ -52,14 +52,16 @@ def open_complete(stores: Sequence[Any]) -> list[LabelStore]:
     return opened
 
 
-def check_compatible(stores: Sequence[LabelStore], *, topk: bool = True) -> None:
+def check_compatible(stores: Sequence[LabelStore], *, topk: bool = True,
+                     views: bool = True) -> None:
     """Raise ValueError naming the first difference in classes, k (unless ``topk`` is
-    false), views or class names."""
+    false), views (unless ``views`` is false) or class names."""
     first = stores[0]
     for other in stores[1:]:
         for what, a, b in (("num_classes", first.num_classes, other.num_classes),
                            ("topk", first.topk if topk else 0, other.topk if topk else 0),
-                           ("views", first.num_views, other.num_views)):
+                           ("views", first.num_views if views else 0,
+                            other.num_views if views else 0)):
             if a != b:
                 raise ValueError(f"{what} differs: {first.path} has {a}, {other.path} has {b}")
         names_a, names_b = first.class_names, other.class_names

@@ -124,6 +124,39 @@ class InspectReport:
         return _table(rows)
 
 
+class _LabelDigests:
+    """sha256 of each label array's stored bytes, fed block of rows by block of rows: rows
+    are the first axis, so the digest is the whole array's whatever the block size. Stored
+    dtypes, not ``read()``'s conversions; a loaded store is hashed from RAM."""
+
+    def __init__(self) -> None:
+        self.digests = {name: hashlib.sha256() for name in FINGERPRINTED}
+
+    def update(self, store, start: int, stop: int) -> None:
+        loaded = store._ram or {}
+        for name, digest in self.digests.items():
+            values = (loaded[name][start:stop] if name in loaded
+                      else store._get(name, slice(start, stop)))
+            digest.update(np.ascontiguousarray(values).data)
+
+    def result(self, store) -> dict[str, str]:
+        return ({name: d.hexdigest() for name, d in self.digests.items()}
+                | {"keys": (store.attrs.get("dataset") or {}).get("fingerprint")})
+
+
+def label_sha256(store) -> dict[str, str] | None:
+    """What ``inspect --json`` reports as ``label_sha256``: the sha256 of each label array's
+    stored bytes (labels, indices, probs, residual, boxes, flips, valid) and the key list's
+    fingerprint, or None while the store is unfinished. Equal digests: a student reads the
+    same labels (``train-student --resume`` compares them)."""
+    if store.missing():
+        return None
+    digests = _LabelDigests()
+    for start in range(0, len(store), store.chunk_rows):
+        digests.update(store, start, min(start + store.chunk_rows, len(store)))
+    return digests.result(store)
+
+
 def inspect_store(store, view: int = 0) -> InspectReport:
     """Scan a store chunk by chunk (memory: one chunk) and summarise it."""
     if not 0 <= view < store.num_views:
@@ -139,16 +172,13 @@ def inspect_store(store, view: int = 0) -> InspectReport:
     sum_top1 = sum_residual = 0.0
     scored = agree = labeled = 0
     step = store.chunk_rows
-    # One digest per array fed chunk by chunk: rows are the first axis, so the bytes are the
-    # whole array's whatever the chunk size. Stored dtypes, not read()'s conversions.
-    digests = {name: hashlib.sha256() for name in FINGERPRINTED} if not missing else None
+    digests = _LabelDigests() if not missing else None
     for start in range(0, n, step):
         stop = min(start + step, n)
         if not done_rows[start]:
             continue
         if digests is not None:
-            for name, digest in digests.items():
-                digest.update(np.ascontiguousarray(store._get(name, slice(start, stop))).data)
+            digests.update(store, start, stop)
         part = store.read(slice(start, stop))
         ok = part.valid
         invalid += int((~ok).sum())
@@ -175,6 +205,4 @@ def inspect_store(store, view: int = 0) -> InspectReport:
                      "max": int(counts.max()), "empty": int((counts == 0).sum())}
         if scored else {},
         has_embeddings=store.has_embeddings, view=view,
-        label_sha256=None if digests is None else
-        {name: d.hexdigest() for name, d in digests.items()}
-        | {"keys": (store.attrs.get("dataset") or {}).get("fingerprint")})
+        label_sha256=None if digests is None else digests.result(store))

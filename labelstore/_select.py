@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -35,6 +36,7 @@ BUCKET_SHIFT = 6     # histogram buckets of 64 consecutive float16 values (~3% a
 NUM_BUCKETS = 0x8000 >> BUCKET_SHIFT
 MIN_MERGE = 1 << 18  # smallest buffer worth filtering (test hook: small values force filters)
 FLOOR_EVERY = 4      # floors are recomputed after C·NUM_BUCKETS / FLOOR_EVERY new candidates
+_WHITESPACE = re.compile(r"\s")
 
 
 # -- exclude lists ----------------------------------------------------------------
@@ -497,12 +499,14 @@ def _unique(values: np.ndarray) -> np.ndarray:
 
 
 def write_list(store: Any, path: str, *, view: int = 0) -> int:
-    """Write a PaddleClas list file (``key top1-class`` per row) for ``store``."""
+    """Write a PaddleClas list file (``key top1-class`` per row) for ``store``; a key with
+    whitespace in it is followed by a tab instead of a space (the list-file rule of
+    ``teacher_infer.data``: such a line would otherwise not read back)."""
     from ._reader import open as open_store
 
     st = store if isinstance(store, LabelStore) else open_store(store)
     with open(path, "w", encoding="utf-8") as handle:
         for _, _, block in _derive.read_blocks(st, ("keys", "indices"), view=view):
-            handle.writelines(f"{key} {int(top1)}\n"
+            handle.writelines(f"{key}{chr(9) if _WHITESPACE.search(key) else ' '}{int(top1)}\n"
                               for key, top1 in zip(block["keys"].tolist(), block["indices"][:, 0]))
     return len(st)

@@ -6,6 +6,9 @@ fields are tab-separated and whose lines are read with surrounding whitespace st
 a line break, a tab or another control character, or with leading or trailing whitespace, cannot
 make that round trip, so such keys are refused where they first appear (the data listing and
 ``labelstore.create``) rather than escaped in every file. So are keys that are not valid UTF-8.
+
+:func:`read_text` (and :func:`read_lines` on top of it) is the one reader of text files: a
+leading UTF-8 byte-order mark is dropped and invalid UTF-8 is an error naming file and line.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ _CHAR_NAMES = {"\n": "a newline", "\t": "a tab", "\r": "a carriage return",
                "\x85": "a next-line character", "\u2028": "a line separator",
                "\u2029": "a paragraph separator"}
 _NEWLINES = re.compile(r"\r\n|\r|\n")
+_BOM = "\ufeff"  # what some editors put before the first line of a UTF-8 file
 
 KEY_RULE = ("keys go one per line into failed.txt, list files and exclude lists, so names with "
             "line breaks, tabs or other control characters, or with leading or trailing "
@@ -71,22 +75,45 @@ def escapes_root(key: str) -> bool:
 
 
 def read_lines(path: str, what: str) -> list[str]:
-    """The lines of a UTF-8 text file (``\\n``, ``\\r\\n`` or ``\\r`` endings).
+    """The lines of a UTF-8 text file (``\\n``, ``\\r\\n`` or ``\\r`` endings); see
+    :func:`read_text`."""
+    return _split_lines(read_text(path, what))
 
-    Invalid UTF-8 is a ValueError naming ``what``, the file and the line, not a bare
-    ``UnicodeDecodeError``.
+
+def read_text(path: str, what: str) -> str:
+    """A UTF-8 text file as one string, a leading byte-order mark removed.
+
+    Every text file ssld reads (list files, class names, exclude lists, failed.txt, its own
+    JSON and CSV records) goes through here or :func:`decode_text`, so a file saved by an
+    editor that writes a BOM reads the same as one without, and invalid UTF-8 is a
+    ValueError naming ``what``, the file and the line, not a bare ``UnicodeDecodeError``.
     """
+    if "://" in str(path):  # a file beside a store on object storage (failed.txt)
+        import fsspec
+
+        with fsspec.open(str(path), "rb") as handle:
+            return decode_text(handle.read(), path, what)
     with open(path, "rb") as handle:
-        return decode_lines(handle.read(), path, what)
+        return decode_text(handle.read(), path, what)
 
 
-def decode_lines(raw: bytes, path: str, what: str) -> list[str]:
-    """:func:`read_lines` of bytes already read from ``path``."""
+def decode_text(raw: bytes, path: str, what: str) -> str:
+    """:func:`read_text` of bytes already read from ``path``."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = len(_NEWLINES.split(raw[:exc.start].decode("utf-8")))
         raise ValueError(f"{what} {path}:{line}: not valid UTF-8 (byte 0x{raw[exc.start]:02x}); "
                          "save the file as UTF-8") from None
+    return text[1:] if text.startswith(_BOM) else text
+
+
+def decode_lines(raw: bytes, path: str, what: str) -> list[str]:
+    """:func:`read_lines` of bytes already read from ``path``."""
+    return _split_lines(decode_text(raw, path, what))
+
+
+def _split_lines(text: str) -> list[str]:
+    """``text`` split at ``\\n``, ``\\r\\n`` or ``\\r``, without a final empty line."""
     lines = _NEWLINES.split(text)
     return lines[:-1] if lines and lines[-1] == "" else lines

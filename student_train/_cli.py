@@ -98,6 +98,8 @@ def _runtime(fn):
 @_field("teacher_checkpoint", metavar="FILE")
 @_field("ema", type=float, metavar="DECAY", help="Keep an EMA of the weights (e.g. 0.9998).")
 @_field("resume", is_flag=True, help="Continue RUN_DIR/last.pt exactly.")
+@_field("bad_images", help="An image that cannot be read: skip (leave it out, count it, list "
+        "it in RUN_DIR/failed.txt) or stop (end the run with one line naming it).")
 @_field("seed", type=int)
 @_runtime
 @click.pass_context

@@ -18,22 +18,54 @@ from typing import Any, Optional
 
 import torch
 
+from teacher_infer.runtime import saved_entries
+
 from .config import TrainConfig, changed_options
 
 FORMAT = "ssld.train-student"
 FORMAT_VERSION = 1
 
 
+class _WriteErrors:
+    """A binary file for ``torch.save`` that keeps the ``OSError`` a write raised.
+
+    torch's zip writer calls ``write`` from C++ and turns its exception into a
+    ``RuntimeError`` ("unexpected pos ..."): kept here, the caller can raise what happened
+    (``No space left on device``) instead.
+    """
+
+    def __init__(self, handle):
+        self.handle = handle
+        self.error: Optional[OSError] = None
+
+    def write(self, data) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def __getattr__(self, name: str) -> Any:  # name, flush, fileno...: the file's own
+        return getattr(self.handle, name)
+
+
 def save_atomic(obj: dict[str, Any], path: str) -> None:
     """``torch.save`` to ``path`` through a temporary file, fsync and an atomic rename.
 
-    Written through a Python file object so that a full disk is an ``OSError`` naming
-    ``path`` (torch's own file writer reports it as a bare RuntimeError).
+    A failed write (a full disk) is an ``OSError`` naming ``path`` with the errno of the
+    failure, whether it surfaced from the write itself, from torch's writer (which reports
+    it as a bare RuntimeError), or from the final flush, fsync or rename.
     """
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         with open(tmp, "wb") as handle:
-            torch.save(obj, handle)
+            writer = _WriteErrors(handle)
+            try:
+                torch.save(obj, writer)
+            except RuntimeError:
+                if writer.error is None:
+                    raise
+                raise writer.error from None
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -64,13 +96,15 @@ def make_checkpoint(*, model: torch.nn.Module, ema: Optional[torch.nn.Module],
                     optimizer: torch.optim.Optimizer, scaler: Any, epoch: int, step: int,
                     cfg: TrainConfig, model_name: str, num_classes: int,
                     data_config: dict[str, Any], rng: list, best: dict[str, Any],
-                    metrics: dict[str, Any]) -> dict[str, Any]:
+                    metrics: dict[str, Any], class_names: Optional[list] = None,
+                    data: Optional[list] = None) -> dict[str, Any]:
     """The dict written to ``last.pt``/``best.pt``; ``epoch`` counts completed epochs."""
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "model_name": model_name,
         "num_classes": num_classes,
+        "class_names": class_names,     # the training data's, where known: eval matches by name
         "data_config": data_config,     # eval preprocessing: input_size, mean, std, crop_pct, ...
         "state_dict": model.state_dict(),
         "state_dict_ema": None if ema is None else ema.module.state_dict(),
@@ -79,6 +113,7 @@ def make_checkpoint(*, model: torch.nn.Module, ema: Optional[torch.nn.Module],
         "epoch": epoch,
         "step": step,
         "config": cfg.to_dict(),
+        "data": data,                   # what the stores and sources held (changed_data)
         "rng": rng,                     # one entry per rank
         "best": best,
         "metrics": metrics,
@@ -121,6 +156,29 @@ def load_for_resume(run_dir: str, cfg: TrainConfig, *, write: bool = True,
         raise ValueError(f"--resume: {path} already finished all {cfg.epochs} epochs"
                          + (f" ({note})" if note else ""))
     return checkpoint
+
+
+def changed_data(saved: Optional[list], current: list) -> list[str]:
+    """The data sources (label stores, ``--data``, ``--val``) whose content differs from what
+    a checkpoint recorded, each as ``label store X (probs, indices differ)``.
+
+    Options name the stores by path; a store rewritten at the same path (another teacher, a
+    rerun with other settings) is only told apart by its label digests. Checkpoints written
+    before digests were recorded (``saved`` None) cannot be checked.
+    """
+    if saved is None:
+        return []
+    now = {entry["path"]: entry for entry in current}
+    changes = []
+    for entry in saved:
+        other = now.get(entry["path"])
+        if other is None:
+            continue  # a changed --store/--data/--val option: the options check names it
+        old, new = entry.get("label_sha256") or {}, other.get("label_sha256") or {}
+        differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if differ:
+            changes.append(f"{other['what']} ({', '.join(differ)} differ)")
+    return changes
 
 
 def _saved_epoch(path: str) -> Optional[int]:
@@ -168,12 +226,5 @@ def saved_data_config(path: str) -> Optional[dict[str, Any]]:
     ``ssld eval`` uses it as the default, so a student trained at 64 px is evaluated at 64 px.
     Reading the weights themselves is teacher_infer's job (``teacher_infer.model``).
     """
-    if path.endswith(".safetensors") or not os.path.isfile(path):
-        return None
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # not a zip-format torch file: the weights reader reports it
-        return None
-    if isinstance(checkpoint, dict) and checkpoint.get("format") == FORMAT:
-        return checkpoint.get("data_config")
-    return None
+    checkpoint = saved_entries(path) or {}
+    return checkpoint.get("data_config") if checkpoint.get("format") == FORMAT else None

@@ -19,12 +19,13 @@ from teacher_infer.runtime import DEVICES, PRECISIONS
 from .loss_registry import LOSS_SPECS, loss_help
 
 VIEWS = ("auto", "replay", "global")
+BAD_IMAGES = ("skip", "stop")   # student_train.failures.POLICIES (that module imports torch)
 DECODERS = decoder_names()  # the registry's names, "auto" first
 EVAL_BATCH_SIZE = 256   # ssld eval's images per step (here: its module imports torch)
 
 # Options that may change between a run and its --resume without changing the result:
 # where the work runs and how many processes decode, not what is computed.
-RESUMABLE_CHANGES = frozenset({"resume", "num_workers", "threads"})
+RESUMABLE_CHANGES = frozenset({"resume", "num_workers", "threads", "bad_images"})
 
 
 # The method's learning rate for 256 images per step (the SSLD paper's recipes: MobileNetV1
@@ -97,6 +98,8 @@ class TrainConfig:
     threads: Optional[int] = None         # CPU threads per process; None: the CPUs per rank
     resume: bool = False                  # continue RUN_DIR/last.pt exactly
     seed: int = 0                         # model init, sample order, views, augmentation
+    # an image that cannot be read: skip (leave it out, list it in RUN_DIR/failed.txt) | stop
+    bad_images: str = field(default="skip", metadata={"choices": BAD_IMAGES})
 
     def __post_init__(self) -> None:
         if self.lr is None:
@@ -112,7 +115,8 @@ class TrainConfig:
         for name, value, allowed in (("views", self.views, VIEWS), ("device", self.device, DEVICES),
                                      ("decoder", self.decoder, DECODERS),
                                      ("precision", self.precision, PRECISIONS),
-                                     ("loss", self.loss, tuple(LOSS_SPECS))):
+                                     ("loss", self.loss, tuple(LOSS_SPECS)),
+                                     ("bad_images", self.bad_images, BAD_IMAGES)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
         numbers = {"lr": self.lr, "weight_decay": self.weight_decay, "momentum": self.momentum,

@@ -31,11 +31,12 @@ import labelstore
 from teacher_infer.imaging import (DecodeError, ViewSpec, eval_box, open_rgb, pixels_to_input,
                                    random_resized_crop_box, render_box, render_eval,
                                    resolve_decoder)
-from teacher_infer.runtime import cpus_per_rank
+from teacher_infer.runtime import cpus_per_rank, saved_class_names
 
 from . import distributed as D
 from .sampling import ShardedSampler, replay_view, sample_rng
-from .samples import SampleSet, open_source, open_stores, store_top1
+from .failures import BadImages, UnreadableImage
+from .samples import Classes, SampleSet, open_source, open_stores, store_top1
 
 CROP_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop aspect range (torchvision, timm, PaddleClas)
 _EMPTY = torch.zeros(0)
@@ -108,13 +109,20 @@ class CropDataset(Dataset):
             stored.indices[:, view], stored.probs[:, view], stored.residual[:, view],
             self.samples.num_classes)[0])
 
+    def placeholder(self, index: int):
+        """What a sample whose image cannot be read stands in with until its batch drops it:
+        black pixels, a zero target, its label."""
+        size = (3,) + self.size
+        target = torch.zeros(self.samples.num_classes) if self.with_targets else _EMPTY
+        return torch.zeros(size, dtype=torch.uint8), target, int(self.samples.labels[index])
+
     def __getitem__(self, key: tuple[int, int]):
         epoch, index = key
         path = self.samples.paths[index]
         try:
             image = open_rgb(path)
         except DecodeError as exc:  # a store's row was valid when the teacher read it
-            raise ValueError(f"cannot decode {path}: {exc}") from None
+            raise UnreadableImage(path, str(exc)) from None
         box, flip, view, stored = self.plan(epoch, index, image.height, image.width)
         if self.crop == "center":  # timm's own two steps: bit-identical to its eval transform
             crop = render_eval(image, self.eval_spec, self.interpolation)
@@ -160,20 +168,44 @@ def make_autoaugment(policy: str, size: int, data_config: dict[str, Any]):
                          f"(e.g. rand-m9-mstd0.5, original, v0, augmix-m5): {exc}") from None
 
 
+class _Guarded(Dataset):
+    """A :class:`CropDataset` for the DataLoader workers: a sample whose image cannot be read
+    becomes its placeholder, marked ``"path<TAB>reason"`` (``""`` when fine), instead of an
+    exception in the worker (see :mod:`student_train.failures`)."""
+
+    def __init__(self, crops: CropDataset):
+        self.crops = crops
+
+    def __len__(self) -> int:
+        return len(self.crops)
+
+    def __getitem__(self, key: tuple[int, int]):
+        try:
+            return (*self.crops[key], "")
+        except UnreadableImage as exc:
+            return (*self.crops.placeholder(key[1]), f"{exc.path}\t{exc.reason}")
+
+
 class DeviceBatches:
-    """A DataLoader's uint8 batches as normalised float tensors on the device."""
+    """A DataLoader's uint8 batches as normalised float tensors on the device, without the
+    rows whose image could not be read (``bad`` records them, or stops the run)."""
 
     def __init__(self, loader: DataLoader, device: torch.device, mean, std,
-                 channels_last: bool):
+                 channels_last: bool, bad: BadImages):
         self.loader, self.device, self.channels_last = loader, device, channels_last
+        self.dataset: CropDataset = loader.dataset.crops   # the samples and their crops
         self.mean = torch.tensor(mean, dtype=torch.float32, device=device)
         self.std = torch.tensor(std, dtype=torch.float32, device=device)
+        self.bad = bad
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self):
-        for pixels, targets, labels in self.loader:
+        for pixels, targets, labels, failures in self.loader:
+            keep = self.bad.keep(failures)
+            if keep is not None:
+                pixels, targets, labels = pixels[keep], targets[keep], labels[keep]
             images = pixels_to_input(pixels.to(self.device, non_blocking=True), self.mean,
                                      self.std)
             if self.channels_last:
@@ -189,10 +221,13 @@ class TrainData:
     train: Any
     val: Any
     sampler: ShardedSampler
+    bad_images: BadImages        # what both loaders left out since the trainer last asked
     num_classes: int
     num_train: int
     crop: str
     describe: dict[str, Any] = field(default_factory=dict)
+    class_names: Optional[list] = None   # recorded in checkpoints: eval matches folders to them
+    identity: list = field(default_factory=list)  # recorded in checkpoints: --resume compares
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
@@ -224,7 +259,12 @@ def build_data(cfg, env: D.DistEnv, data_config: dict[str, Any], *, log: logging
     if cfg.stores:
         samples = open_stores(cfg.stores, env=env)
     else:
-        samples = open_source(cfg.data, cfg.root, env=env, what="--data")
+        classes = None
+        if teacher_classes is not None:  # the teacher's class space: folders match its names
+            classes = Classes(teacher_classes,
+                              saved_class_names(cfg.teacher_checkpoint, teacher_classes),
+                              f"--teacher-checkpoint {cfg.teacher_checkpoint}")
+        samples = open_source(cfg.data, cfg.root, env=env, what="--data", classes=classes)
     if teacher_classes is not None:
         if samples.stores and samples.num_classes != teacher_classes:
             raise ValueError(f"label store {samples.stores[0].path} has {samples.num_classes} "
@@ -255,12 +295,16 @@ def build_data(cfg, env: D.DistEnv, data_config: dict[str, Any], *, log: logging
     train_set = CropDataset(samples, crop=crop, data_config=data_config, seed=cfg.seed,
                             with_targets=cfg.distill_from_stores, crop_scale=cfg.crop_scale,
                             autoaugment=cfg.autoaugment)
+    bad_images = BadImages(cfg.bad_images, hint=f" (--bad-images stop; with --bad-images skip "
+                           f"it is left out and listed in {cfg.out}/failed.txt)")
     batching = dict(batch_size=cfg.batch_size, workers=workers, env=env,
-                    data_config=data_config, channels_last=channels_last, decoder=decoder)
+                    data_config=data_config, channels_last=channels_last, decoder=decoder,
+                    bad=bad_images)
     train = make_batches(train_set, sampler, drop_last=True, **batching)
-    val = None
+    val, identity = None, list(samples.identity)
     if cfg.val:
-        val_samples = open_source(cfg.val, cfg.val_root, env=env, what="--val")
+        val_samples = open_source(cfg.val, cfg.val_root, env=env, what="--val",
+                                  classes=Classes.of(samples))
         val_samples = val_samples.subset(val_samples.labels >= 0)
         if len(val_samples) == 0:
             raise ValueError(f"--val {cfg.val} has no labeled images")
@@ -273,29 +317,34 @@ def build_data(cfg, env: D.DistEnv, data_config: dict[str, Any], *, log: logging
                                      world_size=env.world_size, shuffle=False)
         val = make_batches(val_set, val_sampler, drop_last=False, **batching)
         describe["num_val"] = len(val_samples)
+        identity += val_samples.identity
     describe.update(crop=crop, decoder=decoder.name, num_workers=workers,
                     num_train=len(samples))
     log.info(f"data: {len(samples):,} training images ({crop} crops, {decoder.name} decoding, "
              f"{workers} worker(s) per process)"
              + (f", {describe['num_val']:,} validation images" if val is not None else ""))
-    return TrainData(train=train, val=val, sampler=sampler, num_classes=samples.num_classes,
-                     num_train=len(samples), crop=crop, describe=describe)
+    return TrainData(train=train, val=val, sampler=sampler, bad_images=bad_images,
+                     num_classes=samples.num_classes,
+                     num_train=len(samples), crop=crop, describe=describe,
+                     class_names=samples.class_names,
+                     identity=identity)
 
 
 def make_batches(dataset: CropDataset, sampler: ShardedSampler, *, batch_size: int,
                  workers: int, env: D.DistEnv, data_config: dict[str, Any], channels_last: bool,
-                 decoder: type, drop_last: bool):
+                 decoder: type, drop_last: bool, bad: BadImages):
     """Device batches of ``dataset`` in ``sampler`` order: rendered by PIL in the workers, or
     read as file bytes there and decoded on the device by ``decoder`` (a registry class,
-    ``teacher_infer.imaging.resolve_decoder``)."""
+    ``teacher_infer.imaging.resolve_decoder``). Samples whose image cannot be read are left
+    out of their batch, or stop the run, as ``bad`` says."""
     if decoder.worker_mode == "bytes":
         from .encoded import EncodedBatches
 
         return EncodedBatches(dataset, sampler, decoder, batch_size=batch_size, workers=workers,
                               device=env.device, data_config=data_config,
-                              channels_last=channels_last, drop_last=drop_last)
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                        drop_last=drop_last, pin_memory=env.device.type == "cuda",
-                        persistent_workers=workers > 0)
+                              channels_last=channels_last, drop_last=drop_last, bad=bad)
+    loader = DataLoader(_Guarded(dataset), batch_size=batch_size, sampler=sampler,
+                        num_workers=workers, drop_last=drop_last,
+                        pin_memory=env.device.type == "cuda", persistent_workers=workers > 0)
     return DeviceBatches(loader, env.device, data_config["mean"], data_config["std"],
-                         channels_last)
+                         channels_last, bad)

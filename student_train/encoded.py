@@ -20,14 +20,18 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from teacher_infer.imaging import (Batch, ViewSpec, collate, quantize_inside, read_encoded,
-                                   render_box)
+from teacher_infer.imaging import (Batch, DecodeError, Item, ViewSpec, collate, quantize_inside,
+                                   read_encoded, render_box)
+
+from .failures import BadImages
 
 
 class _PlannedBytes(Dataset):
     """``(epoch, index)`` → (item, path, target, label): a
     :class:`~student_train.data.CropDataset` sample before decoding, its one view as an
-    ``imaging.Item`` (file bytes and the planned box, or PIL pixels)."""
+    ``imaging.Item`` (file bytes and the planned box, or PIL pixels). A file that cannot be
+    read is an invalid item with its reason, as in the teacher pass: never an exception in
+    the worker."""
 
     def __init__(self, crops):
         if crops.augment is not None:
@@ -52,7 +56,13 @@ class _PlannedBytes(Dataset):
             crop = render_box(image, boxes[0], bool(flips[0]), crops.size, crops.interpolation)
             return torch.from_numpy(np.array(crop, dtype=np.uint8)).permute(2, 0, 1)[None]
 
-        item = read_encoded(index, path, plan, render)
+        try:
+            item = read_encoded(index, path, plan, render)
+        except (DecodeError, OSError) as exc:
+            reason = "missing file" if isinstance(exc, FileNotFoundError) else str(exc)
+            item = Item(index, np.zeros((1, 4), np.uint16), np.zeros(1, bool), False, reason)
+            _, target, label = crops.placeholder(index)
+            return item, path, target, label
         return (item, path, crops.target(chosen["stored"], chosen["view"]),
                 int(crops.samples.labels[index]))
 
@@ -68,7 +78,7 @@ class EncodedBatches:
 
     def __init__(self, crops, sampler, decoder: type, *, batch_size: int, workers: int,
                  device: torch.device, data_config: dict[str, Any], channels_last: bool,
-                 drop_last: bool):
+                 drop_last: bool, bad: BadImages):
         self.loader = DataLoader(_PlannedBytes(crops), batch_size=batch_size, sampler=sampler,
                                  num_workers=workers, drop_last=drop_last, collate_fn=_collate,
                                  persistent_workers=workers > 0)
@@ -78,6 +88,7 @@ class EncodedBatches:
                                max_batch=batch_size, device=device,
                                num_threads=max(1, workers))
         self.device, self.channels_last = device, channels_last
+        self.dataset, self.bad = crops, bad
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -92,10 +103,14 @@ class EncodedBatches:
 
         for batch, images in self.decoder.decode(batches()):
             paths, targets, labels = pending.popleft()
-            if not batch.valid.all():
-                bad = int(np.flatnonzero(~batch.valid)[0])
-                raise ValueError(f"cannot decode {paths[bad]}: {batch.reasons[bad]}")
+            keep = self.bad.keep(["" if ok else f"{path}\t{reason}" for ok, path, reason
+                                  in zip(batch.valid, paths, batch.reasons)])
+            if images is None:  # every row failed: an empty batch, still a step on every rank
+                images = torch.zeros((1, len(batch), 3) + self.dataset.size, device=self.device)
             images = images[0]
+            if keep is not None:
+                images = images[keep.to(images.device)]
+                targets, labels = targets[keep], labels[keep]
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             yield (images, targets.to(self.device, non_blocking=True),

@@ -30,11 +30,12 @@ def evaluate(model: str, checkpoint: str, data: str, *, root: Optional[str] = No
     """
     from teacher_infer import resolve_model_name
     from teacher_infer.imaging import resolve_decoder
-    from teacher_infer.runtime import resolve_precision
+    from teacher_infer.runtime import resolve_precision, saved_class_names
 
     from .data import CropDataset, default_workers, make_batches
+    from .failures import BadImages
     from .models import data_config_for, load_model
-    from .samples import open_source
+    from .samples import Classes, open_source
     from .sampling import ShardedSampler
     from .trainer import validate
 
@@ -47,7 +48,9 @@ def evaluate(model: str, checkpoint: str, data: str, *, root: Optional[str] = No
             input_size = (saved_data_config(checkpoint) or {}).get("input_size")
         data_config = data_config_for(name, input_size)
         net = load_model(name, checkpoint)
-        samples = open_source(data, root, env=env, what="--data")
+        samples = open_source(data, root, env=env, what="--data", classes=Classes(
+            net.num_classes, saved_class_names(checkpoint, net.num_classes),
+            f"--checkpoint {checkpoint}"))
         samples = samples.subset(samples.labels >= 0)
         num_classes = net.num_classes
         if len(samples) == 0:
@@ -65,7 +68,8 @@ def evaluate(model: str, checkpoint: str, data: str, *, root: Optional[str] = No
         workers = default_workers(env) if num_workers is None else num_workers
         batches = make_batches(dataset, sampler, batch_size=batch_size, workers=workers,
                                env=env, data_config=data_config, channels_last=channels_last,
-                               decoder=resolve_decoder(decoder, env.device), drop_last=False)
+                               decoder=resolve_decoder(decoder, env.device), drop_last=False,
+                               bad=BadImages("stop"))  # a score over every image, or none
         return validate(net, batches, env=env, precision=resolve_precision(precision,
                                                                              env.device))
     finally:

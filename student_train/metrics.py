@@ -10,8 +10,10 @@ from typing import Any, Optional
 
 import torch
 
+from labelstore import read_lines
+
 COLUMNS = ("epoch", "lr", "train_loss", "val_top1", "val_top5", "ema_top1", "ema_top5",
-           "agreement", "images_per_s", "epoch_s")
+           "agreement", "images_per_s", "epoch_s", "skipped")
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)
@@ -65,6 +67,7 @@ class TrainResult:
     seconds: float = 0.0
     images_per_s: float = 0.0
     store_top1: Optional[float] = None  # stored labels' own top-1 vs ground truth
+    unreadable: int = 0                 # images left out because they could not be read
 
     def summary(self) -> str:
         lines = [f"run {self.run_dir}: {self.epochs} epoch(s) in {self.seconds:.1f} s, "
@@ -76,6 +79,9 @@ class TrainResult:
             lines.append("last epoch: " + ", ".join(f"{k} {_fmt(v)}" for k, v in last.items()))
         if self.store_top1 is not None:
             lines.append(f"stored labels' top-1 vs ground truth: {100 * self.store_top1:.2f}%")
+        if self.unreadable:
+            lines.append(f"images that could not be read, left out: {self.unreadable:,} (listed "
+                         f"in {os.path.join(self.run_dir, 'failed.txt')})")
         lines.append(f"checkpoints: {os.path.join(self.run_dir, 'last.pt')}, best.pt")
         return "\n".join(lines)
 
@@ -92,8 +98,8 @@ class MetricsCSV:
         self.path = path
         rows = []
         if keep_epochs and os.path.exists(path):
-            with open(path, newline="") as handle:
-                rows = [r for r in csv.DictReader(handle) if int(r["epoch"]) <= keep_epochs]
+            rows = [r for r in csv.DictReader(read_lines(path, "metrics file"))
+                    if int(r["epoch"]) <= keep_epochs]
         with open(path, "w", newline="") as handle:
             writer = csv.DictWriter(handle, COLUMNS)
             writer.writeheader()

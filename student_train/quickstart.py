@@ -81,11 +81,50 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
 
 
+# Options that change where and how fast a step runs, not its result: a rerun that changes
+# only these reuses the step (train-student's --resume rule, plus the progress bar).
+RUNTIME_OPTIONS = frozenset({"num_workers", "threads", "progress", "resume"})
+# What train-student writes in a run directory: a run redone from scratch removes these, and
+# refuses to touch a run directory that holds anything else.
+RUN_FILES = ("last.pt", "best.pt", "metrics.csv", "config.json", "train.log", "failed.txt",
+             "quickstart.done")
+
+
+def _inputs(options: dict, **upstream: dict) -> dict:
+    """What a step's output is computed from: its options (runtime ones left out) and the
+    inputs of the steps whose outputs it reads, so a change anywhere upstream shows here."""
+    chosen = {k: v for k, v in options.items() if k not in RUNTIME_OPTIONS}
+    return json.loads(json.dumps({"options": chosen, **upstream}, sort_keys=True, default=str))
+
+
+class _Ledger:
+    """``quickstart_steps.json``: per step, the inputs it was computed from and whether it
+    finished. A step is reused only when it finished from the inputs it has now."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.entries: dict = (json.loads(labelstore.read_text(str(path), "quickstart record"))
+                              if path.exists() else {})
+
+    def state(self, name: str, inputs: dict) -> str:
+        """``done``, ``started`` (interrupted: continue it) or ``new`` (compute afresh)."""
+        entry = self.entries.get(name)
+        if entry is None or entry.get("inputs") != inputs:
+            return "new"
+        return "done" if entry.get("done") else "started"
+
+    def mark(self, name: str, inputs: dict, done: bool) -> None:
+        self.entries[name] = {"inputs": inputs, "done": done}
+        _write_atomic(self.path, json.dumps(self.entries, indent=1, sort_keys=True))
+
+
 class _Steps:
     """Step headings with the expected remaining time, and the per-call wall times."""
 
-    def __init__(self, echo: Callable[[str], None]):
+    def __init__(self, echo: Callable[[str], None], ledger: "_Ledger | None" = None):
         self.echo = echo
+        self.ledger = ledger
+        self.inputs: dict[str, dict] = {}     # this run's inputs of each step, by name
         self.times: list[StepTime] = []
         self.spent = self.expected = 0.0      # over finished steps that computed something
         self._current: tuple[int, float, int] | None = None  # number, start, first time row
@@ -113,6 +152,25 @@ class _Steps:
         self.times.append(StepTime(name, time.perf_counter() - start, note(result), reused,
                                    time.process_time() - cpu))
         return result
+
+    def cached(self, name: str, inputs: dict, exists: bool, compute: Callable[[str], object],
+               note: Callable = lambda r: ""):
+        """Step ``name`` through the ledger: ``compute(mode)`` is called with ``reuse`` when
+        the step finished from these ``inputs`` and its output ``exists``, ``resume`` when a
+        run from these inputs was interrupted, else ``fresh`` (the output is replaced)."""
+        self.inputs[name] = inputs
+        state = self.ledger.state(name, inputs)
+        reused = state == "done" and exists
+
+        def run():
+            if reused:
+                return compute("reuse")
+            self.ledger.mark(name, inputs, done=False)
+            result = compute("resume" if state == "started" else "fresh")
+            self.ledger.mark(name, inputs, done=True)
+            return result
+
+        return self.timed(name, run, note, reused=reused)
 
 
 @dataclass
@@ -165,13 +223,15 @@ def _store_complete(path: str) -> bool:
 def run(cfg: QuickstartConfig, echo: Callable[[str], None] = print) -> QuickstartResult:
     """Run the pipeline under ``cfg.workdir`` and return the accuracies and step times.
 
-    Finished steps are reused when the command is run again (marked ``reused`` in the table),
-    so an interrupted quickstart continues where it stopped. ``quickstart.json`` keeps the
-    first complete run's step times and adds each later run under ``reruns``.
+    Finished steps are reused when the command is run again with the same options (marked
+    ``reused`` in the table), so an interrupted quickstart continues where it stopped; a step
+    whose options, or whose inputs' options, changed is computed again (``_Ledger``).
+    ``quickstart.json`` keeps the first complete run's step times and adds each later run
+    under ``reruns``.
     """
     work = Path(cfg.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    steps = _Steps(echo)
+    steps = _Steps(echo, _Ledger(work / "quickstart_steps.json"))
 
     data = _prepare(cfg, work, steps)
     teacher = _train_teacher(cfg, work, data, steps)
@@ -201,9 +261,10 @@ def _prepare(cfg: QuickstartConfig, work: Path, steps: _Steps) -> PreparedDatase
     from teacher_infer.prepare import prepare_digits
 
     steps.begin(1, f"writing the digits data set under {work / 'data'}")
-    return steps.timed("prepare digits", lambda: prepare_digits(work / "data", seed=cfg.seed),
-                       lambda d: f"{d.num_labeled} L / {d.num_pool} U / {d.num_val} V",
-                       reused=(work / "data" / "meta.json").exists())
+    return steps.cached(
+        "prepare digits", _inputs({"seed": cfg.seed}), (work / "data" / "meta.json").exists(),
+        lambda mode: prepare_digits(work / "data", seed=cfg.seed, overwrite=mode != "reuse"),
+        lambda d: f"{d.num_labeled} L / {d.num_pool} U / {d.num_val} V")
 
 
 def _train_options(cfg: QuickstartConfig, dataset: PreparedDataset, run_dir: Path,
@@ -216,23 +277,38 @@ def _train_options(cfg: QuickstartConfig, dataset: PreparedDataset, run_dir: Pat
                    val_every=cfg.val_every, **_runtime(cfg)), **options}
 
 
-def _train(steps: _Steps, title: str, options: dict, note: Callable = lambda r: "") -> str:
-    """Train the run ``options`` describe unless an earlier quickstart finished it; returns
-    its last.pt."""
+def _train(steps: _Steps, title: str, options: dict, note: Callable = lambda r: "",
+           **upstream: dict) -> str:
+    """Train the run ``options`` describe unless an earlier quickstart finished it from the
+    same options and ``upstream`` inputs; returns its last.pt."""
     from .config import TrainConfig
     from .trainer import train
 
     run_dir = Path(options["out"])
-    finished = run_dir / "quickstart.done"
 
-    def train_run() -> None:
-        if not finished.exists():
-            # an interrupted run continues from its last checkpoint
+    def train_run(mode: str) -> None:
+        if mode == "fresh":
+            _clear_run_dir(run_dir)
+        if mode != "reuse":  # an interrupted run continues from its last checkpoint
             train(TrainConfig(**options, resume=(run_dir / "last.pt").exists()))
-            finished.write_text("finished\n")
 
-    steps.timed(title, train_run, note, reused=finished.exists())
+    steps.cached(title, _inputs(options, **upstream), (run_dir / "last.pt").exists(), train_run,
+                 note)
     return str(run_dir / "last.pt")
+
+
+def _clear_run_dir(run_dir: Path) -> None:
+    """Remove what train-student wrote in ``run_dir`` (a run redone with other options); a
+    folder holding anything else is refused, not emptied."""
+    if not run_dir.exists():
+        return
+    foreign = sorted(p.name for p in run_dir.iterdir()
+                     if p.name not in RUN_FILES and ".tmp." not in p.name)
+    if foreign:
+        raise ValueError(f"{run_dir} holds {foreign[0]!r}, which train-student did not write; "
+                         "refusing to replace the run (choose another --workdir)")
+    for entry in run_dir.iterdir():
+        entry.unlink()
 
 
 def _train_teacher(cfg: QuickstartConfig, work: Path, data: PreparedDataset,
@@ -241,23 +317,31 @@ def _train_teacher(cfg: QuickstartConfig, work: Path, data: PreparedDataset,
     steps.begin(2, f"training the teacher ({TEACHER}) on the {data.num_labeled} labeled images")
     return _train(steps, "train teacher", _train_options(
         cfg, data, work / "runs" / "teacher", student=TEACHER, data=data.labeled,
-        root=data.root, supervised=True, epochs=cfg.teacher_epochs))
+        root=data.root, supervised=True, epochs=cfg.teacher_epochs),
+        data=steps.inputs["prepare digits"])
 
 
 def _infer(cfg: QuickstartConfig, data: PreparedDataset, steps: _Steps, checkpoint: str,
            out: Path, title: str, source: str, note: str, **options) -> str:
-    """One teacher pass over ``source`` into the store ``out``, unless it is complete."""
+    """One teacher pass over ``source`` into the store ``out``, unless an earlier quickstart
+    completed it with the same options and teacher."""
     from teacher_infer import InferConfig
     from teacher_infer import run as infer
 
     out = str(out)
-    complete = _store_complete(out)  # else infer resumes what an earlier run left
-    steps.timed(title, lambda: complete or infer(InferConfig(
-        model=TEACHER, checkpoint=checkpoint, data=source, root=data.root, out=out,
-        topk=cfg.topk, seed=cfg.seed, crop_scale=CROP_SCALE, batch_size=256,
-        class_names=data.class_names, progress=cfg.progress, decoder=_teacher_decoder(),
-        precision="fp32", **PREPROCESSING, **{**_runtime(cfg), **options})),
-        lambda r: note, reused=complete)
+    settings = dict(model=TEACHER, checkpoint=checkpoint, data=source, root=data.root, out=out,
+                    topk=cfg.topk, seed=cfg.seed, crop_scale=CROP_SCALE, batch_size=256,
+                    class_names=data.class_names, progress=cfg.progress,
+                    decoder=_teacher_decoder(), precision="fp32", **PREPROCESSING,
+                    **{**_runtime(cfg), **options})
+
+    def label(mode: str):
+        # resume: infer-teacher continues the store an interrupted run left; fresh: replace it
+        if mode != "reuse":
+            infer(InferConfig(**settings, overwrite=mode == "fresh" and labelstore.exists(out)))
+
+    steps.cached(title, _inputs(settings, teacher=steps.inputs["train teacher"]),
+                 _store_complete(out), label, lambda r: note)
     return out
 
 
@@ -291,18 +375,19 @@ def _dedup(cfg: QuickstartConfig, work: Path, pool: str, val: str,
     steps.begin(4, "dedup: pool images that duplicate validation images")
     exclude = work / "stores" / "pool_vs_val.dups"
 
-    def find_duplicates() -> int:
-        if not exclude.exists():  # written whole (renamed into place): it exists = complete
+    def find_duplicates(mode: str) -> int:
+        if mode != "reuse":  # written whole (renamed into place): it exists = complete
             from teacher_infer.dedup import DedupConfig, dedup
 
             found = dedup(DedupConfig(query=val, pool=pool, device=cfg.device,
                                       threads=cfg.threads))
             _write_atomic(exclude, "\n".join(found.lines()) + "\n")
-        return sum(1 for line in exclude.read_text().splitlines()
+        return sum(1 for line in labelstore.read_lines(str(exclude), "exclude file")
                    if line and not line.startswith("#"))
 
-    duplicates = steps.timed("dedup U vs V", find_duplicates, lambda n: f"{n} confirmed",
-                             reused=exclude.exists())
+    duplicates = steps.cached("dedup U vs V", _inputs(
+        {}, pool=steps.inputs["infer-teacher U"], val=steps.inputs["infer-teacher V (dedup)"]),
+        exclude.exists(), find_duplicates, lambda n: f"{n} confirmed")
     return exclude, duplicates
 
 
@@ -332,14 +417,18 @@ def _train_students(cfg: QuickstartConfig, work: Path, data: PreparedDataset,
     steps.begin(7, f"students ({STUDENT}): label-only baseline and SSLD")
     _train(steps, "train label-only student", _train_options(
         cfg, data, work / "runs" / "student_labels", data=data.labeled, root=data.root,
-        supervised=True, epochs=cfg.student_epochs))
+        supervised=True, epochs=cfg.student_epochs), data=steps.inputs["prepare digits"])
     # Same number of images seen as the label-only run: the gain must come from the teacher's
     # labels and the pool's variety, not from a longer schedule.
     ssld_epochs = max(1, round(cfg.student_epochs * data.num_labeled / len(labelstore.open(
         train_store))))
+    # its store is select-topk's and merge's, redone every time from these inputs
+    selection = {"labeled": steps.inputs["infer-teacher L"], "dedup": steps.inputs["dedup U vs V"],
+                 "select_k": {"options": cfg.select_k}}
     _train(steps, "train SSLD student", _train_options(
         cfg, data, work / "runs" / "student_ssld", stores=(train_store,), loss="js",
-        epochs=ssld_epochs), lambda r: f"replay views, {ssld_epochs} epochs = same images seen")
+        epochs=ssld_epochs), lambda r: f"replay views, {ssld_epochs} epochs = same images seen",
+        **selection)
 
 
 def _evaluate(cfg: QuickstartConfig, work: Path, data: PreparedDataset,
@@ -362,7 +451,7 @@ def _save_summary(path: Path, result: QuickstartResult) -> None:
     """The first complete run's record; later runs are appended under ``reruns``."""
     record = asdict(result)
     if path.exists():
-        first = json.loads(path.read_text())
+        first = json.loads(labelstore.read_text(str(path), "quickstart record"))
         rerun = {k: record[k] for k in ("steps", "threads")}
         rerun["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         record = {**first, "reruns": first.get("reruns", []) + [rerun]}

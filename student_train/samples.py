@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import numpy as np
 
 import labelstore
 from labelstore import escapes_root
-from teacher_infer import find_samples
+from teacher_infer import find_samples, labels_by_name
 
 from . import distributed as D
 
@@ -55,6 +55,10 @@ class SampleSet:
     store_of: Optional[np.ndarray] = None    # (n,) int16
     rows: Optional[np.ndarray] = None        # (n,) int64
     class_names: Optional[list] = None
+    named_by: str = ""                       # where the classes come from, for messages
+    # what the data is: per store its label digests, per image source its keys and labels
+    # (checkpoints record it; --resume refuses data that changed since)
+    identity: list = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -63,7 +67,7 @@ class SampleSet:
         pick = lambda a: None if a is None else a[keep]  # noqa: E731
         return SampleSet(PathTable([self.paths[i] for i in np.flatnonzero(keep)]),
                          self.labels[keep], self.num_classes, self.stores, pick(self.store_of),
-                         pick(self.rows), self.class_names)
+                         pick(self.rows), self.class_names, self.named_by, self.identity)
 
 
 def store_root(store) -> str:
@@ -76,15 +80,19 @@ def store_root(store) -> str:
 
 
 def open_stores(paths: Sequence[str], *, env: D.DistEnv) -> SampleSet:
-    """Open, check and concatenate label stores; only rows with ``valid=True`` are kept."""
-    stores = []
-    for path in paths:
-        store = labelstore.open(path)
-        store.require_complete()
-        if stores and store.num_classes != stores[0].num_classes:
+    """Open, check and concatenate label stores; only rows with ``valid=True`` are kept.
+
+    The stores must be complete, distinct (a store given twice would train every row twice)
+    and of one class space: the same class count and, where they record them, the same
+    class names (``merge``'s rule; their k and views may differ).
+    """
+    opened = labelstore.open_complete(list(paths))
+    for store in opened[1:]:
+        if store.num_classes != opened[0].num_classes:
             raise ValueError(f"label store {store.path} has {store.num_classes} classes but the "
-                             f"student has {stores[0].num_classes} (from {stores[0].path})")
-        stores.append(store.load())
+                             f"student has {opened[0].num_classes} (from {opened[0].path})")
+    labelstore.check_compatible(opened, topk=False, views=False)
+    stores = [store.load() for store in opened]
     all_paths, labels, store_of, rows = [], [], [], []
     for number, store in enumerate(stores):
         valid = _valid_rows(store)
@@ -103,9 +111,16 @@ def open_stores(paths: Sequence[str], *, env: D.DistEnv) -> SampleSet:
                       env)
     if not all_paths:
         raise ValueError(f"the label stores {', '.join(paths)} have no valid rows")
+    named = next((store for store in stores if store.class_names), stores[0])
+    identity = [{"what": f"label store {store.path}", "path": _absolute(store.path),
+                 "label_sha256": labelstore.label_sha256(store)} for store in stores]
     return SampleSet(PathTable(all_paths), np.concatenate(labels), stores[0].num_classes,
                      stores, np.concatenate(store_of), np.concatenate(rows),
-                     stores[0].class_names)
+                     named.class_names, f"label store {named.path}", identity)
+
+
+def _absolute(path: str) -> str:
+    return path if "://" in path else os.path.abspath(path)
 
 
 def _refuse_escaping_keys(store, keys: list[str], root: str) -> None:
@@ -117,16 +132,48 @@ def _refuse_escaping_keys(store, keys: list[str], root: str) -> None:
                          f"dataset root {root}; keys must be relative paths below the root")
 
 
-def open_source(data: str, root: Optional[str], *, env: D.DistEnv, what: str) -> SampleSet:
+def open_source(data: str, root: Optional[str], *, env: D.DistEnv, what: str,
+                classes: Optional["Classes"] = None) -> SampleSet:
     """An image source (class folder, unlabeled folder or list file) as a sample set;
-    ``what`` (``--data`` or ``--val``) names it, and its root option, in errors."""
+    ``what`` (``--data`` or ``--val``) names it, and its root option, in errors.
+
+    Without ``classes`` the source defines the class space (its folders, or its largest
+    label); with them (a model's or a training set's classes) class folders are matched to
+    those classes by name (``teacher_infer.labels_by_name``).
+    """
     found = find_samples(data, root=root, option=what,
                          root_option="--val-root" if what == "--val" else "--root")
     paths = [found.path(i) for i in range(len(found))]
     require_files(paths, 0, len(paths), f"{what} {data} (root {found.root})", env)
+    labels = found.labels
+    if classes is not None:
+        labels = labels_by_name(found, classes.count, classes.names, option=what,
+                                named_by=classes.named_by)
+    identity = [{"what": f"{what} {data}", "path": os.path.abspath(data),
+                 "label_sha256": {"keys": labelstore.fingerprint(found.keys),
+                                  "labels": labelstore.fingerprint(map(str, labels))}}]
+    if classes is not None:
+        return SampleSet(PathTable(paths), np.asarray(labels, dtype=np.int64), classes.count,
+                         class_names=classes.names, named_by=classes.named_by,
+                         identity=identity)
     num_classes = len(found.class_names) if found.class_names else int(found.labels.max()) + 1
     return SampleSet(PathTable(paths), np.asarray(found.labels, dtype=np.int64),
-                     max(num_classes, 0), class_names=found.class_names)
+                     max(num_classes, 0), class_names=found.class_names,
+                     named_by=f"{what} {data}", identity=identity)
+
+
+@dataclass(frozen=True)
+class Classes:
+    """A class space that a data source's folders are matched into: ``count`` classes,
+    their ``names`` where known, and what they belong to (for messages)."""
+
+    count: int
+    names: Optional[list]
+    named_by: str
+
+    @classmethod
+    def of(cls, samples: SampleSet) -> "Classes":
+        return cls(samples.num_classes, samples.class_names, samples.named_by)
 
 
 def require_files(paths: Sequence[str], start: int, stop: int, owner: str,

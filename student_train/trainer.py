@@ -24,8 +24,10 @@ from labelstore import OutputLock, check_disjoint, is_store_dir, local_path
 from teacher_infer.runtime import autocast, resolve_precision
 
 from . import distributed as D
-from .checkpoint import load_for_resume, make_checkpoint, rng_state, save_atomic, set_rng_state
+from .checkpoint import (changed_data, load_for_resume, make_checkpoint, rng_state, save_atomic,
+                         set_rng_state)
 from .config import TrainConfig
+from .failures import FailedFile, gather_left_out
 from .metrics import EpochStats, EvalResult, MetricsCSV, TrainResult, setup_logger, topk_correct
 from .optim import build_optimizer, lr_at, make_ema, scale_lr, set_lr
 
@@ -65,7 +67,9 @@ def train_one_epoch(model: nn.Module, batches: Iterable, loss_fn: Callable, opti
             if teacher is not None:
                 teacher_probs = teacher(images)
             logits = model(images)
-            loss = loss_fn(logits, teacher_probs, labels)
+            # a batch whose every image was unreadable (left out) still takes its step on
+            # every rank (DDP), with a zero loss instead of a mean over no rows (NaN)
+            loss = loss_fn(logits, teacher_probs, labels) if len(images) else logits.sum() * 0
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -218,7 +222,8 @@ def _train(cfg: TrainConfig, env: D.DistEnv) -> TrainResult:
     result = TrainResult(run_dir=cfg.out, epochs=cfg.epochs, best_epoch=best["epoch"],
                          best_top1=best["top1"], last=last, seconds=seconds,
                          images_per_s=images / seconds if seconds else 0.0,
-                         store_top1=run.data.describe.get("store_top1"))
+                         store_top1=run.data.describe.get("store_top1"),
+                         unreadable=len(run.failed) if run.failed is not None else 0)
     log.info(result.summary(), extra={"file_only": True})
     return result
 
@@ -236,6 +241,7 @@ class _Run:
     model: nn.Module             # the student itself (checkpoints, evaluation)
     net: nn.Module               # what trains: the student, or DDP around it
     teacher: Optional[nn.Module]
+    failed: Optional[FailedFile]  # RUN_DIR/failed.txt, on rank 0
     loss_fn: nn.Module
     optimizer: torch.optim.Optimizer
     schedule: Callable[[int], float]
@@ -295,6 +301,7 @@ def _build(cfg: TrainConfig, env: D.DistEnv, log: logging.Logger) -> _Run:
              f"{env.device}{f' × {env.world_size}' if env.distributed else ''}")
     return _Run(cfg=cfg, env=env, log=log, data=data, model_name=model_name,
                 data_config=data_config, model=model, net=net, teacher=teacher,
+                failed=FailedFile(cfg.out, resume=cfg.resume) if env.is_main else None,
                 loss_fn=loss_fn, optimizer=optimizer, schedule=schedule,
                 steps_per_epoch=steps_per_epoch, precision=precision,
                 scaler=torch.amp.GradScaler("cuda") if precision == "fp16" else None,
@@ -305,6 +312,11 @@ def _restore(run: _Run, checkpoint: Optional[dict]) -> tuple[int, int, dict]:
     """(first epoch, global step, best-so-far) -- from the checkpoint when resuming."""
     if checkpoint is None:
         return 0, 0, {"top1": None, "epoch": None, "score": -math.inf}
+    changed = changed_data(checkpoint.get("data"), run.data.identity)
+    if changed:
+        raise ValueError(f"--resume: {'; '.join(changed)} since "
+                         f"{os.path.join(run.cfg.out, 'last.pt')} was written; resume with the "
+                         "data the run started from, or start a new --out")
     if len(checkpoint["rng"]) != run.env.world_size:
         # another process count changes the global batch, the lr and every rank's samples
         raise ValueError(f"--resume: {run.cfg.out} was trained by {len(checkpoint['rng'])} "
@@ -353,6 +365,10 @@ def _evaluate_epoch(run: _Run, epoch: int, stats: EpochStats) -> dict[str, Any]:
             result = validate(run.ema.module, run.data.val, env=run.env,
                               precision=run.precision, desc="eval ema")
             row.update(ema_top1=result.top1, ema_top5=result.top5)
+    row["skipped"] = gather_left_out(run.data.bad_images, run.failed, run.env)
+    if row["skipped"]:
+        run.log.warning(f"epoch {epoch + 1}: {row['skipped']} image(s) could not be read and "
+                        f"were left out ({os.path.join(run.cfg.out, 'failed.txt')} lists them)")
     return row
 
 
@@ -363,7 +379,8 @@ def _save(run: _Run, *, epoch: int, step: int, best: dict, row: dict, improved: 
         state = make_checkpoint(model=run.model, ema=run.ema, optimizer=run.optimizer,
                                 scaler=run.scaler, epoch=epoch, step=step, cfg=run.cfg,
                                 model_name=run.model_name, num_classes=run.data.num_classes,
-                                data_config=run.data_config, rng=rngs, best=best, metrics=row)
+                                data_config=run.data_config, rng=rngs, best=best, metrics=row,
+                                class_names=run.data.class_names, data=run.data.identity)
         save_atomic(state, os.path.join(run.cfg.out, "last.pt"))
         if improved:
             save_atomic(state, os.path.join(run.cfg.out, "best.pt"))

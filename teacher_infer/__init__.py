@@ -21,12 +21,13 @@ import importlib
 from typing import TYPE_CHECKING
 
 from .config import InferConfig
-from .data import Samples, find_samples
+from .data import Samples, find_samples, labels_by_name
 
 if TYPE_CHECKING:  # pragma: no cover
     from .infer import RunSummary
 
 __all__ = ["InferConfig", "RunSummary", "Samples", "dedup", "find_samples", "imaging",
+           "labels_by_name",
            "resolve_model_name", "run", "runtime", "verify"]
 
 

@@ -48,7 +48,9 @@ class InferConfig:
     std: tuple[float, float, float] | None = None
     crop_pct: float | None = None       # view 0: resize to input_size / crop_pct, center crop
 
-    batch_size: int = 64                # images per forward pass (each carries all its views)
+    # images per forward pass, views included: batch_size // views rows per batch (at least
+    # one, its views then forwarded batch_size at a time), so memory does not grow with views
+    batch_size: int = 64
     device: str = "auto"                # auto = cuda when available
     # a registry name (imaging.decoders); auto: their rule (DALI on a GPU, PIL on the CPU)
     decoder: str = field(default="auto", metadata={"choices": DECODERS})

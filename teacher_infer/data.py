@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 from dataclasses import dataclass
 
 import numpy as np
 
 from labelstore import KEY_RULE, escapes_root, first_bad_key, key_problem, read_lines
 
+_INTEGER = re.compile(r"[+-]?[0-9]+")
 # Common image extensions, matched case-insensitively (.JPG, .Jpeg ...).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".tif", ".tiff", ".webp",
                     ".gif", ".ppm", ".pgm", ".pbm", ".pnm")
@@ -167,18 +169,30 @@ def _from_class_folders(top: str) -> Samples:
     return Samples(top, "folder", keys, np.asarray(labels, dtype=np.int64), classes)
 
 
+_INT64_MAX = np.iinfo(np.int64).max
+LIST_RULE = ("list lines are PATH or PATH LABEL with LABEL an integer class id (-1: unknown); a "
+             "path with spaces needs a tab before its label (PATH<TAB>LABEL, -1 when unknown)")
+
+
 def _parse_list_line(line: str, where: str) -> tuple[str, int]:
-    """``path [label]``; the path may contain spaces when a label follows it."""
-    parts = line.rsplit(maxsplit=1)
-    if len(parts) == 2:
-        try:
-            label = int(parts[1])
-        except ValueError:
-            return line, -1  # no label: the whole line is the path
-        if label < -1:
-            raise ValueError(f"{where}: label {label} must be >= 0 (or -1 for unknown)")
-        return parts[0], label
-    return parts[0], -1
+    """``path`` or ``path label`` (see :data:`LIST_RULE`); ValueError naming ``where``.
+
+    Fields are split at a tab when the line has one, else at whitespace: a line means one
+    thing whatever files exist, so ``a.png 0 extra`` or ``a.png 1.0`` is an error here rather
+    than an image name that is later reported missing.
+    """
+    fields = [f.strip() for f in line.split("\t")] if "\t" in line else line.split()
+    if len(fields) == 1:
+        return fields[0], -1
+    if len(fields) != 2 or not fields[0]:
+        raise ValueError(f"{where}: {len(fields)} fields in {line!r}; {LIST_RULE}")
+    path, text = fields
+    if not _INTEGER.fullmatch(text):
+        raise ValueError(f"{where}: the label {text!r} is not an integer; {LIST_RULE}")
+    label = int(text)
+    if not -1 <= label <= _INT64_MAX:
+        raise ValueError(f"{where}: label {text} must be a class id >= 0 (or -1 for unknown)")
+    return path, label
 
 
 def _from_list(list_file: str, root: str | None, root_option: str = "--root") -> Samples:
@@ -222,14 +236,57 @@ def _relative_key(path: str, base: str, where: str, root_option: str = "--root")
 
 
 def read_class_names(path: str) -> list[str]:
-    """One class name per non-empty line (PaddleClas label lists ``id name`` are accepted)."""
-    names = []
-    for line in read_lines(path, "class-names file"):
+    """One class name per non-empty line (PaddleClas label lists ``id name`` are accepted).
+
+    Classes are found by name, so a name given twice is an error naming both lines.
+    """
+    names: list[str] = []
+    lines: dict[str, int] = {}
+    for number, line in enumerate(read_lines(path, "class-names file"), start=1):
         line = line.strip()
         if not line:
             continue
         first, _, rest = line.partition(" ")
-        names.append(rest.strip() if first.isdigit() and rest.strip() else line)
+        name = rest.strip() if first.isdigit() and rest.strip() else line
+        if name in lines:
+            raise ValueError(f"class-names file {path}:{number}: {name!r} is listed twice "
+                             f"(first at line {lines[name]})")
+        lines[name] = number
+        names.append(name)
     if not names:
         raise ValueError(f"class-names file {path} is empty")
     return names
+
+
+def labels_by_name(samples: Samples, num_classes: int, names: list[str] | None, *,
+                   option: str, named_by: str) -> np.ndarray:
+    """The labels of ``samples`` as class ids of a model with ``num_classes`` classes.
+
+    Class folders are matched to the model's class ``names`` (the ones ``named_by``
+    records: a store, a checkpoint, a --class-names file), so a data set that lacks a class,
+    or holds them in another order, keeps each image's own class. Without names, sorted
+    folder order (``ImageFolder``'s rule) is only meaningful when there are as many folders
+    as classes. Anything else is refused naming the folders: scoring or training against
+    shifted labels would give wrong numbers with no error. Other sources carry class ids
+    already; they are returned as they are.
+    """
+    if samples.source != "folder":
+        return samples.labels
+    folders = list(samples.class_names or [])
+    if names is not None:
+        index = {name: i for i, name in enumerate(names)}
+        unknown = [folder for folder in folders if folder not in index]
+        if unknown:
+            more = f" (and {len(unknown) - 3} more)" if len(unknown) > 3 else ""
+            raise ValueError(f"{option} {samples.root}: class folder(s) "
+                             f"{', '.join(map(repr, unknown[:3]))}{more} are not among the "
+                             f"{len(names)} class names of {named_by}; folders are matched "
+                             "to classes by name")
+        lookup = np.asarray([index[folder] for folder in folders], dtype=np.int64)
+        return lookup[samples.labels]
+    if len(folders) != num_classes:
+        raise ValueError(f"{option} {samples.root} has {len(folders)} class folders but "
+                         f"{named_by} has {num_classes} classes and records no class names, "
+                         "so the folders cannot be matched to its classes; give the images as "
+                         "a list file of 'path label' lines with the class ids")
+    return samples.labels

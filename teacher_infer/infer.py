@@ -23,14 +23,14 @@ from typing import Any, Callable
 import numpy as np
 
 from labelstore import (DEFAULT_CHUNK_ROWS, IncompleteRunError, OutputLock, check_disjoint,
-                        disk_bytes, human_size, local_path)
+                        disk_bytes, human_size, local_path, read_lines)
 
 from .config import InferConfig
-from .data import Samples, find_samples, read_class_names
+from .data import Samples, find_samples, labels_by_name, read_class_names
 from .imaging.decoders import resolve_decoder
 from .imaging.views import ViewSpec
 from .runtime import (Dist, allow_tf32, autocast, cpus_per_rank, resolve_device,
-                      resolve_precision, set_threads)
+                      resolve_precision, saved_class_names, set_threads)
 
 FAILED_FILE = "failed.txt"
 BOX_CONVENTION = ("(y0, x0, h, w) fractions of the EXIF-oriented RGB image; a view resamples "
@@ -87,19 +87,28 @@ def _on_main(dist: Dist, make: Callable[[], Any]) -> Any:
     return result
 
 
-def _labels_and_names(samples: Samples, num_classes: int,
-                      names_file: str | None) -> tuple[np.ndarray, list[str] | None]:
-    """Labels in the model's class space and the class names to record."""
+def _labels_and_names(samples: Samples, num_classes: int, names_file: str | None,
+                      checkpoint: str | None = None) -> tuple[np.ndarray, list[str] | None]:
+    """Labels in the model's class space and the class names to record.
+
+    The model's class names come from ``--class-names`` or, without it, from a checkpoint
+    that records them (train-student's); class folders are then matched to them by name
+    (``labels_by_name``). Without names, folders keep ImageFolder's sorted index.
+    """
     names = read_class_names(names_file) if names_file else None
+    named_by = f"--class-names {names_file}"
     if names is not None and len(names) != num_classes:
         raise ValueError(f"--class-names {names_file} has {len(names)} names but the model has "
                          f"{num_classes} classes")
+    if names is None:
+        names = saved_class_names(checkpoint, num_classes)
+        named_by = f"--checkpoint {checkpoint}"
     labels = samples.labels
     if samples.source == "folder":
         folders = samples.class_names or []
-        if names is not None and set(folders) <= set(names):
-            index = {name: i for i, name in enumerate(names)}  # map folders to model classes
-            labels = np.asarray([index[folders[label]] for label in labels], dtype=np.int64)
+        if names is not None:
+            labels = labels_by_name(samples, num_classes, names, option="--data",
+                                    named_by=named_by)
         elif len(folders) > num_classes:
             raise ValueError(f"{samples.root} has {len(folders)} class folders but the model has "
                              f"{num_classes} classes (pass --num-classes or --class-names)")
@@ -220,8 +229,8 @@ def _append_failures(out: str, rank: int, lines: list[str], pending: list[str]) 
         os.fsync(handle.fileno())
 
 
-def _read_reasons(handle, reasons: dict[str, str]) -> None:
-    for line in handle:
+def _read_reasons(lines, reasons: dict[str, str]) -> None:
+    for line in lines:
         key, _, reason = line.rstrip("\n").partition("\t")
         reasons[key] = reason
 
@@ -239,11 +248,10 @@ def _merge_failures(out: str, keys: list[str], failed: np.ndarray, pending: list
     parts = sorted(f for f in os.listdir(folder) if f.startswith("failed.rank")) if folder else []
     for path in [target] + [os.path.join(folder, name) for name in parts]:
         if fs is None and os.path.exists(path):
-            with open(path, encoding="utf-8") as handle:
-                _read_reasons(handle, reasons)
+            _read_reasons(read_lines(path, "failures file"), reasons)
         elif fs is not None and fs.exists(path):
-            with fs.open(path, "r", encoding="utf-8") as handle:
-                _read_reasons(handle, reasons)
+            _read_reasons(read_lines(f"{str(out).rstrip('/')}/{FAILED_FILE}", "failures file"),
+                          reasons)
     _read_reasons(pending, reasons)
     invalid = [keys[row] for row in np.flatnonzero(failed)]
     text = "".join(f"{key}\t{reasons.get(key, 'unknown')}\n" for key in invalid)
@@ -277,6 +285,19 @@ def make_forward(model, embeddings: bool, compile_model: bool):
         return logits, pooled
 
     return torch.compile(forward) if compile_model else forward
+
+
+def in_chunks(fn: Callable, x, size: int) -> tuple:
+    """``fn(x)`` computed ``size`` rows of ``x`` at a time, its outputs (a tuple of tensors or
+    None) concatenated: the result of one call, the memory of a ``size``-row call. A batch
+    of many views (``--views 2000``) thus needs no more than ``--batch-size`` images'
+    activations; every row is computed as it would be alone (the model is in eval mode)."""
+    import torch
+
+    if len(x) <= size:
+        return fn(x)
+    parts = [fn(x[lo:lo + size]) for lo in range(0, len(x), size)]
+    return tuple(None if part[0] is None else torch.cat(part) for part in zip(*parts))
 
 
 def top_k(logits, k: int, temperature: float):
@@ -348,9 +369,10 @@ def _store_attrs(cfg: InferConfig, samples: Samples, labels: np.ndarray, teacher
 
 
 def _label_batch(forward, images, valid: np.ndarray, *, views: int, k: int, temperature: float,
-                 autocast, channels_last: bool, embedding_dim: int | None):
+                 autocast, channels_last: bool, embedding_dim: int | None, batch_size: int):
     """Top-k indices (n, V, k), probabilities, residual (n, V) and view-0 embeddings of one
-    batch as numpy arrays; invalid rows get "no information" (zero top-k mass)."""
+    batch as numpy arrays; invalid rows get "no information" (zero top-k mass). The model
+    sees at most ``batch_size`` images at a time."""
     import torch
 
     n = len(valid)
@@ -361,11 +383,15 @@ def _label_batch(forward, images, valid: np.ndarray, *, views: int, k: int, temp
     if images is None or not valid.any():
         return indices, probs, residual, embeddings
     x = images.reshape((views * n,) + tuple(images.shape[2:]))  # view-major rows v * n + i
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    with autocast:
-        logits, pooled = forward(x)
-    top_i, top_p, rest = top_k(logits, k, temperature)
+
+    def label(part):
+        if channels_last:
+            part = part.contiguous(memory_format=torch.channels_last)
+        with autocast:
+            logits, pooled = forward(part)
+        return (*top_k(logits, k, temperature), pooled)
+
+    top_i, top_p, rest, pooled = in_chunks(label, x, batch_size)
     indices[valid] = top_i.view(views, n, k).transpose(0, 1).cpu().numpy()[valid]
     probs[valid] = top_p.view(views, n, k).transpose(0, 1).cpu().numpy()[valid]
     residual[valid] = rest.view(views, n).transpose(0, 1).cpu().numpy()[valid]
@@ -471,7 +497,7 @@ def data_path(cfg: InferConfig, dist: Dist, samples: Samples, spec: ViewSpec,
     if batches:  # building a decoder can cost seconds (DALI's pipeline)
         decoder = decoder_class(spec=spec, interpolation=data_config["interpolation"],
                                 mean=data_config["mean"], std=data_config["std"],
-                                max_batch=cfg.batch_size, device=device,
+                                max_batch=max(len(b) for b in batches), device=device,
                                 num_threads=max(1, cpus - workers))
     return loader, decoder, workers
 
@@ -488,7 +514,8 @@ def _run(cfg: InferConfig, dist: Dist, device, started: float) -> RunSummary:
     decoder_class = resolve_decoder(cfg.decoder, device)
     cfg, samples, reference = _rows(cfg, dist)
     teacher = load_teacher(cfg, device)
-    labels, class_names = _labels_and_names(samples, teacher.num_classes, cfg.class_names)
+    labels, class_names = _labels_and_names(samples, teacher.num_classes, cfg.class_names,
+                                            cfg.checkpoint)
     if cfg.topk > teacher.num_classes:
         raise ValueError(f"--topk {cfg.topk} exceeds the model's {teacher.num_classes} classes")
     precision = resolve_precision(cfg.precision, device)
@@ -507,7 +534,7 @@ def _run(cfg: InferConfig, dist: Dist, device, started: float) -> RunSummary:
     # Whole chunks of rank 0's plan, round-robin: never re-read from the store here, where
     # another rank may already have finished a chunk.
     batches = batch_ranges([writer.chunk_range(c) for c in plan.chunks_of(dist)],
-                           cfg.batch_size)
+                           cfg.batch_size, cfg.views)
     loader, decoder, workers = data_path(cfg, dist, samples, spec, teacher.data_config,
                                           decoder_class, batches, device,
                                           reference and reference.planned)
@@ -515,7 +542,7 @@ def _run(cfg: InferConfig, dist: Dist, device, started: float) -> RunSummary:
         _label_batch, make_forward(teacher.model, cfg.embeddings, cfg.compile),
         views=cfg.views, k=cfg.topk, temperature=cfg.temperature,
         autocast=autocast(precision, device), channels_last=cfg.channels_last,
-        embedding_dim=embedding_dim)
+        embedding_dim=embedding_dim, batch_size=cfg.batch_size)
     progress = tqdm(total=sum(len(b) for b in batches), unit="img", desc="infer-teacher",
                     disable=not (dist.is_main and cfg.progress), dynamic_ncols=True,
                     mininterval=1.0, file=sys.stderr)

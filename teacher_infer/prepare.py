@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from labelstore import read_text
+
 FASHION_MNIST_SRC = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ("t-shirt_top", "trouser", "pullover", "dress", "coat", "sandal",
                          "shirt", "sneaker", "bag", "ankle_boot")
@@ -55,7 +57,7 @@ class PreparedDataset:
         meta = Path(out) / "meta.json"
         if not meta.is_file():
             raise FileNotFoundError(f"{out} is not a prepared data set (no meta.json)")
-        return cls(**json.loads(meta.read_text())["layout"])
+        return cls(**json.loads(read_text(str(meta), "prepared data set record"))["layout"])
 
     def describe(self, name: str) -> str:
         """What ``ssld prepare`` prints: the split sizes, and where the images and lists are."""

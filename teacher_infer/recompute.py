@@ -126,6 +126,7 @@ def recompute(record: TeacherRecord, cfg: InferConfig, *, paths: list[str], keys
     import torch
 
     from .imaging.decode import ViewDataset, batch_ranges, collate
+    from .infer import in_chunks
     from .imaging.decoders import decoder_class, resolve_decoder
     from .model import load_teacher
     from .runtime import Dist, allow_tf32, autocast, resolve_device
@@ -151,12 +152,12 @@ def recompute(record: TeacherRecord, cfg: InferConfig, *, paths: list[str], keys
     interpolation = teacher.data_config["interpolation"]
     dataset = ViewDataset(paths, keys, spec, interpolation, mode=decoder_cls.worker_mode,
                           planned=planned)
-    batches = batch_ranges([(0, len(paths))], batch_size)
+    batches = batch_ranges([(0, len(paths))], batch_size, views)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=0,
                                          collate_fn=collate)
     decoder_run = decoder_cls(spec=spec, interpolation=interpolation,
                               mean=teacher.data_config["mean"], std=teacher.data_config["std"],
-                              max_batch=batch_size, device=device,
+                              max_batch=max(len(b) for b in batches), device=device,
                               num_threads=max(1, os.cpu_count() or 1))
     probs = np.zeros((len(paths), views, teacher.num_classes), dtype=np.float32)
     valid = np.zeros(len(paths), dtype=bool)
@@ -167,9 +168,14 @@ def recompute(record: TeacherRecord, cfg: InferConfig, *, paths: list[str], keys
             if images is None or not batch.valid.any():
                 continue
             n = len(batch)
-            with autocast(precision, device):
-                logits = teacher.model(images.reshape((views * n,) + tuple(images.shape[2:])))
-            out = torch.softmax(logits.float() / record.temperature, dim=-1)
+
+            def softmax(part):
+                with autocast(precision, device):
+                    logits = teacher.model(part)
+                return (torch.softmax(logits.float() / record.temperature, dim=-1),)
+
+            out, = in_chunks(softmax, images.reshape((views * n,) + tuple(images.shape[2:])),
+                             batch_size)
             probs[rows] = out.view(views, n, -1).transpose(0, 1).cpu().numpy()
     return probs, valid, notes
 

@@ -6,6 +6,7 @@ import os
 import re
 
 import pytest
+import torch
 
 import labelstore
 from cli import main
@@ -56,6 +57,22 @@ def test_quickstart_runs_the_pipeline_and_reuses_finished_steps(tmp_path, capsys
     assert len(again["reruns"]) == 1
     rerun = {step["name"]: step["reused"] for step in again["reruns"][0]["steps"]}
     assert rerun["train teacher"] and rerun["dedup U vs V"] and not rerun["select-topk"]
+
+    # changed options: the steps they reach are computed again, not marked reused
+    changed = ["quickstart", "--workdir", str(work), "--teacher-epochs", "1",
+               "--student-epochs", "2", "--select-k", "5", "--device", "cpu"]
+    assert main(changed) == 0
+    out = capsys.readouterr().out
+    assert [os.path.getmtime(path) for path in outputs] == stamps
+    reused = [line.split("  ")[0] for line in out.splitlines() if " reused " in f"{line} "]
+    assert reused == ["prepare digits", "train teacher", "infer-teacher L", "infer-teacher U",
+                      "infer-teacher V (dedup)", "dedup U vs V"]
+    labels_only = torch.load(work / "runs" / "student_labels" / "last.pt", weights_only=True)
+    assert labels_only["config"]["epochs"] == labels_only["epoch"] == 2  # afresh, not resumed
+    ssld = torch.load(work / "runs" / "student_ssld" / "last.pt", weights_only=True)
+    assert ssld["data"][0]["label_sha256"] == labelstore.label_sha256(
+        labelstore.open(work / "stores" / "train.zarr"))  # trained on the new selection
+    assert len(labelstore.open(work / "stores" / "pool_top5.zarr")) <= 5 * 10
 
 
 def test_table_layout():

@@ -42,7 +42,7 @@ def test_list_file_keeps_file_order_and_optional_labels(list_file):
 
 def test_list_file_root_defaults_to_its_folder(tmp_path):
     (tmp_path / "img dir").mkdir()
-    (tmp_path / "list.txt").write_text("img dir/a b.jpg 3\n./img dir/c.jpg\n")
+    (tmp_path / "list.txt").write_text("img dir/a b.jpg\t3\n./img dir/c.jpg\t-1\n")
     samples = find_samples(str(tmp_path / "list.txt"))
     assert samples.root == str(tmp_path)
     assert samples.keys == ["img dir/a b.jpg", "img dir/c.jpg"]
@@ -59,6 +59,58 @@ def test_list_file_errors(tmp_path, text, match):
     (tmp_path / "list.txt").write_text(text)
     with pytest.raises(ValueError, match=match):
         find_samples(str(tmp_path / "list.txt"))
+
+
+@pytest.mark.parametrize("line,problem", [
+    ("a.png 1.0", "the label '1.0' is not an integer"),
+    ("a.png abc", "the label 'abc' is not an integer"),
+    ("a.png 0 extra", "3 fields in 'a.png 0 extra'"),
+    ("a.png 0 1", "3 fields in 'a.png 0 1'"),
+    ("a.png\t0\textra", "3 fields"),
+    ("my photo.png 3", "3 fields"),
+    ("a.png 99999999999999999999", "label 99999999999999999999 must be a class id"),
+    ("a.png \u0663", "the label '\u0663' is not an integer"),  # int() would take this digit
+])
+def test_list_lines_that_are_no_path_and_label_are_refused(tmp_path, capsys, line, problem):
+    """Each used to become part of the image name (a 'missing file', exit 0) or, for a label
+    beyond int64, a traceback: now ``file:line: ...``, exit 2, nothing written."""
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"ok.png 0\n{line}\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=re.escape(f"{listing}:2: {problem}")):
+        find_samples(str(listing))
+    code = main(["infer-teacher", "--model", "resnet18", "--random-weights", "--data",
+                 str(listing), "--out", str(tmp_path / "x.zarr")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"ssld: error: {listing}:2: {problem}"), err
+    assert not (tmp_path / "x.zarr").exists()
+
+
+def test_list_paths_with_spaces_take_a_tab_before_the_label(tmp_path):
+    """The rule for paths with spaces: a tab separates the label (any number of spaces
+    otherwise), so every line means one thing whatever files exist."""
+    (tmp_path / "list.txt").write_text("my photo.png\t3\nplain.png   -1\nnb sp.png\t-1\n"
+                                       "no_label.png\n\tleading_tab.png\t2\n")
+    samples = find_samples(str(tmp_path / "list.txt"))
+    assert samples.keys == ["my photo.png", "plain.png", "nb sp.png", "no_label.png",
+                            "leading_tab.png"]
+    assert samples.labels.tolist() == [3, -1, -1, -1, 2]
+
+
+def test_select_topk_list_out_reads_back_for_keys_with_spaces(tmp_path):
+    """select-topk --list-out writes a tab before the label of a key with whitespace."""
+    import labelstore
+
+    keys = ["a b/x y.png", "c.png", "nb\u00a0sp.png"]
+    with labelstore.create(str(tmp_path / "s.zarr"), keys=keys, num_classes=2, topk=1, views=1,
+                           attrs={"dataset": {"root": str(tmp_path)}}) as writer:
+        writer.write(0, np.array([[[1]], [[0]], [[1]]]), np.full((3, 1, 1), 0.9))
+    labelstore.select_topk(str(tmp_path / "s.zarr"), 3, str(tmp_path / "sel.zarr"),
+                           list_out=str(tmp_path / "sel.txt"))
+    listed = find_samples(str(tmp_path / "sel.txt"))
+    assert dict(zip(listed.keys, listed.labels.tolist())) == {"a b/x y.png": 1, "c.png": 0,
+                                                              "nb\u00a0sp.png": 1}
+    assert "c.png 0\n" in (tmp_path / "sel.txt").read_text()  # PaddleClas's space otherwise
 
 
 def test_forced_source_and_detection(image_folder, tmp_path):
@@ -143,9 +195,14 @@ def test_file_names_that_cannot_be_keys_are_refused_naming_the_file(tmp_path, ca
 
 
 def test_list_file_line_that_cannot_be_a_key_is_refused(tmp_path):
+    (tmp_path / "list.txt").write_text("a.jpg 1\nb\x07c.jpg 2\n")
+    with pytest.raises(ValueError, match=f"{tmp_path / 'list.txt'}:2: 'b\\\\x07c.jpg' contains "
+                                         "the control character"):
+        find_samples(str(tmp_path / "list.txt"))
+    # a tab separates fields: a key cannot hold one, and a path after it is no label
     (tmp_path / "list.txt").write_text("a.jpg 1\nb\tc.jpg 2\n")
-    with pytest.raises(ValueError, match=f"{tmp_path / 'list.txt'}:2: 'b\\\\tc.jpg' contains a "
-                                         "tab"):
+    with pytest.raises(ValueError, match=f"{tmp_path / 'list.txt'}:2: the label 'c.jpg 2' is "
+                                         "not an integer"):
         find_samples(str(tmp_path / "list.txt"))
 
 

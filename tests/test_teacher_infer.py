@@ -23,6 +23,7 @@ from PIL import Image
 import labelstore
 from cli import main as cli_main
 from conftest import TINY_INPUT, TINY_MODEL, make_image
+import teacher_infer
 from teacher_infer import InferConfig, run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -123,6 +124,62 @@ def test_store_matches_an_independent_timm_forward(image_folder, make_checkpoint
     assert np.all(labels.boxes[..., :2] + labels.boxes[..., 2:] <= 1 + 1e-6)
     assert store.labels.tolist() == image_folder.labels
     assert store.class_names is None  # 3 folders, 1000 model classes: folder names not recorded
+
+
+def test_many_views_are_forwarded_in_bounded_batches(image_folder, make_checkpoint, tmp_path,
+                                                     monkeypatch):
+    """--batch-size counts the images the model sees, views included: memory no longer grows
+    with batch × views (--views 2000 on 10 images needed 5 GB). A batch holds
+    batch_size // views rows (at least one), a row with more views is forwarded batch_size
+    at a time, and the store equals the unsplit computation (every row of a chunk in one
+    forward pass)."""
+    import teacher_infer.infer as infer_module
+
+    seen = {"forward": [], "decoded": []}
+    make_forward, label_batch = infer_module.make_forward, infer_module._label_batch
+
+    def recording_forward(*args, **kwargs):
+        forward = make_forward(*args, **kwargs)
+
+        def recorded(x):
+            seen["forward"].append(len(x))
+            return forward(x)
+        return recorded
+
+    def recording_label(forward, images, valid, **kwargs):
+        seen["decoded"].append(images.shape[0] * images.shape[1])  # views × rows
+        return label_batch(forward, images, valid, **kwargs)
+
+    monkeypatch.setattr(infer_module, "make_forward", recording_forward)
+    monkeypatch.setattr(infer_module, "_label_batch", recording_label)
+    checkpoint = str(make_checkpoint())
+    options = dict(checkpoint=checkpoint, views=7, decoder="pil", embeddings=True,
+                   chunk_rows=6)
+    unsplit = infer(image_folder.data, tmp_path / "one.zarr", batch_size=1000, **options)
+    assert seen["forward"] == [42, 42]  # two chunks of 6 rows × 7 views, one pass each
+    for batch_size, most in ((3, 3), (16, 14)):  # 1 row (3 + 3 + 1 views), then 2 rows
+        seen["forward"].clear(), seen["decoded"].clear()
+        split = infer(image_folder.data, tmp_path / f"b{batch_size}.zarr",
+                      batch_size=batch_size, **options)
+        assert max(seen["forward"]) == most and sum(seen["forward"]) == 7 * len(image_folder)
+        assert max(seen["decoded"]) == max(batch_size // 7, 1) * 7
+        assert split.complete
+        # a convolution's float32 result depends on the batch it is in by a few ulp, no more
+        arrays, expected = (store_arrays(tmp_path / name) for name in (f"b{batch_size}.zarr",
+                                                                        "one.zarr"))
+        assert sorted(arrays) == sorted(expected)
+        for name, values in arrays.items():
+            if values.dtype.kind == "f":
+                ulps = 2e-3 if values.dtype == np.float16 else 1e-5  # fp16: one rounding step
+                np.testing.assert_allclose(values.astype(np.float64), expected[name],
+                                           rtol=ulps, atol=1e-6, err_msg=name)
+            else:
+                np.testing.assert_array_equal(values, expected[name], err_msg=name)
+    # ssld verify recomputes rows by the same rule
+    checked = teacher_infer.verify(str(tmp_path / "one.zarr"), sample=3, batch_size=3,
+                                   decoder="pil", device="cpu")
+    assert checked.ok and checked.teacher.rows == 3, checked
+    assert unsplit.complete
 
 
 def test_attributes_record_the_run(image_folder, make_checkpoint, tmp_path):
@@ -463,6 +520,26 @@ def test_torchrun_two_processes_equal_one(image_folder, make_checkpoint, tmp_pat
     assert_same_store(out, tmp_path / "one.zarr")
 
 
+@pytest.mark.slow
+def test_two_nodes_equal_one_process(image_folder, make_checkpoint, tmp_path):
+    """Two torchrun nodes (--nnodes 2, c10d rendezvous on 127.0.0.1, one process each, gloo)
+    write the store one process writes: multi-node ranks split rank 0's plan the same way."""
+    from torchrun_nodes import run_two_nodes
+
+    checkpoint = make_checkpoint()
+    options = dict(chunk_rows=3, batch_size=4, views=2, decoder="pil", embeddings=True)
+    out = tmp_path / "nodes.zarr"
+    args = _cli_args(image_folder.data, out, checkpoint, device="cpu", threads=1,
+                     **{k: v for k, v in options.items() if k != "embeddings"})
+    nodes = run_two_nodes(["-m", "cli", *args, "--embeddings"])
+    assert [node.returncode for node in nodes] == [0, 0], [n.stderr[-3000:] for n in nodes]
+    assert sum(node.stdout.count("infer-teacher:") for node in nodes) == 1  # rank 0's summary
+    runs = labelstore.open(str(out)).attrs["runs"]
+    assert runs[-1]["world_size"] == 2 and not runs[-1]["resumed"]
+    infer(image_folder.data, tmp_path / "one.zarr", checkpoint=str(checkpoint), **options)
+    assert_same_store(out, tmp_path / "one.zarr")
+
+
 def _torchrun(nproc: int, args: list[str], **env):
     """``ssld`` under torchrun through tests/chaos_cli.py (ranks out of step on request)."""
     environ = dict(ONE_THREAD, PYTHONPATH=os.pathsep.join(
@@ -654,6 +731,50 @@ def test_class_names_map_folders_to_model_classes(image_folder, make_checkpoint,
         names_file.write_text("\n".join(names[:9]) + "\n")
         infer(image_folder.data, tmp_path / "m.zarr", decoder="pil", num_classes=10,
               checkpoint=str(make_checkpoint(num_classes=10)), class_names=str(names_file))
+
+
+def test_class_names_never_fall_back_to_folder_order(image_folder, make_checkpoint, tmp_path):
+    """A folder missing from --class-names, a name listed twice: refused naming them (they
+    used to fall back to sorted folder order, silently). A file saved with a UTF-8 BOM reads
+    as one without."""
+    checkpoint = str(make_checkpoint(num_classes=10))
+    names = [f"class{i}" for i in range(10)]
+    for position, folder in zip((7, 2), image_folder.class_names):  # n03_fox left out
+        names[position] = folder
+    names_file = tmp_path / "names.txt"
+    names_file.write_text("\n".join(names) + "\n")
+    with pytest.raises(ValueError, match="class folder\\(s\\) 'n03_fox' are not among the 10 "
+                                         f"class names of --class-names {names_file}"):
+        infer(image_folder.data, tmp_path / "a.zarr", decoder="pil", num_classes=10,
+              checkpoint=checkpoint, class_names=str(names_file))
+    names[5] = "class1"
+    names_file.write_text("\n".join(names) + "\n")
+    with pytest.raises(ValueError, match=f"{names_file}:6: 'class1' is listed twice \\(first at "
+                                         "line 2\\)"):
+        infer(image_folder.data, tmp_path / "b.zarr", decoder="pil", num_classes=10,
+              checkpoint=checkpoint, class_names=str(names_file))
+    names[0], names[5] = "n03_fox", "class5"   # the first name, right behind the BOM
+    names_file.write_bytes(b"\xef\xbb\xbf" + ("\n".join(names) + "\n").encode())
+    summary = infer(image_folder.data, tmp_path / "c.zarr", decoder="pil", num_classes=10,
+                    checkpoint=checkpoint, class_names=str(names_file))
+    store = labelstore.open(summary.out)
+    assert store.class_names == names
+    assert store.labels.tolist() == [(7, 2, 0)[label] for label in image_folder.labels]
+
+
+def test_a_checkpoint_that_records_class_names_places_the_folders(image_folder, make_checkpoint,
+                                                                  tmp_path):
+    """A train-student checkpoint records the names of its classes: without --class-names,
+    the teacher pass matches folders to them (a data set lacking a class keeps its ids)."""
+    state = torch.load(make_checkpoint(num_classes=4), weights_only=True)
+    names = ["n03_fox", "wolf", "n01_cat", "n02_dog"]
+    torch.save({"format": "ssld.train-student", "state_dict": state, "class_names": names},
+               tmp_path / "teacher.pt")
+    summary = infer(image_folder.data, tmp_path / "n.zarr", decoder="pil",
+                    checkpoint=str(tmp_path / "teacher.pt"), num_classes=4, topk=3)
+    store = labelstore.open(summary.out)
+    assert store.class_names == names
+    assert store.labels.tolist() == [(2, 3, 0)[label] for label in image_folder.labels]
 
 
 # -- --views-from: a second teacher on the same crops -------------------------------------

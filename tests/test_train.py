@@ -169,7 +169,7 @@ def test_global_views_target_view_zero_and_eval_crops(dataset, tmp_path):
     data_config = data_config_for("test_resnet", SIZE)
     data = build_data(cfg, setup("cpu"), data_config, log=logging.getLogger("test"))
     assert data.crop == "random"
-    crops: CropDataset = data.train.loader.dataset
+    crops: CropDataset = data.train.dataset
     store = labelstore.open(dataset["store"])
     index = 7
     first, target, _ = crops[(0, index)]
@@ -356,9 +356,9 @@ def test_autoaugment_is_applied_after_the_crop_and_is_deterministic(dataset, tmp
     cfg = config(dataset, tmp_path / "aa", views="global", autoaugment="rand-m9-n3-mstd0.5")
     data_config = data_config_for("test_resnet", SIZE)
     plain = build_data(config(dataset, tmp_path / "p", views="global"), setup("cpu"),
-                       data_config, log=logging.getLogger("test")).train.loader.dataset
+                       data_config, log=logging.getLogger("test")).train.dataset
     augmented = build_data(cfg, setup("cpu"), data_config,
-                           log=logging.getLogger("test")).train.loader.dataset
+                           log=logging.getLogger("test")).train.dataset
     a, _, _ = augmented[(0, 3)]
     assert torch.equal(a, augmented[(0, 3)][0])
     assert a.shape == plain[(0, 3)][0].shape and not torch.equal(a, plain[(0, 3)][0])

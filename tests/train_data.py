@@ -61,7 +61,8 @@ def teacher_rows(labels: np.ndarray, *, classes: int, views: int, topk: int, see
 
 def make_store(path: str, root: str, keys: list[str], labels: np.ndarray, *, classes: int,
                views: int = 1, topk: int = 3, seed: int = 0, invalid=(), input_size: int = 32,
-               complete: bool = True, chunk_rows: int = 64) -> dict:
+               complete: bool = True, chunk_rows: int = 64,
+               class_names: list[str] | None = None) -> dict:
     """A complete label store over images under ``root`` with view boxes as infer-teacher
     plans them (view 0 = eval crop, others RandomResizedCrop + flip). Returns its arrays."""
     spec = ViewSpec(views=views, input_size=(input_size, input_size), crop_pct=0.875, seed=seed)
@@ -76,7 +77,8 @@ def make_store(path: str, root: str, keys: list[str], labels: np.ndarray, *, cla
     writer = labelstore.create(path, keys=keys, num_classes=classes, topk=topk, views=views,
                                labels=labels, chunk_rows=chunk_rows,
                                attrs={"dataset": {"root": os.path.abspath(root)},
-                                      "teacher": {"model": "synthetic"}})
+                                      "teacher": {"model": "synthetic"},
+                                      "class_names": class_names})
     stop = len(keys) if complete else min(chunk_rows, len(keys) - 1)
     writer.write(0, indices[:stop], probs[:stop],
                  boxes=boxes[:stop], flips=flips[:stop],

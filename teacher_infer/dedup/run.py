@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 import labelstore
-from labelstore import LabelStore, check_disjoint, check_output_file
+from labelstore import LabelStore, check_disjoint, check_output_file, read_text
 
 from ..runtime import Dist, resolve_device, set_threads
 from .config import DedupConfig
@@ -206,9 +206,8 @@ def _check_out(out: str, inputs: dict) -> None:
     check_disjoint(out, inputs)
     if os.path.lexists(out):
         try:
-            with open(out, encoding="utf-8") as handle:
-                ours = handle.readline().startswith("# ssld dedup:")
-        except (OSError, UnicodeDecodeError):
+            ours = read_text(out, "dedup output").startswith("# ssld dedup:")
+        except (OSError, ValueError):  # a folder, unreadable, not UTF-8: not ours
             ours = False
         if not ours or not os.path.isfile(out):
             raise ValueError(f"--out {out} exists and is not an ssld dedup output; refusing to "

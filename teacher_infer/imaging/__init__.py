@@ -28,7 +28,7 @@ _WHERE = {
     "ViewSpec": "views", "eval_box": "views", "plan_views": "views",
     "quantize_inside": "views", "random_resized_crop_box": "views",
     # decoding and rendering in the workers, and the batches they collate
-    "Batch": "decode", "DecodeError": "decode", "ViewDataset": "decode",
+    "Batch": "decode", "DecodeError": "decode", "Item": "decode", "ViewDataset": "decode",
     "batch_ranges": "decode", "collate": "decode", "open_rgb": "decode",
     "pixels_to_input": "decode", "read_encoded": "decode", "render_box": "decode",
     "render_eval": "decode",

@@ -290,13 +290,21 @@ def collate(items: list[Item], *, consecutive: bool = True) -> Batch:
                  heights=np.array([item.height for item in items], dtype=np.int64))
 
 
-def batch_ranges(chunks: list[tuple[int, int]], batch_size: int) -> list[list[int]]:
+def batch_ranges(chunks: list[tuple[int, int]], batch_size: int,
+                 views: int = 1) -> list[list[int]]:
     """Row lists of the batches: never across a chunk boundary, so a batch's composition
-    (and hence its exact floating-point result) is the same on resume and on any rank count."""
+    (and hence its exact floating-point result) is the same on resume and on any rank count.
+
+    ``batch_size`` counts images as the model sees them, views included: a batch holds
+    ``batch_size // views`` rows (at least one), so its pixels and the forward pass stay the
+    size of ``batch_size`` images whatever ``views`` is (a row with more views than that is
+    forwarded ``batch_size`` views at a time: ``teacher_infer.infer.in_chunks``).
+    """
+    rows = max(1, batch_size // views)
     batches = []
     for start, stop in chunks:
-        for lo in range(start, stop, batch_size):
-            batches.append(list(range(lo, min(lo + batch_size, stop))))
+        for lo in range(start, stop, rows):
+            batches.append(list(range(lo, min(lo + rows, stop))))
     return batches
 
 

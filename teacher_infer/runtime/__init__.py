@@ -11,7 +11,8 @@ Importing it does not import torch (each function imports it when called).
 """
 from __future__ import annotations
 
-from .checkpoint import checkpoint_classes, load_weights, read_state_dict, strip_prefixes
+from .checkpoint import (checkpoint_classes, load_weights, read_state_dict, saved_class_names,
+                         saved_entries, strip_prefixes)
 from .device import (DEVICES, PRECISIONS, allow_tf32, autocast, cpus_per_rank, resolve_device,
                      resolve_precision)
 from .dist import Dist
@@ -19,4 +20,5 @@ from .threads import set_threads
 
 __all__ = ["DEVICES", "PRECISIONS", "Dist", "allow_tf32", "autocast", "checkpoint_classes",
            "cpus_per_rank", "load_weights", "read_state_dict", "resolve_device",
-           "resolve_precision", "set_threads", "strip_prefixes"]
+           "resolve_precision", "saved_class_names", "saved_entries", "set_threads",
+           "strip_prefixes"]

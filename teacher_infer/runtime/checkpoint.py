@@ -103,6 +103,32 @@ def load_weights(model, path: str) -> str | None:
 
 
 
+def saved_entries(path: str) -> dict[str, Any] | None:
+    """The top-level dict of a torch checkpoint, memory-mapped (tensors are not read), or
+    None for a file that is not one (safetensors, other formats: the weights reader reports
+    what is wrong with them)."""
+    import torch
+
+    if path.endswith(".safetensors") or not os.path.isfile(path):
+        return None
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - not a zip-format torch file
+        return None
+    return blob if isinstance(blob, dict) else None
+
+
+def saved_class_names(path: str | None, num_classes: int) -> list[str] | None:
+    """The names of the ``num_classes`` classes a checkpoint records (``class_names``:
+    train-student writes those of the data it trained on), or None when it records none —
+    or another number of them (a classifier replaced since: they do not apply)."""
+    names = (saved_entries(path) or {}).get("class_names") if path else None
+    if (isinstance(names, (list, tuple)) and len(names) == num_classes
+            and all(isinstance(n, str) for n in names)):
+        return list(names)
+    return None
+
+
 def checkpoint_classes(path: str, heads: str | Sequence[str]) -> int | None:
     """Rows of the first classifier weight ``{head}.weight`` the checkpoint holds — its class
     count — or None when it holds none of ``heads``."""
