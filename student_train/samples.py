@@ -20,6 +20,7 @@ import numpy as np
 import labelstore
 from labelstore import escapes_root
 from teacher_infer import find_samples
+from teacher_infer.imaging.augment import check_store_records
 
 from . import distributed as D
 
@@ -101,11 +102,30 @@ def open_stores(paths: Sequence[str], *, env: D.DistEnv) -> SampleSet:
         first = sum(len(r) for r in rows[:-1])
         require_files(all_paths, first, len(all_paths), f"label store {store.path} (root {root})",
                       env)
+        if store.augment_dims:
+            _check_replayable(store, valid, root, env)
     if not all_paths:
         raise ValueError(f"the label stores {', '.join(paths)} have no valid rows")
     return SampleSet(PathTable(all_paths), np.concatenate(labels), stores[0].num_classes,
                      stores, np.concatenate(store_of), np.concatenate(rows),
                      stores[0].class_names)
+
+
+def _check_replayable(store, valid: np.ndarray, root: str, env: D.DistEnv) -> None:
+    """A store with augmentation records: they can be replayed (settings, ops table, every
+    record), and the images of the valid rows' mixing partners are there."""
+    problem = check_store_records(store)
+    if problem:
+        raise ValueError(f"{problem}; its views cannot be replayed")
+    refs = np.unique(store.read_rows(valid, ("mix_partners",))["mix_partners"]) \
+        if "mix_partners" in store.student_arrays else np.zeros(0, np.int64)
+    refs = refs[refs != -1]
+    if len(refs):
+        keys = store.partners(refs)["keys"].tolist()
+        _refuse_escaping_keys(store, keys, root)
+        paths = [os.path.join(root, *str(key).split("/")) for key in keys]
+        require_files(paths, 0, len(paths), f"label store {store.path} (root {root}), mixing "
+                      "partners", env)
 
 
 def _refuse_escaping_keys(store, keys: list[str], root: str) -> None:
