@@ -102,10 +102,10 @@ def structure_problem(group: zarr.Group, attrs: Mapping[str, Any],
         try:
             array = group[f"{fmt.PARTNER_GROUP}/{spec.name}"]
         except KeyError:
-            return f"array {fmt.PARTNER_GROUP}/{spec.name!r} is missing"
+            return f"array '{fmt.PARTNER_GROUP}/{spec.name}' is missing"
         shape = _shape(spec, lengths, count)
         if tuple(array.shape) != shape:
-            return (f"array {fmt.PARTNER_GROUP}/{spec.name!r} has shape {tuple(array.shape)}, "
+            return (f"array '{fmt.PARTNER_GROUP}/{spec.name}' has shape {tuple(array.shape)}, "
                     f"its attributes say {shape}")
         if stored is not None:
             from ._chunks import chunk_key
@@ -114,7 +114,8 @@ def structure_problem(group: zarr.Group, attrs: Mapping[str, Any],
             for chunk in range((count + rows - 1) // rows):
                 key = chunk_key(array, (chunk,) + (0,) * (array.ndim - 1))
                 if f"{fmt.PARTNER_GROUP}/{spec.name}/{key}" not in stored:
-                    return f"chunk {chunk} of array {fmt.PARTNER_GROUP}/{spec.name!r} is missing"
+                    return (f"chunk {chunk} of array '{fmt.PARTNER_GROUP}/{spec.name}' is "
+                            "missing")
     return None
 
 

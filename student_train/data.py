@@ -31,7 +31,7 @@ import labelstore
 from teacher_infer.imaging import (DecodeError, ViewSpec, eval_box, open_rgb, pixels_to_input,
                                    random_resized_crop_box, render_box, render_eval,
                                    resolve_decoder)
-from teacher_infer.imaging.augment import ViewReplay
+from teacher_infer.imaging.augment import AugmentSpec, ViewReplay, resolve_table
 from teacher_infer.runtime import cpus_per_rank
 
 from . import distributed as D
@@ -231,6 +231,23 @@ class TrainData:
         self.sampler.set_epoch(epoch)
 
 
+def check_records(cfg, stores) -> None:
+    """ValueError (one line) for a store whose augmentation records this run cannot replay:
+    settings or an ops table this ssld does not know, or ``--autoaugment``, which would
+    change the pixels after the teacher labeled them (crop-only stores keep it)."""
+    for store in stores:
+        if not store.augment_dims:
+            continue
+        where = f"label store {store.path}"
+        AugmentSpec.from_attrs(store.attrs.get("augment"), where=where)
+        resolve_table((store.attrs.get("augment") or {}).get("ops_table"), where)
+        if cfg.autoaugment:
+            raise ValueError(f"--autoaugment {cfg.autoaugment}: {where} holds augmented views "
+                             "whose records training replays; augmenting them again after the "
+                             "teacher labeled them would break that consistency (leave "
+                             "--autoaugment out)")
+
+
 def default_workers(env: D.DistEnv) -> int:
     """Worker processes per rank: this machine's cores shared by its ranks, at most 8."""
     return min(8, cpus_per_rank(env.dist))
@@ -266,13 +283,7 @@ def build_data(cfg, env: D.DistEnv, data_config: dict[str, Any], *, log: logging
             raise ValueError(f"--data {cfg.data} has label {samples.labels.max()} but the "
                              f"teacher has {teacher_classes} classes")
         samples.num_classes = teacher_classes
-    if cfg.autoaugment and samples.stores:
-        augmented = next((s for s in samples.stores if s.augment_dims), None)
-        if augmented is not None:
-            raise ValueError(f"--autoaugment {cfg.autoaugment}: label store {augmented.path} "
-                             "holds augmented views whose records training replays; "
-                             "augmenting them again after the teacher labeled them would "
-                             "break that consistency (leave --autoaugment out)")
+    check_records(cfg, samples.stores or [])
     describe: dict[str, Any] = {"store_top1": store_top1(samples)}
     if describe["store_top1"] is not None:
         log.info(f"stored labels' view-0 top-1 vs ground truth: {100 * describe['store_top1']:.2f}%"

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from teacher_infer.imaging import (Batch, DecodeError, ViewSpec, collate, quantize_inside,
                                    read_encoded, render_box)
 from teacher_infer.imaging.augment import ViewRecords
+from teacher_infer.imaging.decode import render_view
 
 
 class _PlannedBytes(Dataset):
@@ -53,6 +54,10 @@ class _PlannedBytes(Dataset):
             return quantize_inside(np.asarray(box, dtype=np.float64)[None]), np.array([flip])
 
         def render(image, boxes, flips) -> torch.Tensor:
+            replay = crops.replay_of(index)
+            if replay is not None:  # as the teacher rendered this view (the records follow)
+                return render_view(image, boxes[0], bool(flips[0]), chosen["view"],
+                                   replay.spec, crops.interpolation)[None]
             crop = render_box(image, boxes[0], bool(flips[0]), crops.size, crops.interpolation)
             return torch.from_numpy(np.array(crop, dtype=np.uint8)).permute(2, 0, 1)[None]
 

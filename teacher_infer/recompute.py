@@ -40,8 +40,10 @@ def verify(store: Any, *, sample: int = VERIFY_SAMPLE, checkpoint: Sequence[str]
     ``checkpoint`` replaces the recorded weights (one file per teacher, in member order for
     an ensemble store), ``root`` the recorded dataset root, ``decoder`` the recorded decoder;
     ``atol`` / ``min_agreement`` default to labelstore's documented tolerances; ``threads``
-    are the CPU threads (None: the CPUs per rank). The teacher part is skipped when the
-    structure check found the store damaged.
+    are the CPU threads (None: the CPUs per rank). Augmentation records are checked first
+    (``augment.check_store_records``, every row) and the sampled rows recomputed with them
+    applied, partners included. The teacher part is skipped when the structure check found
+    the store damaged, or its records cannot be replayed.
     """
     from .runtime import set_threads
 
@@ -57,8 +59,9 @@ def verify(store: Any, *, sample: int = VERIFY_SAMPLE, checkpoint: Sequence[str]
     from .imaging.augment import check_store_records
 
     problem = check_store_records(opened)
-    if problem:
+    if problem:  # records that cannot be replayed: no views to recompute
         result.problems.append(f"augmentation records: {problem}")
+        return result
     result.teacher = check_teacher(opened, sample=int(sample), checkpoint=checkpoint, seed=seed,
                                    root=root, device=device, decoder=decoder, atol=result.atol,
                                    batch_size=batch_size)
