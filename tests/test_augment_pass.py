@@ -395,3 +395,17 @@ def test_stored_logits_give_the_targets_and_retemper_without_fp16_rounding(store
         rounded = np.log(stored.probs[row, view].astype(np.float64)) / 4.0
         probs_error = max(probs_error, np.abs(rounded[1:] - rounded[0] - exact).max())
     assert logit_error < 1e-6 and probs_error > 100 * logit_error, (logit_error, probs_error)
+
+
+def test_structure_verify_checks_the_stored_logits_against_the_probabilities(stores, tmp_path):
+    assert labelstore.verify(stores["pil"]).ok
+    tampered = tmp_path / "logits.zarr"
+    shutil.copytree(stores["pil"], tampered)
+    group = zarr.open_group(str(tampered), mode="r+")
+    logits = group["logits"][:]
+    logits[4, 1, 0] -= 0.5  # the top class 0.5 lower: its probability off by ~40 %
+    group["logits"][:] = logits
+    result = labelstore.verify(str(tampered))
+    assert not result.ok
+    assert any(p.startswith("stored logits do not give the stored probabilities: 1, first row "
+                            "4 view 1") for p in result.problems), result.problems
