@@ -158,10 +158,11 @@ def decode_only(args, data: str, out: str, decoder: str) -> float:
     return count / (time.perf_counter() - start)
 
 
-def end_to_end(args, data: str, out: str, decoder: str) -> dict:
+def end_to_end(args, data: str, out: str, decoder: str, cfg=None) -> dict:
+    """``teacher_infer.run`` of ``cfg`` (default: this benchmark's config) and its figures."""
     from teacher_infer import run
 
-    summary = run(config(args, data, out, decoder))
+    summary = run(cfg or config(args, data, out, decoder))
     details = summary.details
     loop = details["loop_s"]
     rest = loop - details["wait_s"] - details["compute_s"]
