@@ -44,40 +44,17 @@ def config(args, data: str, out: str, decoder: str, setting: str):
     return dataclasses.replace(bench.config(args, data, out, decoder), **SETTINGS[setting])
 
 
-def data_path_only(args, data: str, out: str, decoder: str, setting: str) -> float:
-    """img/s of the run's data path (records applied) with the model left out."""
-    import torch
-
+def augmentation(cfg, samples, spec, data_config):
+    """What the run's loader applies for ``cfg`` (None: crop only)."""
     from labelstore import DEFAULT_CHUNK_ROWS
-    from teacher_infer.data import find_samples
-    from teacher_infer.imaging import batch_ranges, resolve_decoder
     from teacher_infer.imaging.augment import PlannedAugmentation, fill_from_mean
-    from teacher_infer.infer import data_config_view_spec, data_path
-    from teacher_infer.runtime import Dist, resolve_device
 
-    cfg = config(args, data, out, decoder, setting)
-    device = resolve_device(cfg.device, Dist())
-    data_config = bench.pretrained_data_config(args.model)
-    samples = find_samples(data)
-    spec = data_config_view_spec(cfg, data_config)
     settings = cfg.augment_spec(fill_from_mean(data_config["mean"]))
-    augment = None
-    if settings.enabled:
-        augment = PlannedAugmentation(settings, keys=samples.keys,
-                                      paths=[samples.path(i) for i in range(len(samples))],
-                                      seed=spec.seed, chunk_rows=DEFAULT_CHUNK_ROWS,
-                                      views=spec.views)
-    batches = batch_ranges([(0, len(samples))], args.batch_size)
-    loader, decoding, _ = data_path(cfg, Dist(), samples, spec, data_config,
-                                     resolve_decoder(decoder, device), batches, device, None,
-                                     augment)
-    count = 0
-    start = time.perf_counter()
-    for batch, _ in decoding.decode(iter(loader)):
-        count += len(batch)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return count / (time.perf_counter() - start)
+    if not settings.enabled:
+        return None
+    return PlannedAugmentation(settings, keys=samples.keys,
+                               paths=[samples.path(i) for i in range(len(samples))],
+                               seed=spec.seed, chunk_rows=DEFAULT_CHUNK_ROWS, views=spec.views)
 
 
 def main() -> None:
@@ -108,8 +85,9 @@ def main() -> None:
         for decoder in args.decoders:
             for setting in SETTINGS:
                 key = (decoder, setting)
-                loader[key] = max(loader.get(key, 0.0),
-                                  data_path_only(args, data, out, decoder, setting))
+                loader[key] = max(loader.get(key, 0.0), bench.decode_only(
+                    args, data, out, decoder, config(args, data, out, decoder, setting),
+                    augmentation))
                 result = bench.end_to_end(args, data, out, decoder,
                                           config(args, data, out, decoder, setting))
                 if key not in runs or result["img_s"] > runs[key]["img_s"]:
