@@ -231,7 +231,7 @@ class TrainData:
         self.sampler.set_epoch(epoch)
 
 
-def check_records(cfg, stores) -> None:
+def check_replayable(cfg, stores) -> None:
     """ValueError (one line) for a store whose augmentation records this run cannot replay:
     settings or an ops table this ssld does not know, or ``--autoaugment``, which would
     change the pixels after the teacher labeled them (crop-only stores keep it)."""
@@ -283,7 +283,7 @@ def build_data(cfg, env: D.DistEnv, data_config: dict[str, Any], *, log: logging
             raise ValueError(f"--data {cfg.data} has label {samples.labels.max()} but the "
                              f"teacher has {teacher_classes} classes")
         samples.num_classes = teacher_classes
-    check_records(cfg, samples.stores or [])
+    check_replayable(cfg, samples.stores or [])
     describe: dict[str, Any] = {"store_top1": store_top1(samples)}
     if describe["store_top1"] is not None:
         log.info(f"stored labels' view-0 top-1 vs ground truth: {100 * describe['store_top1']:.2f}%"

@@ -168,9 +168,9 @@ def _check_out(cfg: TrainConfig) -> None:
             roots.append((opened[-1].attrs.get("dataset") or {}).get("root"))
         except (ValueError, FileNotFoundError):
             pass  # reported with its own message when the data is built
-    from .data import check_records
+    from .data import check_replayable
 
-    check_records(cfg, opened)  # before the run directory exists
+    check_replayable(cfg, opened)  # before the run directory exists
     check_disjoint(cfg.out, {"a --store": list(cfg.stores), "the image root of a --store": roots,
                              "--data": cfg.data, "--root": cfg.root, "--val": cfg.val,
                              "--val-root": cfg.val_root, "--init": cfg.init,

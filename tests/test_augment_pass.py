@@ -409,3 +409,54 @@ def test_structure_verify_checks_the_stored_logits_against_the_probabilities(sto
     assert not result.ok
     assert any(p.startswith("stored logits do not give the stored probabilities: 1, first row "
                             "4 view 1") for p in result.problems), result.problems
+
+
+@pytest.mark.parametrize("decoder", ["pil", "dali"])
+def test_a_partner_that_cannot_be_decoded(images, make_checkpoint, tmp_path, decoder):
+    """First pass (drawn records): the views that needed a broken partner are stored unmixed
+    and the row stays valid, the same on both decoders. Replay (--views-from, the records
+    fixed): a row whose partner is gone fails, its reason naming the partner."""
+    root = tmp_path / "images"
+    shutil.copytree(images, root)
+    keys = sorted(str(p.relative_to(root)) for p in root.rglob("*.jpg"))
+    broken = keys[3]
+    data = (root / broken).read_bytes()
+    (root / broken).write_bytes(data[:len(data) // 3])  # truncated JPEG
+    checkpoint = make_checkpoint()
+    out = tmp_path / f"first-{decoder}.zarr"
+    infer(root, out, checkpoint, decoder=decoder, mix_prob=1.0)
+    store = labelstore.open(out)
+    records, valid = records_of(out), store.valid
+    row = list(store.keys).index(broken)
+    assert not valid[row] and valid.sum() == len(store) - 1
+    assert not (records.mix_partners == row).any()
+    # without the failure these rows would have mixed with it: the draws say so
+    from teacher_infer.imaging.augment import AugmentSpec, plan_records
+
+    spec = AugmentSpec(**{**AUGMENT, "mix_prob": 1.0})
+    drawn = [plan_records(spec, seed=0, key=str(store.keys[r]), row=r, rows=len(store),
+                          chunk_rows=6, views=VIEWS) for r in range(len(store))]
+    lost = [r for r, rec in enumerate(drawn) if (rec.mix_partners == row).any()]
+    assert lost and all(valid[r] for r in lost)
+    for r in lost:
+        gone = drawn[r].mix_partners == row
+        assert (records.mix_partners[r][gone] == -1).all()
+        kept = ~gone
+        np.testing.assert_array_equal(records.mix_partners[r][kept], drawn[r].mix_partners[kept])
+    if decoder == "dali":
+        return
+    # replay: another row's partner disappears after the first pass
+    partner = int(records.mix_partners[valid[:, None] & (records.mix_partners >= 0)][0])
+    mixing = [r for r in range(len(store)) if valid[r] and (records.mix_partners[r] == partner)
+              .any()]
+    (root / str(store.keys[partner])).unlink()
+    again = tmp_path / "again.zarr"
+    infer(None, again, checkpoint, views_from=str(out), augment=None, erase=0.0, mixup=None,
+          cutmix=None, views=1, chunk_rows=None)
+    replayed = labelstore.open(again)
+    failed = (again / "failed.txt").read_text()
+    for r in mixing:
+        assert not replayed.valid[r]
+        assert f"{store.keys[r]}\tmixing partner {store.keys[partner]}: missing file" in failed
+    np.testing.assert_array_equal(replayed.read_rows(slice(None))["aug_ops"],
+                                  store.read_rows(slice(None))["aug_ops"])
