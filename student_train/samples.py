@@ -103,7 +103,7 @@ def open_stores(paths: Sequence[str], *, env: D.DistEnv) -> SampleSet:
         require_files(all_paths, first, len(all_paths), f"label store {store.path} (root {root})",
                       env)
         if store.augment_dims:
-            _check_replayable(store, valid, root, env)
+            _check_records_and_partners(store, valid, root, env)
     if not all_paths:
         raise ValueError(f"the label stores {', '.join(paths)} have no valid rows")
     return SampleSet(PathTable(all_paths), np.concatenate(labels), stores[0].num_classes,
@@ -111,7 +111,7 @@ def open_stores(paths: Sequence[str], *, env: D.DistEnv) -> SampleSet:
                      stores[0].class_names)
 
 
-def _check_replayable(store, valid: np.ndarray, root: str, env: D.DistEnv) -> None:
+def _check_records_and_partners(store, valid: np.ndarray, root: str, env: D.DistEnv) -> None:
     """A store with augmentation records: they can be replayed (settings, ops table, every
     record), and the images of the valid rows' mixing partners are there."""
     problem = check_store_records(store)
