@@ -131,8 +131,11 @@ def model_only(args, data: str, out: str) -> float:
     return batches * rows / seconds
 
 
-def decode_only(args, data: str, out: str, decoder: str) -> float:
-    """img/s of the real run's data path with the model left out."""
+def decode_only(args, data: str, out: str, decoder: str, cfg=None,
+                augment=None) -> float:
+    """img/s of the real run's data path with the model left out (``cfg``: this benchmark's
+    config by default; ``augment(cfg, samples, spec, data_config)``: the augmentation the
+    loader applies, for benchmarks/augment_bench.py)."""
     import torch
 
     from teacher_infer.data import find_samples
@@ -140,7 +143,7 @@ def decode_only(args, data: str, out: str, decoder: str) -> float:
     from teacher_infer.infer import data_config_view_spec, data_path
     from teacher_infer.runtime import Dist, resolve_device
 
-    cfg = config(args, data, out, decoder)
+    cfg = cfg or config(args, data, out, decoder)
     device = resolve_device(cfg.device, Dist())
     data_config = pretrained_data_config(args.model)  # no need to build the model here
     samples = find_samples(data)
@@ -148,7 +151,8 @@ def decode_only(args, data: str, out: str, decoder: str) -> float:
     spec = data_config_view_spec(cfg, data_config)
     decoder_class = resolve_decoder(decoder, device)
     loader, decoding, _ = data_path(cfg, Dist(), samples, spec, data_config, decoder_class,
-                                     batches, device, None)
+                                     batches, device, None,
+                                     augment and augment(cfg, samples, spec, data_config))
     count = 0
     start = time.perf_counter()
     for batch, images in decoding.decode(iter(loader)):
@@ -158,10 +162,11 @@ def decode_only(args, data: str, out: str, decoder: str) -> float:
     return count / (time.perf_counter() - start)
 
 
-def end_to_end(args, data: str, out: str, decoder: str) -> dict:
+def end_to_end(args, data: str, out: str, decoder: str, cfg=None) -> dict:
+    """``teacher_infer.run`` of ``cfg`` (default: this benchmark's config) and its figures."""
     from teacher_infer import run
 
-    summary = run(config(args, data, out, decoder))
+    summary = run(cfg or config(args, data, out, decoder))
     details = summary.details
     loop = details["loop_s"]
     rest = loop - details["wait_s"] - details["compute_s"]

@@ -20,7 +20,7 @@ from ._lock import LockedError, OutputLock
 from ._merge import merge
 from ._paths import (check_disjoint, check_output_file, disk_bytes, exists, human_size,
                      is_store_dir, local_path)
-from ._reader import DamagedStoreError, LabelStore, densify, open
+from ._reader import DamagedStoreError, LabelStore, densify, densify_logits, open
 from ._select import select_rows, select_topk
 from ._text import KEY_RULE, escapes_root, first_bad_key, key_problem, read_lines, read_text
 from ._verify import TeacherCheck, VerifyResult, verify
@@ -47,6 +47,7 @@ __all__ = [
     "combine_distributions",
     "create",
     "densify",
+    "densify_logits",
     "dequantize_boxes",
     "disk_bytes",
     "ensemble",

@@ -12,6 +12,7 @@ They agree on three things, kept here so they cannot drift apart:
 """
 from __future__ import annotations
 
+import functools
 import os
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +22,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from . import _format as fmt
+from . import _partners
 from ._paths import check_disjoint, check_replaceable, exists, real_path
 from ._reader import LabelStore, open as open_store
 from ._writer import create
@@ -44,11 +46,6 @@ def open_complete(stores: Sequence[Any]) -> list[LabelStore]:
             raise ValueError(f"store {opened[i].path} is given twice")
     for store in opened:
         store.require_complete()
-        if store.augment_dims:
-            # Copying the rows alone would keep labels of augmented pixels without the
-            # records that make them, and partner rows pointing at other rows (issue 25).
-            raise ValueError(f"{store.path} has augmentation records, which select-topk, "
-                             "merge and ensemble do not carry yet")
     return opened
 
 
@@ -69,6 +66,30 @@ def check_compatible(stores: Sequence[LabelStore], *, topk: bool = True,
             where = next(i for i, (x, y) in enumerate(zip(names_a, names_b)) if x != y)
             raise ValueError(f"class_names differ: {first.path} has {names_a[where]!r} at class "
                              f"{where}, {other.path} has {names_b[where]!r}")
+    check_augmentation(stores)
+
+
+def _augment_summary(store: LabelStore) -> str:
+    settings = store.attrs.get("augment")
+    if not settings:
+        return "crop only"
+    shown = {name: settings.get(name) for name in ("augment", "erase", "mixup", "cutmix",
+                                                   "mix_prob") if settings.get(name)}
+    return ", ".join(f"{name} {value}" for name, value in shown.items()) or "records"
+
+
+def check_augmentation(stores: Sequence[LabelStore]) -> None:
+    """ValueError unless the stores were augmented alike (docs/format.md, "Augmentation
+    records"): the same ``augment`` settings, fill and ops table, and the same record sizes.
+    A derived store has one ``augment`` attribute that every row's records are read with."""
+    first = stores[0]
+    for other in stores[1:]:
+        if (first.attrs.get("augment") != other.attrs.get("augment")
+                or first.augment_dims != other.augment_dims):
+            raise ValueError(f"augmentation differs: {first.path} has "
+                             f"{_augment_summary(first)}, {other.path} has "
+                             f"{_augment_summary(other)} (their records are read with one "
+                             "setting, the same ops table and fill)")
 
 
 def check_output(out: Any, stores: Sequence[LabelStore], *, overwrite: bool,
@@ -143,7 +164,7 @@ def derived_attrs(first: LabelStore, root: str | None, source: str,
     a new dataset block and the provenance entry ``entry`` (with time and software)."""
     attrs = first.attrs
     carried = {name: attrs[name] for name in ("class_names", "teacher", "preprocessing",
-                                               "temperature") if name in attrs}
+                                               "temperature", "augment") if name in attrs}
     entry = {**entry, "time": fmt.now_iso(), "software": fmt.software_versions()}
     return {**carried, "dataset": {"root": root, "source": source}, "provenance": [entry]}
 
@@ -274,30 +295,112 @@ def collect_rows(stores: Sequence[LabelStore], per_store: Sequence[np.ndarray],
 
 
 def write_store(out: Any, stores: Sequence[LabelStore], rows: OutputRows, attrs: dict, *,
-                chunk_rows: int | None, overwrite: bool, progress: bool, desc: str) -> bool:
+                chunk_rows: int | None, overwrite: bool, progress: bool, desc: str,
+                prefixes: Sequence[str] | None = None) -> bool:
     """Create ``out`` and copy the rows into it; returns whether embeddings were copied
-    (only when every source has them with the same width)."""
+    (only when every source has them with the same width). Augmentation records are
+    copied with their mixing partners moved to the output's rows, or, for partners that
+    are not output rows, to its partner table (:func:`plan_partners`); stored logits when
+    every source has them."""
     first = stores[0]
     dim = shared_embedding_dim(stores)
+    plan = plan_partners(stores, rows, prefixes or [""] * len(stores)) \
+        if (first.augment_dims or {}).get("mix") else None
     with create(
             out, keys=rows.keys, num_classes=first.num_classes, topk=first.topk,
             views=first.num_views, labels=rows.labels, attrs=attrs,
             chunk_rows=chunk_rows or first.chunk_rows, overwrite=overwrite,
-            embedding_dim=dim) as writer, progress_bar(progress, len(rows.keys), desc) as bar:
+            embedding_dim=dim, augment_dims=first.augment_dims,
+            logits=all(store.has_logits for store in stores),
+            partners=plan.table if plan is not None and plan.entries else None) as writer, \
+            progress_bar(progress, len(rows.keys), desc) as bar:
         start = 0
-        for store, local in zip(stores, rows.per_store):
-            start = copy_rows(writer, store, local, start, progress=bar)
+        for number, (store, local) in enumerate(zip(stores, rows.per_store)):
+            start = copy_rows(writer, store, local, start, progress=bar,
+                              remap=None if plan is None else plan.remaps[number])
     return dim is not None
 
 
+@dataclass
+class PartnerPlan:
+    """Where the mixing partners of a derived store's rows go: ``remaps[s]`` turns source
+    s's ``mix_partners`` values into the output's, ``table`` is the output's partner table
+    (``entries`` long)."""
+
+    remaps: list
+    table: dict[str, Any]
+    entries: int
+
+
+def _remap(refs: np.ndarray, codes: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """``values`` (mix_partners) with each ref of the sorted ``refs`` replaced by its code."""
+    out = np.asarray(values, dtype=np.int32).copy()
+    mixed = out != _partners.NOT_MIXED
+    out[mixed] = codes[np.searchsorted(refs, out[mixed])]
+    return out
+
+
+def plan_partners(stores: Sequence[LabelStore], rows: OutputRows,
+                  prefixes: Sequence[str]) -> PartnerPlan:
+    """Map every mixing partner of the rows kept (``rows.per_store``) into the output: a
+    partner row that is kept becomes its output row; one that is not (not selected, or
+    dropped as a repeated key), and an entry of a source's own partner table, becomes an
+    entry of the output's partner table holding its key (with the source's prefix), crop
+    and own ops and erasing, so its view replays as it was labeled. Reads the kept rows'
+    ``mix_partners`` once (block by block) and the partners' values."""
+    names = [spec.name for spec in _partners.table_specs(stores[0]._lengths)]
+    table: dict[str, list] = {name: [] for name in names}
+    remaps, entries, offset = [], 0, 0
+    for store, kept, prefix in zip(stores, rows.per_store, prefixes):
+        kept = np.asarray(kept, dtype=np.int64)
+        found = [np.unique(data["mix_partners"]) for _, _, data in
+                 read_blocks(store, ("mix_partners",), rows=kept)] if len(kept) else []
+        refs = np.unique(np.concatenate(found)) if found else np.zeros(0, np.int64)
+        refs = refs[refs != _partners.NOT_MIXED].astype(np.int64)
+        codes = np.empty(len(refs), dtype=np.int64)
+        is_row = refs >= 0
+        pos = np.zeros(len(refs), dtype=np.int64)
+        inside = np.zeros(len(refs), dtype=bool)
+        if len(kept):
+            pos = np.minimum(np.searchsorted(kept, refs), len(kept) - 1)
+            inside = is_row & (kept[pos] == refs)
+        codes[inside] = offset + pos[inside]
+        lost = np.flatnonzero(is_row & ~inside)          # rows referenced but not kept
+        entries_of = np.flatnonzero(~is_row)             # the source table's entries
+        codes[lost] = _partners.table_ref(entries + np.arange(len(lost)))
+        codes[entries_of] = _partners.table_ref(entries + len(lost) + np.arange(len(entries_of)))
+        entries += len(lost) + len(entries_of)
+        if len(lost):
+            values = gather(store, refs[lost], names)
+            for name in names:
+                table[name].append(prefixed(values[name], prefix) if name == "keys"
+                                   else values[name])
+        if len(entries_of):
+            source = store.partner_table()
+            picked = _partners.table_index(refs[entries_of])
+            for name in names:
+                table[name].append(prefixed(source[name][picked], prefix) if name == "keys"
+                                   else source[name][picked])
+        remaps.append(functools.partial(_remap, refs, codes))
+        offset += len(kept)
+    first = stores[0]
+    merged = {name: [key for part in table[name] for key in part] if name == "keys" else
+              (np.concatenate(table[name]) if table[name] else
+               np.zeros((0,) + first._array(name).shape[1:], first._array(name).dtype))
+              for name in names}
+    return PartnerPlan(remaps=remaps, table=merged, entries=entries)
+
+
 def copy_rows(writer, store: LabelStore, rows: np.ndarray, start: int, *,
-              progress=None) -> int:
+              progress=None, remap=None) -> int:
     """Copy ``rows`` (sorted, unique) of ``store`` into ``writer`` from row ``start`` on:
     every array the writer stores (``writer.row_arrays``: the schema's label arrays, and
-    embeddings when the output has them).
+    embeddings, records and logits when the output has them).
 
-    Stored values are passed through unchanged, so the copy is bit-exact. Returns
-    the next free output row. ``progress`` is a tqdm bar advanced by rows copied.
+    Stored values are passed through unchanged, so the copy is bit-exact, but for
+    ``mix_partners``, which ``remap`` (:class:`PartnerPlan`) moves to the output's rows
+    and partner table. Returns the next free output row. ``progress`` is a tqdm bar
+    advanced by rows copied.
     """
     # Each call to the writer costs a done-flag update and up to two partial chunks,
     # whatever its size: label rows (~100 bytes) are copied COPY_BLOCKS read blocks at a
@@ -305,6 +408,8 @@ def copy_rows(writer, store: LabelStore, rows: np.ndarray, start: int, *,
     step = block_rows(store) * (1 if "embeddings" in writer.row_arrays else COPY_BLOCKS)
     for _, _, data in read_blocks(store, writer.row_arrays, rows=rows, step=step):
         n = len(data["indices"])
+        if remap is not None:
+            data["mix_partners"] = remap(data["mix_partners"])
         writer.write_stored(start, data)
         start += n
         if progress is not None:

@@ -124,6 +124,7 @@ def check_same_rows(members: Sequence[LabelStore]) -> None:
             raise ValueError(f"row {row} differs: key {first.keys[row]!r} in {first.path}, "
                              f"{other.keys[row]!r} in {other.path} (ensemble needs the same "
                              "rows in the same order: infer-teacher --views-from)")
+    _check_same_records(members)
     names = ("boxes", "flips", "valid")
     step = _derive.block_rows(first)
     streams = [_derive.read_blocks(store, names, step=step) for store in members]
@@ -145,6 +146,61 @@ def check_same_rows(members: Sequence[LabelStore]) -> None:
                         f"{_show(a[i, view])} in {first.path}, {_show(b[i, view])} in "
                         f"{store.path} (the members must label the same crops: infer-teacher "
                         "--views-from)")
+
+
+def _record_arrays(store: LabelStore) -> tuple[str, ...]:
+    """The augmentation record arrays of a store (its student arrays but the logits)."""
+    return tuple(name for name in store.student_arrays
+                 if name not in ("logits", "log_partition"))
+
+
+def _check_same_records(members: Sequence[LabelStore]) -> None:
+    """ValueError naming the first row-view whose augmentation record, or the first partner
+    table entry, differs: members label the same augmented pixels (``--views-from``), whose
+    records are planned without decoding and so compared on every row."""
+    first = members[0]
+    names = _record_arrays(first)
+    if not names:
+        return
+    step = _derive.block_rows(first)
+    streams = [_derive.read_blocks(store, names, step=step) for store in members]
+    for blocks in zip(*streams):
+        lo, base = blocks[0][0], blocks[0][2]
+        for store, (_, _, data) in zip(members[1:], blocks[1:]):
+            for name in names:
+                a, b = base[name], data[name]
+                bad = (a != b).reshape(a.shape[0], a.shape[1], -1).any(-1)
+                if bad.any():
+                    row, view = (int(v) for v in np.argwhere(bad)[0])
+                    raise ValueError(
+                        f"row {lo + row} (key {first.keys[lo + row]!r}) view {view}: {name} "
+                        f"differs between {first.path} and {store.path} (the members must "
+                        "label the same augmented views: infer-teacher --views-from)")
+    table = first.partner_table()
+    for store in members[1:]:
+        other = store.partner_table()
+        same = (table is None) == (other is None) and (table is None or all(
+            np.array_equal(table[name], other[name]) for name in table))
+        if not same:
+            raise ValueError(f"the partner tables of {first.path} and {store.path} differ (the "
+                             "members must label the same augmented views: infer-teacher "
+                             "--views-from)")
+
+
+def _usable(members: Sequence[LabelStore]) -> np.ndarray:
+    """(N,) rows valid in every member and, for a row that mixes, whose partner rows are
+    too: a valid output row's partner row keeps its crop (an invalid row's box is not)."""
+    valid = np.logical_and.reduce([m.valid for m in members])
+    if not (members[0].augment_dims or {}).get("mix"):
+        return valid
+    partners = np.concatenate([data["mix_partners"] for _, _, data in _derive.read_blocks(
+        members[0], ("mix_partners",))])
+    while True:  # a row made invalid here can be another row's partner
+        rows = partners >= 0
+        lost = valid & (rows & ~valid[np.where(rows, partners, 0)]).any(-1)
+        if not lost.any():
+            return valid
+        valid = valid & ~lost
 
 
 def _show(value: np.ndarray) -> str:
@@ -247,14 +303,16 @@ def _ensemble(stores, out, *, weights, topk, rule, overwrite, progress) -> Ensem
         attrs["ensemble"] = settings
         writer = create(out, keys=first.keys.tolist(), num_classes=classes, topk=k,
                         views=first.num_views, labels=first.labels, attrs=attrs,
-                        chunk_rows=first.chunk_rows, overwrite=overwrite)
+                        chunk_rows=first.chunk_rows, overwrite=overwrite,
+                        augment_dims=first.augment_dims, partners=first.partner_table())
     todo = [int(c) for c in np.flatnonzero(~writer.done_chunks())]
+    usable = _usable(members)
     computed = 0
     total = sum(hi - lo for lo, hi in map(writer.chunk_range, todo))
     with _derive.progress_bar(progress, total, "ensemble") as bar:
         for chunk in todo:
             lo, hi = writer.chunk_range(chunk)
-            writer.write(lo, **_chunk(members, weights, rule, k, lo, hi))
+            writer.write(lo, **_chunk(members, weights, rule, k, lo, hi, usable[lo:hi]))
             computed += hi - lo
             bar.update(hi - lo)
     writer.close()
@@ -272,12 +330,12 @@ def _ensemble(stores, out, *, weights, topk, rule, overwrite, progress) -> Ensem
 
 
 def _chunk(members: Sequence[LabelStore], weights: Sequence[float], rule: str, k: int,
-           lo: int, hi: int) -> dict[str, np.ndarray]:
-    """The output rows [lo, hi) as keyword arguments of ``LabelStoreWriter.write``."""
-    names = ("indices", "probs", "residual", "valid")
+           lo: int, hi: int, valid: np.ndarray) -> dict[str, np.ndarray]:
+    """The output rows [lo, hi) (``valid``: :func:`_usable`) as keyword arguments of
+    ``LabelStoreWriter.write``."""
+    names = ("indices", "probs", "residual")
     parts = [{name: m._get(name, slice(lo, hi)) for name in names} for m in members]
     n, views, classes = hi - lo, members[0].num_views, members[0].num_classes
-    valid = np.logical_and.reduce([p["valid"].astype(bool) for p in parts])
     # Invalid rows as infer-teacher writes them: no information, no box.
     indices = np.tile(np.arange(k, dtype=np.int64), (n, views, 1))
     probs = np.zeros((n, views, k), dtype=np.float32)
@@ -298,6 +356,10 @@ def _chunk(members: Sequence[LabelStore], weights: Sequence[float], rule: str, k
             value = members[0]._get(spec.name, slice(lo, hi))
             value[~valid] = spec.fill
             out[spec.name] = value
+    # Augmentation records are the members' (compared): planned without decoding, they are
+    # kept on invalid rows too, as infer-teacher writes them. Logits are not combined.
+    for name in _record_arrays(members[0]):
+        out[name] = members[0]._get(name, slice(lo, hi))
     return out
 
 

@@ -51,7 +51,8 @@ def export_hdf5(store, out: str, rows: slice | None = None, *, overwrite: bool =
     """Write ``store`` rows to ``out`` (HDF5) and return the number of rows written.
 
     Datasets carry the store's names and stored dtypes (``boxes`` as float32
-    fractions; one dataset per array of ``_format.SCHEMA`` but ``done``); group
+    fractions; one dataset per array of ``_format.SCHEMA`` but ``done``; a partner table,
+    whole, as the group ``partners`` with the same rule); group
     attributes are the store's, JSON-encoded where they are not scalars. Written to a temporary name and renamed, so a failed export leaves
     no half-file behind. Rows of an unfinished store that are not written yet are
     refused unless ``allow_incomplete`` (they are exported with ``valid=False``).
@@ -122,6 +123,16 @@ def _write_datasets(h5, store, start: int, stop: int) -> None:
         hi = min(lo + chunk, stop)
         for spec, dset in sets.items():
             dset[lo - start:hi - start] = _exported(spec, store._get(spec.name, slice(lo, hi)))
+    table = store.partner_table()
+    if table is not None:  # whole: the exported rows' mixing partners may be any entry
+        group = h5.create_group(fmt.PARTNER_GROUP)
+        for name, value in table.items():
+            if name == "keys":
+                group.create_dataset(name, data=np.asarray(value, dtype=object),
+                                     dtype=h5py.string_dtype("utf-8"))
+            else:
+                group.create_dataset(name, data=_exported(fmt.array_spec(name), value),
+                                     compression="gzip", compression_opts=4, shuffle=True)
 
 
 def _exported(spec: fmt.ArraySpec, stored: np.ndarray) -> np.ndarray:

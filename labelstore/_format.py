@@ -56,6 +56,8 @@ class ArraySpec:
     compress: bool = True
     optional: bool = False     # only in stores created with its size (embeddings: D)
     requires: tuple[str, ...] = ()  # further sizes an optional array needs (records: "mix")
+    student: bool = False      # read by training beside the label arrays (``read_rows``);
+    #                            ``load`` holds it in RAM when the store has it
 
     @property
     def per_row(self) -> bool:
@@ -104,15 +106,25 @@ SCHEMA = (
     ArraySpec("embeddings", ("row", "feature"), np.float16, 0, optional=True),
     # Augmentation records (docs/format.md, "Augmentation records") of stores created with
     # augment_dims: L ops per view (op), E erasing boxes per view (erase), mixing (mix).
-    # Not part of read/load (read_as None) until the commands that replay them use them.
-    ArraySpec("aug_ops", ("row", "view", "op"), np.uint8, 0, optional=True),
-    ArraySpec("aug_levels", ("row", "view", "op"), np.int8, 0, optional=True),
-    ArraySpec("erase_boxes", ("row", "view", "erase", "box"), np.uint8, 0, optional=True),
-    ArraySpec("mix_partners", ("row", "view"), np.int32, -1, optional=True, requires=("mix",)),
-    ArraySpec("mix_views", ("row", "view"), np.uint8, 0, optional=True, requires=("mix",)),
-    ArraySpec("mix_lambdas", ("row", "view"), np.uint8, 255, optional=True, requires=("mix",)),
+    # Not part of read (read_as None): training reads them with ``read_rows``.
+    ArraySpec("aug_ops", ("row", "view", "op"), np.uint8, 0, optional=True, student=True),
+    ArraySpec("aug_levels", ("row", "view", "op"), np.int8, 0, optional=True, student=True),
+    ArraySpec("erase_boxes", ("row", "view", "erase", "box"), np.uint8, 0, optional=True,
+              student=True),
+    ArraySpec("mix_partners", ("row", "view"), np.int32, -1, optional=True, requires=("mix",),
+              student=True),
+    ArraySpec("mix_views", ("row", "view"), np.uint8, 0, optional=True, requires=("mix",),
+              student=True),
+    ArraySpec("mix_lambdas", ("row", "view"), np.uint8, 255, optional=True, requires=("mix",),
+              student=True),
     ArraySpec("mix_boxes", ("row", "view", "box"), np.uint8, 0, optional=True,
-              requires=("mix",)),
+              requires=("mix",), student=True),
+    # Stored logits (infer-teacher --store-logits; docs/format.md, "Stored logits"): the
+    # teacher's top-k logits and the log-partition at the store's temperature, float32.
+    ArraySpec("logits", ("row", "view", "rank"), np.float32, 0, optional=True,
+              requires=("logits",), student=True),
+    ArraySpec("log_partition", ("row", "view"), np.float32, 0, optional=True,
+              requires=("logits",), student=True),
     # One flag per chunk, each in its own zarr chunk, so ranks never share a done-chunk.
     ArraySpec("done", ("chunk",), bool, False, written="done", compress=False, export=None),
 )
@@ -131,6 +143,18 @@ def array_spec(name: str) -> ArraySpec:
         if entry.name == name:
             return entry
     raise KeyError(name)
+
+
+# The partner table (docs/format.md, "Mixing partners that are not rows"): a subgroup with,
+# per partner, the values of these row arrays (the partner's crop and its own ops and
+# erasing: what replaying its view needs), in the same dtypes, with ``partner`` for ``row``.
+PARTNER_GROUP = "partners"
+PARTNER_ARRAYS = ("keys", "boxes", "flips", "aug_ops", "aug_levels", "erase_boxes")
+
+
+def student_arrays() -> tuple[str, ...]:
+    """Optional row arrays training reads beside the label arrays (records, logits)."""
+    return tuple(entry.name for entry in SCHEMA if entry.student)
 
 
 def label_arrays() -> tuple[str, ...]:
@@ -152,12 +176,13 @@ AUGMENT_DIMS = ("op", "erase", "mix")  # the record sizes ``create(augment_dims=
 
 
 def sizes(*, rows: int, views: int, topk: int, chunk_rows: int, embedding_dim: int | None,
-          augment_dims: dict[str, int] | None = None) -> dict[str, int]:
-    """Length of each named dimension (a record size not given is 0: no such arrays)."""
+          augment_dims: dict[str, int] | None = None, logits: bool = False) -> dict[str, int]:
+    """Length of each named dimension (a record size not given is 0: no such arrays;
+    ``logits`` 1 when the store keeps the teacher's logits)."""
     records = {dim: int((augment_dims or {}).get(dim, 0)) for dim in AUGMENT_DIMS}
     return {"row": rows, "view": views, "rank": topk, "box": 4,
             "feature": int(embedding_dim or 0), "chunk": (rows + chunk_rows - 1) // chunk_rows,
-            **records}
+            "logits": int(bool(logits)), **records}
 
 
 def check_augment_dims(augment_dims: Any) -> dict[str, int] | None:
@@ -315,8 +340,8 @@ def _as_array(name: str, value: Any, shape: tuple, kinds: str, what: str) -> np.
 
 
 def check_rows(values: dict[str, Any], *, num_views: int, topk: int, num_classes: int,
-               embedding_dim: int | None,
-               augment_dims: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+               embedding_dim: int | None, augment_dims: dict[str, int] | None = None,
+               logits: bool = False) -> dict[str, np.ndarray]:
     """Validate one write (``values``: array name → rows given, ``indices`` and ``probs``
     required) and return every array ``write`` stores, in its stored dtype.
 
@@ -335,14 +360,15 @@ def check_rows(values: dict[str, Any], *, num_views: int, topk: int, num_classes
     out = _check_teacher_rows(indices, values, n=n, num_views=num_views, topk=topk,
                               num_classes=num_classes)
     lengths = sizes(rows=n, views=num_views, topk=topk, chunk_rows=1,
-                    embedding_dim=embedding_dim, augment_dims=augment_dims)
+                    embedding_dim=embedding_dim, augment_dims=augment_dims, logits=logits)
     for entry in specs(written="rows"):
         if entry.name in out:
             continue
         value = values.get(entry.name)
         if not entry.present(lengths):
             if value is not None:
-                size = "embedding_dim" if "feature" in entry.dims else "augment_dims"
+                size = ("embedding_dim" if "feature" in entry.dims else
+                        "logits" if "logits" in entry.requires else "augment_dims")
                 raise ValueError(f"this store was created without {entry.name} ({size})")
             continue
         if value is None and entry.optional:  # a store that has it has it in every row

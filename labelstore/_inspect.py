@@ -87,7 +87,14 @@ class InspectReport:
     view: int = 0                          # the view the statistics are of
     # sha256 of each label array's stored bytes (row order, C order; None while incomplete)
     # and the key list's fingerprint: equal digests = a student reads the same labels
+    # (augmentation records, stored logits and the partner table included where present)
     label_sha256: dict[str, str] | None = None
+    # augmentation records (docs/format.md): the settings, one line; bytes per row-view on
+    # disk of each record array; partner-table entries; stored logits
+    augmentation: str | None = None
+    record_bytes_per_view: dict[str, float] = field(default_factory=dict)
+    partners: int = 0
+    logits: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -109,6 +116,16 @@ class InspectReport:
             ("Bytes per row-view", "-" if self.bytes_per_row_view is None
              else f"{self.bytes_per_row_view:.1f}"),
             ("Embeddings", "yes" if self.has_embeddings else "no"),
+            ("Stored logits", "yes" if self.logits else "no"),
+            ("Augmentation", self.augmentation or "none (crop-only views)"),
+        ]
+        if self.augmentation:
+            records = self.record_bytes_per_view
+            rows.append(("Records per row-view", "-" if not records else
+                         f"{sum(records.values()):.1f} B: " + ", ".join(
+                             f"{name} {value:.2f}" for name, value in records.items())))
+            rows.append(("Partner table", f"{self.partners:,} entries"))
+        rows += [
             ("Invalid rows", f"{self.invalid_rows:,}"),
             ("Statistics of view", f"{self.view} ("
              + ("the evaluation view" if self.view == 0 else "a random crop view")
@@ -127,10 +144,14 @@ class InspectReport:
 class _LabelDigests:
     """sha256 of each label array's stored bytes, fed block of rows by block of rows: rows
     are the first axis, so the digest is the whole array's whatever the block size. Stored
-    dtypes, not ``read()``'s conversions; a loaded store is hashed from RAM."""
+    dtypes, not ``read()``'s conversions; a loaded store is hashed from RAM. The arrays a
+    student reads beyond the labels (augmentation records, stored logits) and the partner
+    table of a derived store are digested too where the store has them: a store rewritten
+    with other records is not the same training data."""
 
-    def __init__(self) -> None:
-        self.digests = {name: hashlib.sha256() for name in FINGERPRINTED}
+    def __init__(self, store) -> None:
+        self.digests = {name: hashlib.sha256()
+                        for name in (*FINGERPRINTED, *store.student_arrays)}
 
     def update(self, store, start: int, stop: int) -> None:
         loaded = store._ram or {}
@@ -140,8 +161,16 @@ class _LabelDigests:
             digest.update(np.ascontiguousarray(values).data)
 
     def result(self, store) -> dict[str, str]:
-        return ({name: d.hexdigest() for name, d in self.digests.items()}
-                | {"keys": (store.attrs.get("dataset") or {}).get("fingerprint")})
+        found = {name: d.hexdigest() for name, d in self.digests.items()}
+        table = store.partner_table()
+        if table is not None:
+            digest = hashlib.sha256()
+            for name in sorted(table):
+                value = table[name]
+                digest.update("\n".join(map(str, value)).encode("utf-8") if value.dtype == object
+                              else np.ascontiguousarray(value).data)
+            found[fmt.PARTNER_GROUP] = digest.hexdigest()
+        return found | {"keys": (store.attrs.get("dataset") or {}).get("fingerprint")}
 
 
 def label_sha256(store) -> dict[str, str] | None:
@@ -151,7 +180,7 @@ def label_sha256(store) -> dict[str, str] | None:
     same labels (``train-student --resume`` compares them)."""
     if store.missing():
         return None
-    digests = _LabelDigests()
+    digests = _LabelDigests(store)
     for start in range(0, len(store), store.chunk_rows):
         digests.update(store, start, min(start + store.chunk_rows, len(store)))
     return digests.result(store)
@@ -172,7 +201,7 @@ def inspect_store(store, view: int = 0) -> InspectReport:
     sum_top1 = sum_residual = 0.0
     scored = agree = labeled = 0
     step = store.chunk_rows
-    digests = _LabelDigests() if not missing else None
+    digests = _LabelDigests(store) if not missing else None
     for start in range(0, n, step):
         stop = min(start + step, n)
         if not done_rows[start]:
@@ -192,7 +221,8 @@ def inspect_store(store, view: int = 0) -> InspectReport:
         labeled += int(known.sum())
         agree += int((top1[known] == lab[known]).sum())
     disk = _disk_bytes(store.path)
-    return InspectReport(
+    records = [name for name in store.student_arrays if name not in ("logits", "log_partition")]
+    report = InspectReport(
         path=store.path, rows=n, views=store.num_views, topk=store.topk, classes=C,
         teacher=store.teacher_name, complete=not missing, missing=missing, bytes_on_disk=disk,
         bytes_per_row_view=None if disk is None else disk / max(1, n * store.num_views),
@@ -205,4 +235,43 @@ def inspect_store(store, view: int = 0) -> InspectReport:
                      "max": int(counts.max()), "empty": int((counts == 0).sum())}
         if scored else {},
         has_embeddings=store.has_embeddings, view=view,
-        label_sha256=None if digests is None else digests.result(store))
+        label_sha256=None if digests is None else digests.result(store),
+        augmentation=_augmentation(store.attrs.get("augment")) if records else None,
+        record_bytes_per_view=_bytes_per_view(store, records), partners=store.partner_count,
+        logits=store.has_logits)
+    return report
+
+
+def _augmentation(settings: dict | None) -> str:
+    """The store's augmentation settings in one line, as infer-teacher's options."""
+    settings = settings or {}
+    parts = []
+    for name, option in (("augment", "--augment"), ("erase", "--erase"),
+                         ("erase_count", "--erase-count"), ("mixup", "--mixup"),
+                         ("cutmix", "--cutmix"), ("mix_prob", "--mix-prob"),
+                         ("switch_prob", "--mixup-switch-prob")):
+        value = settings.get(name)
+        if value is None or (name == "erase" and not value):
+            continue
+        if name in ("erase_count",) and not settings.get("erase"):
+            continue
+        if name in ("mix_prob", "switch_prob") and not (settings.get("mixup")
+                                                        or settings.get("cutmix")):
+            continue
+        parts.append(f"{option} {value}")
+    table = settings.get("ops_table") or {}
+    parts.append(f"ops table v{table.get('version')}, fill {settings.get('fill')}")
+    return " ".join(parts[:-1]) + f" ({parts[-1]})"
+
+
+def _bytes_per_view(store, names: list[str]) -> dict[str, float]:
+    """Bytes on disk per row-view of each named array (a local store; empty otherwise)."""
+    import os
+
+    from ._paths import local_path
+
+    local = local_path(store.path)
+    if local is None or not names:
+        return {}
+    views = max(1, len(store) * store.num_views)
+    return {name: (_disk_bytes(os.path.join(local, name)) or 0) / views for name in names}

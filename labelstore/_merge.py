@@ -45,15 +45,18 @@ def merge(stores: Any, out: Any, *, chunk_rows: int | None = None, overwrite: bo
     Rows are copied bit-exactly in the order given; a row whose key (below the
     common dataset root) is already present in an earlier row is dropped. Labels,
     views, boxes and flips are kept; embeddings only when every store has them with
-    the same width. Teacher, preprocessing and class names come from the first
-    store; provenance records every source with its fingerprint.
+    the same width, stored logits when every store has them. Augmentation records are
+    kept, each mixing partner moved to its output row, or to the output's partner table
+    when its row is not in the output (docs/format.md). Teacher, preprocessing,
+    augmentation settings and class names come from the first store; provenance records
+    every source with its fingerprint.
 
     Raises
     ------
     ValueError
-        When the stores differ in classes, k, views or class names (the message
-        names the difference, e.g. ``topk differs: a.zarr has 10, b.zarr has 5``),
-        or when one is incomplete.
+        When the stores differ in classes, k, views, class names or augmentation
+        settings (the message names the difference, e.g. ``topk differs: a.zarr has
+        10, b.zarr has 5``), or when one is incomplete.
     """
     with OutputLock(out, command="merge"):  # one writer per output, from the start
         return _merge(stores, out, chunk_rows=chunk_rows, overwrite=overwrite, progress=progress)
@@ -81,9 +84,11 @@ def _merge(stores: Any, out: Any, *, chunk_rows: int | None, overwrite: bool,
     copied = _derive.write_store(out, opened, chosen,
                                  _derive.derived_attrs(opened[0], root, "merge", entry),
                                  chunk_rows=chunk_rows, overwrite=overwrite, progress=progress,
-                                 desc="merge")
+                                 desc="merge", prefixes=prefixes)
     if not copied and any(s.has_embeddings for s in opened):
         notes.append("embeddings not copied: not every store has them with the same width")
+    if any(s.has_logits for s in opened) and not all(s.has_logits for s in opened):
+        notes.append("stored logits not copied: not every store has them")
     return MergeResult(out=str(out), sources=[s.path for s in opened],
                        rows_in=[len(s) for s in opened],
                        rows_kept=[len(r) for r in chosen.per_store], embeddings_copied=copied,

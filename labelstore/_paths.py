@@ -121,7 +121,7 @@ def is_store_dir(path: str) -> bool:
 
 def _foreign_entries(path: str) -> list[str]:
     """Top-level entries of a store directory that no store writes."""
-    arrays = {spec.name for spec in fmt.SCHEMA}
+    arrays = {spec.name for spec in fmt.SCHEMA} | {fmt.PARTNER_GROUP}
     foreign = []
     for entry in sorted(os.listdir(path)):
         full = os.path.join(path, entry)

@@ -12,6 +12,7 @@ import zarr
 from . import _chunks
 from . import _format as fmt
 from . import _keys
+from . import _partners
 from ._paths import exists, local_path
 from ._writer import LabelStoreWriter
 
@@ -90,7 +91,7 @@ def check_structure(group: zarr.Group, path: Any) -> None:
         lengths = fmt.sizes(rows=n, views=int(attrs["views"]), topk=int(attrs["topk"]),
                             chunk_rows=int(attrs["chunk_rows"]),
                             embedding_dim=attrs.get("embedding_dim"),
-                            augment_dims=attrs.get("augment_dims"))
+                            augment_dims=attrs.get("augment_dims"), logits=attrs.get("logits"))
     except KeyError as exc:
         raise DamagedStoreError(f"label store {path} is damaged: {exc} is missing") from None
     arrays = {}
@@ -108,8 +109,12 @@ def check_structure(group: zarr.Group, path: Any) -> None:
                 f"label store {path} is damaged: array {spec.name!r} has shape "
                 f"{tuple(array.shape)} chunks {tuple(array.chunks)}, its attributes say shape "
                 f"{shape} chunks {chunks}")
+    stored = None
     if (attrs.get("integrity") or {}).get("every_chunk_written"):
-        _check_chunks_present(group, path, arrays)
+        stored = _check_chunks_present(group, path, arrays)
+    problem = _partners.structure_problem(group, attrs, lengths, stored)
+    if problem:
+        raise DamagedStoreError(f"label store {path} is damaged: {problem}")
 
 
 def _stored_keys(group: zarr.Group, path: Any) -> set[str]:
@@ -131,7 +136,9 @@ def _stored_keys(group: zarr.Group, path: Any) -> set[str]:
     return sync(collect())
 
 
-def _check_chunks_present(group: zarr.Group, path: Any, arrays: dict) -> None:
+def _check_chunks_present(group: zarr.Group, path: Any, arrays: dict) -> set[str]:
+    """DamagedStoreError unless every done chunk of every array is on storage; returns the
+    keys found (the partner table's chunks are checked against them too)."""
     done = _read_array(path, "done", arrays["done"], slice(None)).astype(bool)
     stored = _stored_keys(group, path)
     for name, array in arrays.items():
@@ -146,6 +153,7 @@ def _check_chunks_present(group: zarr.Group, path: Any, arrays: dict) -> None:
                     f"label store {path} is damaged: chunk {int(chunk)} of array {name!r} (rows "
                     f"{chunk * rows}:{min((chunk + 1) * rows, array.shape[0])}) is missing "
                     "though the chunk is marked done")
+    return stored
 
 
 def _read_array(path: Any, name: str, array: zarr.Array, selection: Any,
@@ -282,6 +290,29 @@ class LabelStore:
         dims = self._attrs.get("augment_dims")
         return dict(dims) if dims else None
 
+    @property
+    def has_logits(self) -> bool:
+        """Whether the store keeps the teacher's top-k logits (docs/format.md)."""
+        return bool(self._attrs.get("logits"))
+
+    @property
+    def partner_count(self) -> int:
+        """Entries of the partner table (0: every mixing partner is a row)."""
+        return int(self._attrs.get("partners") or 0)
+
+    @cached_property
+    def _lengths(self) -> dict[str, int]:
+        return fmt.sizes(rows=self._n, views=self.num_views, topk=self.topk,
+                         chunk_rows=self.chunk_rows, embedding_dim=self.embedding_dim,
+                         augment_dims=self.augment_dims, logits=self.has_logits)
+
+    @property
+    def student_arrays(self) -> tuple[str, ...]:
+        """The optional row arrays training reads that this store has: its augmentation
+        records and stored logits (``_format.SCHEMA`` entries marked ``student``)."""
+        return tuple(name for name in fmt.student_arrays()
+                     if fmt.array_spec(name).present(self._lengths))
+
     @cached_property
     def keys(self) -> np.ndarray:
         """(N,) keys as a numpy object array of str (read once, then cached)."""
@@ -338,7 +369,8 @@ class LabelStore:
         few million rows fit easily, and forked DataLoader workers share the pages.
         """
         if self._ram is None:
-            self._ram = {name: self._get(name, slice(None)) for name in fmt.label_arrays()}
+            self._ram = {name: self._get(name, slice(None))
+                         for name in fmt.label_arrays() + self.student_arrays}
         return self
 
     def in_memory(self) -> "LabelStore":
@@ -379,7 +411,7 @@ class LabelStore:
         return np.where(array < 0, array + n, array), None
 
     def _fetch(self, name: str, rows: np.ndarray, contiguous: slice | None) -> np.ndarray:
-        if self._ram is not None:
+        if self._ram is not None and name in self._ram:
             source = self._ram[name]
             return source[contiguous] if contiguous is not None else source[rows]
         if contiguous is not None:
@@ -399,6 +431,62 @@ class LabelStore:
         named = {f.name for f in fields(LabelSlice)}
         return LabelSlice(rows=row_array, **{k: v for k, v in values.items() if k in named},
                           more={k: v for k, v in values.items() if k not in named})
+
+    def read_rows(self, rows: Any, names: Any = None) -> dict[str, np.ndarray]:
+        """Stored values (stored dtypes) of the named row arrays, rows in the order asked
+        (default: :attr:`student_arrays`, the records and logits this store has); served
+        from RAM after :meth:`load`. ValueError for an array the store does not have."""
+        names = self.student_arrays if names is None else tuple(names)
+        for name in names:
+            spec = next((entry for entry in fmt.SCHEMA if entry.name == name), None)
+            if spec is None or not spec.per_row or not spec.present(self._lengths):
+                raise ValueError(f"label store {self.path} has no row array {name!r}")
+        row_array, contiguous = self._rows(rows)
+        return {name: self._fetch(name, row_array, contiguous) for name in names}
+
+    def partner_table(self) -> dict[str, np.ndarray] | None:
+        """The partner table (docs/format.md; None when the store has none): keys, boxes,
+        flips and the partners' own ops and erasing, whole, stored dtypes; read once."""
+        if not self.partner_count:
+            return None
+        if "_partner_table" not in self.__dict__:
+            try:
+                self.__dict__["_partner_table"] = _partners.read_table(
+                    self._group, self._lengths, self.partner_count)
+            except Exception as exc:  # noqa: BLE001 - damaged chunks, reported by name
+                raise DamagedStoreError(f"label store {self.path} is damaged: its partner "
+                                        f"table cannot be read ({type(exc).__name__}: "
+                                        f"{exc})") from None
+        return self.__dict__["_partner_table"]
+
+    def partners(self, refs: Any) -> dict[str, np.ndarray]:
+        """What replaying mixing partners ``refs`` (``mix_partners`` values: a row, or
+        ``-2 - i`` for entry i of the partner table) needs: ``keys`` (object array) and the
+        stored ``boxes``, ``flips`` and own ops and erasing this store has, one entry per
+        ref. ValueError for ``-1`` (not mixed) or a ref outside the store and its table."""
+        refs = np.asarray(refs, dtype=np.int64).reshape(-1)
+        names = tuple(spec.name for spec in _partners.table_specs(self._lengths))
+        bad = (refs == _partners.NOT_MIXED) | (refs >= self._n) \
+            | (_partners.table_index(refs) >= self.partner_count)
+        if bad.any():
+            raise ValueError(f"label store {self.path}: mixing partner {int(refs[bad][0])} is "
+                             f"neither a row (< {self._n}) nor a partner-table entry "
+                             f"({self.partner_count})")
+        out = {name: np.empty((len(refs),) + self._array(name).shape[1:],
+                              dtype=object if name == "keys" else self._array(name).dtype)
+               for name in names}
+        rows = refs >= 0
+        if rows.any():
+            found = self.read_rows(refs[rows], [n for n in names if n != "keys"])
+            found["keys"] = self.keys[refs[rows]]
+            for name in names:
+                out[name][rows] = found[name]
+        if (~rows).any():
+            table = self.partner_table()
+            entries = _partners.table_index(refs[~rows])
+            for name in names:
+                out[name][~rows] = table[name][entries]
+        return out
 
     def read_embeddings(self, rows: Any) -> np.ndarray:
         """(n, D) float32 embeddings of view 0; ValueError when the store has none."""
@@ -461,17 +549,33 @@ class LabelStore:
         return frame
 
 
+def densify_logits(indices: np.ndarray, logits: np.ndarray, log_partition: np.ndarray,
+                   num_classes: int, temperature: float = 1.0) -> np.ndarray:
+    """Dense (n, C) float32 distributions from stored top-k logits (n, k) and log-partitions
+    (n,) at the store's ``temperature`` (docs/format.md, "Stored logits"): the top-k
+    probabilities ``exp(logits / T - log_partition)`` without fp16 rounding, and the tail,
+    ``1 -`` their sum (exact: the log-partition is over all C classes), spread evenly over
+    the other C - k classes — the rule of :func:`densify`, which the stored probabilities
+    follow. A student is compared with this distribution over the same C classes, never
+    with one normalised over the top-k alone."""
+    top = np.exp(logits.astype(np.float64) / float(temperature)
+                 - log_partition.astype(np.float64)[:, None])
+    residual = np.clip(1.0 - top.sum(axis=1), 0.0, 1.0)
+    return densify(indices, top, residual, num_classes, dtype=np.float64).astype(np.float32)
+
+
 def densify(indices: np.ndarray, probs: np.ndarray, residual: np.ndarray,
-            num_classes: int) -> np.ndarray:
-    """Dense (n, C) distributions from top-k (n, k) + residual (n,): marginal smoothing."""
+            num_classes: int, dtype: Any = np.float32) -> np.ndarray:
+    """Dense (n, C) distributions from top-k (n, k) + residual (n,): marginal smoothing
+    (in ``dtype``)."""
     n, k = indices.shape
     rest = num_classes - k
     if rest > 0:
-        dense = np.repeat((np.clip(residual, 0, None) / rest).astype(np.float32)[:, None],
+        dense = np.repeat((np.clip(residual, 0, None) / rest).astype(dtype)[:, None],
                           num_classes, axis=1)
     else:
-        dense = np.zeros((n, num_classes), dtype=np.float32)
-    np.put_along_axis(dense, indices.astype(np.int64), probs.astype(np.float32), axis=1)
+        dense = np.zeros((n, num_classes), dtype=dtype)
+    np.put_along_axis(dense, indices.astype(np.int64), probs.astype(dtype), axis=1)
     total = dense.sum(axis=1, keepdims=True)
     empty = total[:, 0] <= 0
     if empty.any():  # an invalid row with no mass: uniform rather than 0/0

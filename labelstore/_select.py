@@ -375,7 +375,10 @@ def select_topk(stores: Any, k: int, out: Any, *, exclude: str | None = None,
         output has at most C·k rows.
     out : path
         The new store: selected rows copied bit-exactly (all views, boxes, flips,
-        labels, embeddings when every source has them), in pool order.
+        labels, embeddings and stored logits when every source has them, augmentation
+        records), in pool order. A mixing partner that is not selected goes to the
+        output's partner table (docs/format.md): mixed views keep replaying, and rows
+        that were not selected are never trained on.
     exclude : path, optional
         Keys to skip: one per line, ``#`` comments, first tab-separated field (the
         output of ``ssld dedup`` works as is). A line matches a store key or
@@ -479,13 +482,15 @@ def _select_topk(stores: Any, k: int, out: Any, *, exclude: str | None, min_prob
     copied = _derive.write_store(out, opened, chosen,
                                  _derive.derived_attrs(opened[0], root, "select-topk", entry),
                                  chunk_rows=chunk_rows, overwrite=overwrite, progress=progress,
-                                 desc="copy")
+                                 desc="copy", prefixes=prefixes)
     if list_out:
         write_list(out, list_out, view=int(view))
     seconds["writing"] = time.perf_counter() - clock
     notes = []
     if not copied and any(s.has_embeddings for s in opened):
         notes.append("embeddings not copied: not every source has them with the same width")
+    if any(s.has_logits for s in opened) and not all(s.has_logits for s in opened):
+        notes.append("stored logits not copied: not every source has them")
     return SelectResult(out=str(out), selection=selection, stores=[s.path for s in opened],
                         rows_written=len(chosen.keys), duplicate_keys_dropped=chosen.dropped,
                         embeddings_copied=copied, list_out=list_out, notes=notes,

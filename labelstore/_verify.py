@@ -161,12 +161,17 @@ def check_rows(store: LabelStore) -> list[str]:
     found = _Problems()
     invalid_rows = 0
     names = fmt.label_arrays() + ("labels",)
+    if store.has_logits:
+        names += ("logits", "log_partition")
+    temperature = float(store.attrs.get("temperature", 1.0))
     try:
         if fmt.fingerprint(store.keys.tolist()) != (store.attrs.get("dataset") or {}).get(
                 "fingerprint"):
             problems.append("keys do not hash to dataset.fingerprint")
         for lo, hi, data in _derive.read_blocks(store, names):
             invalid_rows += _check_block(found, lo, data, classes, k)
+            if store.has_logits:
+                _check_logits(found, lo, data, temperature)
     except DamagedStoreError as exc:
         return problems + [f"damaged: {exc}"]
     problems += found.lines()
@@ -175,6 +180,22 @@ def check_rows(store: LabelStore) -> list[str]:
         problems.append(f"{invalid_rows:,} invalid rows, but the run recorded "
                         f"{int(recorded):,} failures")
     return problems[:SHOWN * 4]
+
+
+def _check_logits(found: _Problems, lo: int, data: dict[str, np.ndarray],
+                  temperature: float) -> None:
+    """Stored logits: ``exp(logits / T - log_partition)`` are the stored probabilities (valid
+    row-views, within their fp16 rounding: relative 2^-11, and the same absolute tolerance as
+    the residual)."""
+    probs = data["probs"].astype(np.float64)
+    implied = np.exp(data["logits"].astype(np.float64) / temperature
+                     - data["log_partition"].astype(np.float64)[..., None])
+    off = (np.abs(implied - probs) > 2.0 ** -10 * probs + RESIDUAL_TOLERANCE).any(-1)
+    off |= ~np.isfinite(implied).all(-1)
+    found.add("stored logits do not give the stored probabilities", off
+              & data["valid"].astype(bool)[:, None], lo,
+              lambda i, v: f"{np.round(implied[i, v], 4).tolist()} vs "
+                           f"{np.round(probs[i, v], 4).tolist()}")
 
 
 def _check_block(found: _Problems, lo: int, data: dict[str, np.ndarray], classes: int,

@@ -20,6 +20,7 @@ import zarr
 from . import _chunks
 from . import _format as fmt
 from . import _keys
+from . import _partners
 from ._paths import exists, local_path, remove_store
 
 
@@ -36,7 +37,8 @@ def create(path: Any, *, keys: Sequence[str], num_classes: int, topk: int, views
            labels: Sequence[int] | None = None, attrs: Mapping[str, Any] | None = None,
            chunk_rows: int = fmt.DEFAULT_CHUNK_ROWS, overwrite: bool = False,
            embedding_dim: int | None = None,
-           augment_dims: Mapping[str, int] | None = None) -> "LabelStoreWriter":
+           augment_dims: Mapping[str, int] | None = None, logits: bool = False,
+           partners: Mapping[str, Any] | None = None) -> "LabelStoreWriter":
     """Create an empty label store and return a writer for it.
 
     Parameters
@@ -60,6 +62,13 @@ def create(path: Any, *, keys: Sequence[str], num_classes: int, topk: int, views
     augment_dims : mapping, optional
         Sizes of the augmentation records (``{"op": L, "erase": E, "mix": 0 or 1}``, see
         docs/format.md): adds the record arrays whose sizes are not 0.
+    logits : bool
+        Adds ``logits`` (N, V, k) and ``log_partition`` (N, V), float32: the teacher's
+        top-k logits and log-partition (docs/format.md, "Stored logits").
+    partners : mapping, optional
+        The partner table of a derived store with mixing records (docs/format.md): one
+        array per name of ``_format.PARTNER_ARRAYS`` the store has (``keys`` a list of
+        str, the others in the row arrays' stored dtypes with P for N), written whole.
 
     Examples
     --------
@@ -75,17 +84,23 @@ def create(path: Any, *, keys: Sequence[str], num_classes: int, topk: int, views
     augment_dims = fmt.check_augment_dims(augment_dims)
     joined = fmt.check_keys(keys)
     labels = fmt.check_labels(labels, len(joined), num_classes)
-    _clear(path, overwrite)
     lengths = fmt.sizes(rows=len(joined), views=views, topk=topk, chunk_rows=chunk_rows,
-                        embedding_dim=embedding_dim, augment_dims=augment_dims)
+                        embedding_dim=embedding_dim, augment_dims=augment_dims, logits=logits)
+    if partners is not None:
+        if not lengths["mix"]:
+            raise ValueError("partners: a partner table needs mixing records (augment_dims mix)")
+        partners = _partners.check_values(partners, lengths)
+    _clear(path, overwrite)
     # file:// URLs go to zarr as plain paths: its fsspec store does not create directories
     local = local_path(path)
     group = zarr.open_group(local if local is not None else path, mode="w")
     arrays = _create_arrays(group, lengths, chunk_rows, num_classes)
     _write_columns(arrays, {"keys": joined, "labels": labels})
+    count = 0 if partners is None else _partners.write_table(group, partners, lengths,
+                                                             chunk_rows, _WRITE_ALL)
     group.attrs.update(_group_attrs(attrs, joined, num_classes=num_classes, topk=topk, views=views,
                                     chunk_rows=chunk_rows, embedding_dim=embedding_dim,
-                                    augment_dims=augment_dims))
+                                    augment_dims=augment_dims, logits=logits, partners=count))
     return LabelStoreWriter(group, path)
 
 
@@ -120,7 +135,8 @@ def _clear(path: Any, overwrite: bool) -> None:
 def _group_attrs(attrs: Mapping[str, Any] | None, keys: _keys.JoinedKeys, *, num_classes: int,
                  topk: int, views: int, chunk_rows: int,
                  embedding_dim: int | None,
-                 augment_dims: dict[str, int] | None = None) -> dict[str, Any]:
+                 augment_dims: dict[str, int] | None = None, logits: bool = False,
+                 partners: int = 0) -> dict[str, Any]:
     """The group attributes: defaults, the caller's ``attrs``, then the structural fields
     (a caller's attrs cannot contradict the arrays) and ``dataset`` with the keys' count
     and fingerprint."""
@@ -146,9 +162,15 @@ def _group_attrs(attrs: Mapping[str, Any] | None, keys: _keys.JoinedKeys, *, num
     group_attrs.update(format=fmt.FORMAT, format_version=fmt.FORMAT_VERSION,
                        num_classes=num_classes, topk=topk, views=views, chunk_rows=chunk_rows,
                        complete=False, integrity=dict(fmt.INTEGRITY))
-    group_attrs.pop("augment_dims", None)
-    if augment_dims is not None:  # crop-only stores keep the attributes they always had
+    for name in ("augment_dims", "logits", "partners"):
+        group_attrs.pop(name, None)
+    # only where used: crop-only stores keep the attributes they always had
+    if augment_dims is not None:
         group_attrs["augment_dims"] = dict(augment_dims)
+    if logits:
+        group_attrs["logits"] = True
+    if partners:
+        group_attrs["partners"] = int(partners)
     return group_attrs
 
 
@@ -198,11 +220,12 @@ class LabelStoreWriter:
         self.chunk_rows = int(attrs["chunk_rows"])
         self.embedding_dim = attrs.get("embedding_dim")
         self.augment_dims = attrs.get("augment_dims")
+        self.logits = bool(attrs.get("logits"))
         self._n = int(group["labels"].shape[0])
         self.num_chunks = _chunk_count(self._n, self.chunk_rows)
         lengths = fmt.sizes(rows=self._n, views=self.num_views, topk=self.topk,
                             chunk_rows=self.chunk_rows, embedding_dim=self.embedding_dim,
-                            augment_dims=self.augment_dims)
+                            augment_dims=self.augment_dims, logits=self.logits)
         # Array handles looked up once: each group lookup re-reads the array's metadata.
         self._arrays = {spec.name: group[spec.name].with_config(_WRITE_ALL)
                         for spec in fmt.SCHEMA
@@ -265,7 +288,7 @@ class LabelStoreWriter:
         rows = fmt.check_rows({name: value for name, value in given.items() if value is not None},
                               num_views=self.num_views, topk=self.topk,
                               num_classes=self.num_classes, embedding_dim=self.embedding_dim,
-                              augment_dims=self.augment_dims)
+                              augment_dims=self.augment_dims, logits=self.logits)
         self._place(int(start), rows)
 
     def write_stored(self, start: int, rows: dict[str, np.ndarray]) -> None:

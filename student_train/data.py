@@ -31,12 +31,13 @@ import labelstore
 from teacher_infer.imaging import (DecodeError, ViewSpec, eval_box, open_rgb, pixels_to_input,
                                    random_resized_crop_box, render_box, render_eval,
                                    resolve_decoder)
+from teacher_infer.imaging.augment import AugmentSpec, ViewReplay, resolve_table
 from teacher_infer.runtime import cpus_per_rank, saved_class_names
 
 from . import distributed as D
 from .sampling import ShardedSampler, replay_view, sample_rng
 from .failures import BadImages, UnreadableImage
-from .samples import Classes, SampleSet, open_source, open_stores, store_top1
+from .samples import Classes, SampleSet, open_source, open_stores, store_root, store_top1
 
 CROP_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop aspect range (torchvision, timm, PaddleClas)
 _EMPTY = torch.zeros(0)
@@ -57,7 +58,12 @@ class CropDataset(Dataset):
         Return the stored teacher distribution of the sample's view.
     autoaugment : str, optional
         A timm AutoAugment/RandAugment/AugMix policy applied after the crop. It changes the
-        pixels the teacher labeled, so it weakens replay's consistency.
+        pixels the teacher labeled, so it weakens replay's consistency (refused for stores
+        with augmentation records).
+
+    A replayed view of a store with augmentation records is the view the teacher labeled,
+    records applied, mixing partner included (``teacher_infer.imaging.augment.ViewReplay``);
+    a store with stored logits gives targets from them (``labelstore.densify_logits``).
     """
 
     def __init__(self, samples: SampleSet, *, crop: str, data_config: dict[str, Any], seed: int,
@@ -75,6 +81,12 @@ class CropDataset(Dataset):
                                   crop_mode=data_config.get("crop_mode", "center"))
         self.augment = None if autoaugment is None else \
             make_autoaugment(autoaugment, size, data_config)
+        # stores with records: their views replayed as labeled (one per store, else None)
+        self.replays = [None] * len(samples.stores or [])
+        if crop == "replay":
+            self.replays = [ViewReplay(store, root=store_root(store), input_size=size,
+                                       interpolation=self.interpolation)
+                            if store.augment_dims else None for store in samples.stores]
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -101,10 +113,18 @@ class CropDataset(Dataset):
             return box, bool(rng.uniform() < 0.5), view, stored
         return eval_box(height, width, self.eval_spec), False, view, stored
 
-    def target(self, stored, view: int) -> torch.Tensor:
-        """The dense teacher distribution (C,) of a stored view, or an empty tensor."""
+    def target(self, stored, view: int, index: int | None = None) -> torch.Tensor:
+        """The dense teacher distribution (C,) of a stored view, or an empty tensor; from
+        the stored logits when the sample's store has them (``index``)."""
         if not self.with_targets:
             return _EMPTY
+        store = None if index is None else self.samples.stores[self.samples.store_of[index]]
+        if store is not None and store.has_logits:
+            found = store.read_rows(int(self.samples.rows[index]), ("logits", "log_partition"))
+            return torch.from_numpy(labelstore.densify_logits(
+                stored.indices[:, view], found["logits"][:, view],
+                found["log_partition"][:, view], self.samples.num_classes,
+                float(store.attrs.get("temperature", 1.0)))[0])
         return torch.from_numpy(labelstore.densify(
             stored.indices[:, view], stored.probs[:, view], stored.residual[:, view],
             self.samples.num_classes)[0])
@@ -116,6 +136,12 @@ class CropDataset(Dataset):
         target = torch.zeros(self.samples.num_classes) if self.with_targets else _EMPTY
         return torch.zeros(size, dtype=torch.uint8), target, int(self.samples.labels[index])
 
+    def replay_of(self, index: int) -> ViewReplay | None:
+        """The replay of the sample's store when its views carry records (replay crops)."""
+        if self.crop != "replay":
+            return None
+        return self.replays[self.samples.store_of[index]]
+
     def __getitem__(self, key: tuple[int, int]):
         epoch, index = key
         path = self.samples.paths[index]
@@ -124,6 +150,13 @@ class CropDataset(Dataset):
         except DecodeError as exc:  # a store's row was valid when the teacher read it
             raise UnreadableImage(path, str(exc)) from None
         box, flip, view, stored = self.plan(epoch, index, image.height, image.width)
+        replay = self.replay_of(index)
+        if replay is not None:  # the view as labeled: records applied, partner included
+            try:
+                pixels = replay(int(self.samples.rows[index]), view, image)
+            except DecodeError as exc:  # its mixing partner's image: the row is skipped too
+                raise UnreadableImage(path, f"cannot replay its view: {exc}") from None
+            return pixels, self.target(stored, view, index), int(self.samples.labels[index])
         if self.crop == "center":  # timm's own two steps: bit-identical to its eval transform
             crop = render_eval(image, self.eval_spec, self.interpolation)
         else:
@@ -131,7 +164,7 @@ class CropDataset(Dataset):
         if self.augment is not None:
             crop = self._autoaugment(crop, epoch, index)
         pixels = torch.from_numpy(np.array(crop, dtype=np.uint8)).permute(2, 0, 1).contiguous()
-        return pixels, self.target(stored, view), int(self.samples.labels[index])
+        return pixels, self.target(stored, view, index), int(self.samples.labels[index])
 
     def _autoaugment(self, crop, epoch: int, index: int):
         # timm's policies draw from the global `random` and `np.random`: seed them per sample
@@ -233,6 +266,23 @@ class TrainData:
         self.sampler.set_epoch(epoch)
 
 
+def check_replayable(cfg, stores) -> None:
+    """ValueError (one line) for a store whose augmentation records this run cannot replay:
+    settings or an ops table this ssld does not know, or ``--autoaugment``, which would
+    change the pixels after the teacher labeled them (crop-only stores keep it)."""
+    for store in stores:
+        if not store.augment_dims:
+            continue
+        where = f"label store {store.path}"
+        AugmentSpec.from_attrs(store.attrs.get("augment"), where=where)
+        resolve_table((store.attrs.get("augment") or {}).get("ops_table"), where)
+        if cfg.autoaugment:
+            raise ValueError(f"--autoaugment {cfg.autoaugment}: {where} holds augmented views "
+                             "whose records training replays; augmenting them again after the "
+                             "teacher labeled them would break that consistency (leave "
+                             "--autoaugment out)")
+
+
 def default_workers(env: D.DistEnv) -> int:
     """Worker processes per rank: this machine's cores shared by its ranks, at most 8."""
     return min(8, cpus_per_rank(env.dist))
@@ -273,6 +323,7 @@ def build_data(cfg, env: D.DistEnv, data_config: dict[str, Any], *, log: logging
             raise ValueError(f"--data {cfg.data} has label {samples.labels.max()} but the "
                              f"teacher has {teacher_classes} classes")
         samples.num_classes = teacher_classes
+    check_replayable(cfg, samples.stores or [])
     describe: dict[str, Any] = {"store_top1": store_top1(samples)}
     if describe["store_top1"] is not None:
         log.info(f"stored labels' view-0 top-1 vs ground truth: {100 * describe['store_top1']:.2f}%"

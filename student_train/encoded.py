@@ -22,6 +22,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from teacher_infer.imaging import (Batch, DecodeError, Item, ViewSpec, collate, quantize_inside,
                                    read_encoded, render_box)
+from teacher_infer.imaging.augment import ViewRecords
+from teacher_infer.imaging.decode import render_view
 
 from .failures import BadImages
 
@@ -33,10 +35,13 @@ class _PlannedBytes(Dataset):
     read is an invalid item with its reason, as in the teacher pass: never an exception in
     the worker."""
 
-    def __init__(self, crops):
+    def __init__(self, crops, record_dims: dict[str, int] | None = None):
         if crops.augment is not None:
             raise ValueError("--autoaugment works on PIL images: use --decoder pil with it")
         self.crops = crops
+        # with records in any store, every item carries (1,) records of these sizes (empty
+        # for crop-only rows) and its partner; the decoder applies them on the device
+        self.record_dims = record_dims
 
     def __len__(self) -> int:
         return len(self.crops)
@@ -53,6 +58,10 @@ class _PlannedBytes(Dataset):
             return quantize_inside(np.asarray(box, dtype=np.float64)[None]), np.array([flip])
 
         def render(image, boxes, flips) -> torch.Tensor:
+            replay = crops.replay_of(index)
+            if replay is not None:  # as the teacher rendered this view (the records follow)
+                return render_view(image, boxes[0], bool(flips[0]), chosen["view"],
+                                   replay.spec, crops.interpolation)[None]
             crop = render_box(image, boxes[0], bool(flips[0]), crops.size, crops.interpolation)
             return torch.from_numpy(np.array(crop, dtype=np.uint8)).permute(2, 0, 1)[None]
 
@@ -61,10 +70,29 @@ class _PlannedBytes(Dataset):
         except (DecodeError, OSError) as exc:
             reason = "missing file" if isinstance(exc, FileNotFoundError) else str(exc)
             item = Item(index, np.zeros((1, 4), np.uint16), np.zeros(1, bool), False, reason)
+            if self.record_dims is not None:  # collated with the others: empty records
+                item.records = ViewRecords.empty((1,), self.record_dims).padded(self.record_dims)
+                item.partners = []
             _, target, label = crops.placeholder(index)
             return item, path, target, label
-        return (item, path, crops.target(chosen["stored"], chosen["view"]),
+        if self.record_dims is not None:
+            self._records(item, index, chosen["view"])
+        return (item, path, crops.target(chosen["stored"], chosen["view"], index),
                 int(crops.samples.labels[index]))
+
+    def _records(self, item, index: int, view: int) -> None:
+        """The item's records and partner (``ViewReplay.partner_items``), or its failure."""
+        replay = self.crops.replay_of(index)
+        records, partners = None, []
+        if replay is not None:
+            try:
+                records, partners = replay.partner_items(int(self.crops.samples.rows[index]),
+                                                         view)
+            except DecodeError as exc:
+                item.valid, item.reason = False, str(exc)
+        if records is None:
+            records = ViewRecords.empty((1,), self.record_dims)
+        item.records, item.partners = records.padded(self.record_dims), partners
 
 
 def _collate(samples: list[tuple]) -> tuple[Batch, list[str], torch.Tensor, torch.Tensor]:
@@ -73,20 +101,38 @@ def _collate(samples: list[tuple]) -> tuple[Batch, list[str], torch.Tensor, torc
             torch.tensor(labels, dtype=torch.int64))
 
 
+def _augmentation(crops) -> tuple[Any, dict[str, int] | None]:
+    """The augmentation the decoder applies on the device (the record stores' fill and ops
+    table, which must be one) and the record sizes items are padded to; (None, None)
+    without records."""
+    replays = [replay for replay in crops.replays if replay is not None]
+    if not replays:
+        return None, None
+    first = replays[0]
+    for other in replays[1:]:
+        if (other.augment.fill, other.augment.ops) != (first.augment.fill, first.augment.ops):
+            raise ValueError(f"label stores {first.store.path} and {other.store.path} were "
+                             "augmented with another fill or ops table; the device applies "
+                             "one: train on them with --decoder pil")
+    dims = {name: max(r.augment.dims.get(name, 0) for r in replays) for name in ("op", "erase")}
+    return first.augment, {**dims, "mix": 1}
+
+
 class EncodedBatches:
     """Device batches (images, teacher probs, labels) like ``data.DeviceBatches``."""
 
     def __init__(self, crops, sampler, decoder: type, *, batch_size: int, workers: int,
                  device: torch.device, data_config: dict[str, Any], channels_last: bool,
                  drop_last: bool, bad: BadImages):
-        self.loader = DataLoader(_PlannedBytes(crops), batch_size=batch_size, sampler=sampler,
-                                 num_workers=workers, drop_last=drop_last, collate_fn=_collate,
-                                 persistent_workers=workers > 0)
+        augment, dims = _augmentation(crops)
+        self.loader = DataLoader(_PlannedBytes(crops, dims), batch_size=batch_size,
+                                 sampler=sampler, num_workers=workers, drop_last=drop_last,
+                                 collate_fn=_collate, persistent_workers=workers > 0)
         spec = ViewSpec(views=1, input_size=crops.size, crop_pct=data_config["crop_pct"])
         self.decoder = decoder(spec=spec, interpolation=crops.interpolation,
                                mean=data_config["mean"], std=data_config["std"],
                                max_batch=batch_size, device=device,
-                               num_threads=max(1, workers))
+                               num_threads=max(1, workers), augment=augment)
         self.device, self.channels_last = device, channels_last
         self.dataset, self.bad = crops, bad
 

@@ -20,6 +20,7 @@ import numpy as np
 import labelstore
 from labelstore import escapes_root
 from teacher_infer import find_samples, labels_by_name
+from teacher_infer.imaging.augment import check_store_records
 
 from . import distributed as D
 
@@ -109,6 +110,8 @@ def open_stores(paths: Sequence[str], *, env: D.DistEnv) -> SampleSet:
         first = sum(len(r) for r in rows[:-1])
         require_files(all_paths, first, len(all_paths), f"label store {store.path} (root {root})",
                       env)
+        if store.augment_dims:
+            _check_records_and_partners(store, valid, root, env)
     if not all_paths:
         raise ValueError(f"the label stores {', '.join(paths)} have no valid rows")
     named = next((store for store in stores if store.class_names), stores[0])
@@ -121,6 +124,23 @@ def open_stores(paths: Sequence[str], *, env: D.DistEnv) -> SampleSet:
 
 def _absolute(path: str) -> str:
     return path if "://" in path else os.path.abspath(path)
+
+
+def _check_records_and_partners(store, valid: np.ndarray, root: str, env: D.DistEnv) -> None:
+    """A store with augmentation records: they can be replayed (settings, ops table, every
+    record), and the images of the valid rows' mixing partners are there."""
+    problem = check_store_records(store)
+    if problem:
+        raise ValueError(f"{problem}; its views cannot be replayed")
+    refs = np.unique(store.read_rows(valid, ("mix_partners",))["mix_partners"]) \
+        if "mix_partners" in store.student_arrays else np.zeros(0, np.int64)
+    refs = refs[refs != -1]
+    if len(refs):
+        keys = store.partners(refs)["keys"].tolist()
+        _refuse_escaping_keys(store, keys, root)
+        paths = [os.path.join(root, *str(key).split("/")) for key in keys]
+        require_files(paths, 0, len(paths), f"label store {store.path} (root {root}), mixing "
+                      "partners", env)
 
 
 def _refuse_escaping_keys(store, keys: list[str], root: str) -> None:

@@ -165,12 +165,16 @@ def _check_out(cfg: TrainConfig) -> None:
     if is_store_dir(local):
         raise ValueError(f"--out {cfg.out} is a label store; a run directory must be another "
                          "folder (e.g. runs/student)")
-    roots = []
+    roots, opened = [], []
     for path in cfg.stores:
         try:
-            roots.append((labelstore.open(path).attrs.get("dataset") or {}).get("root"))
+            opened.append(labelstore.open(path))
+            roots.append((opened[-1].attrs.get("dataset") or {}).get("root"))
         except (ValueError, FileNotFoundError):
             pass  # reported with its own message when the data is built
+    from .data import check_replayable
+
+    check_replayable(cfg, opened)  # before the run directory exists
     check_disjoint(cfg.out, {"a --store": list(cfg.stores), "the image root of a --store": roots,
                              "--data": cfg.data, "--root": cfg.root, "--val": cfg.val,
                              "--val-root": cfg.val_root, "--init": cfg.init,

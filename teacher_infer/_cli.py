@@ -62,6 +62,22 @@ _field = functools.partial(config_option, InferConfig)
         help="File with one class name per line, recorded in the store.")
 @_field("chunk_rows", type=int, help=f"Rows per store chunk [{DEFAULT_CHUNK_ROWS}].")
 @_field("embeddings", is_flag=True, help="Also store view 0's pooled features (fp16).")
+@_field("store_logits", is_flag=True, help="Also store each view's top-k logits and "
+        "log-partition (float32): train-student --loss kl --temperature re-tempers them "
+        "without fp16 rounding.")
+@_field("augment", metavar="POLICY", help="RandAugment applied to views 1..V-1 before the "
+        "teacher labels them, stored per view (timm's grammar, e.g. rand-m9-n2-mstd0.5).")
+@_field("erase", type=float, metavar="P",
+        help="Random-erasing probability per view (timm --reprob); stored per view.")
+@_field("erase_count", type=int, metavar="N",
+        help="At most N erased boxes per view (timm --recount).")
+@_field("mixup", type=float, metavar="ALPHA",
+        help="MixUp with λ ~ Beta(α, α), partners from the same store chunk [off].")
+@_field("cutmix", type=float, metavar="ALPHA", help="CutMix with λ ~ Beta(α, α) [off].")
+@_field("mix_prob", type=float, metavar="P",
+        help="Probability that a view is mixed (timm --mixup-prob).")
+@_field("mixup_switch_prob", type=float, metavar="P",
+        help="CutMix rather than MixUp when both are on.")
 @overwrite_option
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @threads_option(InferConfig)

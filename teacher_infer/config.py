@@ -63,6 +63,19 @@ class InferConfig:
     threads: int | None = None          # CPU threads per rank; None = the CPUs per rank
     chunk_rows: int | None = None       # rows per store chunk (a rank's unit of work); None = labelstore.DEFAULT_CHUNK_ROWS
     embeddings: bool = False            # also store pooled pre-logit features of view 0
+    store_logits: bool = False          # also store each view's top-k logits + log-partition
+
+    # Replayed augmentation of views 1..V-1 (docs/format.md, "Augmentation records"): drawn
+    # per view from (seed, key, view), applied, labeled and stored as explicit records.
+    # Names are timm train.py's where it has them (its --aa, --reprob, --recount, --mixup,
+    # --cutmix, --mixup-switch-prob; --mix-prob is its --mixup-prob).
+    augment: str | None = None          # a RandAugment policy, e.g. rand-m9-n2-mstd0.5
+    erase: float = 0.0                  # random-erasing probability per view
+    erase_count: int = 1                # at most this many erased boxes per view
+    mixup: float | None = None          # MixUp Beta(α, α); None: off
+    cutmix: float | None = None         # CutMix Beta(α, α); None: off
+    mix_prob: float = 1.0               # a view is mixed with this probability
+    mixup_switch_prob: float = 0.5      # CutMix rather than MixUp when both are on
     overwrite: bool = False             # replace an existing store instead of resuming it
     progress: bool = True               # tqdm bar on rank 0
 
@@ -122,6 +135,22 @@ class InferConfig:
                                  f"{' '.join(str(v) for v in value)}")
         if self.std is not None and min(self.std) <= 0:
             raise ValueError(f"--std must be > 0, got {' '.join(str(v) for v in self.std)}")
+        spec = self.augment_spec()  # refuses a bad policy, probability or alpha, by option
+        if spec.enabled and self.views_from is not None:
+            raise ValueError("--views-from replays the reference store's views, records "
+                             "included: leave out --augment, --erase, --mixup and --cutmix")
+        if spec.enabled and self.views < 2:
+            spec.check_store(rows=2, views=self.views, chunk_rows=2)
+
+    def augment_spec(self, fill: tuple[int, int, int] | None = None):
+        """The augmentation settings (``imaging.augment.AugmentSpec``) these options ask for;
+        ``fill``: the teacher's mean in 0..255 (``augment.fill_from_mean``)."""
+        from .imaging.augment.policy import AugmentSpec
+
+        extra = {} if fill is None else {"fill": tuple(fill)}
+        return AugmentSpec(augment=self.augment, erase=self.erase,
+                           erase_count=self.erase_count, mixup=self.mixup, cutmix=self.cutmix,
+                           mix_prob=self.mix_prob, switch_prob=self.mixup_switch_prob, **extra)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -157,6 +157,8 @@ def _settings(attrs: dict[str, Any]) -> dict[str, Any]:
     flat.update({k: attrs.get(k) for k in ("topk", "views", "temperature", "embedding_dim")})
     flat["compute.precision"] = (attrs.get("compute") or {}).get("precision")
     flat["views_from.fingerprint"] = (attrs.get("views_from") or {}).get("fingerprint")
+    flat["augment"] = attrs.get("augment")
+    flat["logits"] = bool(attrs.get("logits"))
     return {k: json.loads(json.dumps(v)) for k, v in flat.items()}
 
 
@@ -194,7 +196,8 @@ class Plan:
 
 
 def _open_or_create(cfg: InferConfig, samples: Samples, labels: np.ndarray, attrs: dict,
-                    num_classes: int, embedding_dim: int | None) -> Plan:
+                    num_classes: int, embedding_dim: int | None,
+                    records: "Records | None" = None) -> Plan:
     """Rank 0, before any rank writes: the store ready for writing, and the plan."""
     import labelstore
 
@@ -208,7 +211,9 @@ def _open_or_create(cfg: InferConfig, samples: Samples, labels: np.ndarray, attr
     writer = labelstore.create(cfg.out, keys=samples.keys, num_classes=num_classes,
                                topk=cfg.topk, views=cfg.views, labels=labels, attrs=attrs,
                                chunk_rows=cfg.chunk_rows or DEFAULT_CHUNK_ROWS,
-                               overwrite=cfg.overwrite, embedding_dim=embedding_dim)
+                               overwrite=cfg.overwrite, embedding_dim=embedding_dim,
+                               augment_dims=records and records.dims, logits=cfg.store_logits,
+                               partners=records and records.partners)
     return Plan(todo=list(range(writer.num_chunks)), skipped=0, resumed=False)
 
 
@@ -273,6 +278,57 @@ def _merge_failures(out: str, keys: list[str], failed: np.ndarray, pending: list
     return len(invalid)
 
 
+# -- augmentation records -------------------------------------------------------------
+@dataclass(frozen=True)
+class Records:
+    """The augmentation of a run (docs/format.md, "Augmentation records"): what the loader
+    applies (``augmentation``), the store's record sizes, ``augment`` attribute and partner
+    table."""
+
+    dims: dict[str, int]
+    attrs: dict[str, Any]
+    partners: dict[str, Any] | None = None
+    augmentation: Any = None        # imaging.augment.source.Augmentation; None: drawn with
+    spec: Any = None                # these settings (AugmentSpec), once the chunk size is known
+
+    def for_store(self, samples: Samples, view_spec: ViewSpec, chunk_rows: int):
+        """What the loader applies, for a store of ``chunk_rows`` rows per chunk (its own:
+        a resumed store keeps the partners of its chunks)."""
+        from .imaging.augment.source import PlannedAugmentation
+
+        if self.augmentation is not None:
+            return self.augmentation
+        return PlannedAugmentation(
+            self.spec, keys=samples.keys, paths=[samples.path(i) for i in range(len(samples))],
+            seed=view_spec.seed, chunk_rows=chunk_rows, views=view_spec.views)
+
+
+def check_augmentation(cfg: InferConfig, rows: int) -> None:
+    """Before anything is written: a store of ``rows`` rows can hold the records asked for."""
+    cfg.augment_spec().check_store(rows=rows, views=cfg.views,
+                                   chunk_rows=cfg.chunk_rows or DEFAULT_CHUNK_ROWS)
+
+
+def _records(cfg: InferConfig, reference, data_config: dict[str, Any]) -> Records | None:
+    """The records of this run: the reference store's (``--views-from``: the same augmented
+    views), or drawn with the options' settings and the teacher's mean as fill."""
+    from .imaging.augment.policy import fill_from_mean
+
+    if reference is not None:
+        if not reference.augmented:
+            return None
+        from .imaging.augment.source import StoredAugmentation
+
+        store = reference.store
+        return Records(dims=dict(store.augment_dims), attrs=reference.augment,
+                       partners=store.partner_table(),
+                       augmentation=StoredAugmentation(store, reference.samples.root))
+    settings = cfg.augment_spec(fill_from_mean(data_config["mean"]))
+    if not settings.enabled:
+        return None
+    return Records(dims=settings.dims(), attrs=settings.attrs(), spec=settings)
+
+
 # -- compute --------------------------------------------------------------------------
 def make_forward(model, embeddings: bool, compile_model: bool):
     """``x → (logits, pre-logit features or None)`` through timm's features/head split."""
@@ -310,6 +366,17 @@ def top_k(logits, k: int, temperature: float):
     return top_indices, top_probs, residual
 
 
+def top_logits(logits, indices, temperature: float):
+    """The logits of the top-k classes ``indices`` and the log-partition at ``temperature``
+    (float32): ``probs = exp(logits / T - log_partition)`` (docs/format.md, "Stored
+    logits")."""
+    import torch
+
+    logits = logits.float()
+    return (torch.gather(logits, -1, indices),
+            torch.logsumexp(logits / temperature, dim=-1))
+
+
 def _embedding_dim(model, spec: ViewSpec, device) -> int:
     import torch
 
@@ -342,7 +409,7 @@ def run(cfg: InferConfig) -> RunSummary:
 def _store_attrs(cfg: InferConfig, samples: Samples, labels: np.ndarray, teacher, spec: ViewSpec,
                  class_names: list[str] | None, embedding_dim: int | None,
                  decoder_name: str, device, precision: str,
-                 views_from: dict | None) -> dict[str, Any]:
+                 views_from: dict | None, records: "Records | None" = None) -> dict[str, Any]:
     import labelstore
 
     attrs = {
@@ -365,23 +432,31 @@ def _store_attrs(cfg: InferConfig, samples: Samples, labels: np.ndarray, teacher
     }
     if views_from is not None:  # compared on resume: the same reference crops
         attrs["views_from"] = views_from
+    if records is not None:  # compared on resume too: the same records
+        attrs["augment"] = records.attrs
+    attrs["logits"] = cfg.store_logits  # create() records it (only when true)
     return attrs
 
 
 def _label_batch(forward, images, valid: np.ndarray, *, views: int, k: int, temperature: float,
-                 autocast, channels_last: bool, embedding_dim: int | None, batch_size: int):
-    """Top-k indices (n, V, k), probabilities, residual (n, V) and view-0 embeddings of one
-    batch as numpy arrays; invalid rows get "no information" (zero top-k mass). The model
-    sees at most ``batch_size`` images at a time."""
+                 autocast, channels_last: bool, embedding_dim: int | None, batch_size: int,
+                 store_logits: bool = False) -> dict[str, np.ndarray]:
+    """The arrays ``writer.write`` takes for one batch, as numpy: top-k ``indices`` (n, V, k),
+    ``probs``, ``residual`` (n, V), view-0 ``embeddings`` and, with ``store_logits``, the
+    top-k ``logits`` and ``log_partition``; invalid rows get "no information" (zero top-k
+    mass, zero logits). The model sees at most ``batch_size`` images at a time."""
     import torch
 
     n = len(valid)
-    indices = np.tile(np.arange(k, dtype=np.int64), (n, views, 1))
-    probs = np.zeros((n, views, k), dtype=np.float32)
-    residual = np.ones((n, views), dtype=np.float32)
-    embeddings = np.zeros((n, embedding_dim), np.float32) if embedding_dim else None
+    out = {"indices": np.tile(np.arange(k, dtype=np.int64), (n, views, 1)),
+           "probs": np.zeros((n, views, k), dtype=np.float32),
+           "residual": np.ones((n, views), dtype=np.float32),
+           "embeddings": np.zeros((n, embedding_dim), np.float32) if embedding_dim else None}
+    if store_logits:
+        out.update(logits=np.zeros((n, views, k), np.float32),
+                   log_partition=np.zeros((n, views), np.float32))
     if images is None or not valid.any():
-        return indices, probs, residual, embeddings
+        return out
     x = images.reshape((views * n,) + tuple(images.shape[2:]))  # view-major rows v * n + i
 
     def label(part):
@@ -389,15 +464,20 @@ def _label_batch(forward, images, valid: np.ndarray, *, views: int, k: int, temp
             part = part.contiguous(memory_format=torch.channels_last)
         with autocast:
             logits, pooled = forward(part)
-        return (*top_k(logits, k, temperature), pooled)
+        top_i, top_p, rest = top_k(logits, k, temperature)
+        top_l, log_z = top_logits(logits, top_i, temperature) if store_logits else (None, None)
+        return top_i, top_p, rest, top_l, log_z, pooled
 
-    top_i, top_p, rest, pooled = in_chunks(label, x, batch_size)
-    indices[valid] = top_i.view(views, n, k).transpose(0, 1).cpu().numpy()[valid]
-    probs[valid] = top_p.view(views, n, k).transpose(0, 1).cpu().numpy()[valid]
-    residual[valid] = rest.view(views, n).transpose(0, 1).cpu().numpy()[valid]
-    if embeddings is not None:
-        embeddings[valid] = pooled[:n].float().cpu().numpy()[valid]
-    return indices, probs, residual, embeddings
+    top_i, top_p, rest, top_l, log_z, pooled = in_chunks(label, x, batch_size)
+    computed = {"indices": top_i, "probs": top_p, "residual": rest}
+    if store_logits:
+        computed["logits"], computed["log_partition"] = top_l, log_z
+    for name, value in computed.items():
+        by_row = value.reshape((views, n) + tuple(value.shape[1:])).transpose(0, 1)
+        out[name][valid] = by_row.cpu().numpy()[valid]
+    if out["embeddings"] is not None:
+        out["embeddings"][valid] = pooled[:n].float().cpu().numpy()[valid]
+    return out
 
 
 @dataclass
@@ -412,25 +492,32 @@ class LoopTotals:
 
 
 def label_rows(decoded, label: Callable, writer, *, keys: list[str], out: str, rank: int,
-               progress) -> LoopTotals:
+               progress, keep_boxes: bool = False) -> LoopTotals:
     """The loop: for each decoded batch, the teacher's labels, the batch's failures on disk,
     then its rows in the store; ``writer`` is closed at the end (its last writes are the
     loop's time too). ``decoded`` yields ``(batch, images)``; ``label(images, valid)``
-    returns the arrays ``writer.write`` takes."""
+    returns the arrays ``writer.write`` takes. Failed rows' boxes are zeroed unless
+    ``keep_boxes`` (``--views-from``: the reference's boxes, which a row mixing with a
+    failed one still replays)."""
     totals = LoopTotals()
     started = tick = time.perf_counter()
     for batch, images in decoded:
         got = time.perf_counter()
-        indices, probs, residual, embeddings = label(images, batch.valid)
+        labeled = label(images, batch.valid)
         computed = time.perf_counter()
         failed = np.flatnonzero(~batch.valid)
         boxes, flips = batch.boxes, batch.flips
-        boxes[failed], flips[failed] = 0, False  # the same meaningless rows for any decoder
+        if not keep_boxes:  # boxes planned from an image that failed: meaningless
+            boxes[failed], flips[failed] = 0, False  # the same rows for any decoder
         _append_failures(out, rank, [
             f"{keys[batch.start + i]}\t{batch.reasons[i] or 'unknown'}\n" for i in failed],
             totals.pending_failures)
-        writer.write(batch.start, indices, probs, residual=residual, boxes=boxes, flips=flips,
-                     valid=batch.valid, embeddings=embeddings)
+        # records are drawn (or stored) without the image: a failed row keeps them
+        records = {} if batch.records is None else batch.records.store_arrays(
+            writer.augment_dims or {})
+        writer.write(batch.start, boxes=boxes, flips=flips, valid=batch.valid,
+                     **{name: value for name, value in labeled.items() if value is not None},
+                     **records)
         totals.images += len(batch)
         totals.failures += len(failed)
         progress.update(len(batch))
@@ -477,9 +564,10 @@ def _view_spec(cfg: InferConfig, data_config: dict[str, Any], reference) -> View
 
 def data_path(cfg: InferConfig, dist: Dist, samples: Samples, spec: ViewSpec,
                data_config: dict[str, Any], decoder_class: type, batches: list[list[int]],
-               device, planned):
+               device, planned, augment=None):
     """(loader, decoder, workers): the DataLoader of this rank's batches and the decoder that
-    turns them into model input (None when no batch is left: a finished store)."""
+    turns them into model input (None when no batch is left: a finished store); with
+    ``augment`` (an ``imaging.augment.source.Augmentation``) the views get its records."""
     import torch
 
     from .imaging.decode import ViewDataset, collate
@@ -489,7 +577,7 @@ def data_path(cfg: InferConfig, dist: Dist, samples: Samples, spec: ViewSpec,
                else decoder_class.default_workers(cpus))
     dataset = ViewDataset([samples.path(i) for i in range(len(samples))], samples.keys, spec,
                           data_config["interpolation"], mode=decoder_class.worker_mode,
-                          planned=planned)
+                          planned=planned, augment=augment)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
         pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
@@ -498,7 +586,7 @@ def data_path(cfg: InferConfig, dist: Dist, samples: Samples, spec: ViewSpec,
         decoder = decoder_class(spec=spec, interpolation=data_config["interpolation"],
                                 mean=data_config["mean"], std=data_config["std"],
                                 max_batch=max(len(b) for b in batches), device=device,
-                                num_threads=max(1, cpus - workers))
+                                num_threads=max(1, cpus - workers), augment=augment)
     return loader, decoder, workers
 
 
@@ -513,6 +601,7 @@ def _run(cfg: InferConfig, dist: Dist, device, started: float) -> RunSummary:
 
     decoder_class = resolve_decoder(cfg.decoder, device)
     cfg, samples, reference = _rows(cfg, dist)
+    check_augmentation(cfg, len(samples))
     teacher = load_teacher(cfg, device)
     labels, class_names = _labels_and_names(samples, teacher.num_classes, cfg.class_names,
                                             cfg.checkpoint)
@@ -523,11 +612,12 @@ def _run(cfg: InferConfig, dist: Dist, device, started: float) -> RunSummary:
         torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest kernels
     spec = _view_spec(cfg, teacher.data_config, reference)
     embedding_dim = _embedding_dim(teacher.model, spec, device) if cfg.embeddings else None
+    records = _records(cfg, reference, teacher.data_config)
     attrs = _store_attrs(cfg, samples, labels, teacher, spec, class_names, embedding_dim,
                          decoder_class.name, device, precision,
-                         reference and reference.record)
+                         reference and reference.record, records)
     plan: Plan = _on_main(dist, lambda: _open_or_create(
-        cfg, samples, labels, attrs, teacher.num_classes, embedding_dim))
+        cfg, samples, labels, attrs, teacher.num_classes, embedding_dim, records))
     dist.barrier()  # the store exists before any rank writes
     writer = labelstore.open(cfg.out, mode="a")
 
@@ -537,19 +627,22 @@ def _run(cfg: InferConfig, dist: Dist, device, started: float) -> RunSummary:
                            cfg.batch_size, cfg.views)
     loader, decoder, workers = data_path(cfg, dist, samples, spec, teacher.data_config,
                                           decoder_class, batches, device,
-                                          reference and reference.planned)
+                                          reference and reference.planned,
+                                          records and records.for_store(samples, spec,
+                                                                        writer.chunk_rows))
     label = functools.partial(
         _label_batch, make_forward(teacher.model, cfg.embeddings, cfg.compile),
         views=cfg.views, k=cfg.topk, temperature=cfg.temperature,
         autocast=autocast(precision, device), channels_last=cfg.channels_last,
-        embedding_dim=embedding_dim, batch_size=cfg.batch_size)
+        embedding_dim=embedding_dim, batch_size=cfg.batch_size, store_logits=cfg.store_logits)
     progress = tqdm(total=sum(len(b) for b in batches), unit="img", desc="infer-teacher",
                     disable=not (dist.is_main and cfg.progress), dynamic_ncols=True,
                     mininterval=1.0, file=sys.stderr)
     with torch.inference_mode(), progress:
         totals = label_rows(decoder.decode(iter(loader)) if decoder is not None else (),
                             label, writer, keys=samples.keys, out=cfg.out, rank=dist.rank,
-                            progress=progress)
+                            progress=progress,
+                            keep_boxes=reference is not None and reference.augmented)
     every_rank = dist.gather(totals)
     dist.barrier()  # every rank's chunks are written
     return _on_main(dist, lambda: _finish(

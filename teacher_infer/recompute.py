@@ -40,8 +40,10 @@ def verify(store: Any, *, sample: int = VERIFY_SAMPLE, checkpoint: Sequence[str]
     ``checkpoint`` replaces the recorded weights (one file per teacher, in member order for
     an ensemble store), ``root`` the recorded dataset root, ``decoder`` the recorded decoder;
     ``atol`` / ``min_agreement`` default to labelstore's documented tolerances; ``threads``
-    are the CPU threads (None: the CPUs per rank). The teacher part is skipped when the
-    structure check found the store damaged.
+    are the CPU threads (None: the CPUs per rank). Augmentation records are checked first
+    (``augment.check_store_records``, every row) and the sampled rows recomputed with them
+    applied, partners included. The teacher part is skipped when the structure check found
+    the store damaged, or its records cannot be replayed.
     """
     from .runtime import set_threads
 
@@ -54,6 +56,12 @@ def verify(store: Any, *, sample: int = VERIFY_SAMPLE, checkpoint: Sequence[str]
     if any(problem.startswith(("damaged", "label store")) for problem in result.problems):
         return result
     opened = store if isinstance(store, LabelStore) else labelstore.open(store)
+    from .imaging.augment import check_store_records
+
+    problem = check_store_records(opened)
+    if problem:  # records that cannot be replayed: no views to recompute
+        result.problems.append(f"augmentation records: {problem}")
+        return result
     result.teacher = check_teacher(opened, sample=int(sample), checkpoint=checkpoint, seed=seed,
                                    root=root, device=device, decoder=decoder, atol=result.atol,
                                    batch_size=batch_size)
@@ -121,8 +129,10 @@ def _config(record: TeacherRecord, checkpoint: str | None, root: str) -> InferCo
 
 def recompute(record: TeacherRecord, cfg: InferConfig, *, paths: list[str], keys: list[str],
               planned: PlannedViews, device_name: str, decoder: str | None,
-              batch_size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Full softmax (n, V, C) of the rows at the planned views, their validity and notes."""
+              batch_size: int, augment=None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Full softmax (n, V, C) of the rows at the planned views (with ``augment``, an
+    ``imaging.augment.source.Augmentation``: their stored records applied, partners
+    included), their validity and notes."""
     import torch
 
     from .imaging.decode import ViewDataset, batch_ranges, collate
@@ -151,14 +161,14 @@ def recompute(record: TeacherRecord, cfg: InferConfig, *, paths: list[str], keys
                     crop_mode=pre.get("crop_mode") or "center")
     interpolation = teacher.data_config["interpolation"]
     dataset = ViewDataset(paths, keys, spec, interpolation, mode=decoder_cls.worker_mode,
-                          planned=planned)
+                          planned=planned, augment=augment)
     batches = batch_ranges([(0, len(paths))], batch_size, views)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=0,
                                          collate_fn=collate)
     decoder_run = decoder_cls(spec=spec, interpolation=interpolation,
                               mean=teacher.data_config["mean"], std=teacher.data_config["std"],
                               max_batch=max(len(b) for b in batches), device=device,
-                              num_threads=max(1, os.cpu_count() or 1))
+                              num_threads=max(1, os.cpu_count() or 1), augment=augment)
     probs = np.zeros((len(paths), views, teacher.num_classes), dtype=np.float32)
     valid = np.zeros(len(paths), dtype=bool)
     with torch.inference_mode():
@@ -211,6 +221,11 @@ def check_teacher(store: LabelStore, *, sample: int, checkpoint: Sequence[str] |
     paths = [os.path.join(str(image_root), *key.split("/")) for key in keys]
     planned = PlannedViews(boxes=quantize_boxes(stored.boxes), flips=stored.flips,
                            usable=stored.valid, reason="invalid in the store")
+    augment = None
+    if store.augment_dims:  # the stored records, partners included, on the sampled rows
+        from .imaging.augment.source import StoredAugmentation
+
+        augment = StoredAugmentation(store, str(image_root), rows=rows)
 
     notes, members, now_valid = [], [], np.ones(len(rows), dtype=bool)
     for i, record in enumerate(records):
@@ -223,14 +238,22 @@ def check_teacher(store: LabelStore, *, sample: int, checkpoint: Sequence[str] |
                              "computed with (sha256 differs)")
         probs, valid, more = recompute(record, cfg, paths=paths, keys=keys, planned=planned,
                                        device_name=device, decoder=decoder,
-                                       batch_size=batch_size or record.batch_size or 32)
+                                       batch_size=batch_size or record.batch_size or 32,
+                                       augment=augment)
         notes += [note for note in more if note not in notes]
         members.append((probs, record.topk))
         now_valid &= valid
-    # Rows invalid in the store were not cropped (no boxes): does the image decode now?
+    # Rows invalid in the store were not cropped (no boxes): does the image decode now, and,
+    # with stored records, the images of its mixing partners (without them it fails too)?
     for i in np.flatnonzero(~stored.valid):
+        files = [paths[i]]
+        if augment is not None:
+            from .imaging.augment import partner_views
+
+            files += [augment.partner(ref).path for ref in partner_views(augment.records(i))]
         try:
-            open_rgb(paths[i])
+            for path in files:
+                open_rgb(path)
         except DecodeError:
             continue
         now_valid[i] = True

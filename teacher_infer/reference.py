@@ -35,6 +35,12 @@ class Reference:
     chunk_rows: int                 # the default of the new store: chunks aligned with these
     preprocessing: dict[str, Any]   # the reference's view-sampler settings, recorded again
     record: dict[str, Any]          # the store's ``views_from`` attribute
+    store: Any = None               # the reference store (loaded when it has records)
+    augment: dict[str, Any] | None = None     # its ``augment`` attribute (records: replayed)
+
+    @property
+    def augmented(self) -> bool:
+        return self.augment is not None
 
 
 def stored_views(store) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -46,13 +52,19 @@ def stored_views(store) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def views_fingerprint(key_fingerprint: str, boxes: np.ndarray, flips: np.ndarray,
-                      valid: np.ndarray) -> str:
+                      valid: np.ndarray, records: dict[str, np.ndarray] | None = None) -> str:
     """sha256 of the keys' fingerprint, boxes, flips and valid flags (invalid rows are not
-    cropped): equal iff a run crops the same views."""
+    cropped) and, for a store with augmentation, its record arrays and partner table
+    (``records``, by name): equal iff a run makes the same views."""
     digest = hashlib.sha256(str(key_fingerprint).encode("utf-8"))
     digest.update(np.ascontiguousarray(boxes, dtype="<u2").tobytes())
     digest.update(np.ascontiguousarray(flips, dtype=np.uint8).tobytes())
     digest.update(np.ascontiguousarray(valid, dtype=np.uint8).tobytes())
+    for name in sorted(records or {}):
+        value = records[name]
+        digest.update(name.encode("utf-8"))
+        digest.update("\n".join(map(str, value)).encode("utf-8") if value.dtype == object
+                      else np.ascontiguousarray(value).tobytes())
     return digest.hexdigest()
 
 
@@ -119,14 +131,21 @@ def load_reference(path: str, *, data: str | None, root: str | None, source: str
 
     boxes, flips, valid = stored_views(store)
     planned = PlannedViews(boxes=boxes, flips=flips, usable=valid, reason=INVALID_REASON)
+    records = None
+    if store.augment_dims:  # the same augmented views: its records, replayed
+        store.load()  # every worker reads records and partners from RAM
+        records = store.read_rows(slice(None))
+        table = store.partner_table() or {}
+        records.update({f"partners/{name}": value for name, value in table.items()})
     before = attrs.get("preprocessing") or {}
     preprocessing = {name: before[name] for name in ("crop_scale", "crop_ratio", "flip_prob",
                                                      "seed") if name in before}
     record = {"path": os.path.abspath(path) if "://" not in str(path) else str(path),
               "fingerprint": views_fingerprint(labelstore.fingerprint(keys), boxes, flips,
-                                                 valid), "rows": len(store),
+                                                 valid, records), "rows": len(store),
               "views": store.num_views, "invalid_rows": int((~valid).sum()),
               "teacher": store.teacher_name}
     return Reference(samples=samples, planned=planned, views=store.num_views,
                      chunk_rows=store.chunk_rows,
-                     preprocessing=preprocessing, record=record)
+                     preprocessing=preprocessing, record=record, store=store,
+                     augment=attrs.get("augment") if records is not None else None)

@@ -153,6 +153,13 @@ def test_smoke_run_writes_every_part(tmp_path):
     assert 0 < bf16["max_abs_dp"] < 0.15   # bf16 did run: the stores are not the same
     assert bf16["fp32_distinct_top1"] > 1
 
+    # replayed augmentation against crop-only views, end to end, both decoders
+    augment = parts["augment"]["results"]
+    for decoder in ("dali", "pil"):
+        for name in gpu_run.AUGMENT_SETTINGS:
+            run = augment[f"{decoder}/{name}"]
+            assert run["img_s"] > 0 and run["images"] == images and run["failures"] == 0
+
     train = parts["train"]["results"]
     teachers = results["config"]["train"]["teachers"]
     labels = ["supervised", "stored (replay)", "stored (global)"] + [

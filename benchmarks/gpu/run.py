@@ -1,8 +1,9 @@
 """Every GPU figure of issue 12 from one run: teacher, decoder agreement, the teacher's bf16 vs
-fp32 agreement (issue 22: infer-teacher's default precision), training, dedup, quickstart —
-DALI ``mixed`` and PIL side by side.
+fp32 agreement (issue 22: infer-teacher's default precision), the teacher with replayed
+augmentation against crop-only views (issue 25), training, dedup, quickstart — DALI ``mixed``
+and PIL side by side.
 
-GPU (one H200, <= 6 minutes; after the DALI staging, see README.md here):
+GPU (one H200, <= 7 minutes; after the DALI staging, see README.md here):
     PYTHONPATH=/tmp/site:$PWD python benchmarks/gpu/run.py --out "$OUT"
 CPU smoke (tiny sizes, DALI on the CPU; what tests/test_gpu_script.py runs):
     python benchmarks/gpu/run.py --smoke --out DIR
@@ -38,15 +39,22 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path[:0] = [ROOT, os.path.dirname(HERE)]  # the project's packages, the benchmark modules
 
-PARTS = ("env", "images", "teacher", "agreement", "precision", "train", "quickstart", "dedup")
+PARTS = ("env", "images", "teacher", "agreement", "precision", "augment", "train", "quickstart",
+         "dedup")
+# infer-teacher's augmentation settings the augment part compares with crop-only views
+AUGMENT_SETTINGS = {
+    "crop only": {},
+    "randaugment+erasing": dict(augment="rand-m9-n2-mstd0.5", erase=0.25),
+    "+mixup/cutmix": dict(augment="rand-m9-n2-mstd0.5", erase=0.25, mixup=0.2, cutmix=1.0),
+}
 TRAIN_MODES = ("supervised", "stored (replay)", "stored (global)", "online")
 
 # One H200: the issue's sizes. Part caps add up to more than the budget on purpose: a part
 # that finishes early leaves its time to the next ones.
 GPU = dict(
-    device="cuda", budget_s=345,
-    caps=dict(env=30, images=45, teacher=125, agreement=30, precision=45, train=120,
-              quickstart=80, dedup=30),
+    device="cuda", budget_s=420,
+    caps=dict(env=30, images=45, teacher=125, agreement=30, precision=45, augment=100,
+              train=120, quickstart=80, dedup=30),
     teacher=dict(model="resnext101_32x16d", images=6144, batch_size=256, precision="bf16",
                  channels_last=True, views=(1, 4), workers=None),
     # 2,048 images, 3 epochs, epochs 2-3 measured: 16 steps of 256 per mode and decoder
@@ -59,9 +67,9 @@ GPU = dict(
 # The same work on two CPU cores in about a minute: timm test models, a few dozen JPEGs.
 SMOKE = dict(
     # generous caps: the shared development machine runs 5-10x slower when others are busy
-    device="cpu", budget_s=540,
-    caps=dict(env=60, images=60, teacher=150, agreement=60, precision=90, train=120,
-              quickstart=60, dedup=60),
+    device="cpu", budget_s=660,
+    caps=dict(env=60, images=60, teacher=150, agreement=60, precision=90, augment=120,
+              train=120, quickstart=60, dedup=60),
     teacher=dict(model="test_convnext", images=32, batch_size=16, precision="fp32",
                  channels_last=False, views=(1, 4), workers=None),
     train=dict(student="test_resnet", teachers=("test_resnet", "test_convnext"), images=32,
@@ -351,6 +359,29 @@ def part_precision(rec: Recorder, cfg: dict, ctx) -> None:
                                                         reference="fp32"))
 
 
+def part_augment(rec: Recorder, cfg: dict, ctx) -> None:
+    """Teacher throughput with replayed augmentation (issue 25) against crop-only views, end
+    to end, 4 views, per decoder: with DALI the records are applied on the device after
+    decoding and a mixed view's partner is decoded too (target >= 0.9x of crop only on the
+    GPU); with PIL the workers apply them."""
+    import dataclasses
+
+    import teacher_infer_bench as tb
+
+    _torch_threads(cfg)
+    _teacher_images(cfg, ctx)
+    views = max(cfg["teacher"]["views"])
+    rec.note(views=views, model=cfg["teacher"]["model"], images=cfg["teacher"]["images"],
+             settings=AUGMENT_SETTINGS)
+    for decoder in ctx.decoders:
+        for name, settings in AUGMENT_SETTINGS.items():
+            path = os.path.join(ctx.work, "stores", f"augment-{decoder}-{len(settings)}.zarr")
+            args = _teacher_args(cfg, views)
+            run_cfg = dataclasses.replace(tb.config(args, ctx.images, path, decoder), **settings)
+            rec.measure(f"{decoder}/{name}", lambda args=args, path=path, run_cfg=run_cfg:
+                        tb.end_to_end(args, ctx.images, path, decoder, run_cfg))
+
+
 def _train_store(cfg: dict, ctx) -> tuple[str, str]:
     """The training JPEGs and their 4-view store, cached in the work folder."""
     import train_bench
@@ -552,7 +583,7 @@ def part_dedup(rec: Recorder, cfg: dict, ctx) -> None:
 
 PART_FUNCTIONS = {"env": part_env, "images": part_images, "teacher": part_teacher,
                   "agreement": part_agreement, "precision": part_precision, "train": part_train,
-                  "quickstart": part_quickstart, "dedup": part_dedup}
+                  "quickstart": part_quickstart, "dedup": part_dedup, "augment": part_augment}
 
 
 # -- the driver -------------------------------------------------------------------------
@@ -736,6 +767,13 @@ def summary_rows(results: dict) -> list[tuple[str, str, str, str]]:
                          f"{r['max_abs_dp']:.4f} over {r['view_rows']} view-rows"
                          + (f"; {speed['bf16'] / speed['fp32']:.2f}x the fp32 img/s"
                             if speed["fp32"] and speed["bf16"] else "")))
+        elif name == "augment":
+            for key, r in got.items():
+                decoder = key.split("/")[0]
+                base = got.get(f"{decoder}/crop only", {}).get("img_s")
+                rows.append((name, key, f"{r['img_s']:,.1f} img/s",
+                             (f"{r['img_s'] / base:.2f}x crop only" if base else "")
+                             + f"; loop wait {r['wait_pct']:.1f}%"))
         elif name == "train":
             for key, r in got.items():
                 if "img_s" not in r:

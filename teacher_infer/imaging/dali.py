@@ -87,8 +87,13 @@ class DaliDecoder:
         return 0 if cpus <= 4 else min(4, cpus // 4)
 
     def __init__(self, *, spec: ViewSpec, interpolation: str, mean, std, max_batch: int,
-                 device: torch.device, num_threads: int):
+                 device: torch.device, num_threads: int, augment=None):
         self.spec, self.interpolation = spec, interpolation
+        # With augmentation records (an ``augment.source.Augmentation``) the pipeline
+        # outputs uint8 crops, and the records are applied on the device after decoding
+        # (ops, erasing, then mixing with the partners, decoded by the same pipeline),
+        # before normalising: the ops work on uint8 pixels (docs/format.md).
+        self.augment = augment
         self.device = device
         self.max_batch, self.num_threads = int(max_batch), max(1, int(num_threads))
         self._interp = _interp_type(interpolation)
@@ -106,8 +111,10 @@ class DaliDecoder:
 
         gpu = self.device.type == "cuda"
         views, (height, width) = self.spec.views, self.spec.input_size
-        mean = [255.0 * m for m in self.mean.tolist()]
-        std = [255.0 * s for s in self.std.tolist()]
+        # uint8 for the records (normalised after them), else normalised here
+        normalize = {"dtype": types.UINT8} if self.augment is not None else {
+            "dtype": types.FLOAT, "mean": [255.0 * m for m in self.mean.tolist()],
+            "std": [255.0 * s for s in self.std.tolist()]}
         resize = {"interp_type": self._interp, "antialias": True, "dtype": types.UINT8}
 
         @pipeline_def(batch_size=self.max_batch, num_threads=self.num_threads,
@@ -132,8 +139,8 @@ class DaliDecoder:
                 crop = fn.resize(rows, resize_x=width, resize_y=height,
                                  roi_start=roi["y_start"], roi_end=roi["y_end"],
                                  roi_relative=True, **resize)
-                outputs.append(fn.crop_mirror_normalize(crop, mirror=mirror, mean=mean, std=std,
-                                                        dtype=types.FLOAT, output_layout="CHW"))
+                outputs.append(fn.crop_mirror_normalize(crop, mirror=mirror, output_layout="CHW",
+                                                        **normalize))
             return tuple(outputs)
 
         self._pipe = pipeline()
@@ -159,7 +166,7 @@ class DaliDecoder:
         outputs = self._pipe.run()
         height, width = self.spec.input_size
         images = torch.empty((self.spec.views, len(encoded), 3, height, width),
-                             dtype=torch.float32, device=self.device)
+                             dtype=self._dtype, device=self.device)
         if self._stream is not None:
             # ``images`` may reuse memory that kernels queued on the current stream (the
             # model's forward) still read: our copy stream waits for them before writing.
@@ -216,45 +223,98 @@ class DaliDecoder:
                     pass
             thread.join()
 
-    def decode_batch(self, batch: Batch) -> torch.Tensor:
-        """A (V, n, 3, H, W) float32 tensor of the batch; rows DALI could not decode (and PIL
-        neither) are set invalid in ``batch`` and left at zero."""
-        rows = [i for i, data in enumerate(batch.encoded) if data is not None and batch.valid[i]]
-        height, width = self.spec.input_size
-        images = torch.zeros((self.spec.views, len(batch), 3, height, width),
-                             dtype=torch.float32, device=self.device)
-        if rows:
-            try:
-                images[:, rows] = self._decode_sync([batch.encoded[i] for i in rows],
-                                                    batch.heights[rows], batch.boxes[rows],
-                                                    batch.flips[rows])
-            except RuntimeError:
-                # A corrupt file stopped the batch and broke the pipeline: rebuild it and
-                # redo this batch one file at a time.
-                self._rebuild()
-                self._one_by_one(batch, rows, images)
-        if batch.pixels is not None:
-            rendered = np.flatnonzero(batch.rendered).tolist()
-            pixels = batch.pixels[:, rendered].to(self.device)
-            images[:, rendered] = pixels_to_input(pixels, self.mean, self.std)
-        return images
+    @property
+    def _dtype(self) -> torch.dtype:
+        """What the pipeline outputs: uint8 crops when records follow, else model input."""
+        return torch.uint8 if self.augment is not None else torch.float32
 
-    def _one_by_one(self, batch: Batch, rows: list[int], images: torch.Tensor) -> None:
-        for i in rows:
+    def _pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """PIL-rendered uint8 crops as the pipeline would output them."""
+        pixels = pixels.to(self.device)
+        return pixels if self.augment is not None else pixels_to_input(pixels, self.mean,
+                                                                      self.std)
+
+    def _decode_rows(self, encoded: list, heights: np.ndarray, boxes: np.ndarray,
+                     flips: np.ndarray) -> tuple[torch.Tensor, dict[int, str]]:
+        """(V, m, 3, H, W) crops of ``m`` files (pipeline dtype) and, by index, the reason
+        of those neither DALI nor PIL could decode (left at zero). A corrupt file stops
+        DALI's batch and breaks the pipeline: it is rebuilt and the files are decoded one
+        at a time, a file DALI still refuses through PIL."""
+        height, width = self.spec.input_size
+        images = torch.zeros((self.spec.views, len(encoded), 3, height, width),
+                             dtype=self._dtype, device=self.device)
+        failed: dict[int, str] = {}
+        if not encoded:
+            return images, failed
+        try:
+            images[:] = self._decode_sync(encoded, heights, boxes, flips)
+            return images, failed
+        except RuntimeError:
+            self._rebuild()
+        for i, data in enumerate(encoded):
             try:
-                images[:, i:i + 1] = self._decode_sync([batch.encoded[i]],
-                                                       batch.heights[i:i + 1],
-                                                       batch.boxes[i:i + 1], batch.flips[i:i + 1])
+                images[:, i:i + 1] = self._decode_sync([data], heights[i:i + 1],
+                                                       boxes[i:i + 1], flips[i:i + 1])
                 continue
             except RuntimeError as exc:
                 self._rebuild()
                 dali_reason = _dali_reason(exc)
             try:
-                image = open_rgb(io.BytesIO(batch.encoded[i].tobytes()))
+                image = open_rgb(io.BytesIO(data.tobytes()))
             except DecodeError as exc:
-                batch.valid[i] = False
-                batch.reasons[i] = f"{exc} (DALI: {dali_reason})"
+                failed[i] = f"{exc} (DALI: {dali_reason})"
                 continue
-            pixels = render_views(image, batch.boxes[i], batch.flips[i], self.spec,
-                                  self.interpolation)
-            images[:, i] = pixels_to_input(pixels.to(self.device), self.mean, self.std)
+            images[:, i] = self._pixels(render_views(image, boxes[i], flips[i], self.spec,
+                                                     self.interpolation))
+        return images, failed
+
+    def decode_batch(self, batch: Batch) -> torch.Tensor:
+        """A (V, n, 3, H, W) float32 tensor of the batch; rows DALI could not decode (and PIL
+        neither) are set invalid in ``batch`` and left at zero. With records, they are
+        applied here (``augment.render.finish_on_device``), their partners decoded too."""
+        rows = [i for i, data in enumerate(batch.encoded) if data is not None and batch.valid[i]]
+        height, width = self.spec.input_size
+        images = torch.zeros((self.spec.views, len(batch), 3, height, width),
+                             dtype=self._dtype, device=self.device)
+        if rows:
+            decoded, failed = self._decode_rows([batch.encoded[i] for i in rows],
+                                                batch.heights[rows], batch.boxes[rows],
+                                                batch.flips[rows])
+            images[:, rows] = decoded
+            for index, reason in failed.items():
+                batch.valid[rows[index]] = False
+                batch.reasons[rows[index]] = reason
+        if batch.pixels is not None:
+            rendered = np.flatnonzero(batch.rendered).tolist()
+            images[:, rendered] = self._pixels(batch.pixels[:, rendered])
+        if self.augment is None:
+            return images
+        return pixels_to_input(self._apply_records(batch, images), self.mean, self.std)
+
+    def _apply_records(self, batch: Batch, images: torch.Tensor) -> torch.Tensor:
+        from .augment.render import finish_on_device
+
+        def decode_partners(items) -> tuple[torch.Tensor, dict[int, str]]:
+            feed = [i for i, item in enumerate(items) if item.encoded is not None]
+            decoded, failed = self._decode_rows(
+                [items[i].encoded for i in feed], np.array([items[i].height for i in feed]),
+                np.stack([items[i].boxes for i in feed]) if feed else np.zeros((0, 1, 4)),
+                np.stack([items[i].flips for i in feed]) if feed else np.zeros((0, 1)))
+            height, width = self.spec.input_size
+            out = torch.zeros((self.spec.views, len(items), 3, height, width),
+                              dtype=torch.uint8, device=self.device)
+            out[:, feed] = decoded
+            for i, item in enumerate(items):
+                if item.pixels is not None:
+                    out[:, i] = item.pixels.to(self.device)
+            return out, {feed[index]: reason for index, reason in failed.items()}
+
+        partners = [items if batch.valid[row] else None
+                    for row, items in enumerate(batch.partners or [None] * len(batch))]
+        pixels, records, failed = finish_on_device(images, batch.records, partners,
+                                                   self.augment, decode_partners)
+        batch.records = records
+        for row, reason in failed.items():
+            batch.valid[row] = False
+            batch.reasons[row] = reason
+        return pixels

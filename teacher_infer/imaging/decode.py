@@ -131,19 +131,25 @@ def render_eval(image: Image.Image, spec: ViewSpec, interpolation: str) -> Image
     return image.crop((left, top, left + crop_w, top + crop_h))
 
 
+def render_view(image: Image.Image, box: np.ndarray, flip: bool, view: int, spec: ViewSpec,
+                interpolation: str) -> torch.Tensor:
+    """View ``view`` of an RGB image as a (3, H, W) uint8 tensor (see views.py). View 0 is
+    rendered as timm's eval transform when its box is that transform's (always, unless the
+    box comes from another store: then any box is resampled like the other views)."""
+    if view == 0 and is_eval_box(box, flip, image.height, image.width, spec):
+        crop = render_eval(image, spec, interpolation)
+    else:
+        crop = render_box(image, box, flip, spec.input_size, interpolation)
+    return torch.from_numpy(np.array(crop)).permute(2, 0, 1)
+
+
 def render_views(image: Image.Image, boxes: np.ndarray, flips: np.ndarray, spec: ViewSpec,
                  interpolation: str) -> torch.Tensor:
-    """The views of an RGB image as a (V, 3, H, W) uint8 tensor (see views.py). View 0 is
-    rendered as timm's eval transform when its box is that transform's (always, unless the
-    boxes come from another store: then any box is resampled like the other views)."""
+    """The views of an RGB image as a (V, 3, H, W) uint8 tensor (:func:`render_view`)."""
     height, width = spec.input_size
     out = torch.empty((len(boxes), 3, height, width), dtype=torch.uint8)
     for view, (box, flip) in enumerate(zip(boxes, flips)):
-        if view == 0 and is_eval_box(box, flip, image.height, image.width, spec):
-            crop = render_eval(image, spec, interpolation)
-        else:
-            crop = render_box(image, box, flip, spec.input_size, interpolation)
-        out[view] = torch.from_numpy(np.array(crop)).permute(2, 0, 1)
+        out[view] = render_view(image, box, flip, view, spec, interpolation)
     return out
 
 
@@ -175,6 +181,8 @@ class Item:
     pixels: torch.Tensor | None = None  # (V, 3, H, W) uint8 when decoded by PIL
     encoded: np.ndarray | None = None   # file bytes for DALI
     height: int = 0                     # decoded height (after EXIF orientation) for DALI
+    records: Any = None                 # (V,) augmentation records (augment.ViewRecords)
+    partners: list | None = None        # "bytes" mode: its partners (augment.render.PartnerItem)
 
 
 def read_encoded(row: int, path: str, plan: Callable[[int, int], tuple[np.ndarray, np.ndarray]],
@@ -196,15 +204,19 @@ def read_encoded(row: int, path: str, plan: Callable[[int, int], tuple[np.ndarra
 
 class ViewDataset(torch.utils.data.Dataset):
     """Row ``i`` of ``paths``/``keys`` → :class:`Item`; ``mode`` is ``pil`` or ``bytes``.
-    With ``planned`` the views are those boxes and flips instead of drawn ones."""
+    With ``planned`` the views are those boxes and flips instead of drawn ones. With
+    ``augment`` (an ``augment.source.Augmentation``) each item carries its records; in
+    ``pil`` mode its pixels have them applied (ops, erasing, mixing with its partners,
+    rendered here), in ``bytes`` mode it carries its partners' bytes for the decoder."""
 
     def __init__(self, paths: list[str], keys: list[str], spec: ViewSpec, interpolation: str,
-                 mode: str = "pil", planned: PlannedViews | None = None):
+                 mode: str = "pil", planned: PlannedViews | None = None, augment: Any = None):
         if mode not in ("pil", "bytes"):
             raise ValueError(f"mode must be 'pil' or 'bytes', got {mode!r}")
         self.paths, self.keys, self.spec = paths, keys, spec
         self.interpolation, self.mode = interpolation, mode
         self.planned = planned
+        self.augment = augment
 
     def _plan(self, row: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
         if self.planned is None:
@@ -216,7 +228,14 @@ class ViewDataset(torch.utils.data.Dataset):
 
     def _failed(self, row: int, reason: str) -> Item:
         views = self.spec.views
-        return Item(row, np.zeros((views, 4), np.uint16), np.zeros(views, bool), False, reason)
+        # records are drawn or stored without the image: kept for a row that failed, and so
+        # are planned boxes (the teacher pass zeroes them where they replay nothing)
+        records = None if self.augment is None else self.augment.records(row)
+        if self.planned is not None:
+            boxes, flips = self.planned.boxes[row], self.planned.flips[row]
+        else:
+            boxes, flips = np.zeros((views, 4), np.uint16), np.zeros(views, bool)
+        return Item(row, boxes, flips, False, reason, records=records)
 
     def __getitem__(self, row: int) -> Item:
         if self.planned is not None and not self.planned.usable[row]:
@@ -224,10 +243,11 @@ class ViewDataset(torch.utils.data.Dataset):
         try:
             if self.mode == "pil":
                 return self.render(row, open_rgb(self.paths[row]))
-            return read_encoded(
+            item = read_encoded(
                 row, self.paths[row], lambda height, width: self._plan(row, height, width),
                 lambda image, boxes, flips: render_views(image, boxes, flips, self.spec,
                                                          self.interpolation))
+            return item if self.augment is None else self._with_partners(item)
         except FileNotFoundError:
             return self._failed(row, "missing file")
         except IsADirectoryError:
@@ -240,7 +260,31 @@ class ViewDataset(torch.utils.data.Dataset):
     def render(self, row: int, image: Image.Image) -> Item:
         boxes, flips = self._plan(row, image.height, image.width)
         pixels = render_views(image, boxes, flips, self.spec, self.interpolation)
-        return Item(row, boxes, flips, True, pixels=pixels)
+        if self.augment is None:
+            return Item(row, boxes, flips, True, pixels=pixels)
+        from .augment.render import make_views, render_partner
+
+        def partner_pixels(partner, views):
+            return render_partner(partner, views, self.augment, spec=self.spec,
+                                  interpolation=self.interpolation, plan=self._plan)
+
+        pixels, records, reason = make_views(pixels, self.augment.records(row), self.augment,
+                                             partner_pixels)
+        if reason is not None:
+            return self._failed(row, reason)
+        return Item(row, boxes, flips, True, pixels=pixels, records=records)
+
+    def _with_partners(self, item: Item) -> Item:
+        """A ``bytes`` item with its records and its partners' bytes and crops."""
+        from .augment.render import read_partners
+
+        partners, records, reason = read_partners(
+            self.augment.records(item.row), self.augment, spec=self.spec,
+            interpolation=self.interpolation, plan=self._plan)
+        if reason is not None:
+            return self._failed(item.row, reason)
+        item.records, item.partners = records, partners
+        return item
 
 
 @dataclass
@@ -257,6 +301,10 @@ class Batch:
     rendered: np.ndarray                # (n,) bool: rows whose pixels are filled in
     encoded: list[np.ndarray | None]    # file bytes for DALI (None where not to be fed)
     heights: np.ndarray                 # (n,) decoded image heights of the DALI rows
+    # augmentation (docs/format.md): the rows' records (n, V) — applied to ``pixels`` already
+    # in "pil" mode, by the decoder in "bytes" mode, with ``partners`` (per row)
+    records: Any = None
+    partners: list | None = None
 
     def __len__(self) -> int:
         return len(self.valid)
@@ -282,12 +330,18 @@ def collate(items: list[Item], *, consecutive: bool = True) -> Batch:
         for i, item in enumerate(items):
             if item.pixels is not None:
                 pixels[:, i] = item.pixels
+    records = None
+    if items[0].records is not None:
+        from .augment.records import ViewRecords
+
+        records = ViewRecords.stack([item.records for item in items])
     return Batch(start=rows[0], boxes=np.stack([item.boxes for item in items]),
                  flips=np.stack([item.flips for item in items]),
                  valid=np.array([item.valid for item in items], dtype=bool),
                  reasons=[item.reason for item in items], pixels=pixels, rendered=rendered,
                  encoded=[item.encoded for item in items],
-                 heights=np.array([item.height for item in items], dtype=np.int64))
+                 heights=np.array([item.height for item in items], dtype=np.int64),
+                 records=records, partners=[item.partners for item in items])
 
 
 def batch_ranges(chunks: list[tuple[int, int]], batch_size: int,
@@ -326,8 +380,9 @@ class PilDecoder:
     preferred_on = ("cpu",)
 
     def __init__(self, *, spec: ViewSpec, interpolation: str, mean, std, max_batch: int,
-                 device: torch.device, num_threads: int):
-        del spec, interpolation, max_batch, num_threads  # the workers render; nothing to build
+                 device: torch.device, num_threads: int, augment=None):
+        # the workers render, records applied (ViewDataset's augment): nothing to build
+        del spec, interpolation, max_batch, num_threads, augment
         self.device = device
         self.mean = torch.tensor(mean, dtype=torch.float32, device=device)
         self.std = torch.tensor(std, dtype=torch.float32, device=device)

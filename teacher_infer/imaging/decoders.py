@@ -13,11 +13,15 @@ Every decoder class follows the same small protocol, in the teacher pass and in 
 - ``unavailable()``: None when it can run here, else why not (one line, with the fix).
 - ``preferred_on``: the device types (``torch.device.type``) on which ``auto`` picks it first.
 - ``default_workers(cpus)``: DataLoader workers per rank when ``--num-workers`` is not given.
-- ``Decoder(spec=, interpolation=, mean=, std=, max_batch=, device=, num_threads=)``, then
-  ``decode(batches)``: ``(batch, images)`` for each :class:`~.decode.Batch`, in order, with
-  ``images`` a normalised (V, n, 3, H, W) float32 tensor on ``device`` (None when every row of
-  the batch had already failed). A row it cannot decode is reported in the batch itself:
-  ``batch.valid[i] = False`` and ``batch.reasons[i]`` (its pixels stay zero).
+- ``Decoder(spec=, interpolation=, mean=, std=, max_batch=, device=, num_threads=,
+  augment=None)``, then ``decode(batches)``: ``(batch, images)`` for each
+  :class:`~.decode.Batch`, in order, with ``images`` a normalised (V, n, 3, H, W) float32
+  tensor on ``device`` (None when every row of the batch had already failed). A row it cannot
+  decode is reported in the batch itself: ``batch.valid[i] = False`` and ``batch.reasons[i]``
+  (its pixels stay zero). ``augment`` (an ``augment.source.Augmentation``) is given when the
+  views carry augmentation records: a ``"pil"`` decoder gets them applied by the workers, a
+  ``"bytes"`` decoder applies them on the device after decoding, with the rows' partners
+  (``batch.records``, ``batch.partners``; ``augment.render.finish_on_device``).
 
 ``auto`` (:func:`resolve_decoder`) is a rule over those properties, never over names: the first
 registered decoder that is preferred on the device's type and can run here; when none is, the

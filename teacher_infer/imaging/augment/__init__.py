@@ -7,7 +7,13 @@ implementation on any device.
 - :mod:`.table`: the versioned ops table (op id → name, kernel, level → argument);
 - :mod:`.records`: ``ViewRecords``, the draws (``plan_records``) and ``check_records``;
 - :mod:`.kernels`: the pixel ops (PIL's arithmetic, per image, any device);
-- :mod:`.apply`: ``augment_views``, ``mix_views``, ``partner_views``.
+- :mod:`.apply`: ``augment_views``, ``mix_views``, ``partner_views``;
+- :mod:`.source`: where a loader gets a row's records and its partners (drawn for a first
+  teacher pass, ``PlannedAugmentation``, or a store's, ``StoredAugmentation``);
+- :mod:`.render`: a row's views made from them, in a worker or on the device after a
+  ``"bytes"`` decoder;
+- :mod:`.replay`: ``ViewReplay``, a stored view as the teacher labeled it (training's call,
+  and a training loop's own).
 
 >>> from teacher_infer.imaging.augment import AugmentSpec, plan_records
 >>> spec = AugmentSpec(augment="rand-m9-n2-mstd0.5", erase=0.25)
@@ -31,6 +37,9 @@ _WHERE = {
     "partner_window": "records", "plan_records": "records",
     "pixel_rect": "kernels",
     "augment_views": "apply", "mix_views": "apply", "partner_views": "apply",
+    "Augmentation": "source", "PlannedAugmentation": "source", "StoredAugmentation": "source",
+    "check_store_records": "source",
+    "ViewReplay": "replay",
 }
 
 __all__ = sorted(_WHERE)

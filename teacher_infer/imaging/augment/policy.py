@@ -143,7 +143,7 @@ class AugmentSpec:
     erase: float = 0.0                          # --erase: random-erasing probability per view
     erase_scale: tuple[float, float] = (0.02, 1 / 3)  # erased area / view area (timm)
     erase_ratio: tuple[float, float] = (0.3, 1 / 0.3)  # aspect ratio range (timm)
-    erase_count: int = 1                        # at most this many boxes (timm --recount)
+    erase_count: int = 1                        # --erase-count (timm --recount): at most
     mixup: float | None = None                  # --mixup: MixUp Beta(α, α)
     cutmix: float | None = None                 # --cutmix: CutMix Beta(α, α)
     mix_prob: float = 1.0                       # --mix-prob: a view is mixed with this probability
@@ -162,7 +162,7 @@ class AugmentSpec:
         _range(self.erase_scale, "erase_scale", 1.0)
         _range(self.erase_ratio, "erase_ratio", math.inf)
         if int(self.erase_count) != self.erase_count or self.erase_count < 1:
-            raise ValueError(f"erase_count {self.erase_count}: expected an integer >= 1")
+            raise ValueError(f"--erase-count {self.erase_count}: expected an integer >= 1")
         if len(self.fill) != 3 or not all(0 <= int(v) <= 255 for v in self.fill):
             raise ValueError(f"fill {self.fill}: expected three values in 0..255")
 

@@ -76,6 +76,20 @@ class ViewRecords:
     def shape(self) -> tuple[int, ...]:
         return self.mix_partners.shape
 
+    def padded(self, dims: Mapping[str, int]) -> "ViewRecords":
+        """These records with ``dims['op']`` op slots and ``dims['erase']`` erasing boxes
+        (the extra ones empty: no op, no box), so records of stores with fewer stack with
+        them."""
+        out = ViewRecords.empty(self.shape, {name: max(dims.get(name, 0), size) for name, size
+                                             in (("op", self.ops.shape[-1]),
+                                                 ("erase", self.erase_boxes.shape[-2]))})
+        out.ops[..., :self.ops.shape[-1]] = self.ops
+        out.levels[..., :self.levels.shape[-1]] = self.levels
+        out.erase_boxes[..., :self.erase_boxes.shape[-2], :] = self.erase_boxes
+        for name in ("mix_partners", "mix_views", "mix_lambdas", "mix_boxes"):
+            setattr(out, name, getattr(self, name).copy())
+        return out
+
     def map(self, function: Callable[[np.ndarray], np.ndarray]) -> "ViewRecords":
         """The same records with ``function`` applied to every array's leading dimensions
         (e.g. ``lambda a: a[rows]``; ``lambda a: a.swapaxes(0, 1)``)."""
@@ -94,7 +108,19 @@ class ViewRecords:
 
     @property
     def mixed(self) -> np.ndarray:
-        return self.mix_partners >= 0
+        """Views that mix: a partner row (>= 0) or a partner-table entry (<= -2)."""
+        return self.mix_partners != -1
+
+    def unmixed(self, views: np.ndarray) -> "ViewRecords":
+        """These records with the ``views`` mask not mixed (its mixing fields emptied)."""
+        out = self.map(np.copy)
+        out.mix_partners[views], out.mix_views[views] = -1, 0
+        out.mix_lambdas[views], out.mix_boxes[views] = GRID, 0
+        return out
+
+    def without_mixing(self) -> "ViewRecords":
+        """The ops and erasing alone: what makes a partner's pixels (never its own mixing)."""
+        return self.unmixed(np.ones(self.shape, dtype=bool))
 
     def store_arrays(self, dims: Mapping[str, int]) -> dict[str, np.ndarray]:
         """The store arrays a store with these record ``dims`` has, by name (what
@@ -271,11 +297,12 @@ def plan_records(spec: AugmentSpec, *, seed: int, key: str, row: int, rows: int,
 
 
 def check_records(records: ViewRecords, *, rows: np.ndarray, store_rows: int,
-                  ops: tuple) -> str | None:
+                  ops: tuple, table_size: int = 0) -> str | None:
     """The first reason records (n, V) of store rows ``rows`` cannot be replayed — an op id
     outside the store's table ``ops``, a level an op cannot have, a box outside the view,
-    a partner that is the row itself or outside the store, a partner view the rows do
-    not have — as ``"row r view v: ..."``; None when they are sound."""
+    a partner that is the row itself or neither a row of the store nor an entry of its
+    partner table (``table_size`` entries, referenced as ``-2 - i``), a partner view the
+    rows do not have — as ``"row r view v: ..."``; None when they are sound."""
     n, views = records.shape
     own = np.broadcast_to(np.asarray(rows).reshape(-1, 1), (n, views))
     problems: list[tuple[np.ndarray, Callable[[int, int], str]]] = []
@@ -296,11 +323,18 @@ def check_records(records: ViewRecords, *, rows: np.ndarray, store_rows: int,
         outside = ((boxes[..., 0] + boxes[..., 2] > GRID) | (boxes[..., 1] + boxes[..., 3] > GRID)
                    | ((boxes[..., 2] == 0) != (boxes[..., 3] == 0))).any(-1)
         problems.append((outside, lambda i, v, name=name: f"{name} is not inside the view"))
+    cut = records.mix_boxes.astype(np.int64)
+    cut_lambda = np.rint((1.0 - cut[..., 2] * cut[..., 3] / (GRID * GRID)) * GRID)
+    problems.append(((records.mix_partners != -1) & (cut[..., 2] > 0)
+                     & (records.mix_lambdas != cut_lambda),
+                     lambda i, v: f"CutMix λ {int(records.mix_lambdas[i, v])}/255 is not 1 − "
+                                  f"the box's area ({int(cut_lambda[i, v])}/255)"))
     partners = records.mix_partners.astype(np.int64)
-    bad_partner = (partners < -1) | (partners >= store_rows) | (partners == own)
-    problems.append((bad_partner, lambda i, v: f"mixing partner row {int(partners[i, v])} "
-                                               f"(store of {store_rows} rows)"))
-    problems.append(((partners >= 0) & (records.mix_views >= views),
+    bad_partner = (partners < -1 - table_size) | (partners >= store_rows) | (partners == own)
+    problems.append((bad_partner, lambda i, v: f"mixing partner {int(partners[i, v])} "
+                                               f"(store of {store_rows} rows, partner table "
+                                               f"of {table_size})"))
+    problems.append(((partners != -1) & (records.mix_views >= views),
                      lambda i, v: f"partner view {int(records.mix_views[i, v])} of {views}"))
     first = None
     for mask, message in problems:
