@@ -5,8 +5,8 @@
 >>> st.load().dense([3, 1, 3]).shape            # doctest: +SKIP
 (3, 1000)
 """
-from ._format import (BOX_SCALE, DEFAULT_CHUNK_ROWS, FORMAT, FORMAT_VERSION, dequantize_boxes,
-                      fingerprint, quantize_boxes)
+from ._format import (BOX_SCALE, DEFAULT_CHUNK_ROWS, FORMAT, FORMAT_VERSION, TAR_FIELDS,
+                      dequantize_boxes, fingerprint, quantize_boxes)
 from ._lock import LockedError, OutputLock
 from ._paths import (check_disjoint, disk_bytes, exists, human_size, is_store_dir, local_path,
                      real_path)
@@ -29,6 +29,7 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "KEY_RULE",
+    "TAR_FIELDS",
     "DamagedStoreError",
     "Dist",
     "EnsembleResult",

@@ -28,6 +28,11 @@ DEFAULT_CHUNK_ROWS = 16384
 # Writers quantise before cropping (see `quantize_boxes`) so replay is exact.
 BOX_SCALE = 65535
 
+# The columns of the ``tar`` array of stores of shard data (docs/format.md, "Stores of
+# shard data"): where a row's image lies in its tar shard, and the shard as it was listed
+# (size in bytes; stamp: mtime in ns locally, a 64-bit ETag digest on object storage).
+TAR_FIELDS = ("offset", "size", "shard_size", "shard_stamp")
+
 # Probabilities are float16 and the teacher's top-k sum can exceed 1 by rounding.
 PROB_SUM_TOLERANCE = 1e-3
 
@@ -43,7 +48,8 @@ class ArraySpec:
     values have rules beyond shape and dtype, a check in :func:`check_rows`)."""
 
     name: str
-    dims: tuple[str, ...]      # sizes: row N, view V, rank k, box 4, feature D, chunk N/R;
+    dims: tuple[str, ...]      # sizes: row N, view V, rank k, box 4, feature D, chunk N/R,
+    #                            tar_field (4 in stores of shard data, else 0);
     #                            also zarr's ``dimension_names`` (xarray opens stores labelled)
     dtype: Any                 # a numpy dtype, "str", or "index" (uint16 / int32 by C)
     fill: Any                  # zarr's fill value; what ``write`` stores for a field not given
@@ -54,7 +60,8 @@ class ArraySpec:
     #                            function of the stored values); None: not part of read/load
     export: str | None = "stored"  # HDF5 export: the "stored" values, the "read" ones, or None
     compress: bool = True
-    optional: bool = False     # only in stores created with its size (embeddings: D)
+    optional: bool = False     # only in stores created with its size (embeddings: D,
+    #                            tar: the TAR_FIELDS)
 
     @property
     def per_row(self) -> bool:
@@ -101,6 +108,9 @@ SCHEMA = (
     ArraySpec("flips", ("row", "view"), bool, False, read_as=bool),
     ArraySpec("valid", ("row",), bool, False, read_as=bool),
     ArraySpec("embeddings", ("row", "feature"), np.float16, 0, optional=True),
+    # Stores of shard data: each row's image by byte range (TAR_FIELDS), -1 for a row that
+    # is an image file (a folder store's row, merged in).
+    ArraySpec("tar", ("row", "tar_field"), np.int64, -1, optional=True),
     # One flag per chunk, each in its own zarr chunk, so ranks never share a done-chunk.
     ArraySpec("done", ("chunk",), bool, False, written="done", compress=False, export=None),
 )
@@ -137,10 +147,12 @@ INTEGRITY = {"every_chunk_written": True, "checksum": "crc32c"}
 
 
 def sizes(*, rows: int, views: int, topk: int, chunk_rows: int,
-          embedding_dim: int | None) -> dict[str, int]:
-    """Length of each named dimension."""
+          embedding_dim: int | None, tar_fields: int = 0) -> dict[str, int]:
+    """Length of each named dimension (``tar_fields``: ``len(TAR_FIELDS)`` in stores of
+    shard data, 0 in the others, which then have no ``tar`` array)."""
     return {"row": rows, "view": views, "rank": topk, "box": 4,
-            "feature": int(embedding_dim or 0), "chunk": (rows + chunk_rows - 1) // chunk_rows}
+            "feature": int(embedding_dim or 0), "tar_field": int(tar_fields),
+            "chunk": (rows + chunk_rows - 1) // chunk_rows}
 
 
 def stored_dtype(spec: ArraySpec, num_classes: int) -> Any:
@@ -310,8 +322,8 @@ def check_rows(values: dict[str, Any], *, num_views: int, topk: int, num_classes
         value = values.get(entry.name)
         if not entry.present(lengths):
             if value is not None:
-                raise ValueError(f"this store was created without {entry.name} "
-                                 f"(embedding_dim=None)")
+                raise ValueError(f"this store was created without {entry.name}"
+                                 + (" (embedding_dim=None)" if entry.name == "embeddings" else ""))
             continue
         if value is None and entry.optional:  # a store that has it has it in every row
             shape = "(" + ", ".join(_DIM_LETTERS.get(dim, dim) for dim in entry.dims) + ")"
@@ -327,7 +339,7 @@ def _repeats(indices: np.ndarray) -> np.ndarray:
     return (ordered[..., 1:] == ordered[..., :-1]).any(-1)
 
 
-_DIM_LETTERS = {"row": "n", "view": "V", "rank": "k", "feature": "D"}
+_DIM_LETTERS = {"row": "n", "view": "V", "rank": "k", "feature": "D", "tar_field": "4"}
 
 
 _KINDS = {"i": ("iu", "integers"), "u": ("iu", "integers"), "f": ("f", "floating point"),
