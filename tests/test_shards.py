@@ -517,7 +517,7 @@ def s3_shards(in22k, request):
     return f"{bucket}/in22k"
 
 
-def test_s3_source_reads_what_local_disk_reads(in22k, s3_shards, tmp_path):
+def test_s3_source_reads_what_local_disk_reads(in22k, s3_shards, tmp_path, monkeypatch):
     local = sh.find_shard_samples(str(in22k))
     for spec in (s3_shards, f"{s3_shards}/imagenet22k-train-{{0000..0002}}.tar",
                  f"{s3_shards}/_info.json#train", f"{s3_shards}/*.tar"):
@@ -526,10 +526,18 @@ def test_s3_source_reads_what_local_disk_reads(in22k, s3_shards, tmp_path):
         assert remote.keys == local.keys
         np.testing.assert_array_equal(remote.tar[:, :3], local.tar[:, :3])
         assert remote.tar[0, 3] != local.tar[0, 3]  # an ETag digest, not an mtime
-    reader = remote.reader()
-    assert reader.runs  # object storage: consecutive rows in one ranged read
     expected = [row["data"] for row in reference(sorted(in22k.glob("*.tar")))]
+    # consecutive rows: one ranged GET per shard (and one HEAD for its size and ETag);
+    # row by row: a GET per row
+    from test_labelstore_s3 import Counter
+
+    counter = Counter(monkeypatch)
+    reader = remote.reader()
     assert [data for _, data, _ in reader.read_many(remote.keys, remote.tar)] == expected
+    assert sorted(counter.take()) == ["get_object"] * 3 + ["head_object"] * 3
+    rows = remote.reader(runs=False).read_many(remote.keys, remote.tar)
+    assert [data for _, data, _ in rows] == expected
+    assert counter.take().count("get_object") == 12
     assert reader.read(remote.keys[5], remote.tar[5]) == expected[5]
 
     sh.build_index(s3_shards, f"{s3_shards}-index")

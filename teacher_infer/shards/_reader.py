@@ -70,12 +70,10 @@ class ShardReader:
     reader serves one thread.
     """
 
-    def __init__(self, root: str, *, runs: bool | None = None, block_bytes: int = BLOCK_BYTES,
+    def __init__(self, root: str, *, runs: bool = True, block_bytes: int = BLOCK_BYTES,
                  max_gap: int = MAX_GAP, max_open: int = MAX_OPEN):
         self.root = _storage.normalize(str(root))
-        # read_many's sequential ranges: on object storage by default (one GET per row
-        # would be a request per image); locally rows are read one by one (faster there)
-        self.runs = _storage.is_remote(self.root) if runs is None else runs
+        self.runs = runs  # read_many: consecutive rows of a shard as one sequential range
         self.block_bytes, self.max_gap, self.max_open = block_bytes, max_gap, max_open
         self._files: OrderedDict[tuple[str, int, int], Any] = OrderedDict()
 
@@ -144,20 +142,20 @@ class ShardReader:
         try:
             header, data = handle.read_member(offset, size)
         except (OSError, ValueError) as exc:
-            raise ShardReadError(f"shard {shard}: {sample}: {exc}") from None
+            raise ShardReadError(f"shard {shard}: {sample}: {exc}", lasting=False) from None
         return _checked(header, data, shard, sample, size)
 
     def read_many(self, keys: Sequence[str], tar: np.ndarray
                   ) -> Iterator[tuple[int, bytes | None, ShardReadError | None]]:
         """``(i, bytes, None)`` or ``(i, None, error)`` for every row ``i``, in order.
 
-        With ``runs`` (the default on object storage), consecutive rows of one shard less
-        than ``max_gap`` bytes apart (a store chunk of the teacher pass: contiguous rows)
-        are read as one sequential range, in reads of ``block_bytes``, instead of one
-        request per row. Otherwise (the default for local files) rows are read one by one
-        in the order given: the kernel's read-ahead makes that sequential, and it is faster
-        than slicing rows out of large reads (docs/benchmarks.md, Shards). One damaged
-        member fails its row only.
+        With ``runs`` (the default), consecutive rows of one shard less than ``max_gap``
+        bytes apart (a store chunk of the teacher pass: contiguous rows) are read as one
+        sequential range, in reads of ``block_bytes`` — one ranged GET each on object
+        storage instead of a request per image, and on local disks the faster way to read
+        data that is not in the page cache; other rows are read one by one. ``runs=False``
+        reads every row by itself: faster when the shards are in the page cache, slower
+        from disk (docs/benchmarks.md, Shards). One damaged member fails its row only.
         """
         rows = np.asarray(tar, dtype=np.int64).tolist()
         runs = self._runs(keys, rows) if self.runs else ([i] for i in range(len(rows)))
@@ -203,7 +201,7 @@ class ShardReader:
                     start, buffer = lo, handle.read(lo, min(stop, max(hi, lo + self.block_bytes)))
                 except (OSError, ValueError) as exc:
                     start, buffer = lo, b""
-                    yield i, None, ShardReadError(f"shard {shard}: {exc}")
+                    yield i, None, ShardReadError(f"shard {shard}: {exc}", lasting=False)
                     continue
             try:
                 yield i, _checked(buffer[lo - start:offset - start],
