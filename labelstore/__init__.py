@@ -14,7 +14,8 @@ images are the layers above (docs/architecture.md; tests/test_layers.py checks i
 from ._derive import check_compatible, first_in_runs, open_complete, read_blocks
 from ._ensemble import combine_distributions, ensemble
 from ._export import export
-from ._format import BOX_SCALE, DEFAULT_CHUNK_ROWS, dequantize_boxes, fingerprint, quantize_boxes
+from ._format import (BOX_SCALE, DEFAULT_CHUNK_ROWS, TAR_FIELDS, dequantize_boxes, fingerprint,
+                      quantize_boxes)
 from ._inspect import inspect_store, label_sha256
 from ._lock import LockedError, OutputLock
 from ._merge import merge
@@ -32,6 +33,7 @@ __all__ = [
     "BOX_SCALE",
     "DEFAULT_CHUNK_ROWS",
     "KEY_RULE",
+    "TAR_FIELDS",
     "DamagedStoreError",
     "IncompleteRunError",
     "LabelStore",

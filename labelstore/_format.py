@@ -28,6 +28,11 @@ DEFAULT_CHUNK_ROWS = 16384
 # Writers quantise before cropping (see `quantize_boxes`) so replay is exact.
 BOX_SCALE = 65535
 
+# The columns of the ``tar`` array of stores of shard data (docs/format.md, "Stores of
+# shard data"): where a row's image lies in its tar shard, and the shard as it was listed
+# (size in bytes; stamp: mtime in ns locally, a 64-bit ETag digest on object storage).
+TAR_FIELDS = ("offset", "size", "shard_size", "shard_stamp")
+
 # Probabilities are float16 and the teacher's top-k sum can exceed 1 by rounding.
 PROB_SUM_TOLERANCE = 1e-3
 
@@ -43,7 +48,8 @@ class ArraySpec:
     values have rules beyond shape and dtype, a check in :func:`check_rows`)."""
 
     name: str
-    dims: tuple[str, ...]      # sizes: row N, view V, rank k, box 4, feature D, chunk N/R;
+    dims: tuple[str, ...]      # sizes: row N, view V, rank k, box 4, feature D, chunk N/R,
+    #                            tar_field (4 in stores of shard data, else 0);
     #                            also zarr's ``dimension_names`` (xarray opens stores labelled)
     dtype: Any                 # a numpy dtype, "str", or "index" (uint16 / int32 by C)
     fill: Any                  # zarr's fill value; what ``write`` stores for a field not given
@@ -54,7 +60,8 @@ class ArraySpec:
     #                            function of the stored values); None: not part of read/load
     export: str | None = "stored"  # HDF5 export: the "stored" values, the "read" ones, or None
     compress: bool = True
-    optional: bool = False     # only in stores created with its size (embeddings: D)
+    optional: bool = False     # only in stores created with its size (embeddings: D,
+    #                            tar: the TAR_FIELDS)
     requires: tuple[str, ...] = ()  # further sizes an optional array needs (records: "mix")
     student: bool = False      # read by training beside the label arrays (``read_rows``);
     #                            ``load`` holds it in RAM when the store has it
@@ -125,6 +132,9 @@ SCHEMA = (
               requires=("logits",), student=True),
     ArraySpec("log_partition", ("row", "view"), np.float32, 0, optional=True,
               requires=("logits",), student=True),
+    # Stores of shard data: each row's image by byte range (TAR_FIELDS), -1 for a row that
+    # is an image file (a folder store's row, merged in).
+    ArraySpec("tar", ("row", "tar_field"), np.int64, -1, optional=True),
     # One flag per chunk, each in its own zarr chunk, so ranks never share a done-chunk.
     ArraySpec("done", ("chunk",), bool, False, written="done", compress=False, export=None),
 )
@@ -176,12 +186,16 @@ AUGMENT_DIMS = ("op", "erase", "mix")  # the record sizes ``create(augment_dims=
 
 
 def sizes(*, rows: int, views: int, topk: int, chunk_rows: int, embedding_dim: int | None,
-          augment_dims: dict[str, int] | None = None, logits: bool = False) -> dict[str, int]:
+          augment_dims: dict[str, int] | None = None, logits: bool = False,
+          tar_fields: int = 0) -> dict[str, int]:
     """Length of each named dimension (a record size not given is 0: no such arrays;
-    ``logits`` 1 when the store keeps the teacher's logits)."""
+    ``logits`` 1 when the store keeps the teacher's logits; ``tar_fields``:
+    ``len(TAR_FIELDS)`` in stores of shard data, 0 in the others, which then have no ``tar``
+    array)."""
     records = {dim: int((augment_dims or {}).get(dim, 0)) for dim in AUGMENT_DIMS}
     return {"row": rows, "view": views, "rank": topk, "box": 4,
-            "feature": int(embedding_dim or 0), "chunk": (rows + chunk_rows - 1) // chunk_rows,
+            "feature": int(embedding_dim or 0), "tar_field": int(tar_fields),
+            "chunk": (rows + chunk_rows - 1) // chunk_rows,
             "logits": int(bool(logits)), **records}
 
 
@@ -368,6 +382,7 @@ def check_rows(values: dict[str, Any], *, num_views: int, topk: int, num_classes
         if not entry.present(lengths):
             if value is not None:
                 size = ("embedding_dim" if "feature" in entry.dims else
+                        "tar_fields" if "tar_field" in entry.dims else
                         "logits" if "logits" in entry.requires else "augment_dims")
                 raise ValueError(f"this store was created without {entry.name} ({size})")
             continue
@@ -385,7 +400,8 @@ def _repeats(indices: np.ndarray) -> np.ndarray:
     return (ordered[..., 1:] == ordered[..., :-1]).any(-1)
 
 
-_DIM_LETTERS = {"row": "n", "view": "V", "rank": "k", "feature": "D", "op": "L", "erase": "E"}
+_DIM_LETTERS = {"row": "n", "view": "V", "rank": "k", "feature": "D", "op": "L", "erase": "E",
+                "tar_field": "4"}
 
 
 _KINDS = {"i": ("iu", "integers"), "u": ("iu", "integers"), "f": ("f", "floating point"),

@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .infer import RunSummary
 
 __all__ = ["InferConfig", "RunSummary", "Samples", "dedup", "find_samples", "imaging",
+           "shards",
            "labels_by_name",
            "resolve_model_name", "run", "runtime", "verify"]
 
@@ -59,6 +60,6 @@ def __getattr__(name: str):
         from .infer import RunSummary
 
         return RunSummary
-    if name in ("dedup", "imaging", "runtime"):
+    if name in ("dedup", "imaging", "runtime", "shards"):
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'teacher_infer' has no attribute {name!r}")
