@@ -20,7 +20,8 @@ from ._lock import LockedError, OutputLock
 from ._merge import merge
 from ._paths import (check_disjoint, check_output_file, disk_bytes, exists, human_size,
                      is_store_dir, local_path)
-from ._reader import DamagedStoreError, LabelStore, densify, open
+from ._progress import progress_bar
+from ._reader import DamagedStoreError, LabelStore, UnfinishedStoreError, densify, open
 from ._select import select_rows, select_topk
 from ._text import KEY_RULE, escapes_root, first_bad_key, key_problem, read_lines
 from ._verify import TeacherCheck, VerifyResult, verify
@@ -39,6 +40,7 @@ __all__ = [
     "LockedError",
     "OutputLock",
     "TeacherCheck",
+    "UnfinishedStoreError",
     "VerifyResult",
     "__version__",
     "check_disjoint",
@@ -62,6 +64,7 @@ __all__ = [
     "local_path",
     "merge",
     "open",
+    "progress_bar",
     "quantize_boxes",
     "read_blocks",
     "read_lines",

@@ -10,6 +10,7 @@ is what makes multi-rank inference safe on local disks and object stores alike.
 from __future__ import annotations
 
 import os
+import shutil
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Mapping, Sequence
@@ -20,7 +21,7 @@ import zarr
 from . import _chunks
 from . import _format as fmt
 from . import _keys
-from ._paths import exists, local_path, remove_store
+from ._paths import CREATING, exists, local_path, remove_store, unfinished_creation
 
 
 def _chunk_count(n: int, chunk_rows: int) -> int:
@@ -78,14 +79,25 @@ def create(path: Any, *, keys: Sequence[str], num_classes: int, topk: int, views
     _clear(path, overwrite)
     lengths = fmt.sizes(rows=len(joined), views=views, topk=topk, chunk_rows=chunk_rows,
                         embedding_dim=embedding_dim, augment_dims=augment_dims)
+    group_attrs = _group_attrs(attrs, joined, num_classes=num_classes, topk=topk, views=views,
+                               chunk_rows=chunk_rows, embedding_dim=embedding_dim,
+                               augment_dims=augment_dims)
     # file:// URLs go to zarr as plain paths: its fsspec store does not create directories
     local = local_path(path)
-    group = zarr.open_group(local if local is not None else path, mode="w")
-    arrays = _create_arrays(group, lengths, chunk_rows, num_classes)
-    _write_columns(arrays, {"keys": joined, "labels": labels})
-    group.attrs.update(_group_attrs(attrs, joined, num_classes=num_classes, topk=topk, views=views,
-                                    chunk_rows=chunk_rows, embedding_dim=embedding_dim,
-                                    augment_dims=augment_dims))
+    made = local is not None and not os.path.lexists(local)
+    try:
+        # The attributes first, marked as being created: a creation stopped at any later
+        # point (a kill) leaves a store that is recognisably ssld's, holds no row, and is
+        # replaced by the next create (`_clear`); the mark goes once every array is there.
+        group = zarr.open_group(local if local is not None else path, mode="w",
+                                attributes={**group_attrs, CREATING: True})
+        arrays = _create_arrays(group, lengths, chunk_rows, num_classes)
+        _write_columns(arrays, {"keys": joined, "labels": labels})
+        del group.attrs[CREATING]
+    except BaseException:
+        if made and os.path.isdir(local):  # all of it is this call's, none of it a row
+            shutil.rmtree(local, ignore_errors=True)
+        raise
     return LabelStoreWriter(group, path)
 
 
@@ -109,9 +121,10 @@ def _check_sizes(num_classes: Any, topk: Any, views: Any, chunk_rows: Any,
 
 def _clear(path: Any, overwrite: bool) -> None:
     """Make room for a new store at ``path``: refused unless ``overwrite``, and then only
-    a recognisable label store is removed."""
+    a recognisable label store is removed; a store whose creation never finished holds no
+    row and is replaced without ``overwrite``."""
     if exists(path):
-        if not overwrite:
+        if not overwrite and not unfinished_creation(path):
             raise FileExistsError(f"{path} already exists (pass overwrite=True / --overwrite "
                                   "to replace it)")
         remove_store(path)  # refuses anything that is not recognisably a label store
