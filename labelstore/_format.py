@@ -243,19 +243,25 @@ def value_problem(name: str, values: np.ndarray, num_classes: int
     probabilities finite and >= 0, embeddings finite."""
     if values.size == 0:
         return None
+    # Each rule is first a reduction (min / max: no temporary array, a few % of a chunk's
+    # decoding), the element-wise test only once it has found something.
     if name == "indices":
-        bad = values >= num_classes
-        if values.dtype.kind == "i":
-            bad |= values < 0
+        if values.max() < num_classes and (values.dtype.kind != "i" or values.min() >= 0):
+            return None
+        bad = (values >= num_classes) | (values < 0)
         what = f"class id {{}} outside [0, num_classes={num_classes})"
     elif name == "labels":
+        if values.min() >= -1 and values.max() < num_classes:
+            return None
         bad = (values < -1) | (values >= num_classes)
         what = f"label {{}} outside [-1, num_classes={num_classes})"
     elif name in ("probs", "embeddings"):
-        # On the float16 bits: exponent all ones is inf or NaN; a set sign bit is < 0
+        # On the float16 bits: exponent all ones is inf or NaN, a set sign bit is < 0
         # (but -0.0, 0x8000); far cheaper than float comparisons in numpy's float16.
         if values.dtype == np.float16:
             bits = values.view(np.uint16)
+            if name == "probs" and bits.max() < 0x7C00:   # all finite and >= +0
+                return None
             bad = ((bits & 0x7C00) == 0x7C00) if name == "embeddings" else \
                 ((bits >= 0x7C00) & (bits != 0x8000))
         else:
