@@ -29,7 +29,7 @@ from .config import TrainConfig
 from .metrics import EpochStats, EvalResult, MetricsCSV, TrainResult, setup_logger, topk_correct
 from .optim import build_optimizer, lr_at, make_ema, scale_lr, set_lr
 
-# How often (steps) the loss is summed across ranks, checked for NaN/inf and shown by tqdm:
+# How often (steps) the loss is summed across ranks, checked for NaN/inf and shown by the bar:
 # each check synchronises the device, so not every step.
 CHECK_EVERY = 20
 

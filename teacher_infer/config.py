@@ -62,7 +62,7 @@ class InferConfig:
     chunk_rows: int | None = None       # rows per store chunk (a rank's unit of work); None = labelstore.DEFAULT_CHUNK_ROWS
     embeddings: bool = False            # also store pooled pre-logit features of view 0
     overwrite: bool = False             # replace an existing store instead of resuming it
-    progress: bool = True               # tqdm bar on rank 0
+    progress: bool = True               # a bar on rank 0, on a terminal (labelstore.progress_bar)
 
     extra: dict[str, Any] = field(default_factory=dict)  # recorded verbatim in the store attrs
 

@@ -40,7 +40,7 @@ class DedupConfig:
     pool_batch: int | None = None       # pool rows per product; None: by memory (search.py)
     workers: int | None = None          # SIFT threads per process; None: threads
     threads: int | None = None          # CPU threads per process; None: the CPUs per rank
-    progress: bool = False              # tqdm bars on rank 0
+    progress: bool = False              # bars on rank 0, on a terminal (labelstore.progress_bar)
 
     def __post_init__(self) -> None:
         self.report_thresholds = tuple(float(t) for t in self.report_thresholds)
