@@ -21,7 +21,11 @@ from labelstore import IncompleteRunError, LockedError, __version__
 # Errors that mean "the user gave us something wrong" (or another run holds the output):
 # one line, exit 2.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
-               IsADirectoryError, PermissionError, ImportError, LockedError)
+               IsADirectoryError, ImportError, LockedError)
+# An output (or input) that may not be written (read): a permission denied or a read-only
+# file system is the user's to fix, like any unwritable --out, whether a check before the
+# work found it or a write during it did: one line, exit 2, in every command.
+NOT_PERMITTED = (errno.EACCES, errno.EPERM, errno.EROFS)
 # A run that could not finish what it was meant to write: one line, exit 1.
 RUN_ERRORS = (IncompleteRunError,)
 
@@ -96,9 +100,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         click.echo(f"ssld: error: {_one_line(str(exc))}", err=True)
         return 1
-    except OSError as exc:  # the machine failed us (disk full, I/O error): one line, exit 1
+    except OSError as exc:
         if debug:
             raise
+        if isinstance(exc, PermissionError) or exc.errno in NOT_PERMITTED:
+            click.echo(f"ssld: error: {_os_error(exc)}", err=True)
+            return 2
+        # the machine failed us (disk full, I/O error): one line, exit 1
         click.echo(f"ssld: failed: {_os_error(exc)}", err=True)
         return 1
     except click.exceptions.Exit as exc:

@@ -21,7 +21,9 @@ from ._lock import LockedError, OutputLock
 from ._merge import merge
 from ._paths import (check_disjoint, check_output_file, disk_bytes, exists, human_size,
                      is_store_dir, local_path)
-from ._reader import DamagedStoreError, LabelStore, densify, densify_logits, open
+from ._progress import progress_bar
+from ._reader import (DamagedStoreError, LabelStore, UnfinishedStoreError, densify,
+                      densify_logits, open)
 from ._select import select_rows, select_topk
 from ._text import KEY_RULE, escapes_root, first_bad_key, key_problem, read_lines, read_text
 from ._verify import TeacherCheck, VerifyResult, verify
@@ -41,6 +43,7 @@ __all__ = [
     "LockedError",
     "OutputLock",
     "TeacherCheck",
+    "UnfinishedStoreError",
     "VerifyResult",
     "__version__",
     "check_compatible",
@@ -68,6 +71,7 @@ __all__ = [
     "merge",
     "open",
     "open_complete",
+    "progress_bar",
     "quantize_boxes",
     "read_blocks",
     "read_lines",

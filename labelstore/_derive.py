@@ -23,7 +23,8 @@ import numpy as np
 
 from . import _format as fmt
 from . import _partners
-from ._paths import check_disjoint, check_replaceable, exists, real_path
+from ._paths import check_disjoint, check_replaceable, exists, real_path, unfinished_creation
+from ._progress import progress_bar
 from ._reader import LabelStore, open as open_store
 from ._writer import create
 
@@ -101,7 +102,7 @@ def check_output(out: Any, stores: Sequence[LabelStore], *, overwrite: bool,
     inputs.update(files or {})
     check_disjoint(out, inputs)
     if exists(out):
-        if not overwrite:
+        if not overwrite and not unfinished_creation(out):  # that one holds no row
             raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
         check_replaceable(out)
 
@@ -158,15 +159,52 @@ def source_entry(store: LabelStore) -> dict[str, Any]:
             "provenance": attrs.get("provenance", [])}
 
 
-def derived_attrs(first: LabelStore, root: str | None, source: str,
-                  entry: dict[str, Any]) -> dict[str, Any]:
-    """Attributes of an output store: the first source's teacher/preprocessing/class names,
-    a new dataset block and the provenance entry ``entry`` (with time and software)."""
+def derived_attrs(first: LabelStore, root: str | None, source: str, entry: dict[str, Any],
+                  teachers: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Attributes of an output store: the class names, the teacher attributes ``teachers``
+    (:func:`teacher_attrs`; default: the first source's), a new dataset block and the
+    provenance entry ``entry`` (with time and software)."""
     attrs = first.attrs
-    carried = {name: attrs[name] for name in ("class_names", "teacher", "preprocessing",
-                                               "temperature", "augment") if name in attrs}
+    carried = {name: attrs[name] for name in ("class_names", "augment") if name in attrs}
+    carried.update(teachers if teachers is not None else fmt.teacher_entry(attrs))
     entry = {**entry, "time": fmt.now_iso(), "software": fmt.software_versions()}
     return {**carried, "dataset": {"root": root, "source": source}, "provenance": [entry]}
+
+
+def output_teachers(stores: Sequence[LabelStore], per_store: Sequence[np.ndarray]
+                    ) -> list[tuple[int, int, dict]]:
+    """The teacher of each row range of an output made of ``per_store`` (sorted local rows
+    of each source, in output order): each source's ranges (``LabelStore.row_teachers``)
+    mapped to where their rows land; neighbours with the same teacher joined."""
+    ranges: list[tuple[int, int, dict]] = []
+    start = 0
+    for store, rows in zip(stores, per_store):
+        rows = np.asarray(rows, dtype=np.int64)
+        for lo, hi, teacher in store.row_teachers():
+            a, b = (start + int(i) for i in np.searchsorted(rows, [lo, hi]))
+            if b == a:
+                continue
+            if ranges and ranges[-1][1] == a and ranges[-1][2] == teacher:
+                ranges[-1] = (ranges[-1][0], b, teacher)
+            else:
+                ranges.append((a, b, teacher))
+        start += len(rows)
+    return ranges
+
+
+def teacher_attrs(stores: Sequence[LabelStore], per_store: Sequence[np.ndarray]
+                  ) -> dict[str, Any]:
+    """The teacher attributes of an output store: its first row's teacher at the top level
+    (as every store has them) and, when its rows come from several teachers, ``teachers``:
+    each row range's, so that nothing — ``ssld verify`` above all — takes the first
+    teacher's word for every row (docs/format.md)."""
+    ranges = output_teachers(stores, per_store)
+    if not ranges:
+        return fmt.teacher_entry(stores[0].attrs)
+    attrs = dict(ranges[0][2])
+    if len(ranges) > 1:
+        attrs["teachers"] = [{"rows": [lo, hi], **teacher} for lo, hi, teacher in ranges]
+    return attrs
 
 
 def block_rows(store: LabelStore) -> int:
@@ -428,36 +466,3 @@ def first_in_runs(sorted_groups: np.ndarray, m: int) -> np.ndarray:
     lengths = np.diff(np.append(starts, n))
     rank = np.arange(n) - np.repeat(starts, lengths)
     return rank < m
-
-
-def progress_bar(enabled: bool, total: int, desc: str, unit: str = "rows"):
-    """A tqdm bar on stderr, or a silent stand-in when ``enabled`` is false (tqdm is then
-    not imported: the store library needs it only to draw)."""
-    import sys
-
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    # In a log file (stderr not a terminal) every redraw is a line: redraw rarely.
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, leave=False,
-                dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 30.0)
-
-
-class _NoBar:
-    """What the commands use of a tqdm bar, doing nothing."""
-
-    def __enter__(self) -> "_NoBar":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
-
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def set_postfix_str(self, text: str) -> None:
-        pass
-
-    def close(self) -> None:
-        pass

@@ -27,7 +27,8 @@ import numpy as np
 from . import _derive
 from . import _format as fmt
 from ._lock import OutputLock
-from ._paths import check_disjoint, check_replaceable, exists, real_path
+from ._paths import check_disjoint, check_replaceable, exists, real_path, unfinished_creation
+from ._progress import progress_bar
 from ._reader import LabelStore, open as open_store
 from ._writer import create
 
@@ -259,14 +260,35 @@ def _resume(out: Any, settings: dict[str, Any]):
     if before is None:
         raise FileExistsError(f"{out} already exists and is not an ensemble store (pass "
                               "--overwrite to replace it)")
-    diffs = [name for name in ("members", "weights", "rule", "topk")
-             if before.get(name) != settings[name]]
+    if before.get("members") != settings["members"]:
+        change = _member_change(before.get("members") or [], settings["members"])
+        raise ValueError(f"{out}: {change}; pass --overwrite to compute the ensemble afresh "
+                         "(or rerun with the members it was started with)")
+    diffs = [name for name in ("weights", "rule", "topk") if before.get(name) != settings[name]]
     if diffs:
         what = diffs[0]
         raise ValueError(f"{out} is an ensemble with other {what} (store {before.get(what)!r}, "
                          f"now {settings[what]!r}); pass --overwrite to replace it (or rerun "
                          "with its settings to resume)")
     return open_store(out, mode="a")
+
+
+def _member_change(before: list[dict], now: list[dict]) -> str:
+    """The first member that differs from the ones an ensemble was started with, in a
+    few words (the records are long: a whole dump is no message)."""
+    if len(before) != len(now):
+        return f"it is an ensemble of other members ({len(before)} stores, now {len(now)})"
+    for i, (old, new) in enumerate(zip(before, now)):
+        if old == new:
+            continue
+        if old.get("path") != new.get("path"):
+            return f"its member {i + 1} was {old.get('path')}, now {new.get('path')}"
+        changed = [name for name in ("created", "fingerprint", "rows", "teacher")
+                   if old.get(name) != new.get(name)]
+        shown = ", ".join(f"{name} {old.get(name)} -> {new.get(name)}" for name in changed[:2])
+        return (f"its member {i + 1} {new.get('path')} was rebuilt since the ensemble was "
+                f"started ({shown})")
+    return "its members differ"
 
 
 def _ensemble(stores, out, *, weights, topk, rule, overwrite, progress) -> EnsembleResult:
@@ -276,6 +298,11 @@ def _ensemble(stores, out, *, weights, topk, rule, overwrite, progress) -> Ensem
     members = _derive.open_complete(stores)
     if len(members) < 2:
         raise ValueError(f"ensemble needs at least two stores, got {len(members)}")
+    for member in members:
+        if len(member.row_teachers()) > 1:   # one teacher per member is what it records
+            raise ValueError(f"{member.path}: its rows come from several teachers (attribute "
+                             "teachers: a merge or selection of their stores); ensemble the "
+                             "stores of one teacher each, then merge or select")
     weights = _weights(weights, len(members))
     first = members[0]
     classes = first.num_classes
@@ -287,7 +314,7 @@ def _ensemble(stores, out, *, weights, topk, rule, overwrite, progress) -> Ensem
     check_same_rows(members)
 
     settings = _settings(members, weights, rule, k)
-    if exists(out) and not overwrite:
+    if exists(out) and not overwrite and not unfinished_creation(out):
         writer = _resume(out, settings)
     else:
         if exists(out):
@@ -296,6 +323,7 @@ def _ensemble(stores, out, *, weights, topk, rule, overwrite, progress) -> Ensem
         entry = {"command": "ensemble", "rule": rule, "weights": weights, "topk": k,
                  "sources": [_derive.source_entry(m) for m in members]}
         attrs = _derive.derived_attrs(first, root, "ensemble", entry)
+        attrs.pop("compute", None)   # each member's is in teacher.members
         attrs["teacher"] = {"model": "ensemble(" + "+".join(str(m.teacher_name)
                                                            for m in members) + ")",
                             "members": [_teacher_entry(m) for m in members],
@@ -309,7 +337,7 @@ def _ensemble(stores, out, *, weights, topk, rule, overwrite, progress) -> Ensem
     usable = _usable(members)
     computed = 0
     total = sum(hi - lo for lo, hi in map(writer.chunk_range, todo))
-    with _derive.progress_bar(progress, total, "ensemble") as bar:
+    with progress_bar(progress, total, "ensemble") as bar:
         for chunk in todo:
             lo, hi = writer.chunk_range(chunk)
             writer.write(lo, **_chunk(members, weights, rule, k, lo, hi, usable[lo:hi]))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from typing import Any
 
 import numpy as np
@@ -10,7 +11,7 @@ import numpy as np
 from dataclasses import dataclass
 
 from . import _format as fmt
-from ._paths import check_disjoint, check_output_file, human_size
+from ._paths import check_disjoint, check_output_file, exists, human_size, local_path
 
 
 @dataclass(frozen=True)
@@ -42,26 +43,39 @@ def export(store, out: str, rows: str | None = None, *, overwrite: bool = False,
     n = export_hdf5(store, out, selected, overwrite=overwrite, allow_incomplete=allow_incomplete)
     start, stop, _ = (selected or slice(None)).indices(len(store))
     return ExportResult(store=str(store.path), out=out, rows=n, views=store.num_views,
-                        unwritten=unwritten_rows(store, start, stop),
-                        size_bytes=os.path.getsize(out))
+                        unwritten=unwritten_rows(store, start, stop), size_bytes=_size(out))
+
+
+def _size(out: str) -> int:
+    local = local_path(out)
+    if local is not None:
+        return os.path.getsize(local)
+    import fsspec
+
+    fs, inner = fsspec.core.url_to_fs(out)
+    return int(fs.size(inner))
 
 
 def export_hdf5(store, out: str, rows: slice | None = None, *, overwrite: bool = False,
                 allow_incomplete: bool = False) -> int:
-    """Write ``store`` rows to ``out`` (HDF5) and return the number of rows written.
+    """Write ``store`` rows to ``out`` (HDF5: a local file or an fsspec URL) and return the
+    number of rows written.
 
     Datasets carry the store's names and stored dtypes (``boxes`` as float32
     fractions; one dataset per array of ``_format.SCHEMA`` but ``done``; a partner table,
-    whole, as the group ``partners`` with the same rule); group
-    attributes are the store's, JSON-encoded where they are not scalars. Written to a temporary name and renamed, so a failed export leaves
-    no half-file behind. Rows of an unfinished store that are not written yet are
-    refused unless ``allow_incomplete`` (they are exported with ``valid=False``).
+    whole, as the group ``partners`` with the same rule); group attributes are the store's,
+    JSON-encoded where they are not scalars. Written to a temporary name and renamed, so a
+    failed export leaves no half-file behind; for a URL the file is written in the temporary
+    folder (``$TMPDIR``) first, then uploaded (HDF5 writes seek, which object storage
+    cannot). Rows of an unfinished store that are not written yet are refused unless
+    ``allow_incomplete`` (they are exported with ``valid=False``).
     """
     import h5py
 
     check_output_file(out, "--out")  # a folder is never replaced, even with --overwrite
     check_disjoint(out, {"the store": store.path})
-    if os.path.lexists(out):
+    local = local_path(out)
+    if exists(out):
         if not overwrite:
             raise FileExistsError(f"{out} already exists (use --overwrite to replace it)")
         if not _is_export(out):
@@ -80,7 +94,11 @@ def export_hdf5(store, out: str, rows: slice | None = None, *, overwrite: bool =
                          "(rerun infer-teacher), or pass --allow-incomplete to export them "
                          "with valid=False")
     n = stop - start
-    tmp = f"{out}.tmp-{os.getpid()}"
+    if local is not None:
+        tmp = f"{local}.tmp-{os.getpid()}"
+    else:
+        handle, tmp = tempfile.mkstemp(prefix="ssld-export-", suffix=".h5")
+        os.close(handle)
     try:
         with h5py.File(tmp, "w") as h5:
             for key, value in store.attrs.items():
@@ -88,7 +106,13 @@ def export_hdf5(store, out: str, rows: slice | None = None, *, overwrite: bool =
                     else json.dumps(value)
             h5.attrs["rows"] = json.dumps([start, stop])
             _write_datasets(h5, store, start, stop)
-        os.replace(tmp, out)
+        if local is not None:
+            os.replace(tmp, local)
+        else:
+            import fsspec
+
+            fs, inner = fsspec.core.url_to_fs(out)
+            fs.put_file(tmp, inner)   # one object: whole or absent
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -146,13 +170,20 @@ def unwritten_rows(store, start: int, stop: int) -> int:
 
 
 def _is_export(path: str) -> bool:
-    """A regular HDF5 file carrying the store format attribute that exports copy."""
+    """A regular HDF5 file carrying the store format attribute that exports copy (a local
+    file, or an object of object storage)."""
     import h5py
 
-    if os.path.islink(path) or not os.path.isfile(path):
-        return False
+    local = local_path(path)
     try:
-        with h5py.File(path, "r") as h5:
+        if local is not None:
+            if os.path.islink(local) or not os.path.isfile(local):
+                return False
+            with h5py.File(local, "r") as h5:
+                return h5.attrs.get("format") == fmt.FORMAT
+        import fsspec
+
+        with fsspec.open(path, "rb") as handle, h5py.File(handle, "r") as h5:
             return h5.attrs.get("format") == fmt.FORMAT
     except (OSError, ValueError):
         return False

@@ -213,6 +213,108 @@ def check_augment_dims(augment_dims: Any) -> dict[str, int] | None:
     return dims if any(dims.values()) else None
 
 
+# -- the invariants of a stored store ---------------------------------------------------
+# One set, checked wherever a store is read (docs/format.md, "Invariants"): the attributes
+# against each other and the arrays' metadata when a store is opened (cheap: no chunk is
+# read), and the values of a chunk each time it is read (one comparison per value, so a
+# store is checked exactly as far as it is used, and `verify`, which reads every chunk,
+# checks all of it). A store that breaks one is damaged (DamagedStoreError), never data.
+
+# What a row was computed with (ssld verify recomputes it with that): the attributes of one
+# teacher, the store's own or, per row range, an entry of ``teachers`` (docs/format.md).
+TEACHER_ATTRS = ("teacher", "preprocessing", "temperature", "compute")
+
+
+def teacher_entry(attrs: dict) -> dict:
+    """The :data:`TEACHER_ATTRS` a store (or a ``teachers`` entry) records."""
+    return {name: attrs[name] for name in TEACHER_ATTRS if name in attrs}
+
+
+def teacher_class_counts(attrs: dict) -> list[tuple[str, Any]]:
+    """(where, num_classes) of every teacher a store records: ``teacher``, an ensemble's
+    ``teacher.members`` and the row ranges' ``teachers`` (docs/format.md)."""
+    counts: list[tuple[str, Any]] = []
+
+    def add(where: str, teacher: Any) -> None:
+        if not isinstance(teacher, dict):
+            return
+        if teacher.get("num_classes") is not None:
+            counts.append((where, teacher["num_classes"]))
+        for i, member in enumerate(teacher.get("members") or []):
+            add(f"{where} member {i}", (member or {}).get("teacher"))
+
+    add("teacher", attrs.get("teacher"))
+    for entry in attrs.get("teachers") or []:
+        rows = entry.get("rows") or ["?", "?"]
+        add(f"teacher of rows {rows[0]}:{rows[1]}", entry.get("teacher"))
+    return counts
+
+
+def attribute_problem(attrs: dict) -> str | None:
+    """What is wrong with a store's attributes taken together, or None: C, k, V and R
+    in range, ``class_names`` one name per class, every recorded teacher with C classes."""
+    try:
+        num_classes, topk = int(attrs["num_classes"]), int(attrs["topk"])
+        views, chunk_rows = int(attrs["views"]), int(attrs["chunk_rows"])
+    except KeyError as exc:
+        return f"attribute {exc} is missing"
+    except (TypeError, ValueError):
+        return "num_classes, topk, views and chunk_rows must be integers"
+    if num_classes < 1 or not 1 <= topk <= num_classes or views < 1 or chunk_rows < 1:
+        return (f"attributes out of range: num_classes {num_classes}, topk {topk}, views "
+                f"{views}, chunk_rows {chunk_rows}")
+    names = attrs.get("class_names")
+    if names is not None and (not isinstance(names, list) or len(names) != num_classes
+                              or not all(isinstance(name, str) for name in names)):
+        count = len(names) if isinstance(names, list) else type(names).__name__
+        return f"class_names has {count} names for num_classes {num_classes}"
+    for where, count in teacher_class_counts(attrs):
+        if count != num_classes:
+            return (f"num_classes is {num_classes} but the {where} has {count} classes "
+                    "(the dense targets would not be the teacher's)")
+    return None
+
+
+def value_problem(name: str, values: np.ndarray, num_classes: int
+                  ) -> tuple[int, str] | None:
+    """(position along the rows, what is wrong) of the first stored value of array
+    ``name`` that breaks the format, or None: class ids in [0, C), labels in [-1, C),
+    probabilities finite and >= 0, embeddings finite."""
+    if values.size == 0:
+        return None
+    # Each rule is first a reduction (min / max: no temporary array, a few % of a chunk's
+    # decoding), the element-wise test only once it has found something.
+    if name == "indices":
+        if values.max() < num_classes and (values.dtype.kind != "i" or values.min() >= 0):
+            return None
+        bad = (values >= num_classes) | (values < 0)
+        what = f"class id {{}} outside [0, num_classes={num_classes})"
+    elif name == "labels":
+        if values.min() >= -1 and values.max() < num_classes:
+            return None
+        bad = (values < -1) | (values >= num_classes)
+        what = f"label {{}} outside [-1, num_classes={num_classes})"
+    elif name in ("probs", "embeddings"):
+        # On the float16 bits: exponent all ones is inf or NaN, a set sign bit is < 0
+        # (but -0.0, 0x8000); far cheaper than float comparisons in numpy's float16.
+        if values.dtype == np.float16:
+            bits = values.view(np.uint16)
+            if name == "probs" and bits.max() < 0x7C00:   # all finite and >= +0
+                return None
+            bad = ((bits & 0x7C00) == 0x7C00) if name == "embeddings" else \
+                ((bits >= 0x7C00) & (bits != 0x8000))
+        else:
+            bad = ~np.isfinite(values) if name == "embeddings" else ~(values >= 0)
+        what = "probability {} (NaN, inf or < 0)" if name == "probs" else \
+            "embedding value {} (NaN or inf)"
+    else:
+        return None
+    if not bad.any():
+        return None
+    where = tuple(int(i) for i in np.argwhere(bad)[0])
+    return where[0], what.format(values[where])
+
+
 def stored_dtype(spec: ArraySpec, num_classes: int) -> Any:
     if spec.dtype == "index":
         return index_dtype(num_classes)
@@ -409,12 +511,24 @@ _KINDS = {"i": ("iu", "integers"), "u": ("iu", "integers"), "f": ("f", "floating
 
 
 def _generic(entry: ArraySpec, value: Any, shape: tuple, num_classes: int) -> np.ndarray:
-    """The generic rule: the shape of its dims, a value of its dtype's kind, fill if absent."""
+    """The generic rule: the shape of its dims, a value of its dtype's kind, fill if absent;
+    floating-point values finite as stored (a value beyond float16's ±65504 would become
+    inf there)."""
     dtype = np.dtype(stored_dtype(entry, num_classes))
     if value is None:
         return np.full(shape, entry.fill, dtype=dtype)
     kinds, what = _KINDS.get(dtype.kind, (dtype.kind, str(dtype)))
-    return _as_array(entry.name, value, shape, kinds, what).astype(dtype, copy=False)
+    array = _as_array(entry.name, value, shape, kinds, what)
+    with np.errstate(over="ignore", invalid="ignore"):
+        stored = array.astype(dtype, copy=False)
+    if dtype.kind == "f" and not np.isfinite(stored).all():
+        row = int(np.argwhere(~np.isfinite(stored))[0][0])
+        given = np.asarray(array[row], dtype=np.float64)
+        why = ("NaN or inf" if not np.isfinite(given).all() else
+               f"largest magnitude {np.abs(given).max():g}, beyond {dtype}'s "
+               f"{float(np.finfo(dtype).max):g}")
+        raise ValueError(f"{entry.name} of row {row} are not finite as {dtype} ({why})")
+    return stored
 
 
 def _check_teacher_rows(indices: np.ndarray, values: dict[str, Any], *, n: int, num_views: int,

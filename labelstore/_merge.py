@@ -47,9 +47,10 @@ def merge(stores: Any, out: Any, *, chunk_rows: int | None = None, overwrite: bo
     views, boxes and flips are kept; embeddings only when every store has them with
     the same width, stored logits when every store has them. Augmentation records are
     kept, each mixing partner moved to its output row, or to the output's partner table
-    when its row is not in the output (docs/format.md). Teacher, preprocessing,
-    augmentation settings and class names come from the first store; provenance records
-    every source with its fingerprint.
+    when its row is not in the output (docs/format.md). Augmentation settings and class
+    names come from the first store; the teacher of every row range is recorded
+    (``teachers``, when the stores had different ones); provenance records every source
+    with its fingerprint.
 
     Raises
     ------
@@ -73,16 +74,20 @@ def _merge(stores: Any, out: Any, *, chunk_rows: int | None, overwrite: bool,
 
     chosen = _derive.collect_rows(opened, [np.arange(len(s)) for s in opened], prefixes)
     notes = []
-    teachers = sorted({str(s.teacher_name) for s in opened})
-    if len(teachers) > 1:
-        notes.append("note: the stores were labeled by different teachers "
-                     f"({', '.join(teachers)}); the output records the first store's")
+    teachers = _derive.teacher_attrs(opened, chosen.per_store)
+    if "teachers" in teachers:
+        names = list(dict.fromkeys(str((t.get("teacher") or {}).get("model"))
+                                   for t in teachers["teachers"]))
+        notes.append(f"note: the rows come from {len(teachers['teachers'])} row ranges of "
+                     f"different teachers ({', '.join(names)}); the output records each "
+                     "range's teacher (attribute teachers)")
     entry = {"command": "merge",
              "sources": [{**_derive.source_entry(s), "key_prefix": p, "rows_kept": len(rows)}
                          for s, p, rows in zip(opened, prefixes, chosen.per_store)],
              "duplicates_dropped": chosen.dropped}
     copied = _derive.write_store(out, opened, chosen,
-                                 _derive.derived_attrs(opened[0], root, "merge", entry),
+                                 _derive.derived_attrs(opened[0], root, "merge", entry,
+                                                       teachers),
                                  chunk_rows=chunk_rows, overwrite=overwrite, progress=progress,
                                  desc="merge", prefixes=prefixes)
     if not copied and any(s.has_embeddings for s in opened):

@@ -23,8 +23,14 @@ from typing import Any, Iterable, Mapping
 from . import _format as fmt
 
 # Top-level entries a label store directory may hold besides its arrays: the group's
-# metadata and the failure records infer-teacher keeps next to it.
-STORE_FILES = ("zarr.json", "failed.txt", "failed.txt.tmp", "failed.rank*.part")
+# metadata (and zarr's temporary file of it, left by a run killed while rewriting it) and
+# the failure records infer-teacher keeps next to it.
+STORE_FILES = ("zarr.json", "zarr.*.partial", "failed.txt", "failed.txt.tmp",
+               "failed.rank*.part")
+
+# The group attribute a store carries while ``create`` makes its arrays (docs/format.md):
+# a store that still has it was never finished and holds no row.
+CREATING = "creating"
 
 
 def local_path(path: Any) -> str | None:
@@ -98,7 +104,11 @@ def check_disjoint(out: Any, inputs: Mapping[str, Any | Iterable[Any]], *,
 
 def check_output_file(path: str, option: str) -> None:
     """Refuse, before any work, an output file path that cannot be written: an existing
-    directory, a missing or unwritable parent folder. ``option`` names it in the message."""
+    directory, a missing or unwritable parent folder; for an fsspec URL, an unreachable
+    endpoint, a missing bucket or an existing folder. ``option`` names it in the message."""
+    if local_path(path) is None:
+        return _check_remote_output_file(str(path), option)
+    path = local_path(path)
     if os.path.isdir(path):
         raise IsADirectoryError(f"{option} {path} is a directory; give a file name")
     parent = os.path.dirname(os.path.abspath(path))
@@ -108,15 +118,53 @@ def check_output_file(path: str, option: str) -> None:
         raise PermissionError(f"{option} {path}: not writable")
 
 
+def _check_remote_output_file(url: str, option: str) -> None:
+    """An object-storage output file: reachable, in a bucket that exists, not a folder.
+    (A "folder" of object storage is only a prefix: a new one needs no creating.)"""
+    import fsspec
+
+    if exists(url):  # one line, naming the URL, when the endpoint cannot be reached
+        fs, inner = fsspec.core.url_to_fs(url)
+        if fs.isdir(inner):
+            raise IsADirectoryError(f"{option} {url} is a folder; give a file name")
+        return
+    fs, inner = fsspec.core.url_to_fs(url)
+    bucket = inner.strip("/").split("/", 1)[0]
+    if "/" in inner.strip("/") and not fs.exists(bucket):
+        raise FileNotFoundError(f"{option} {url}: bucket {bucket} does not exist")
+
+
 def is_store_dir(path: str) -> bool:
     """True for a local directory whose zarr.json says it is an ssld label store."""
+    attrs = _local_attributes(path)
+    return attrs is not None and attrs.get("format") == fmt.FORMAT
+
+
+def _local_attributes(path: str) -> dict | None:
+    """The group attributes of the local folder ``path`` (None: not a zarr group)."""
     try:
         with open(os.path.join(path, "zarr.json"), encoding="utf-8") as handle:
             meta = json.load(handle)
     except (OSError, ValueError):
-        return False
+        return None
     attrs = meta.get("attributes") if isinstance(meta, dict) else None
-    return isinstance(attrs, dict) and attrs.get("format") == fmt.FORMAT
+    return attrs if isinstance(attrs, dict) else None
+
+
+def unfinished_creation(path: Any) -> bool:
+    """True for an ssld label store whose creation never finished (its creator stopped:
+    a full disk, a kill): it holds no row, so a new ``create`` may replace it."""
+    local = local_path(path)
+    if local is not None:
+        attrs = _local_attributes(local) if os.path.isdir(local) else None
+    else:
+        import zarr
+
+        try:
+            attrs = dict(zarr.open_group(str(path), mode="r").attrs)
+        except Exception:  # noqa: BLE001 - not a readable group: not one of ours
+            attrs = None
+    return bool(attrs and attrs.get("format") == fmt.FORMAT and attrs.get(CREATING))
 
 
 def _foreign_entries(path: str) -> list[str]:
@@ -173,11 +221,19 @@ def _check_remote_replaceable(url: Any, option: str) -> None:
 
 def remove_store(path: Any, *, option: str = "--out") -> None:
     """Delete a local label store after :func:`check_replaceable` (remote: zarr's mode "w"
-    clears the group when it is recreated)."""
+    clears the group when it is recreated). ``zarr.json`` goes last: a removal that is
+    interrupted leaves a store that is still recognisably ssld's, to be replaced again."""
     check_replaceable(path, option=option)
     local = local_path(path)
-    if local is not None and os.path.lexists(local):
-        shutil.rmtree(local)
+    if local is None or not os.path.lexists(local):
+        return
+    for entry in sorted(os.listdir(local), key=lambda name: name == "zarr.json"):
+        full = os.path.join(local, entry)
+        if os.path.isdir(full) and not os.path.islink(full):
+            shutil.rmtree(full)
+        else:
+            os.remove(full)
+    os.rmdir(local)
 
 
 def disk_bytes(path: Any) -> int | None:

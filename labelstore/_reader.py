@@ -13,13 +13,19 @@ from . import _chunks
 from . import _format as fmt
 from . import _keys
 from . import _partners
-from ._paths import exists, local_path
+from ._paths import CREATING, exists, local_path
 from ._writer import LabelStoreWriter
 
 
 class DamagedStoreError(ValueError):
     """A store whose arrays do not hold what its metadata promises (a chunk missing,
-    truncated or altered, an array removed or reshaped). Reported, never read as data."""
+    truncated or altered, an array removed or reshaped, a value the format rules out).
+    Reported, never read as data."""
+
+
+class UnfinishedStoreError(ValueError):
+    """A store whose creation never finished (its creator stopped: a full disk, a kill).
+    It holds no row; ``create`` (the command that writes it, run again) replaces it."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +75,11 @@ def _open_group(path: Any, mode: str) -> zarr.Group:
     if version != fmt.FORMAT_VERSION:
         raise ValueError(f"{path} has label-store format version {version!r}; this ssld reads "
                          f"version {fmt.FORMAT_VERSION}")
+    if attrs.get(CREATING):
+        raise UnfinishedStoreError(
+            f"label store {path} was never finished being created (the run creating it "
+            "stopped before any row was written: a full disk, a kill); run the command that "
+            "writes it again: it is created afresh")
     check_structure(group, path)
     return group
 
@@ -83,9 +94,13 @@ def _fresh_store(url: Any, mode: str):
 
 
 def check_structure(group: zarr.Group, path: Any) -> None:
-    """DamagedStoreError unless every array is there with the shape and chunking the
-    attributes imply, and (for stores that promise it) every done chunk is on storage."""
+    """DamagedStoreError unless the attributes agree with each other
+    (``_format.attribute_problem``), every array is there with the shape, chunking and
+    dtype they imply, and (for stores that promise it) every done chunk is on storage."""
     attrs = group.attrs
+    problem = fmt.attribute_problem(dict(attrs))
+    if problem is not None:
+        raise DamagedStoreError(f"label store {path} is damaged: {problem}")
     try:
         n = int(group["labels"].shape[0])
         lengths = fmt.sizes(rows=n, views=int(attrs["views"]), topk=int(attrs["topk"]),
@@ -109,6 +124,19 @@ def check_structure(group: zarr.Group, path: Any) -> None:
                 f"label store {path} is damaged: array {spec.name!r} has shape "
                 f"{tuple(array.shape)} chunks {tuple(array.chunks)}, its attributes say shape "
                 f"{shape} chunks {chunks}")
+        if spec.dtype == "index" and array.dtype != fmt.index_dtype(int(attrs["num_classes"])):
+            raise DamagedStoreError(
+                f"label store {path} is damaged: class ids are stored as {array.dtype}, "
+                f"which num_classes {attrs['num_classes']} does not give")
+    recorded = (attrs.get("dataset") or {}).get("num_samples")
+    if recorded is not None and int(recorded) != n:
+        raise DamagedStoreError(f"label store {path} is damaged: it has {n} rows, its "
+                                f"dataset.num_samples says {recorded}")
+    ranges = [entry.get("rows") for entry in attrs.get("teachers") or []]
+    if ranges and [bound for pair in ranges for bound in pair] != \
+            [0] + [bound for pair in ranges[:-1] for bound in (pair[1], pair[1])] + [n]:
+        raise DamagedStoreError(f"label store {path} is damaged: the row ranges of its "
+                                f"teachers {ranges} do not cover its {n} rows in order")
     stored = None
     if (attrs.get("integrity") or {}).get("every_chunk_written"):
         stored = _check_chunks_present(group, path, arrays)
@@ -219,7 +247,24 @@ class LabelStore:
 
     def _get(self, name: str, selection: Any, orthogonal: bool = False) -> np.ndarray:
         """Stored values of one array; damage is a DamagedStoreError naming the chunk."""
-        return _read_array(self.path, name, self._array(name), selection, orthogonal)
+        values = _read_array(self.path, name, self._array(name), selection, orthogonal)
+        self._check_values(name, values, selection)
+        return values
+
+    def _check_values(self, name: str, values: np.ndarray, selection: Any) -> None:
+        """The format's rules for stored values (``_format.value_problem``) on what was just
+        read: a value that breaks one is a DamagedStoreError naming the chunk and the row."""
+        problem = fmt.value_problem(name, values, self.num_classes)
+        if problem is None:
+            return
+        position, what = problem
+        rows = selection[0] if isinstance(selection, tuple) else selection
+        row = (rows.indices(self._n)[0] + position if isinstance(rows, slice)
+               else int(np.asarray(rows)[position]))
+        chunk, size = row // self.chunk_rows, self.chunk_rows
+        raise DamagedStoreError(
+            f"label store {self.path} is damaged: chunk {chunk} of array {name!r} (rows "
+            f"{chunk * size}:{min((chunk + 1) * size, self._n)}) holds {what} at row {row}")
 
     def _get_many(self, selections: dict[str, Any]) -> dict[str, np.ndarray]:
         """Stored values of several arrays (name → basic selection) in one batch, so zarr
@@ -243,6 +288,7 @@ class LabelStore:
             value = results.get(name)
             if name in batched and not isinstance(value, BaseException):
                 out[name] = np.asarray(value)
+                self._check_values(name, out[name], selection)
             else:  # keys, or an error to report with the chunk named
                 out[name] = self._get(name, selection)
         return out
@@ -349,6 +395,19 @@ class LabelStore:
                              f"missing (first range {missing[0][0]}:{missing[0][1]}); resume the "
                              "run that writes it")
         return self
+
+    def row_teachers(self) -> list[tuple[int, int, dict]]:
+        """``(lo, hi, teacher)`` per row range, covering the store in order: the ``teachers``
+        attribute of a store whose rows come from several teachers (a merge or selection
+        of their stores, docs/format.md), else one range with the store's own. ``teacher``
+        holds the attributes the rows were computed with (``teacher``, ``preprocessing``,
+        ``temperature``, ``compute``): what ``ssld verify`` recomputes them with."""
+        recorded = self._attrs.get("teachers")
+        if recorded:
+            return [(int(entry["rows"][0]), int(entry["rows"][1]),
+                     {name: value for name, value in entry.items() if name != "rows"})
+                    for entry in recorded]
+        return [(0, self._n, fmt.teacher_entry(self._attrs))]
 
     @property
     def teacher_name(self) -> str | None:

@@ -28,6 +28,7 @@ import numpy as np
 from . import _derive
 from ._lock import OutputLock
 from ._paths import check_disjoint, check_output_file
+from ._progress import progress_bar
 from ._reader import LabelStore
 from ._text import decode_lines
 
@@ -281,7 +282,7 @@ def _scan(stores: Sequence[LabelStore], table: _ClassTopK, *, exclude: set[str] 
     """Stream every block of the pool into ``table``; returns the row/candidate counters."""
     scanned = invalid = excluded = candidates = 0
     offset = 0
-    with _derive.progress_bar(progress, sum(len(s) for s in stores), "select-topk") as bar:
+    with progress_bar(progress, sum(len(s) for s in stores), "select-topk") as bar:
         for store in stores:
             root = (store.attrs.get("dataset") or {}).get("root")
             listed = _for_store(exclude, root) if exclude else None
@@ -431,12 +432,12 @@ def select_rows(stores: Any, k: int, *, exclude: str | None = None,
 def _check_selection(opened: Sequence[LabelStore], k: Any, min_prob: float | None,
                      view: int) -> None:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
+        raise ValueError(f"--k must be a positive integer, got {k!r}")
     if min_prob is not None and not 0.0 <= float(min_prob) <= 1.0:
-        raise ValueError(f"min_prob must be within [0, 1], got {min_prob}")
+        raise ValueError(f"--min-prob must be within [0, 1], got {min_prob}")
     if not 0 <= int(view) < opened[0].num_views:
-        raise ValueError(f"view {view} is out of range for stores with {opened[0].num_views} "
-                         "view(s)")
+        raise ValueError(f"--view {view} is out of range for stores with "
+                         f"{opened[0].num_views} view(s)")
 
 
 def _select_topk(stores: Any, k: int, out: Any, *, exclude: str | None, min_prob: float | None,
@@ -480,7 +481,9 @@ def _select_topk(stores: Any, k: int, out: Any, *, exclude: str | None, min_prob
              "rows_scanned": selection.rows_scanned, "rows_excluded": selection.rows_excluded,
              "per_class_counts": selection.counts.tolist()}
     copied = _derive.write_store(out, opened, chosen,
-                                 _derive.derived_attrs(opened[0], root, "select-topk", entry),
+                                 _derive.derived_attrs(opened[0], root, "select-topk", entry,
+                                                       _derive.teacher_attrs(
+                                                           opened, chosen.per_store)),
                                  chunk_rows=chunk_rows, overwrite=overwrite, progress=progress,
                                  desc="copy", prefixes=prefixes)
     if list_out:
@@ -504,13 +507,16 @@ def _unique(values: np.ndarray) -> np.ndarray:
 
 
 def write_list(store: Any, path: str, *, view: int = 0) -> int:
-    """Write a PaddleClas list file (``key top1-class`` per row) for ``store``; a key with
-    whitespace in it is followed by a tab instead of a space (the list-file rule of
-    ``teacher_infer.data``: such a line would otherwise not read back)."""
+    """Write a PaddleClas list file (``key top1-class`` per row) for ``store``; ``path`` a
+    local file or an fsspec URL. A key with whitespace in it is followed by a tab instead
+    of a space (the list-file rule of ``teacher_infer.data``: such a line would otherwise
+    not read back)."""
+    import fsspec
+
     from ._reader import open as open_store
 
     st = store if isinstance(store, LabelStore) else open_store(store)
-    with open(path, "w", encoding="utf-8") as handle:
+    with fsspec.open(str(path), "w", encoding="utf-8") as handle:
         for _, _, block in _derive.read_blocks(st, ("keys", "indices"), view=view):
             handle.writelines(f"{key}{chr(9) if _WHITESPACE.search(key) else ' '}{int(top1)}\n"
                               for key, top1 in zip(block["keys"].tolist(), block["indices"][:, 0]))

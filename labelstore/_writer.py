@@ -10,6 +10,7 @@ is what makes multi-rank inference safe on local disks and object stores alike.
 from __future__ import annotations
 
 import os
+import shutil
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Mapping, Sequence
@@ -21,7 +22,7 @@ from . import _chunks
 from . import _format as fmt
 from . import _keys
 from . import _partners
-from ._paths import exists, local_path, remove_store
+from ._paths import CREATING, exists, local_path, remove_store, unfinished_creation
 
 
 def _chunk_count(n: int, chunk_rows: int) -> int:
@@ -91,16 +92,28 @@ def create(path: Any, *, keys: Sequence[str], num_classes: int, topk: int, views
             raise ValueError("partners: a partner table needs mixing records (augment_dims mix)")
         partners = _partners.check_values(partners, lengths)
     _clear(path, overwrite)
+    group_attrs = _group_attrs(attrs, joined, num_classes=num_classes, topk=topk, views=views,
+                               chunk_rows=chunk_rows, embedding_dim=embedding_dim,
+                               augment_dims=augment_dims, logits=logits,
+                               partners=0 if partners is None else len(partners["keys"]))
     # file:// URLs go to zarr as plain paths: its fsspec store does not create directories
     local = local_path(path)
-    group = zarr.open_group(local if local is not None else path, mode="w")
-    arrays = _create_arrays(group, lengths, chunk_rows, num_classes)
-    _write_columns(arrays, {"keys": joined, "labels": labels})
-    count = 0 if partners is None else _partners.write_table(group, partners, lengths,
-                                                             chunk_rows, _WRITE_ALL)
-    group.attrs.update(_group_attrs(attrs, joined, num_classes=num_classes, topk=topk, views=views,
-                                    chunk_rows=chunk_rows, embedding_dim=embedding_dim,
-                                    augment_dims=augment_dims, logits=logits, partners=count))
+    made = local is not None and not os.path.lexists(local)
+    try:
+        # The attributes first, marked as being created: a creation stopped at any later
+        # point (a kill) leaves a store that is recognisably ssld's, holds no row, and is
+        # replaced by the next create (`_clear`); the mark goes once every array is there.
+        group = zarr.open_group(local if local is not None else path, mode="w",
+                                attributes={**group_attrs, CREATING: True})
+        arrays = _create_arrays(group, lengths, chunk_rows, num_classes)
+        _write_columns(arrays, {"keys": joined, "labels": labels})
+        if partners is not None:
+            _partners.write_table(group, partners, lengths, chunk_rows, _WRITE_ALL)
+        del group.attrs[CREATING]
+    except BaseException:
+        if made and os.path.isdir(local):  # all of it is this call's, none of it a row
+            shutil.rmtree(local, ignore_errors=True)
+        raise
     return LabelStoreWriter(group, path)
 
 
@@ -124,9 +137,10 @@ def _check_sizes(num_classes: Any, topk: Any, views: Any, chunk_rows: Any,
 
 def _clear(path: Any, overwrite: bool) -> None:
     """Make room for a new store at ``path``: refused unless ``overwrite``, and then only
-    a recognisable label store is removed."""
+    a recognisable label store is removed; a store whose creation never finished holds no
+    row and is replaced without ``overwrite``."""
     if exists(path):
-        if not overwrite:
+        if not overwrite and not unfinished_creation(path):
             raise FileExistsError(f"{path} already exists (pass overwrite=True / --overwrite "
                                   "to replace it)")
         remove_store(path)  # refuses anything that is not recognisably a label store

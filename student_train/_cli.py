@@ -5,7 +5,8 @@ import functools
 
 import click
 
-from teacher_infer.cli_options import config_option, device_option, json_option, threads_option
+from teacher_infer.cli_options import (config_option, device_option, json_option,
+                                       progress_option, threads_option)
 from teacher_infer.runtime import Dist
 
 from .config import DECODERS, EVAL_BATCH_SIZE, TrainConfig  # no torch import: `ssld --help` stays instant
@@ -47,6 +48,7 @@ _runtime_options = [
     _field("input_size", type=int,
            help="Square input side (default: the model's pretrained config)."),
     threads_option(TrainConfig),  # eval's `threads` keyword has the same default (None)
+    progress_option,              # TrainConfig.progress, eval's `progress` keyword
 ]
 
 

@@ -5,7 +5,8 @@ import functools
 
 import click
 
-from teacher_infer.cli_options import config_option, device_option, threads_option
+from teacher_infer.cli_options import (config_option, device_option, progress_option,
+                                       threads_option)
 
 from .quickstart import QuickstartConfig  # no torch import
 
@@ -22,7 +23,10 @@ _field = functools.partial(config_option, QuickstartConfig)
 @_field("select_k", help="Pool images kept per class.")
 @device_option
 @_field("seed")
+@_field("num_workers", type=click.IntRange(min=0),
+        help="Decoding workers per step (teacher passes, training, eval).")
 @threads_option(QuickstartConfig)
+@progress_option
 def quickstart(**options) -> None:
     """Teacher → infer-teacher → dedup → select-topk → merge → train-student → eval on digits."""
     from .quickstart import run

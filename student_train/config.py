@@ -25,7 +25,7 @@ EVAL_BATCH_SIZE = 256   # ssld eval's images per step (here: its module imports 
 
 # Options that may change between a run and its --resume without changing the result:
 # where the work runs and how many processes decode, not what is computed.
-RESUMABLE_CHANGES = frozenset({"resume", "num_workers", "threads", "bad_images"})
+RESUMABLE_CHANGES = frozenset({"resume", "num_workers", "threads", "bad_images", "progress"})
 
 
 # The method's learning rate for 256 images per step (the SSLD paper's recipes: MobileNetV1
@@ -100,6 +100,7 @@ class TrainConfig:
     seed: int = 0                         # model init, sample order, views, augmentation
     # an image that cannot be read: skip (leave it out, list it in RUN_DIR/failed.txt) | stop
     bad_images: str = field(default="skip", metadata={"choices": BAD_IMAGES})
+    progress: bool = True                 # progress bars (rank 0, on a terminal)
 
     def __post_init__(self) -> None:
         if self.lr is None:
@@ -118,7 +119,7 @@ class TrainConfig:
                                      ("loss", self.loss, tuple(LOSS_SPECS)),
                                      ("bad_images", self.bad_images, BAD_IMAGES)):
             if value not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+                raise ValueError(f"--{name} must be one of {', '.join(allowed)}, got {value!r}")
         numbers = {"lr": self.lr, "weight_decay": self.weight_decay, "momentum": self.momentum,
                    "warmup_epochs": self.warmup_epochs, "temperature": self.temperature,
                    "label_weight": self.label_weight, "label_smoothing": self.label_smoothing,
@@ -129,20 +130,23 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be finite, got {value}")
         for name in ("epochs", "batch_size", "val_every"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        if not self.lr >= 0 or not self.weight_decay >= 0 or not self.warmup_epochs >= 0:
-            raise ValueError(f"lr, weight_decay and warmup_epochs must be >= 0, got "
-                             f"{self.lr}, {self.weight_decay}, {self.warmup_epochs}")
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got "
+                                 f"{getattr(self, name)!r}")
+        for name in ("lr", "weight_decay", "warmup_epochs"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got "
+                                 f"{getattr(self, name)}")
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
-            raise ValueError(f"crop_scale must be 0 < min <= max <= 1, got {self.crop_scale}")
-        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"--crop-scale must be 0 < MIN <= MAX <= 1, got "
+                             f"{self.crop_scale[0]:g} {self.crop_scale[1]:g}")
+        if not 0 <= self.label_smoothing < 1:  # no flag: the --supervised baseline's 0.1
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.input_size is not None and self.input_size < 8:
-            raise ValueError(f"input_size must be >= 8 pixels, got {self.input_size}")
+            raise ValueError(f"--input-size must be >= 8 pixels, got {self.input_size}")
         if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {self.threads}")
+            raise ValueError(f"--threads must be >= 1, got {self.threads}")
         if self.num_workers is not None and self.num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+            raise ValueError(f"--num-workers must be >= 0, got {self.num_workers}")
         if self.temperature != 1.0 and not LOSS_SPECS[self.loss].temperature:
             tempered = " or ".join(n for n, spec in LOSS_SPECS.items() if spec.temperature)
             raise ValueError(f"--temperature {self.temperature} only applies to --loss "

@@ -15,7 +15,8 @@ from .metrics import EvalResult
 def evaluate(model: str, checkpoint: str, data: str, *, root: Optional[str] = None,
              input_size: Optional[int] = None, batch_size: int = EVAL_BATCH_SIZE, device: str = "auto",
              decoder: str = "auto", precision: str = "auto", num_workers: Optional[int] = None,
-             channels_last: Optional[bool] = None, threads: Optional[int] = None) -> EvalResult:
+             channels_last: Optional[bool] = None, threads: Optional[int] = None,
+             progress: bool = True) -> EvalResult:
     """Evaluate ``checkpoint`` (a train-student checkpoint or a plain state dict) on ``data``.
 
     Images get the model's evaluation preprocessing (resize + center crop at its crop_pct) at
@@ -26,7 +27,7 @@ def evaluate(model: str, checkpoint: str, data: str, *, root: Optional[str] = No
 
     Returns an :class:`EvalResult` (fractions and images/s); runs under ``torchrun`` too,
     each rank evaluating a disjoint share, on ``threads`` CPU threads per rank (None: the CPUs
-    available per rank).
+    available per rank); ``progress``: a bar on rank 0 (on a terminal).
     """
     from teacher_infer import resolve_model_name
     from teacher_infer.imaging import resolve_decoder
@@ -40,7 +41,7 @@ def evaluate(model: str, checkpoint: str, data: str, *, root: Optional[str] = No
     from .trainer import validate
 
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     env = D.setup(device, threads)
     try:
         name = resolve_model_name(model)
@@ -71,7 +72,8 @@ def evaluate(model: str, checkpoint: str, data: str, *, root: Optional[str] = No
                                decoder=resolve_decoder(decoder, env.device), drop_last=False,
                                bad=BadImages("stop"))  # a score over every image, or none
         return validate(net, batches, env=env, precision=resolve_precision(precision,
-                                                                             env.device))
+                                                                             env.device),
+                        progress=progress)
     finally:
         D.teardown(env)
 

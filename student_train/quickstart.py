@@ -57,7 +57,7 @@ class QuickstartConfig:
     # fastest on a shared machine and keeps the table the same run after run
     threads: int = 1
     val_every: int = 10                  # validation every N epochs; the table is last.pt's
-    progress: bool = True
+    progress: bool = True                # progress bars (on a terminal)
 
 
 @dataclass
@@ -238,7 +238,7 @@ def run(cfg: QuickstartConfig, echo: Callable[[str], None] = print) -> Quickstar
     labeled, pool, val = _infer_teacher(cfg, work, data, teacher, steps)
     exclude, duplicates = _dedup(cfg, work, pool, val, steps)
     selected, rows_selected = _select(cfg, work, pool, exclude, steps)
-    train_store = _merge(work, labeled, selected, steps)
+    train_store = _merge(work, labeled, selected, steps, cfg.progress)
     _train_students(cfg, work, data, train_store, steps)
     scores = _evaluate(cfg, work, data, steps)
 
@@ -251,9 +251,11 @@ def run(cfg: QuickstartConfig, echo: Callable[[str], None] = print) -> Quickstar
 
 
 def _runtime(cfg: QuickstartConfig) -> dict:
-    """Where and on how many threads every step runs: the options teacher inference,
-    training and eval share (dedup gets the same device and threads)."""
-    return dict(device=cfg.device, num_workers=cfg.num_workers, threads=cfg.threads)
+    """Where and on how many threads every step runs, and whether it draws a bar: the
+    options teacher inference, training and eval share (dedup gets the same device, threads
+    and bar setting)."""
+    return dict(device=cfg.device, num_workers=cfg.num_workers, threads=cfg.threads,
+                progress=cfg.progress)
 
 
 def _prepare(cfg: QuickstartConfig, work: Path, steps: _Steps) -> PreparedDataset:
@@ -263,7 +265,8 @@ def _prepare(cfg: QuickstartConfig, work: Path, steps: _Steps) -> PreparedDatase
     steps.begin(1, f"writing the digits data set under {work / 'data'}")
     return steps.cached(
         "prepare digits", _inputs({"seed": cfg.seed}), (work / "data" / "meta.json").exists(),
-        lambda mode: prepare_digits(work / "data", seed=cfg.seed, overwrite=mode != "reuse"),
+        lambda mode: prepare_digits(work / "data", seed=cfg.seed, overwrite=mode != "reuse",
+                                    progress=cfg.progress),
         lambda d: f"{d.num_labeled} L / {d.num_pool} U / {d.num_val} V")
 
 
@@ -331,8 +334,7 @@ def _infer(cfg: QuickstartConfig, data: PreparedDataset, steps: _Steps, checkpoi
     out = str(out)
     settings = dict(model=TEACHER, checkpoint=checkpoint, data=source, root=data.root, out=out,
                     topk=cfg.topk, seed=cfg.seed, crop_scale=CROP_SCALE, batch_size=256,
-                    class_names=data.class_names, progress=cfg.progress,
-                    decoder=_teacher_decoder(), precision="fp32", **PREPROCESSING,
+                    class_names=data.class_names, decoder=_teacher_decoder(), precision="fp32", **PREPROCESSING,
                     **{**_runtime(cfg), **options})
 
     def label(mode: str):
@@ -380,7 +382,7 @@ def _dedup(cfg: QuickstartConfig, work: Path, pool: str, val: str,
             from teacher_infer.dedup import DedupConfig, dedup
 
             found = dedup(DedupConfig(query=val, pool=pool, device=cfg.device,
-                                      threads=cfg.threads))
+                                      threads=cfg.threads, progress=cfg.progress))
             _write_atomic(exclude, "\n".join(found.lines()) + "\n")
         return sum(1 for line in labelstore.read_lines(str(exclude), "exclude file")
                    if line and not line.startswith("#"))
@@ -397,17 +399,18 @@ def _select(cfg: QuickstartConfig, work: Path, pool: str, exclude: Path,
     steps.begin(5, f"select-topk: {cfg.select_k} pool images per class")
     selected = str(work / "stores" / f"pool_top{cfg.select_k}.zarr")
     selection = steps.timed("select-topk", lambda: labelstore.select_topk(
-        pool, cfg.select_k, selected, exclude=str(exclude), overwrite=True),
+        pool, cfg.select_k, selected, exclude=str(exclude), overwrite=True,
+        progress=cfg.progress),
         lambda r: f"{r.rows_written} rows")
     return selected, selection.rows_written
 
 
-def _merge(work: Path, labeled: str, selected: str, steps: _Steps) -> str:
+def _merge(work: Path, labeled: str, selected: str, steps: _Steps, progress: bool) -> str:
     """Step 6: the training store, labeled rows then the selected pool rows."""
     steps.begin(6, "merge: labeled store + selected pool")
     train_store = str(work / "stores" / "train.zarr")
     steps.timed("merge", lambda: labelstore.merge([labeled, selected], train_store,
-                                                  overwrite=True))
+                                                  overwrite=True, progress=progress))
     return train_store
 
 

@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -16,10 +17,9 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 import labelstore
-from labelstore import OutputLock, check_disjoint, is_store_dir, local_path
+from labelstore import OutputLock, check_disjoint, is_store_dir, local_path, progress_bar
 
 from teacher_infer.runtime import autocast, resolve_precision
 
@@ -31,7 +31,7 @@ from .failures import FailedFile, gather_left_out
 from .metrics import EpochStats, EvalResult, MetricsCSV, TrainResult, setup_logger, topk_correct
 from .optim import build_optimizer, lr_at, make_ema, scale_lr, set_lr
 
-# How often (steps) the loss is summed across ranks, checked for NaN/inf and shown by tqdm:
+# How often (steps) the loss is summed across ranks, checked for NaN/inf and shown by the bar:
 # each check synchronises the device, so not every step.
 CHECK_EVERY = 20
 
@@ -43,22 +43,25 @@ class TrainingDiverged(RuntimeError):
 def train_one_epoch(model: nn.Module, batches: Iterable, loss_fn: Callable, optimizer,
                     lr_for_step: Callable[[int], float], *, first_step: int, env: D.DistEnv,
                     precision: str, scaler=None, ema=None, teacher: Optional[Callable] = None,
-                    desc: str = "", images_per_step: int = 0) -> EpochStats:
+                    desc: str = "", images_per_step: int = 0, progress: bool = True
+                    ) -> EpochStats:
     """One pass over ``batches`` of (images, teacher_probs, labels) already on the device;
     returns global (all-rank) figures.
 
     ``teacher_probs`` is empty (B, 0) when there are none in the data: then ``teacher`` (online
     distillation) computes them from the same images, or the loss uses ``labels`` only.
-    ``images_per_step`` (all ranks) makes the progress bar count images: images/s and an ETA.
+    ``images_per_step`` (all ranks) makes the progress bar count images: images/s and an ETA;
+    ``progress`` asks for the bar (drawn on rank 0, on a terminal: ``labelstore.progress_bar``).
     """
     model.train()
     step, seen, with_teacher = first_step, 0, False
     totals = torch.zeros(3, dtype=torch.float64, device=env.device)  # loss·n, agreeing rows, n
     start = time.perf_counter()
     steps = len(batches)
-    # On a terminal only (disable=None): logs keep the one line per epoch instead.
-    bar = tqdm(total=steps * (images_per_step or 1), desc=desc, leave=False, mininterval=0.5,
-               unit="img" if images_per_step else "batch", disable=not env.is_main or None)
+    # On a terminal only: logs keep the one line per epoch instead.
+    bar = progress_bar(env.is_main and progress, steps * (images_per_step or 1), desc,
+                       unit="img" if images_per_step else "batch", unit_scale=False,
+                       mininterval=0.5)
     lr = lr_for_step(step)
     for i, (images, teacher_probs, labels) in enumerate(batches):
         lr = lr_for_step(step)
@@ -123,17 +126,21 @@ class HardLabelLoss(nn.Module):
 
 @torch.no_grad()
 def validate(model: nn.Module, batches: Iterable, *, env: D.DistEnv, precision: str,
-             desc: str = "eval") -> EvalResult:
+             desc: str = "eval", progress: bool = True) -> EvalResult:
     """Top-1/top-5 over all ranks' batches of (images, _, labels), and images/s."""
     model.eval()
     counts = torch.zeros(3, dtype=torch.float64, device=env.device)  # top-1, top-5, n
     start = time.perf_counter()
-    for images, _, labels in tqdm(batches, desc=desc, unit="batch", leave=False,
-                                  disable=not env.is_main or None):
-        with autocast(precision, env.device):
-            logits = model(images)
-        top1, top5 = topk_correct(logits.float(), labels)
-        counts += torch.stack([top1, top5, torch.tensor(len(labels), device=env.device)]).double()
+    total = len(batches) if hasattr(batches, "__len__") else None
+    with progress_bar(env.is_main and progress, total, desc, unit="batch",
+                      unit_scale=False) as bar:
+        for images, _, labels in batches:
+            with autocast(precision, env.device):
+                logits = model(images)
+            top1, top5 = topk_correct(logits.float(), labels)
+            counts += torch.stack([top1, top5,
+                                   torch.tensor(len(labels), device=env.device)]).double()
+            bar.update(1)
     seconds = time.perf_counter() - start
     counts = D.all_reduce_sum(counts, env)
     n = int(counts[2].item())
@@ -182,16 +189,25 @@ def _check_out(cfg: TrainConfig) -> None:
 
 
 def _train(cfg: TrainConfig, env: D.DistEnv) -> TrainResult:
-    log = _open_run_dir(cfg, env)
-    checkpoint = load_for_resume(cfg.out, cfg, write=env.is_main,
-                                 log=log if env.is_main else None) if cfg.resume else None
-    torch.manual_seed(cfg.seed)
-    run = _build(cfg, env, log)  # every refusal about the data happens in here
-    start_epoch, step, best = _restore(run, checkpoint)
-    if env.is_main:
-        _write_config(run)
-    metrics = MetricsCSV(os.path.join(cfg.out, "metrics.csv"), keep_epochs=start_epoch) \
-        if env.is_main else None
+    # A run that stops before its first epoch (a refusal of its data or options, above all)
+    # leaves nothing behind: the run folder it made, with its log, is removed again.
+    made = env.is_main and not os.path.lexists(cfg.out)
+    try:
+        log = _open_run_dir(cfg, env)
+        checkpoint = load_for_resume(cfg.out, cfg, write=env.is_main,
+                                     log=log if env.is_main else None) if cfg.resume else None
+        torch.manual_seed(cfg.seed)
+        run = _build(cfg, env, log)  # every refusal about the data happens in here
+        start_epoch, step, best = _restore(run, checkpoint)
+        if env.is_main:
+            _write_config(run)
+        metrics = MetricsCSV(os.path.join(cfg.out, "metrics.csv"), keep_epochs=start_epoch) \
+            if env.is_main else None
+    except BaseException:
+        if made:
+            setup_logger(None, is_main=True)   # closes train.log
+            shutil.rmtree(cfg.out, ignore_errors=True)
+        raise
 
     images, seconds, last = 0, 0.0, {}
     for epoch in range(start_epoch, cfg.epochs):
@@ -201,7 +217,8 @@ def _train(cfg: TrainConfig, env: D.DistEnv) -> TrainResult:
                                     run.schedule, first_step=step, env=env,
                                     precision=run.precision, scaler=run.scaler, ema=run.ema,
                                     teacher=run.teacher, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                                    images_per_step=cfg.batch_size * env.world_size)
+                                    images_per_step=cfg.batch_size * env.world_size,
+                                    progress=cfg.progress)
         except TrainingDiverged as exc:
             kept = (f"the last good checkpoint {os.path.join(cfg.out, 'last.pt')} (epoch "
                     f"{epoch}) is kept" if epoch else "no checkpoint was written")
@@ -363,11 +380,13 @@ def _evaluate_epoch(run: _Run, epoch: int, stats: EpochStats) -> dict[str, Any]:
            "epoch_s": stats.seconds}
     if run.data.val is not None and ((epoch + 1) % run.cfg.val_every == 0
                                      or epoch + 1 == run.cfg.epochs):
-        result = validate(run.model, run.data.val, env=run.env, precision=run.precision)
+        result = validate(run.model, run.data.val, env=run.env, precision=run.precision,
+                          progress=run.cfg.progress)
         row.update(val_top1=result.top1, val_top5=result.top5)
         if run.ema is not None:
             result = validate(run.ema.module, run.data.val, env=run.env,
-                              precision=run.precision, desc="eval ema")
+                              precision=run.precision, desc="eval ema",
+                              progress=run.cfg.progress)
             row.update(ema_top1=result.top1, ema_top5=result.top5)
     row["skipped"] = gather_left_out(run.data.bad_images, run.failed, run.env)
     if row["skipped"]:

@@ -10,7 +10,8 @@ from labelstore import DEFAULT_CHUNK_ROWS
 from labelstore import verify as verify_structure
 
 from . import verify as verify_teacher  # the package's wrapper: no torch import here
-from .cli_options import config_option, device_option, overwrite_option, threads_option
+from .cli_options import (config_option, device_option, overwrite_option, progress_option,
+                          threads_option)
 from .config import DECODERS, VERIFY_SAMPLE, VERIFY_SEED, InferConfig
 from .runtime import Dist
 
@@ -79,9 +80,9 @@ _field = functools.partial(config_option, InferConfig)
 @_field("mixup_switch_prob", type=float, metavar="P",
         help="CutMix rather than MixUp when both are on.")
 @overwrite_option
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@progress_option
 @threads_option(InferConfig)
-def infer_teacher(no_progress: bool, **options) -> None:
+def infer_teacher(**options) -> None:
     """Run a teacher once over a data set and write its top-k soft labels to a label store.
 
     Rerunning the same command resumes an interrupted store; under torchrun every rank
@@ -90,7 +91,7 @@ def infer_teacher(no_progress: bool, **options) -> None:
     """
     from teacher_infer import InferConfig, run  # through the package: tests replace them
 
-    summary = run(InferConfig(**options, progress=not no_progress))
+    summary = run(InferConfig(**options))
     if Dist.from_env().is_main:  # under torchrun, one summary line
         click.echo(str(summary))
 
@@ -115,9 +116,11 @@ commands.append(infer_teacher)
 @config_option(verify_structure, "min_agreement", type=float,
                help="Fraction of row-views that must agree.")
 @threads_option(verify_teacher)
+@click.option("--num-workers", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Decoding workers (0: in this process, enough for --sample rows).")
 @click.pass_context
 def verify_cmd(ctx, store, sample, checkpoints, structure_only, root, seed, device, decoder,
-               atol, min_agreement, threads) -> None:
+               atol, min_agreement, threads, num_workers) -> None:
     """Check a store: its structure, and sampled rows recomputed with its teacher.
 
     Exit status 1 (with the problems and the worst rows) when it fails.
@@ -129,7 +132,7 @@ def verify_cmd(ctx, store, sample, checkpoints, structure_only, root, seed, devi
 
         result = verify(store, sample=sample, checkpoint=list(checkpoints) or None, root=root,
                         seed=seed, device=device, decoder=decoder, atol=atol,
-                        min_agreement=min_agreement, threads=threads)
+                        min_agreement=min_agreement, threads=threads, num_workers=num_workers)
     click.echo(result)
     if not result.ok:
         ctx.exit(1)

@@ -5,7 +5,7 @@ import functools
 
 import click
 
-from .cli_options import config_option, device_option, threads_option
+from .cli_options import config_option, device_option, progress_option, threads_option
 from .dedup.config import DedupConfig  # no torch import: `ssld --help` stays instant
 
 commands: list[click.Command] = []
@@ -31,8 +31,10 @@ _field = functools.partial(config_option, DedupConfig)
         "component of pairs above the threshold that holds one (DINOv2).")
 @_field("report_thresholds", "--report-threshold", type=float, multiple=True,
         help="Threshold of the per-rule report (repeat; default: threshold +0, .05, .1, .15).")
-@_field("workers", type=int, help="SIFT threads per process (default: --threads).")
+@_field("workers", "--num-workers", "--workers", type=int,
+        help="SIFT workers (threads) per process (default: --threads).")
 @threads_option(DedupConfig)
+@progress_option
 def dedup_cmd(**options) -> None:
     """Find near-duplicates of query images in a pool: cosine candidates, SIFT verification.
 
@@ -44,7 +46,7 @@ def dedup_cmd(**options) -> None:
     from teacher_infer import dedup  # through the package: tests replace it
     from teacher_infer.runtime import Dist
 
-    result = dedup.dedup(DedupConfig(**options, progress=True))
+    result = dedup.dedup(DedupConfig(**options))
     if Dist.from_env().is_main:  # under torchrun, one summary
         click.echo(result, err=options["out"] == "-")   # keep stdout for the list itself
 

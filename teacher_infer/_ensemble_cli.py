@@ -6,7 +6,7 @@ import click
 
 import labelstore
 
-from .cli_options import config_option, overwrite_option
+from .cli_options import config_option, overwrite_option, progress_option
 
 commands: list[click.Command] = []
 
@@ -30,10 +30,11 @@ def _weights(ctx, param, value):
                help="Weighted mean of the distributions, or their normalised weighted "
                "geometric mean.")
 @overwrite_option
-def ensemble_cmd(stores, out, weights, topk, rule, overwrite) -> None:
+@progress_option
+def ensemble_cmd(stores, out, weights, topk, rule, overwrite, progress) -> None:
     """Combine stores that label the same crops (infer-teacher --views-from) into one."""
     click.echo(labelstore.ensemble(list(stores), out, weights=weights, topk=topk, rule=rule,
-                        overwrite=overwrite, progress=True))
+                                   overwrite=overwrite, progress=progress))
 
 
 commands.append(ensemble_cmd)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .cli_options import config_option, overwrite_option
+from .cli_options import config_option, overwrite_option, progress_option
 
 from .prepare import prepare_digits, prepare_fashion_mnist  # numpy only: no torch
 
@@ -23,6 +23,7 @@ def prepare() -> None:
                help="Training images per class in the labeled set L; the rest form the pool U.")
 @config_option(prepare_fashion_mnist, "seed", help="Seed of the L/U split.")
 @overwrite_option
+@progress_option
 def fashion_mnist(out: str, **options) -> None:
     """Fashion-MNIST: L = 600/class of train, U = the other 54,000, V = the 10,000 test images."""
     click.echo(prepare_fashion_mnist(out, **options).describe("fashion-mnist"))
@@ -34,6 +35,7 @@ def fashion_mnist(out: str, **options) -> None:
 @config_option(prepare_digits, "val_per_class")
 @config_option(prepare_digits, "seed", help="Seed of the splits.")
 @overwrite_option
+@progress_option
 def digits(out: str, **options) -> None:
     """scikit-learn's bundled digits (1,797 8x8 images) split into labeled / pool / val."""
     click.echo(prepare_digits(out, **options).describe("digits"))

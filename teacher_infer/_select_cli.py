@@ -6,7 +6,7 @@ import click
 
 import labelstore
 
-from .cli_options import config_option, overwrite_option
+from .cli_options import config_option, overwrite_option, progress_option
 
 commands: list[click.Command] = []
 
@@ -29,11 +29,13 @@ def _command(fn):
 @config_option(labelstore.select_topk, "view", help="View that ranks the rows.")
 @click.option("--list-out", default=None, help="Also write a PaddleClas list `key top1-class`.")
 @overwrite_option
-def select_topk_cmd(stores, k, out, exclude, min_prob, view, list_out, overwrite) -> None:
+@progress_option
+def select_topk_cmd(stores, k, out, exclude, min_prob, view, list_out, overwrite,
+                    progress) -> None:
     """Keep, per class, the K pool rows with the highest teacher probability."""
     click.echo(labelstore.select_topk(list(stores), k, out, exclude=exclude, min_prob=min_prob,
                                       view=view, list_out=list_out, overwrite=overwrite,
-                                      progress=True))
+                                      progress=progress))
 
 
 @_command
@@ -41,6 +43,7 @@ def select_topk_cmd(stores, k, out, exclude, min_prob, view, list_out, overwrite
 @click.argument("stores", nargs=-1, required=True)
 @click.option("--out", required=True, help="Store to write (e.g. train_plus_pool.zarr).")
 @overwrite_option
-def merge_cmd(stores, out, overwrite) -> None:
+@progress_option
+def merge_cmd(stores, out, overwrite, progress) -> None:
     """Concatenate stores with the same classes, k and views; repeated keys are dropped."""
-    click.echo(labelstore.merge(list(stores), out, overwrite=overwrite, progress=True))
+    click.echo(labelstore.merge(list(stores), out, overwrite=overwrite, progress=progress))

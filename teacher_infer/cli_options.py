@@ -11,8 +11,9 @@ dedup's, the teacher pass's and ``student_train``'s.
 - :func:`threads_option` is ``--threads`` of a computing command, read from its config's
   ``threads`` field like any other option; the library entry point applies it
   (``teacher_infer.runtime.set_threads``), so the CLI and Python behave the same.
-- :data:`overwrite_option`, :data:`json_option` and :data:`device_option` are each defined
-  once here and used by every command that has them.
+- :data:`overwrite_option`, :data:`json_option`, :data:`device_option` and
+  :data:`progress_option` (``--no-progress``) are each defined once here and used by every
+  command that has them.
 
 Nothing here imports torch: ``ssld --help`` stays instant.
 """
@@ -89,10 +90,16 @@ json_option = click.option(
     "--json", "as_json", is_flag=True,
     help="Print the result as JSON (for scripts) instead of text.")
 
+# Every command that draws a bar has it; the bar itself follows labelstore.progress_bar's
+# rule (rank 0, and only on a terminal: never carriage returns in a log file).
+progress_option = click.option(
+    "--no-progress", "progress", is_flag=True, flag_value=False, default=True,
+    help="No progress bar (there is none anyway when stderr is not a terminal).")
+
 device_option = click.option(
     "--device", type=click.Choice(DEVICES), default="auto", show_default=True,
     help="auto: CUDA when available.")
 
 
 __all__ = ["config_field", "config_option", "device_option", "json_option", "overwrite_option",
-           "threads_option"]
+           "progress_option", "threads_option"]

@@ -77,7 +77,7 @@ class InferConfig:
     mix_prob: float = 1.0               # a view is mixed with this probability
     mixup_switch_prob: float = 0.5      # CutMix rather than MixUp when both are on
     overwrite: bool = False             # replace an existing store instead of resuming it
-    progress: bool = True               # tqdm bar on rank 0
+    progress: bool = True               # a bar on rank 0, on a terminal (labelstore.progress_bar)
 
     extra: dict[str, Any] = field(default_factory=dict)  # recorded verbatim in the store attrs
 
@@ -96,7 +96,7 @@ class InferConfig:
                    "source": SOURCES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}; "
+                raise ValueError(f"--{name} must be one of {', '.join(allowed)}; "
                                  f"got {getattr(self, name)!r}")
         if self.data is None and self.views_from is None:
             raise ValueError("no data: pass --data (or --views-from STORE to label its crops)")
@@ -105,30 +105,29 @@ class InferConfig:
         if not (self.checkpoint or self.pretrained or self.random_weights):
             raise ValueError("no teacher weights: pass --checkpoint FILE or --pretrained "
                              "(or --random-weights for tests and benchmarks)")
-        positive = {"topk": self.topk, "views": self.views, "batch_size": self.batch_size}
-        for name, value in positive.items():
-            if int(value) < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        for name in ("input_size", "num_classes", "chunk_rows", "threads"):
+        for name in ("topk", "views", "batch_size", "input_size", "num_classes", "chunk_rows",
+                     "threads"):
             value = getattr(self, name)
             if value is not None and int(value) < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
         if self.num_workers is not None and self.num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+            raise ValueError(f"--num-workers must be >= 0, got {self.num_workers}")
         if not 0 < self.temperature < math.inf:
-            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}")
+            raise ValueError(f"--temperature must be a finite number > 0, got "
+                             f"{self.temperature}")
         low, high = self.crop_scale
         if not 0 < low <= high <= 1:
-            raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {self.crop_scale}")
+            raise ValueError(f"--crop-scale must satisfy 0 < MIN <= MAX <= 1, got {low:g} "
+                             f"{high:g}")
         low, high = self.crop_ratio
         if not 0 < low <= high < math.inf:
-            raise ValueError(f"crop_ratio must satisfy 0 < min <= max, got {self.crop_ratio}")
+            raise ValueError(f"--crop-ratio must satisfy 0 < MIN <= MAX, got {low:g} {high:g}")
         if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
-            raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+            raise ValueError(f"--crop-pct must be in (0, 1], got {self.crop_pct}")
         for name in ("mean", "std"):
             value = getattr(self, name)
             if value is not None and len(value) != 3:
-                raise ValueError(f"{name} needs 3 values (R G B), got {len(value)}")
+                raise ValueError(f"--{name} needs 3 values (R G B), got {len(value)}")
             if value is not None and not all(math.isfinite(v) for v in value):
                 # NaN would only surface after inference, as NaN probabilities
                 raise ValueError(f"--{name} must be finite numbers, got "

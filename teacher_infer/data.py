@@ -137,6 +137,9 @@ def find_samples(data: str, *, root: str | None = None, source: str = "auto",
     if kind == "list":
         if not os.path.isfile(data):
             raise ValueError(f"{option} {data} is a folder, not a list file")
+        if is_image_file(data):   # its bytes would be read as lines of paths
+            raise ValueError(f"{option} {data} is an image, not a list file: pass the folder "
+                             "of the images, or a list file of 'relative/path [label]' lines")
         return _from_list(data, root, root_option)
     if not os.path.isdir(data):
         raise ValueError(f"{option} {data} is a file; --source {kind} needs a folder")

@@ -14,7 +14,6 @@ import dataclasses
 import functools
 import json
 import os
-import sys
 import time
 from datetime import datetime, timezone
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from typing import Any, Callable
 import numpy as np
 
 from labelstore import (DEFAULT_CHUNK_ROWS, IncompleteRunError, OutputLock, check_disjoint,
-                        disk_bytes, human_size, local_path, read_lines)
+                        disk_bytes, human_size, local_path, progress_bar, read_lines)
 
 from .config import InferConfig
 from .data import Samples, find_samples, labels_by_name, read_class_names
@@ -201,8 +200,13 @@ def _open_or_create(cfg: InferConfig, samples: Samples, labels: np.ndarray, attr
     """Rank 0, before any rank writes: the store ready for writing, and the plan."""
     import labelstore
 
+    store = None
     if labelstore.exists(cfg.out) and not cfg.overwrite:
-        store = labelstore.open(cfg.out)
+        try:
+            store = labelstore.open(cfg.out)
+        except labelstore.UnfinishedStoreError:   # no row in it: created afresh below
+            store = None
+    if store is not None:
         check_resumable(store.attrs, attrs, cfg.out, cfg.chunk_rows)
         writer = labelstore.open(cfg.out, mode="a")
         todo = [int(c) for c in np.flatnonzero(~writer.done_chunks())]
@@ -377,6 +381,24 @@ def top_logits(logits, indices, temperature: float):
             torch.logsumexp(logits / temperature, dim=-1))
 
 
+# float16, the stored dtype of embeddings, holds magnitudes up to 65504; rows that reach
+# half of that are scaled down (below), so that rounding cannot overflow either.
+FLOAT16_ROOM = 32768.0
+
+
+def fit_float16(rows: np.ndarray) -> np.ndarray:
+    """``rows`` (n, D) float32, each row whose largest magnitude exceeds FLOAT16_ROOM divided
+    in place by the power of two that brings it below: exact, and the direction — all that
+    dedup's cosine uses — is kept, where float16 would store inf (docs/format.md)."""
+    if not rows.size:
+        return rows
+    peak = np.abs(rows).max(axis=1)
+    over = peak > FLOAT16_ROOM            # NaN rows are not scaled: the writer refuses them
+    if over.any():
+        rows[over] /= np.exp2(np.ceil(np.log2(peak[over] / FLOAT16_ROOM)))[:, None]
+    return rows
+
+
 def _embedding_dim(model, spec: ViewSpec, device) -> int:
     import torch
 
@@ -476,7 +498,7 @@ def _label_batch(forward, images, valid: np.ndarray, *, views: int, k: int, temp
         by_row = value.reshape((views, n) + tuple(value.shape[1:])).transpose(0, 1)
         out[name][valid] = by_row.cpu().numpy()[valid]
     if out["embeddings"] is not None:
-        out["embeddings"][valid] = pooled[:n].float().cpu().numpy()[valid]
+        out["embeddings"][valid] = fit_float16(pooled[:n].float().cpu().numpy()[valid])
     return out
 
 
@@ -592,7 +614,6 @@ def data_path(cfg: InferConfig, dist: Dist, samples: Samples, spec: ViewSpec,
 
 def _run(cfg: InferConfig, dist: Dist, device, started: float) -> RunSummary:
     import torch
-    from tqdm import tqdm
 
     import labelstore
 
@@ -635,9 +656,9 @@ def _run(cfg: InferConfig, dist: Dist, device, started: float) -> RunSummary:
         views=cfg.views, k=cfg.topk, temperature=cfg.temperature,
         autocast=autocast(precision, device), channels_last=cfg.channels_last,
         embedding_dim=embedding_dim, batch_size=cfg.batch_size, store_logits=cfg.store_logits)
-    progress = tqdm(total=sum(len(b) for b in batches), unit="img", desc="infer-teacher",
-                    disable=not (dist.is_main and cfg.progress), dynamic_ncols=True,
-                    mininterval=1.0, file=sys.stderr)
+    progress = progress_bar(dist.is_main and cfg.progress, sum(len(b) for b in batches),
+                            "infer-teacher", unit="img", unit_scale=False, leave=True,
+                            mininterval=1.0)
     with torch.inference_mode(), progress:
         totals = label_rows(decoder.decode(iter(loader)) if decoder is not None else (),
                             label, writer, keys=samples.keys, out=cfg.out, rank=dist.rank,

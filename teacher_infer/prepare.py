@@ -113,10 +113,15 @@ PREPARED = frozenset({"images", "labeled.txt", "pool.txt", "val.txt", "pool_labe
 def write_layout(out: str | os.PathLike, *, class_names: list[str], train_images: np.ndarray,
                  train_labels: np.ndarray, labeled_rows: np.ndarray, val_images: np.ndarray,
                  val_labels: np.ndarray, train_prefix: str = "train", val_prefix: str = "test",
-                 source: str = "", overwrite: bool = False) -> PreparedDataset:
-    """Write L (``labeled_rows`` of the training arrays), U (the other training rows) and V."""
-    from tqdm import tqdm
+                 source: str = "", overwrite: bool = False,
+                 progress: bool = True) -> PreparedDataset:
+    """Write L (``labeled_rows`` of the training arrays), U (the other training rows) and V
+    (a bar while the PNGs are written, when ``progress`` and on a terminal)."""
+    from labelstore import progress_bar
 
+    if "://" in str(out):   # the images are read by path by every later step
+        raise ValueError(f"--out {out}: a prepared data set is a local folder (the store "
+                         "commands' --out may be URLs, the images they label are files)")
     out = Path(out).resolve()
     if (out / "meta.json").exists() and not overwrite:
         return PreparedDataset.load(out)
@@ -139,7 +144,7 @@ def write_layout(out: str | os.PathLike, *, class_names: list[str], train_images
     width = len(str(max(len(train_labels), len(val_labels))))
     lines: dict[str, list[str]] = {"labeled": [], "pool": [], "val": [], "pool_labels": []}
     total = len(train_labels) + len(val_labels)
-    with tqdm(total=total, desc="writing PNGs", unit="img", mininterval=1.0) as bar:
+    with progress_bar(progress, total, "writing PNGs", unit="img", mininterval=1.0) as bar:
         for row, (image, label) in enumerate(zip(train_images, train_labels)):
             name = f"{train_prefix}_{row:0{width}d}.png"
             if is_labeled[row]:
@@ -172,7 +177,7 @@ def write_layout(out: str | os.PathLike, *, class_names: list[str], train_images
 
 def prepare_fashion_mnist(out: str | os.PathLike, *, src: str = FASHION_MNIST_SRC,
                           labeled_per_class: int = 600, seed: int = 0,
-                          overwrite: bool = False) -> PreparedDataset:
+                          overwrite: bool = False, progress: bool = True) -> PreparedDataset:
     """Fashion-MNIST: L = ``labeled_per_class`` × 10 training images (seeded, stratified),
     U = the other training images, V = the 10,000 test images."""
     arrays = {name: read_idx(Path(src) / file) for name, file in FASHION_MNIST_FILES.items()}
@@ -183,12 +188,12 @@ def prepare_fashion_mnist(out: str | os.PathLike, *, src: str = FASHION_MNIST_SR
                         labeled_rows=labeled, val_images=arrays["test_images"],
                         val_labels=arrays["test_labels"],
                         source=f"fashion-mnist from {src}, {labeled_per_class}/class labeled, "
-                               f"seed {seed}", overwrite=overwrite)
+                               f"seed {seed}", overwrite=overwrite, progress=progress)
 
 
 def prepare_digits(out: str | os.PathLike, *, labeled_per_class: int = 20,
                    val_per_class: int = 36, seed: int = 0,
-                   overwrite: bool = False) -> PreparedDataset:
+                   overwrite: bool = False, progress: bool = True) -> PreparedDataset:
     """scikit-learn's digits (8×8, 16 grey levels scaled to 0–255): V = ``val_per_class`` per
     class, L = ``labeled_per_class`` per class of the rest, U = everything else."""
     from sklearn.datasets import load_digits
@@ -207,4 +212,5 @@ def prepare_digits(out: str | os.PathLike, *, labeled_per_class: int = 20,
                         val_labels=labels[val_rows], train_prefix="digit",
                         val_prefix="digitval",
                         source=f"sklearn digits, {labeled_per_class}/class labeled, "
-                               f"{val_per_class}/class val, seed {seed}", overwrite=overwrite)
+                               f"{val_per_class}/class val, seed {seed}", overwrite=overwrite,
+                        progress=progress)

@@ -24,6 +24,7 @@ from labelstore import (LabelStore, TeacherCheck, VerifyResult, combine_distribu
 from .config import VERIFY_SAMPLE, VERIFY_SEED, InferConfig
 from .imaging.decode import DecodeError, open_rgb
 from .imaging.views import PlannedViews, ViewSpec
+from .roots import check_image_root
 
 
 WORST_SHOWN = 5   # worst rows listed
@@ -33,38 +34,48 @@ def verify(store: Any, *, sample: int = VERIFY_SAMPLE, checkpoint: Sequence[str]
            seed: int = VERIFY_SEED, root: str | None = None, device: str = "auto",
            decoder: str | None = None, atol: float | None = None,
            min_agreement: float | None = None, batch_size: int | None = None,
-           threads: int | None = None) -> VerifyResult:
+           threads: int | None = None, num_workers: int = 0) -> VerifyResult:
     """``labelstore.verify`` (the structure), then ``sample`` random rows (drawn with
-    ``seed``; all of them in a smaller store) recomputed with the recorded teacher(s).
+    ``seed``; all of them in a smaller store) recomputed with the recorded teacher(s): each
+    row with the teacher of its row range (``LabelStore.row_teachers``).
 
-    ``checkpoint`` replaces the recorded weights (one file per teacher, in member order for
-    an ensemble store), ``root`` the recorded dataset root, ``decoder`` the recorded decoder;
-    ``atol`` / ``min_agreement`` default to labelstore's documented tolerances; ``threads``
-    are the CPU threads (None: the CPUs per rank). Augmentation records are checked first
-    (``augment.check_store_records``, every row) and the sampled rows recomputed with them
-    applied, partners included. The teacher part is skipped when the structure check found
-    the store damaged, or its records cannot be replayed.
+    ``checkpoint`` replaces the recorded weights (one file per teacher, in the order of the
+    row ranges and, within an ensemble, of its members), ``root`` the recorded dataset root,
+    ``decoder`` the recorded decoder; ``atol`` / ``min_agreement`` default to labelstore's
+    documented tolerances; ``threads`` are the CPU threads (None: the CPUs per rank),
+    ``num_workers`` the decoding processes (0: in this process, enough for the default
+    sample). The options are checked against the store before any chunk is read.
+    Augmentation records are checked first (``augment.check_store_records``, every row) and
+    the sampled rows recomputed with them applied, partners included. The teacher part is
+    skipped when the structure check found the store damaged, or its records cannot be
+    replayed.
     """
     from .runtime import set_threads
 
     if int(sample) < 1:
-        raise ValueError(f"sample must be >= 1, got {sample}")
+        raise ValueError(f"--sample must be >= 1, got {sample}")
+    if int(num_workers) < 0:
+        raise ValueError(f"--num-workers must be >= 0, got {num_workers}")
     set_threads(threads)
     tolerances = {k: v for k, v in (("atol", atol), ("min_agreement", min_agreement))
                   if v is not None}
-    result = labelstore.verify(store, **tolerances)
+    try:
+        opened = store if isinstance(store, LabelStore) else labelstore.open(store)
+    except labelstore.DamagedStoreError:
+        return labelstore.verify(store, **tolerances)   # reported as the failed structure
+    plan = plan_teachers(opened, checkpoint, root)   # the options, before any data
+    result = labelstore.verify(opened, **tolerances)
     if any(problem.startswith(("damaged", "label store")) for problem in result.problems):
         return result
-    opened = store if isinstance(store, LabelStore) else labelstore.open(store)
     from .imaging.augment import check_store_records
 
     problem = check_store_records(opened)
     if problem:  # records that cannot be replayed: no views to recompute
         result.problems.append(f"augmentation records: {problem}")
         return result
-    result.teacher = check_teacher(opened, sample=int(sample), checkpoint=checkpoint, seed=seed,
-                                   root=root, device=device, decoder=decoder, atol=result.atol,
-                                   batch_size=batch_size)
+    result.teacher = check_teacher(opened, plan, sample=int(sample), seed=seed, device=device,
+                                   decoder=decoder, atol=result.atol, batch_size=batch_size,
+                                   num_workers=int(num_workers))
     return result
 
 
@@ -81,10 +92,11 @@ class TeacherRecord:
     batch_size: int | None
 
 
-def teacher_records(store: LabelStore) -> tuple[list[TeacherRecord], list[float], str | None]:
-    """The store's teachers, the ensemble weights and rule (None for a plain store)."""
-    attrs = store.attrs
-    teacher = attrs.get("teacher") or {}
+def teacher_records(entry: dict[str, Any], topk: int
+                    ) -> tuple[list[TeacherRecord], list[float], str | None]:
+    """The teachers of one row range (``entry``: the attributes ``LabelStore.row_teachers``
+    gives), the ensemble weights and rule (None for a plain teacher); ``topk`` the store's."""
+    teacher = entry.get("teacher") or {}
     if "members" in teacher:
         records = [TeacherRecord(m.get("teacher") or {}, m.get("preprocessing") or {},
                                  float(m.get("temperature", 1.0)), int(m["topk"]),
@@ -92,11 +104,62 @@ def teacher_records(store: LabelStore) -> tuple[list[TeacherRecord], list[float]
                                  m.get("batch_size"))
                    for m in teacher["members"]]
         return records, list(teacher["weights"]), teacher["rule"]
-    compute = attrs.get("compute") or {}
-    return [TeacherRecord(teacher, attrs.get("preprocessing") or {},
-                          float(attrs.get("temperature", 1.0)), store.topk,
+    compute = entry.get("compute") or {}
+    return [TeacherRecord(teacher, entry.get("preprocessing") or {},
+                          float(entry.get("temperature", 1.0)), topk,
                           compute.get("precision") or "fp32", compute.get("decoder"),
                           compute.get("batch_size"))], [1.0], None
+
+
+@dataclass
+class RangePlan:
+    """The rows [lo, hi) of one teacher and what recomputes them."""
+
+    lo: int
+    hi: int
+    records: list[TeacherRecord]
+    weights: list[float]
+    rule: str | None
+    configs: list[InferConfig]
+    checkpoints: list[str | None]
+
+
+@dataclass
+class TeacherPlan:
+    """What ``check_teacher`` recomputes: the image root and each row range's teachers."""
+
+    root: str
+    ranges: list[RangePlan]
+
+
+def plan_teachers(store: LabelStore, checkpoint: Sequence[str] | str | None,
+                  root: str | None) -> TeacherPlan:
+    """The options checked against the store, reading no chunk but a sample of its keys:
+    ``--checkpoint`` one per teacher, each recorded teacher recomputable (model,
+    preprocessing, weights here), ``--root`` (or the recorded root) holding the keys."""
+    checkpoints = [checkpoint] if isinstance(checkpoint, (str, os.PathLike)) else \
+        list(checkpoint or [])
+    ranges = [(lo, hi, *teacher_records(entry, store.topk))
+              for lo, hi, entry in store.row_teachers()]
+    count = sum(len(records) for _, _, records, _, _ in ranges)
+    if checkpoints and len(checkpoints) != count:
+        raise ValueError(f"{store.path} has {count} teacher(s); got {len(checkpoints)} "
+                         "--checkpoint (one per teacher, in the order of its row ranges and "
+                         "ensemble members)")
+    image_root = root or (store.attrs.get("dataset") or {}).get("root")
+    if not image_root:
+        raise ValueError(f"{store.path} records no dataset.root: pass --root with the folder "
+                         "its keys are relative to")
+    # before the teacher is loaded: a wrong root is one line, not every row "not decodable"
+    check_image_root(str(image_root), store.keys, store.valid, option="--root",
+                     store=f"the store {store.path}", given=root is not None)
+    plans, given = [], iter(checkpoints)
+    for lo, hi, records, weights, rule in ranges:
+        chosen = [next(given) if checkpoints else None for _ in records]
+        plans.append(RangePlan(lo, hi, records, weights, rule,
+                               [_config(record, file, str(image_root))
+                                for record, file in zip(records, chosen)], chosen))
+    return TeacherPlan(str(image_root), plans)
 
 
 def _config(record: TeacherRecord, checkpoint: str | None, root: str) -> InferConfig:
@@ -129,7 +192,8 @@ def _config(record: TeacherRecord, checkpoint: str | None, root: str) -> InferCo
 
 def recompute(record: TeacherRecord, cfg: InferConfig, *, paths: list[str], keys: list[str],
               planned: PlannedViews, device_name: str, decoder: str | None,
-              batch_size: int, augment=None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+              batch_size: int, augment=None, num_workers: int = 0
+              ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Full softmax (n, V, C) of the rows at the planned views (with ``augment``, an
     ``imaging.augment.source.Augmentation``: their stored records applied, partners
     included), their validity and notes."""
@@ -163,8 +227,8 @@ def recompute(record: TeacherRecord, cfg: InferConfig, *, paths: list[str], keys
     dataset = ViewDataset(paths, keys, spec, interpolation, mode=decoder_cls.worker_mode,
                           planned=planned, augment=augment)
     batches = batch_ranges([(0, len(paths))], batch_size, views)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=0,
-                                         collate_fn=collate)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches,
+                                         num_workers=num_workers, collate_fn=collate)
     decoder_run = decoder_cls(spec=spec, interpolation=interpolation,
                               mean=teacher.data_config["mean"], std=teacher.data_config["std"],
                               max_batch=max(len(b) for b in batches), device=device,
@@ -199,50 +263,51 @@ def _member_dense(probs: np.ndarray, k: int) -> np.ndarray:
                    probs.shape[1])
 
 
-def check_teacher(store: LabelStore, *, sample: int, checkpoint: Sequence[str] | str | None,
-                  seed: int, root: str | None, device: str, decoder: str | None, atol: float,
-                  batch_size: int | None) -> TeacherCheck:
-    """Recompute ``sample`` random rows of ``store`` and compare them with the stored top-k."""
+def check_teacher(store: LabelStore, plan: TeacherPlan, *, sample: int, seed: int,
+                  device: str, decoder: str | None, atol: float, batch_size: int | None,
+                  num_workers: int = 0) -> TeacherCheck:
+    """Recompute ``sample`` random rows of ``store``, each with the teacher of its row range
+    (``plan``, from :func:`plan_teachers`), and compare them with the stored top-k."""
     started = time.perf_counter()
-    records, weights, rule = teacher_records(store)
-    checkpoints = [checkpoint] if isinstance(checkpoint, (str, os.PathLike)) else \
-        list(checkpoint or [])
-    if checkpoints and len(checkpoints) != len(records):
-        raise ValueError(f"{store.path} has {len(records)} teacher(s); got {len(checkpoints)} "
-                         "--checkpoint")
-    image_root = root or (store.attrs.get("dataset") or {}).get("root")
-    if not image_root or not os.path.isdir(str(image_root)):
-        raise FileNotFoundError(f"dataset root {image_root!r} of {store.path} is not a folder "
-                                "here; pass --root")
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(len(store), size=min(sample, len(store)), replace=False))
     stored = store.read(rows)
     keys = [str(key) for key in store.keys[rows]]
-    paths = [os.path.join(str(image_root), *key.split("/")) for key in keys]
-    planned = PlannedViews(boxes=quantize_boxes(stored.boxes), flips=stored.flips,
-                           usable=stored.valid, reason="invalid in the store")
+    paths = [os.path.join(plan.root, *key.split("/")) for key in keys]
+    expected = np.zeros(stored.probs.shape[:2] + (store.num_classes,), dtype=np.float64)
+    notes, now_valid = [], np.ones(len(rows), dtype=bool)
     augment = None
     if store.augment_dims:  # the stored records, partners included, on the sampled rows
         from .imaging.augment.source import StoredAugmentation
 
-        augment = StoredAugmentation(store, str(image_root), rows=rows)
-
-    notes, members, now_valid = [], [], np.ones(len(rows), dtype=bool)
-    for i, record in enumerate(records):
-        cfg = _config(record, checkpoints[i] if checkpoints else None, str(image_root))
-        recorded_sha = record.teacher.get("checkpoint_sha256")
-        if checkpoints and recorded_sha:
-            from .model import sha256_file
-            if sha256_file(checkpoints[i]) != recorded_sha:
-                notes.append(f"--checkpoint {checkpoints[i]} is not the file the store was "
-                             "computed with (sha256 differs)")
-        probs, valid, more = recompute(record, cfg, paths=paths, keys=keys, planned=planned,
-                                       device_name=device, decoder=decoder,
-                                       batch_size=batch_size or record.batch_size or 32,
-                                       augment=augment)
-        notes += [note for note in more if note not in notes]
-        members.append((probs, record.topk))
-        now_valid &= valid
+        augment = StoredAugmentation(store, plan.root, rows=rows)
+    for part in plan.ranges:
+        picked = np.flatnonzero((rows >= part.lo) & (rows < part.hi))
+        if not len(picked):
+            continue
+        planned = PlannedViews(boxes=quantize_boxes(stored.boxes[picked]),
+                               flips=stored.flips[picked], usable=stored.valid[picked],
+                               reason="invalid in the store")
+        members = []
+        for record, cfg, file in zip(part.records, part.configs, part.checkpoints):
+            recorded_sha = record.teacher.get("checkpoint_sha256")
+            if file is not None and recorded_sha:
+                from .model import sha256_file
+                if sha256_file(file) != recorded_sha:
+                    notes.append(f"--checkpoint {file} is not the file the store was "
+                                 "computed with (sha256 differs)")
+            probs, valid, more = recompute(record, cfg, paths=[paths[i] for i in picked],
+                                           keys=[keys[i] for i in picked], planned=planned,
+                                           device_name=device, decoder=decoder,
+                                           batch_size=batch_size or record.batch_size or 32,
+                                           augment=None if augment is None else
+                                           StoredAugmentation(store, plan.root,
+                                                              rows=rows[picked]),
+                                           num_workers=num_workers)
+            notes += [note for note in more if note not in notes]
+            members.append((probs, record.topk))
+            now_valid[picked] &= valid
+        expected[picked] = _expected(members, part.weights, part.rule)
     # Rows invalid in the store were not cropped (no boxes): does the image decode now, and,
     # with stored records, the images of its mixing partners (without them it fails too)?
     for i in np.flatnonzero(~stored.valid):
@@ -257,12 +322,11 @@ def check_teacher(store: LabelStore, *, sample: int, checkpoint: Sequence[str] |
         except DecodeError:
             continue
         now_valid[i] = True
-    expected = _expected(members, weights, rule, stored.valid & now_valid)
     return _compare(store, rows, keys, stored, expected, now_valid, atol, notes,
                     time.perf_counter() - started)
 
 
-def _expected(members, weights, rule, rows_ok: np.ndarray) -> np.ndarray:
+def _expected(members, weights, rule) -> np.ndarray:
     """(n, V, C) distributions the store should hold (an ensemble: combined like ensemble)."""
     if rule is None:
         return members[0][0]

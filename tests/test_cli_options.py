@@ -54,15 +54,15 @@ def unset(value) -> bool:
 # command, its config, the fields that have no option, the options that are no field, and
 # the options with a default of their own
 CONFIG_COMMANDS = [
-    (("infer-teacher",), InferConfig, {"progress", "extra"}, {"no_progress"}, set()),
+    (("infer-teacher",), InferConfig, {"extra"}, set(), set()),
     (("train-student",), TrainConfig, {"momentum", "label_smoothing"}, set(), set()),
     (("quickstart",), QuickstartConfig,
-     {"views", "topk", "batch_size", "num_workers", "val_every", "progress"}, set(), set()),
-    (("dedup",), DedupConfig, {"query_batch", "pool_batch", "progress"}, set(),
+     {"views", "topk", "batch_size", "val_every"}, set(), set()),
+    (("dedup",), DedupConfig, {"query_batch", "pool_batch"}, set(),
      {"out"}),  # "-" = stdout on the command line; None (no file) from Python
 ]
 SHARED = {"overwrite": cli_options.overwrite_option, "device": cli_options.device_option,
-          "as_json": cli_options.json_option}
+          "as_json": cli_options.json_option, "progress": cli_options.progress_option}
 
 
 @pytest.mark.parametrize("path, config, without_option, not_fields, own_default",
@@ -196,7 +196,7 @@ def test_shared_options_are_one_definition_on_every_command(name):
 def test_shared_options_are_spelled_only_in_cli_options():
     modules = [REPO / "cli.py", *REPO.glob("*/_*cli.py")]
     assert len(modules) >= 8
-    for flag in ("--overwrite", "--threads", "--device", "--json"):
+    for flag in ("--overwrite", "--threads", "--device", "--json", "--no-progress"):
         spelled = [path.name for path in modules if f'"{flag}"' in path.read_text()]
         assert spelled == [], flag
     assert '"--overwrite"' in (REPO / "teacher_infer" / "cli_options.py").read_text()

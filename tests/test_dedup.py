@@ -245,7 +245,7 @@ def test_missing_embeddings_and_bad_input_are_clear_errors(planted, tmp_path, ca
         dedup(planted["query"], planted["pool"], verify="orb")
     with pytest.raises(ValueError, match="threshold must be"):
         dedup(planted["query"], planted["pool"], threshold=2)
-    with pytest.raises(FileNotFoundError, match="image root"):
+    with pytest.raises(FileNotFoundError, match="--pool-root .*nowhere is not a folder here"):
         dedup(planted["query"], planted["pool"], pool_root=str(tmp_path / "nowhere"))
     code = main(["dedup", "--query", planted["query"], "--pool", str(bare)])
     assert code == 2 and "has no embeddings" in capsys.readouterr().err
@@ -294,7 +294,8 @@ def _embedding_store(path, embeddings, valid=None):
 def random_stores(tmp_path_factory):
     """40 queries, 3,000 pool rows (D = 48, float16 as stored): near-copies of most
     queries at several noise levels, 3 exact copies of query 0 and 30 of query 1 (ties;
-    30 > top_m + EXTRA forces a second pass), invalid rows, an all-zero row and a NaN row."""
+    30 > top_m + EXTRA forces a second pass), invalid rows and an all-zero row (a NaN row is
+    damage: the writer refuses it, see test_non_finite_embeddings_are_damage)."""
     base = tmp_path_factory.mktemp("random")
     rng = np.random.default_rng(7)
     queries = rng.normal(size=(40, 48)).astype(np.float16)
@@ -305,7 +306,7 @@ def random_stores(tmp_path_factory):
     copies_of_0 = [17, 1400, 2999]
     copies_of_1 = list(range(5, 3000, 100))
     pool[copies_of_0], pool[copies_of_1] = queries[0], queries[1]
-    pool[22], pool[23] = 0, np.nan
+    pool[22] = 0
     valid = np.ones(3000, dtype=bool)
     valid[[1400, 38]] = False                 # an exact copy that is not valid takes no part
     query_valid = np.ones(40, dtype=bool)
@@ -453,7 +454,71 @@ def test_dedup_component_rule_and_report_beside_the_output(planted, found, tmp_p
     assert json.loads((out.parent / (out.name + ".rules.json")).read_text())["rule"] == "best"
 
 
+# -- stage 2: the images must be there ----------------------------------------------------------
+
+def test_a_root_that_does_not_hold_the_keys_is_refused_before_the_search(planted, tmp_path,
+                                                                          capsys, monkeypatch):
+    """Before: every pair "unreadable", a near-empty exclude list, a warning and exit 0."""
+    monkeypatch.setattr(_dedup_run, "search", lambda *a, **k: pytest.fail("searched first"))
+    out = tmp_path / "dups.tsv"
+    wrong = planted["base"] / "val"          # a real folder of images, not the pool's
+    code = main(["dedup", "--query", planted["query"], "--pool", planted["pool"], "--pool-root",
+                 str(wrong), "--out", str(out), *ONE_THREAD])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"--pool-root {wrong} does not hold the images of the pool store" in err
+    assert "64 of 64 sampled keys are not there" in err
+    assert not out.exists()
+
+
+def test_unreadable_images_are_listed_in_the_output_and_the_summary(planted, found, tmp_path):
+    """Images gone or damaged after the stores were written: each is a failure of its own,
+    named with why, in the summary and (as comments: still an exclude file) in the output."""
+    import shutil
+
+    result, _ = found
+    root = tmp_path / "pool"
+    shutil.copytree(planted["base"] / "pool", root)
+    gone, broken = sorted(set(result.pool_keys))[:2]
+    (root / gone).unlink()
+    (root / broken).write_bytes(b"not a jpeg")
+    out = tmp_path / "dups.tsv"
+    again = dedup(planted["query"], planted["pool"], str(out), threshold=THRESHOLD,
+                  pool_root=str(root), pool_batch=64, query_batch=16)
+    assert again.unreadable_images == 2
+    assert set(again.pool_keys) == set(result.pool_keys) - {gone, broken}
+    text = out.read_text()
+    assert f"# unreadable (its pairs are not confirmed): pool\t{gone}\tmissing\n" in text
+    assert f"# unreadable (its pairs are not confirmed): pool\t{broken}\tcannot be decoded" \
+        in text
+    summary = str(again)
+    assert "warning: 2 images could not be read, so" in summary
+    assert f"pool {gone} (missing)" in summary and f"pool {broken} (cannot be decoded)" in summary
+    report = json.loads((tmp_path / "dups.tsv.rules.json").read_text())
+    assert {"role": "pool", "key": gone, "reason": "missing"} in report["unreadable"]
+    keys, _ = _select_exclude(out)
+    assert keys == set(again.pool_keys)       # the comments are not keys to exclude
+
+
+def _select_exclude(path):
+    from labelstore._select import read_exclude
+
+    return read_exclude(str(path))
+
+
 # -- stage 2: resume and torchrun -------------------------------------------------------------
+
+def _dies_after(count: int, calls: list):
+    """SIFT's inlier count that fails (as a killed run stops) after ``count`` pairs."""
+    real = _dedup_sift.count_inliers
+
+    def dies(*args, **kwargs):
+        if len(calls) == count:
+            raise RuntimeError("injected failure")
+        calls.append(1)
+        return real(*args, **kwargs)
+    return dies
+
 
 def test_killed_stage_two_resumes_from_the_progress_file(planted, found, tmp_path, monkeypatch):
     _, reference = found
@@ -461,14 +526,7 @@ def test_killed_stage_two_resumes_from_the_progress_file(planted, found, tmp_pat
     options = dict(threshold=THRESHOLD, workers=1)
     real = _dedup_sift.count_inliers
     calls = []
-
-    def dies_after_30(*args, **kwargs):
-        if len(calls) == 30:
-            raise RuntimeError("injected failure")
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(_dedup_sift, "count_inliers", dies_after_30)
+    monkeypatch.setattr(_dedup_sift, "count_inliers", _dies_after(30, calls))
     with pytest.raises(RuntimeError, match="injected failure"):
         dedup(planted["query"], planted["pool"], str(out), **options)
     assert not out.exists()
@@ -490,6 +548,28 @@ def test_killed_stage_two_resumes_from_the_progress_file(planted, found, tmp_pat
     progress.write_text('# ssld dedup progress {"other": 1}\n0\t0\t50\t0\n')
     with pytest.raises(ValueError, match="other stores or stage-2 settings"):
         dedup(planted["query"], planted["pool"], str(out), **options)
+
+
+def test_a_damaged_progress_file_is_one_line_naming_it(planted, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "d.tsv"
+    monkeypatch.setattr(_dedup_sift, "count_inliers", _dies_after(5, []))
+    with pytest.raises(RuntimeError):
+        dedup(planted["query"], planted["pool"], str(out), threshold=THRESHOLD, workers=1)
+    monkeypatch.undo()
+    progress = tmp_path / "d.tsv.progress.0"
+    lines = progress.read_bytes().split(b"\n")
+    lines[2] = b"7\tx\x00garbage"               # a complete line altered on disk
+    progress.write_bytes(b"\n".join(lines))
+    args = ["dedup", "--query", planted["query"], "--pool", planted["pool"], "--out", str(out),
+            "--threshold", str(THRESHOLD), *ONE_THREAD]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert f"progress file {progress} line 3 is damaged" in err
+    assert "delete it to start stage 2 afresh" in err
+    progress.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)   # not a progress file at all
+    assert main(args) == 2
+    assert "does not start with the header dedup writes" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -157,9 +157,24 @@ def test_resume_computes_only_missing_chunks_and_refuses_other_settings(members,
                                       zarr.open_group(whole)[name][:], err_msg=name)
     refused(capsys, ["ensemble", *members, "--out", out, "--weights", "1,1,2"],
             "other rule", "--overwrite")
-    refused(capsys, ["ensemble", *members[:2], "--out", out], "other members")
+    refused(capsys, ["ensemble", *members[:2], "--out", out], "other members (3 stores, now 2)")
     assert main(["ensemble", *members[:2], "--out", out, "--overwrite"]) == 0
     assert labelstore.open(out).topk == 6
+
+
+def test_a_resume_refused_for_a_rebuilt_member_is_one_short_line(members, tmp_path, capsys):
+    """Before: the whole members record of both runs, some 900 characters."""
+    rebuilt = [str(tmp_path / f"m{i}.zarr") for i in range(2)]
+    for source, target in zip(members, rebuilt):
+        shutil.copytree(source, target)
+    out = str(tmp_path / "e.zarr")
+    assert main(["ensemble", *rebuilt, "--out", out, "--no-progress"]) == 0
+    zarr.open_group(rebuilt[1], mode="r+").attrs["created"] = "2031-01-01T00:00:00+00:00"
+    err = refused(capsys, ["ensemble", *rebuilt, "--out", out],
+                  f"its member 2 {os.path.realpath(rebuilt[1])} was rebuilt since the ensemble "
+                  "was started (created ", "-> 2031-01-01T00:00:00+00:00)",
+                  "pass --overwrite to compute the ensemble afresh")
+    assert len(err) < 400, len(err)
 
 
 def test_a_held_lock_is_refused(members, tmp_path, capsys):

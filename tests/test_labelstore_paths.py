@@ -192,6 +192,67 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_output(pool, tmp_p
     assert not os.path.exists(f"{out}.lock")  # released and removed at the end
 
 
+HOLDER_WITH_WORKER = textwrap.dedent("""
+    import os, sys, time
+    from labelstore import OutputLock
+    lock = OutputLock(sys.argv[1], command="holder").acquire()
+    worker = os.fork()          # as a DataLoader worker is: it outlives a killed parent
+    if worker == 0:
+        time.sleep(60)
+        os._exit(0)
+    print(worker, flush=True)
+    time.sleep(120)
+""")
+
+
+def test_the_lock_dies_with_its_holder_even_when_forked_workers_live_on(tmp_path):
+    """kill -9 of the holder frees OUT.lock at once, though a forked child (a DataLoader
+    worker) still runs: the child never holds the lock (a flock it would share)."""
+    import signal
+
+    out = tmp_path / "sel.zarr"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER_WITH_WORKER, str(out)],
+                              stdout=subprocess.PIPE, text=True)
+    worker = int(holder.stdout.readline())
+    try:
+        with pytest.raises(labelstore.LockedError, match=f"pid {holder.pid}"):
+            labelstore.OutputLock(out).acquire()
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        os.kill(worker, 0)                       # the worker is alive ...
+        with labelstore.OutputLock(out, command="next run"):   # ... and the lock is free
+            assert json.loads(open(f"{out}.lock").read())["command"] == "next run"
+    finally:
+        try:
+            os.kill(worker, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_a_second_lock_in_the_holding_process_is_refused_and_keeps_the_first(tmp_path):
+    """A record lock is released by closing any descriptor of its file in the holder:
+    refusing a second lock of the same output must not open (and close) the file."""
+    out = tmp_path / "sel.zarr"
+    take = ("import sys\nfrom labelstore import OutputLock, LockedError\n"
+            "try:\n    OutputLock(sys.argv[1]).acquire()\nexcept LockedError:\n"
+            "    sys.exit(3)\n")
+    with labelstore.OutputLock(out, command="first"):
+        for _ in range(2):
+            with pytest.raises(labelstore.LockedError, match="first"):
+                labelstore.OutputLock(out).acquire()
+        assert subprocess.run([sys.executable, "-c", take, str(out)]).returncode == 3
+    assert subprocess.run([sys.executable, "-c", take, str(out)]).returncode == 0
+
+
+def test_a_refused_lock_leaves_no_folder_behind(tmp_path):
+    out = tmp_path / "new" / "deeper" / "sel.zarr"
+    with labelstore.OutputLock(out, command="first"):
+        with pytest.raises(labelstore.LockedError):
+            labelstore.OutputLock(out).acquire()
+        assert (tmp_path / "new" / "deeper").is_dir()   # the first run's folder stays
+    assert not (tmp_path / "new").exists()              # made for a lock, nothing written
+
+
 def test_infer_teacher_is_refused_while_another_run_writes_the_store(images, tmp_path, capsys):
     out = tmp_path / "t.zarr"
     with labelstore.OutputLock(out, command="other run"):

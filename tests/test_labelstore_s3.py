@@ -109,6 +109,58 @@ def test_every_command_on_s3_matches_local_disk(image_folder, make_checkpoint, b
         torch.testing.assert_close(runs["s3"][name], value, rtol=0, atol=0, msg=name)
 
 
+def test_output_files_on_s3_match_local_disk(bucket, tmp_path, capsys):
+    """dedup --out, export --out and select-topk --list-out take s3:// URLs (before: a local
+    file named after the mangled URL, or a refusal), with the same bytes as on local disk,
+    the same refusals of what they may not replace, and a missing bucket refused up front."""
+    import fsspec
+    import h5py
+
+    rng = np.random.default_rng(0)
+    store = str(tmp_path / "s.zarr")
+    n = 24
+    with labelstore.create(store, keys=[f"k{i:02d}.png" for i in range(n)], num_classes=6,
+                           topk=2, embedding_dim=8, chunk_rows=8) as writer:
+        indices = np.stack([rng.permutation(6)[:2] for _ in range(n)])[:, None]
+        writer.write(0, indices, np.tile([[[0.6, 0.3]]], (n, 1, 1)),
+                     embeddings=rng.normal(size=(n, 8)))
+    fs = fsspec.filesystem("s3")
+
+    def read(url_or_path) -> bytes:
+        return fs.cat_file(url_or_path) if str(url_or_path).startswith("s3://") else \
+            open(url_or_path, "rb").read()
+
+    for where in (str(tmp_path), bucket):
+        assert cli_main(["select-topk", "--store", store, "--k", "2", "--out",
+                         f"{where}/sel.zarr", "--list-out", f"{where}/sel.txt"]) == 0
+        assert cli_main(["dedup", "--query", store, "--pool", store, "--verify", "none",
+                         "--threshold", "0.3", "--threads", "1", "--out", f"{where}/d.tsv"]) == 0
+        assert cli_main(["export", store, "--out", f"{where}/x.h5"]) == 0
+    capsys.readouterr()
+    for name in ("sel.txt", "d.tsv", "d.tsv.rules.json"):
+        assert read(f"{bucket}/{name}") == read(tmp_path / name) and read(tmp_path / name), name
+    fs.get_file(f"{bucket}/x.h5", str(tmp_path / "from_s3.h5"))
+    with h5py.File(tmp_path / "x.h5") as a, h5py.File(tmp_path / "from_s3.h5") as b:
+        assert sorted(a) == sorted(b)
+        for name in a:
+            np.testing.assert_array_equal(a[name][:], b[name][:], err_msg=name)
+
+    # what exists is replaced only as on disk: an export with --overwrite, a dedup output
+    code = cli_main(["export", store, "--out", f"{bucket}/x.h5"])
+    assert code == 2 and "already exists" in capsys.readouterr().err
+    assert cli_main(["export", store, "--out", f"{bucket}/x.h5", "--overwrite"]) == 0
+    fs.pipe_file(f"{bucket[5:]}/notes.tsv", b"precious\n")
+    assert cli_main(["dedup", "--query", store, "--pool", store, "--verify", "none",
+                     "--out", f"{bucket}/notes.tsv"]) == 2
+    assert "not an ssld dedup output" in capsys.readouterr().err
+    assert fs.cat_file(f"{bucket}/notes.tsv") == b"precious\n"
+    code = cli_main(["select-topk", "--store", store, "--k", "2", "--out",
+                     str(tmp_path / "sel2.zarr"), "--list-out", "s3://no-such-bucket-x/l.txt"])
+    err = capsys.readouterr().err
+    assert code == 2 and "bucket no-such-bucket-x does not exist" in err, err
+    assert not (tmp_path / "sel2.zarr").exists()
+
+
 @pytest.mark.slow
 def test_two_ranks_on_s3_and_a_killed_run_resumed(image_folder, make_checkpoint, bucket,
                                                   s3_env, tmp_path):

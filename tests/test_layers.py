@@ -18,7 +18,7 @@ PACKAGES = ("labelstore", "teacher_infer", "student_train")
 # What the store library may import besides the standard library: the issue-22 list, and the
 # optional ones, each imported inside the one function that needs it (setup.cfg says why).
 STORE_IMPORTS = {"numpy", "zarr", "numcodecs", "google_crc32c", "fsspec"}
-STORE_OPTIONAL = {"h5py": {"labelstore._export"}, "tqdm": {"labelstore._derive"},
+STORE_OPTIONAL = {"h5py": {"labelstore._export"}, "tqdm": {"labelstore._progress"},
                   "xarray": {"labelstore._reader"}, "pandas": {"labelstore._reader"}}
 
 

@@ -272,7 +272,7 @@ def test_bad_input_is_rejected(tmp_path):
     out = tmp_path / "o.zarr"
     with pytest.raises(ValueError, match="k must be a positive integer"):
         labelstore.select_topk(paths, 0, out)
-    with pytest.raises(ValueError, match="min_prob must be within"):
+    with pytest.raises(ValueError, match="--min-prob must be within"):
         labelstore.select_topk(paths, 3, out, min_prob=1.5)
     with pytest.raises(ValueError, match="view 1 is out of range"):
         labelstore.select_topk(paths, 3, out, view=1)

@@ -274,6 +274,38 @@ def test_embeddings_are_pooled_pre_logits_of_view0(image_folder, make_checkpoint
     assert store.attrs["embedding_dim"] == model.num_features
 
 
+def test_embeddings_beyond_float16_keep_their_direction(image_folder, make_checkpoint,
+                                                       tmp_path, monkeypatch):
+    """Pre-logits of real teachers can exceed float16's 65504: stored as inf, dedup could not
+    compare them. Such rows are scaled by a power of two; the cosine is the model's."""
+    from teacher_infer import infer as infer_module
+
+    checkpoint = str(make_checkpoint())
+    plain = labelstore.open(infer(image_folder.data, tmp_path / "plain.zarr",
+                                  checkpoint=checkpoint, embeddings=True).out)
+    original = infer_module.make_forward
+
+    def huge(model, embeddings, compile_model):
+        forward = original(model, embeddings, compile_model)
+
+        def scaled(x):
+            logits, pooled = forward(x)
+            pooled = pooled * 1e6
+            pooled[::2] = pooled[::2] * 1e-6   # every other row stays in range, unscaled
+            return logits, pooled
+        return scaled
+
+    monkeypatch.setattr(infer_module, "make_forward", huge)
+    store = labelstore.open(infer(image_folder.data, tmp_path / "huge.zarr",
+                                  checkpoint=checkpoint, embeddings=True).out)
+    stored, expected = store.read_embeddings(slice(None)), plain.read_embeddings(slice(None))
+    assert np.isfinite(stored).all() and np.abs(stored).max() <= 32768
+    cosine = (stored * expected).sum(1) / np.linalg.norm(stored, axis=1) / np.linalg.norm(
+        expected, axis=1)
+    np.testing.assert_allclose(cosine, 1.0, atol=1e-4)
+    np.testing.assert_array_equal(store.read(slice(None)).probs, plain.read(slice(None)).probs)
+
+
 @pytest.mark.parametrize("decoder", ["pil", "dali"])
 def test_images_of_every_mode(mode_images, make_checkpoint, tmp_path, decoder):
     summary = infer(mode_images.data, tmp_path / "m.zarr", checkpoint=str(make_checkpoint()),
@@ -634,7 +666,7 @@ def test_chaos_three_ranks_late_starts_one_killed_then_rerun(image_folder, make_
      "fp16 needs a CUDA device"),
     (["--model", TINY_MODEL, "--random-weights", "--views", "0"], "views must be >= 1"),
     (["--model", TINY_MODEL, "--random-weights", "--topk", "2000"], "exceeds the model's 1000"),
-    (["--model", TINY_MODEL, "--random-weights", "--crop-scale", "0.5", "0.2"], "crop_scale"),
+    (["--model", TINY_MODEL, "--random-weights", "--crop-scale", "0.5", "0.2"], "--crop-scale"),
     # refused before the model runs, not as NaN probabilities after inference
     (["--model", TINY_MODEL, "--random-weights", "--mean", "nan", "0", "0"],
      "--mean must be finite numbers, got nan 0.0 0.0"),

@@ -157,7 +157,9 @@ def test_every_library_entry_point_applies_its_threads_first(restore_threads, mo
     _stop_at(monkeypatch, teacher_infer.infer, "resolve_device", seen)
     _stop_at(monkeypatch, student_train.distributed, "resolve_device", seen)
     _stop_at(monkeypatch, teacher_infer.dedup.run, "resolve_device", seen)
-    _stop_at(monkeypatch, teacher_infer.recompute.labelstore, "verify", seen)
+    _stop_at(monkeypatch, teacher_infer.recompute, "plan_teachers", seen)   # after open
+    from test_labelstore import make_store
+    make_store(str(tmp_path / "v.zarr"), n=4, views=1, k=2, classes=3, chunk_rows=4)
     monkeypatch.setattr(teacher_infer.dedup.run, "_open_embedded", lambda source, role: source)
     calls = {
         "infer": lambda: teacher_infer.infer.run(InferConfig(
@@ -166,7 +168,8 @@ def test_every_library_entry_point_applies_its_threads_first(restore_threads, mo
         "train": lambda: student_train.trainer.train(TrainConfig(
             student="m", stores=("s.zarr",), out=str(tmp_path / "run"), threads=wanted)),
         "eval": lambda: student_train.evaluation.evaluate("m", "c.pt", "d", threads=wanted),
-        "verify": lambda: teacher_infer.recompute.verify("s.zarr", threads=wanted),
+        "verify": lambda: teacher_infer.recompute.verify(str(tmp_path / "v.zarr"),
+                                                         threads=wanted),
         "dedup": lambda: teacher_infer.dedup.run.dedup(DedupConfig(
             query="q", pool="p", verify="none", threads=wanted)),
     }

@@ -127,7 +127,7 @@ def test_resume_with_changed_options_is_refused_naming_them(images, tmp_path, mo
     (dict(stores=()), "no training data"),
     (dict(stores=(), data="images"), "no teacher labels"),
     (dict(data="images"), "either as --store or as --data"),
-    (dict(batch_size=0), "batch_size must be >= 1"),
+    (dict(batch_size=0), "--batch-size must be >= 1"),
     (dict(temperature=2.0), "only applies to --loss kl"),
     (dict(lr=float("inf")), "--lr must be finite, got inf"),
     (dict(label_weight=float("nan")), "--label-weight must be finite"),

@@ -18,13 +18,16 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CHUNK = 4
 
 
+COMMON = ["--model", TINY_MODEL, "--input-size", str(TINY_INPUT), "--topk", "5",
+          "--views", "2", "--chunk-rows", str(CHUNK), "--num-workers", "0",
+          "--no-progress", "--device", "cpu", "--decoder", "pil", "--threads", "1"]
+
+
 @pytest.fixture(scope="module")
 def stores(image_folder, make_checkpoint, tmp_path_factory):
     """A teacher store, a second teacher on its crops, and their ensemble (12 rows, 2 views)."""
     folder = tmp_path_factory.mktemp("verify")
-    common = ["--model", TINY_MODEL, "--input-size", str(TINY_INPUT), "--topk", "5",
-              "--views", "2", "--chunk-rows", str(CHUNK), "--num-workers", "0",
-              "--no-progress", "--device", "cpu", "--decoder", "pil", "--threads", "1"]
+    common = COMMON
     a, b, e = (str(folder / f"{name}.zarr") for name in "abe")
     assert main(["infer-teacher", *common, "--checkpoint", str(make_checkpoint(seed=0)),
                  "--data", str(image_folder.data), "--out", a]) == 0
@@ -119,3 +122,54 @@ def test_a_damaged_chunk_is_a_failed_verification(stores, tmp_path, capsys):
     chunk.write_bytes(chunk.read_bytes()[:-3] + b"xyz")
     assert main(["verify", path, "--structure-only"]) == 1
     assert "damaged" in capsys.readouterr().out
+
+
+def test_a_merge_of_two_teachers_is_verified_row_range_by_row_range(
+        stores, unlabeled_folder, make_checkpoint, tmp_path, capsys):
+    """Before: the merge recorded the first store's teacher only, so verify recomputed the
+    second store's rows with the wrong teacher and failed a sound store."""
+    other = str(tmp_path / "u.zarr")
+    assert main(["infer-teacher", *COMMON, "--checkpoint", str(make_checkpoint(seed=1)),
+                 "--data", str(unlabeled_folder.data), "--out", other]) == 0
+    merged = str(tmp_path / "m.zarr")
+    assert main(["merge", stores["a"], other, "--out", merged, "--no-progress"]) == 0
+    assert "records each range's teacher" in capsys.readouterr().out
+    store = labelstore.open(merged)
+    ranges = store.row_teachers()
+    first, second = (labelstore.open(p) for p in (stores["a"], other))
+    assert [(lo, hi) for lo, hi, _ in ranges] == [(0, len(first)), (len(first), len(store))]
+    assert [t["teacher"] for *_, t in ranges] == [first.attrs["teacher"], second.attrs["teacher"]]
+    assert main(["verify", merged, "--sample", "100", "--threads", "1"]) == 0, \
+        capsys.readouterr().out
+
+    # a selection from that pool keeps each row's own teacher, and so does a merge of merges
+    selected = str(tmp_path / "s.zarr")
+    assert main(["select-topk", "--store", merged, "--k", "3", "--out", selected,
+                 "--no-progress"]) == 0
+    assert len(labelstore.open(selected).row_teachers()) == 2
+    assert main(["verify", selected, "--sample", "100", "--threads", "1"]) == 0, \
+        capsys.readouterr().out
+    again = str(tmp_path / "again.zarr")
+    assert main(["merge", other, merged, "--out", again, "--no-progress"]) == 0
+    assert [t["teacher"] for *_, t in labelstore.open(again).row_teachers()] == \
+        [second.attrs["teacher"], first.attrs["teacher"]]   # the repeated keys were dropped
+
+    # one --checkpoint per teacher, in the order of the row ranges
+    assert main(["verify", merged, "--checkpoint", str(make_checkpoint(seed=0))]) == 2
+    assert "has 2 teacher(s); got 1 --checkpoint" in capsys.readouterr().err
+    # an ensemble member records one teacher: a store of several is refused
+    with pytest.raises(ValueError, match="its rows come from several teachers"):
+        labelstore.ensemble([merged, selected], str(tmp_path / "e.zarr"))
+
+
+def test_a_wrong_root_is_one_line_naming_the_option(stores, tmp_path, capsys):
+    """Before: --root given but not the store's folder: every row "cannot be decoded now"."""
+    wrong = tmp_path / "elsewhere"
+    wrong.mkdir()
+    (wrong / "photo.png").write_bytes(b"")
+    assert main(["verify", stores["a"], "--root", str(wrong), "--threads", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert f"--root {wrong} does not hold the images of the store {stores['a']}" in err
+    assert main(["verify", stores["a"], "--root", str(tmp_path / "nope")]) == 2
+    assert f"--root {tmp_path / 'nope'} is not a folder here" in capsys.readouterr().err

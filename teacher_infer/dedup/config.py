@@ -40,7 +40,7 @@ class DedupConfig:
     pool_batch: int | None = None       # pool rows per product; None: by memory (search.py)
     workers: int | None = None          # SIFT threads per process; None: threads
     threads: int | None = None          # CPU threads per process; None: the CPUs per rank
-    progress: bool = False              # tqdm bars on rank 0
+    progress: bool = False              # bars on rank 0, on a terminal (labelstore.progress_bar)
 
     def __post_init__(self) -> None:
         self.report_thresholds = tuple(float(t) for t in self.report_thresholds)
@@ -51,12 +51,20 @@ class DedupConfig:
         choices = {"verify": VERIFY, "rule": RULES, "device": DEVICES, "precision": PRECISIONS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got "
+                raise ValueError(f"--{name} must be one of {', '.join(allowed)}, got "
                                  f"{getattr(self, name)!r}")
         if not (math.isfinite(self.threshold) and -1.0 <= self.threshold <= 1.0):
-            raise ValueError(f"threshold must be a cosine similarity within [-1, 1], got "
+            raise ValueError(f"--threshold must be a cosine similarity within [-1, 1], got "
                              f"{self.threshold}")
-        for name in ("top_m", "min_inliers", "query_batch", "pool_batch", "workers", "threads"):
+        for t in self.report_thresholds:
+            if not (math.isfinite(t) and self.threshold <= t <= 1.0):
+                raise ValueError(f"--report-threshold must be within [--threshold, 1] = "
+                                 f"[{self.threshold:g}, 1] (pairs below --threshold are never "
+                                 f"found), got {t:g}")
+        # the options by their flags; query_batch and pool_batch have none (Python only)
+        for name, flag in (("top_m", "--top-m"), ("min_inliers", "--min-inliers"),
+                           ("query_batch", "query_batch"), ("pool_batch", "pool_batch"),
+                           ("workers", "--num-workers"), ("threads", "--threads")):
             value = getattr(self, name)
             if value is not None and int(value) < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+                raise ValueError(f"{flag} must be >= 1, got {value}")

@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 
 import labelstore
-from labelstore import LabelStore, check_disjoint, check_output_file, read_text
+from labelstore import LabelStore, check_disjoint, check_output_file, local_path, read_text
 
+from ..roots import check_image_root
 from ..runtime import Dist, resolve_device, set_threads
 from .config import DedupConfig
 from .rules import removed_pairs, report_thresholds, rule_report
@@ -58,6 +59,11 @@ class DedupResult:
     confirmed: int = 0                 # pairs that passed stage 2
     resumed_pairs: int = 0             # stage-2 results taken from the progress files
     unreadable_images: int = 0         # distinct images that could not be read
+    # each of them: (query | pool, key, why); their pairs could not be confirmed
+    unreadable: list[tuple[str, str, str]] = field(default_factory=list)
+    unreadable_pairs: int = 0          # candidate pairs with an image that could not be read
+    # valid rows with an all-zero embedding, which could not be compared, by role
+    not_compared: dict[str, list[str]] = field(default_factory=dict)
     rules: list[dict] = field(default_factory=list)    # per threshold: images each rule removes
     seconds_search: float = 0.0
     seconds_verify: float = 0.0
@@ -67,19 +73,28 @@ class DedupResult:
         return len(self.pool_keys)
 
     def lines(self) -> list[str]:
-        """The output file: a header comment, then ``pool_key\\tquery_key\\tcosine\\tinliers``."""
+        """The output file: a header comment, then ``pool_key\\tquery_key\\tcosine\\tinliers``,
+        then, as comments (so that it stays an exclude file), every image that could not be
+        read and every row that could not be compared."""
         head = [f"# ssld dedup: query={self.query} pool={self.pool} threshold={self.threshold} "
                 f"verify={self.verify} min_inliers={self.min_inliers} rule={self.rule}",
                 "# pool_key\tquery_key\tcosine\tinliers"]
+        tail = [f"# unreadable (its pairs are not confirmed): {role}\t{key}\t{why}"
+                for role, key, why in self.unreadable]
+        tail += [f"# not compared (all-zero embedding): {role}\t{key}"
+                 for role, keys in self.not_compared.items() for key in keys]
         return head + [f"{p}\t{q}\t{c:.4f}\t{i if i >= 0 else '-'}" for p, q, c, i in
-                       zip(self.pool_keys, self.query_keys, self.cosines, self.inliers)]
+                       zip(self.pool_keys, self.query_keys, self.cosines, self.inliers)] + tail
 
     def to_dict(self) -> dict:
         """The per-threshold report written beside the output (``OUT.rules.json``)."""
         return {"query": self.query, "pool": self.pool, "threshold": self.threshold,
                 "verify": self.verify, "min_inliers": self.min_inliers, "rule": self.rule,
                 "candidates": self.candidates, "confirmed": self.confirmed,
-                "excluded_pool_images": len(set(self.pool_keys)), "thresholds": self.rules}
+                "excluded_pool_images": len(set(self.pool_keys)), "thresholds": self.rules,
+                "unreadable": [{"role": role, "key": key, "reason": why}
+                               for role, key, why in self.unreadable],
+                "not_compared": self.not_compared}
 
     def __str__(self) -> str:
         verified = ("not verified (--verify none)" if self.verify == "none" else
@@ -99,9 +114,25 @@ class DedupResult:
                                     ("best", "best", ","), ("component", "component", ",")):
                 lines.append(f"  {name:<10}" + "".join(f"{r[key]:>9{spec}}" for r in self.rules))
         if self.unreadable_images:
-            lines.append(f"warning: {self.unreadable_images:,} images could not be read; "
-                         "their pairs were not confirmed")
+            shown = ", ".join(f"{role} {key} ({why})" for role, key, why in self.unreadable[:3])
+            more = self.unreadable_images - min(3, len(self.unreadable))
+            lines.append(f"warning: {self.unreadable_images:,} images could not be read, so "
+                         f"{self.unreadable_pairs:,} candidate pairs were not confirmed: "
+                         f"{shown}{f' and {more:,} more' if more else ''} (all listed in the "
+                         "output)")
+        if any(self.not_compared.values()):
+            query, pool = (self.not_compared.get(role, []) for role in ("query", "pool"))
+            first = ", ".join(f"{role} {keys[0]}" for role, keys in (("query", query),
+                                                                     ("pool", pool)) if keys)
+            lines.append(f"warning: {_rows(len(query), 'query')} and {_rows(len(pool), 'pool')} "
+                         f"{'has' if len(query) + len(pool) == 1 else 'have'} an all-zero "
+                         f"embedding and were not compared (first: {first}); their duplicates "
+                         "cannot be found")
         return "\n".join(lines)
+
+
+def _rows(count: int, role: str) -> str:
+    return f"{count:,} {role} row{'' if count == 1 else 's'}"
 
 
 def dedup(cfg: DedupConfig) -> DedupResult:
@@ -135,7 +166,7 @@ def dedup(cfg: DedupConfig) -> DedupResult:
     query_store, pool_store = (_open_embedded(cfg.query, "query"),
                                _open_embedded(cfg.pool, "pool"))
     roots = None
-    if cfg.verify == "sift":
+    if cfg.verify == "sift":   # the roots must hold the keys: checked before the search
         roots = (_image_root(query_store, cfg.query_root, "query"),
                  _image_root(pool_store, cfg.pool_root, "pool"))
     if cfg.out is not None and str(cfg.out) != "-":
@@ -169,18 +200,19 @@ def _run(cfg: DedupConfig, query_store: LabelStore, pool_store: LabelStore, dist
         pairs = Candidates.best_of(dist.gather(pairs), top_m)
     searched = time.perf_counter()
     query_keys, pool_keys = query_store.keys, pool_store.keys
-    resumed, unreadable, progress_file = 0, 0, None
+    resumed, unreadable, unreadable_pairs, progress_file = 0, [], 0, None
     if roots is None:
         inliers, confirmed = np.full(len(pairs), -1), np.ones(len(pairs), dtype=bool)
     else:
-        if out is not None and str(out) != "-":
+        if out is not None and str(out) != "-" and local_path(out) is not None:
+            # object storage cannot append: there stage 2 starts afresh when rerun
             progress_file = Progress(out, stage2_settings(query_store, pool_store, roots))
         inliers, flags, resumed = verify_shared(pairs, query_store, pool_store, roots, dist,
                                                 progress_file, workers=workers,
                                                 progress=cfg.progress)
         confirmed = inliers >= cfg.min_inliers
-        unreadable = (len(np.unique(pairs.query_rows[(flags & QUERY_UNREADABLE) > 0]))
-                      + len(np.unique(pairs.pool_rows[(flags & POOL_UNREADABLE) > 0])))
+        unreadable = _unreadable(pairs, flags, query_keys, pool_keys, roots)
+        unreadable_pairs = int((flags > 0).sum())
     listed = removed_pairs(pairs, confirmed, cfg.rule, threshold)
     result = DedupResult(
         query=query_store.path, pool=pool_store.path, threshold=threshold, verify=cfg.verify,
@@ -189,7 +221,11 @@ def _run(cfg: DedupConfig, query_store: LabelStore, pool_store: LabelStore, dist
         pool_keys=pool_keys[pairs.pool_rows[listed]].tolist(),
         query_keys=query_keys[pairs.query_rows[listed]].tolist(),
         cosines=pairs.cosines[listed].tolist(), inliers=inliers[listed].tolist(),
-        confirmed=int(confirmed.sum()), resumed_pairs=resumed, unreadable_images=unreadable,
+        confirmed=int(confirmed.sum()), resumed_pairs=resumed,
+        unreadable_images=len(unreadable), unreadable=unreadable,
+        unreadable_pairs=unreadable_pairs,
+        not_compared={"query": query_keys[pairs.unusable_queries].tolist(),
+                      "pool": pool_keys[pairs.unusable_pool].tolist()},
         rules=rule_report(pairs, confirmed,
                           report_thresholds(threshold, list(cfg.report_thresholds) or None)),
         seconds_search=searched - started, seconds_verify=time.perf_counter() - searched)
@@ -200,35 +236,60 @@ def _run(cfg: DedupConfig, query_store: LabelStore, pool_store: LabelStore, dist
 
 
 def _check_out(out: str, inputs: dict) -> None:
-    """Before the search: ``out`` overlaps no input, and replaces only an earlier dedup
-    output (its first line is the header this command writes)."""
-    check_output_file(str(out), "--out")  # not a folder, its folder exists
+    """Before the search: ``out`` (a path or an fsspec URL) can be written, overlaps no
+    input, and replaces only an earlier dedup output (its first line is the header this
+    command writes)."""
+    import fsspec
+
+    check_output_file(str(out), "--out")  # not a folder; its folder (or bucket) exists
     check_disjoint(out, inputs)
-    if os.path.lexists(out):
+    if labelstore.exists(out):
+        local = local_path(out)
         try:
             ours = read_text(out, "dedup output").startswith("# ssld dedup:")
         except (OSError, ValueError):  # a folder, unreadable, not UTF-8: not ours
             ours = False
-        if not ours or not os.path.isfile(out):
+        if not ours or (local is not None and not os.path.isfile(local)):
             raise ValueError(f"--out {out} exists and is not an ssld dedup output; refusing to "
                              "replace it (remove it yourself or choose another --out)")
 
 
 def _write_outputs(result: DedupResult, out: str, progress_file: Progress | None) -> None:
+    """The list and its rule report beside it (``OUT.rules.json``), on a local disk or on
+    object storage alike."""
+    import fsspec
+
     text = "\n".join(result.lines()) + "\n"
     if out == "-":
         sys.stdout.write(text)
         return
-    with open(out, "w", encoding="utf-8") as handle:
+    with fsspec.open(out, "w", encoding="utf-8") as handle:
         handle.write(text)
-    with open(out + ".rules.json", "w", encoding="utf-8") as handle:
+    with fsspec.open(out + ".rules.json", "w", encoding="utf-8") as handle:
         json.dump(result.to_dict(), handle, indent=2)
         handle.write("\n")
     if progress_file is not None:   # the output holds every result now
         progress_file.remove()
 
 
+def _unreadable(pairs, flags: np.ndarray, query_keys: np.ndarray, pool_keys: np.ndarray,
+                roots) -> list[tuple[str, str, str]]:
+    """(role, key, why) of every image stage 2 could not read, queries first."""
+    found = []
+    for role, bit, rows, keys, root in (("query", QUERY_UNREADABLE, pairs.query_rows,
+                                         query_keys, roots[0]),
+                                        ("pool", POOL_UNREADABLE, pairs.pool_rows,
+                                         pool_keys, roots[1])):
+        for row in np.unique(rows[(flags & bit) > 0]):
+            key = str(keys[row])
+            path = os.path.join(root, *key.split("/"))
+            found.append((role, key, "cannot be decoded" if os.path.isfile(path) else "missing"))
+    return found
+
+
 def _image_root(store: LabelStore, override: str | None, role: str) -> str:
+    """The folder stage 2 reads ``role``'s images from; refused before the search unless it
+    holds the store's keys (``teacher_infer.roots``)."""
     root = override or (store.attrs.get("dataset") or {}).get("root")
     if not root:
         raise ValueError(f"{role} store {store.path} records no dataset.root: pass --{role}-root "
@@ -236,8 +297,8 @@ def _image_root(store: LabelStore, override: str | None, role: str) -> str:
     if "://" in str(root):
         raise ValueError(f"SIFT verification reads local files, but the {role} root is {root}: "
                          f"pass --{role}-root with a local copy (or --verify none)")
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"{role} image root {root} is not a directory")
+    check_image_root(str(root), store.keys, store.valid, option=f"--{role}-root",
+                     store=f"the {role} store {store.path}", given=override is not None)
     return str(root)
 
 

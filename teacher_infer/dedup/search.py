@@ -4,8 +4,10 @@ The result is defined without reference to how it is computed, so that the numpy
 path and the torch path (CPU or CUDA, any block size, any number of ranks) return
 the same pairs:
 
-- an embedding takes part when its row is valid and its stored values are finite
-  and not all zero;
+- an embedding takes part when its row is valid and its stored values are not all
+  zero (they are finite: the reader refuses a chunk that is not, docs/format.md); valid
+  rows with an all-zero embedding cannot be compared and are reported
+  (``Candidates.unusable_queries`` / ``unusable_pool``), never left out in silence;
 - the cosine of a pair is ``x·y / (‖x‖ ‖y‖)`` of the stored values in float64,
   rounded to float32: that float32 value is the pair's score;
 - a pair is a candidate when its score >= ``threshold`` (compared in float64); per
@@ -26,14 +28,13 @@ one image) is searched again with a larger K.
 from __future__ import annotations
 
 import math
-import sys
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
 
-from labelstore import LabelStore, first_in_runs, read_blocks
+from labelstore import LabelStore, first_in_runs, progress_bar, read_blocks
 
 from ..runtime import Dist, resolve_device, resolve_precision
 
@@ -58,6 +59,9 @@ class Candidates:
     pool_rows: np.ndarray    # (P,) int64
     cosines: np.ndarray      # (P,) float32: the score defined above
     passes: int = 1          # passes over the pool (more when a query had many near-ties)
+    # valid rows whose embedding is all zero: they take no part (no direction to compare)
+    unusable_queries: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    unusable_pool: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
     def __len__(self) -> int:
         return len(self.query_rows)
@@ -70,12 +74,17 @@ class Candidates:
     @classmethod
     def best_of(cls, parts: list["Candidates"], top_m: int) -> "Candidates":
         """The top ``top_m`` per query of the union of ``parts`` (e.g. one per pool share)."""
+        unusable = {name: np.unique(np.concatenate([np.zeros(0, np.int64)] + [
+            getattr(p, name) for p in parts])) for name in ("unusable_queries", "unusable_pool")}
         parts = [p for p in parts if len(p)]
         if not parts:
-            return cls.empty()
+            return cls(*cls.empty().arrays(), **unusable)
         return cls(*keep_best(np.concatenate([p.query_rows for p in parts]),
                               np.concatenate([p.pool_rows for p in parts]),
-                              np.concatenate([p.cosines for p in parts]), top_m))
+                              np.concatenate([p.cosines for p in parts]), top_m), **unusable)
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.query_rows, self.pool_rows, self.cosines
 
 
 def keep_best(query_rows, pool_rows, cosines, top_m: int) -> tuple[np.ndarray, ...]:
@@ -89,6 +98,11 @@ def keep_best(query_rows, pool_rows, cosines, top_m: int) -> tuple[np.ndarray, .
 def usable_rows(embeddings: np.ndarray) -> np.ndarray:
     """Mask of rows that are finite and not all zero (the same test on every path)."""
     return np.isfinite(embeddings).all(axis=1) & (embeddings != 0).any(axis=1)
+
+
+def _unusable(valid: np.ndarray, usable: np.ndarray) -> np.ndarray:
+    """Rows (positions) that are valid but cannot be compared."""
+    return np.flatnonzero(np.asarray(valid, dtype=bool) & ~usable)
 
 
 def exact_scores(query_raw: np.ndarray, query_norms: np.ndarray, query_pos: np.ndarray,
@@ -126,26 +140,32 @@ def slack(dim: int, precision: str = "fp32") -> float:
     return 2 * (3 * u + 4 * 2.0 ** -24 + (dim + 2) * 2.0 ** -24) + 1e-6
 
 
-def _queries(query: LabelStore) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(rows taking part, their stored embeddings as float32, their float64 norms)."""
+def _queries(query: LabelStore) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(rows taking part, their stored embeddings as float32, their float64 norms, valid
+    rows that cannot take part)."""
     raw = query.read_embeddings(slice(None))
-    ids = np.flatnonzero(query.valid & usable_rows(raw))
+    usable = usable_rows(raw)
+    ids = np.flatnonzero(query.valid & usable)
     raw = np.ascontiguousarray(raw[ids])
     norms = np.concatenate([np.zeros(0)] + [
         np.sqrt(np.einsum("ij,ij->i", part, part)) for part in
         (raw[i:i + 4096].astype(np.float64) for i in range(0, len(raw), 4096))])
-    return ids, raw, norms
+    return ids, raw, norms, _unusable(query.valid, usable)
 
 
 def _unit(raw: np.ndarray, norms: np.ndarray) -> np.ndarray:
     return raw / norms.astype(np.float32)[:, None]
 
 
-def _pool_blocks(pool: LabelStore, part) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """(first row, usable rows within the block, stored embeddings) per prefetched block."""
+def _pool_blocks(pool: LabelStore, part, unusable: list
+                 ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(first row, usable rows within the block, stored embeddings) per prefetched block;
+    the valid rows that cannot be compared are appended to ``unusable``."""
     for lo, _, data in read_blocks(pool, ("embeddings", "valid"), part=part):
         raw = data["embeddings"]
-        yield lo, np.flatnonzero(data["valid"].astype(bool) & usable_rows(raw)), raw
+        usable = usable_rows(raw)
+        unusable.append(lo + _unusable(data["valid"], usable))
+        yield lo, np.flatnonzero(data["valid"].astype(bool) & usable), raw
 
 
 def require_embeddings(store: LabelStore, role: str) -> None:
@@ -166,7 +186,8 @@ def search(query: LabelStore, pool: LabelStore, *, threshold: float = DEFAULT_TH
     running top-K per query there); ``"numpy"`` runs the float32-BLAS reference. ``precision`` is the dtype of the torch products
     (``teacher_infer.runtime.resolve_precision``: ``"auto"`` is bf16 on CUDA, fp32 on the
     CPU; ``"bf16"`` is fast on CPUs with AVX512-BF16/AMX); it changes the speed, not the
-    result. Rows with ``valid=False`` or an all-zero embedding take no part.
+    result. Rows with ``valid=False`` or an all-zero embedding take no part (the latter,
+    when valid, are listed in the result's ``unusable_queries`` / ``unusable_pool``).
     ``pool_batch`` sets the pool rows per matrix product (default: the score matrix
     stays under 256 MiB on the CPU, 2 GiB on CUDA; 16384 rows for numpy, with
     ``query_batch`` queries per product); ``part=(i, n)`` searches only every n-th
@@ -187,14 +208,6 @@ def search(query: LabelStore, pool: LabelStore, *, threshold: float = DEFAULT_TH
                             bar=bar, **options)
 
 
-def progress_bar(enabled: bool, total: int, desc: str, unit: str = "rows"):
-    """dedup's tqdm bar on stderr (both stages); silent when ``enabled`` is false."""
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, disable=not enabled,
-                leave=False, dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
-
-
 # -- numpy: the reference -------------------------------------------------------------
 
 def search_numpy(query: LabelStore, pool: LabelStore, *, threshold: float, top_m: int,
@@ -205,12 +218,13 @@ def search_numpy(query: LabelStore, pool: LabelStore, *, threshold: float, top_m
     Every pair within :func:`slack` of ``threshold`` is re-scored exactly, so the
     kept set can be trimmed to ``top_m`` per query at any time.
     """
-    ids, queries_raw, query_norms = _queries(query)
+    ids, queries_raw, query_norms, unusable_queries = _queries(query)
     queries = _unit(queries_raw, query_norms)
     low = threshold - slack(queries.shape[1], "fp32")
     found: list[tuple[np.ndarray, ...]] = []
+    unusable: list[np.ndarray] = []
     buffered, bound = 0, max(4 * len(ids) * top_m, 1 << 16)
-    for lo, rows, raw in _pool_blocks(pool, part):
+    for lo, rows, raw in _pool_blocks(pool, part, unusable):
         step = pool_batch or 16384
         for b0 in range(0, len(rows), step):
             sub = rows[b0:b0 + step]
@@ -231,10 +245,12 @@ def search_numpy(query: LabelStore, pool: LabelStore, *, threshold: float, top_m
                     buffered = len(found[0][0])
         if bar is not None:
             bar.update(len(raw))
+    skipped = dict(unusable_queries=unusable_queries,
+                   unusable_pool=np.concatenate([np.zeros(0, np.int64)] + unusable))
     if not found:
-        return Candidates.empty()
+        return Candidates(*Candidates.empty().arrays(), **skipped)
     positions, pool_rows, scores = keep_best(*map(np.concatenate, zip(*found)), top_m)
-    return Candidates(ids[positions], pool_rows, scores)
+    return Candidates(ids[positions], pool_rows, scores, **skipped)
 
 
 # -- torch: queries on the device, running top-K ----------------------------------------
@@ -286,22 +302,24 @@ def search_torch(query: LabelStore, pool: LabelStore, *, threshold: float, top_m
         raise ValueError(f"precision must be one of {', '.join(UNIT_ROUNDOFF)}, got "
                          f"{precision!r}")
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    ids, queries_raw, query_norms = _queries(query)
-    if not len(ids):
-        return Candidates.empty()
+    ids, queries_raw, query_norms, unusable_queries = _queries(query)
+    if not len(ids):   # nothing to compare: the pool is not read
+        return Candidates(*Candidates.empty().arrays(), unusable_queries=unusable_queries)
     dim = queries_raw.shape[1]
     error = slack(dim, precision)
     low = threshold - error
     pending = np.arange(len(ids))
     width = top_m + EXTRA
     kept: list[tuple[np.ndarray, ...]] = []
+    unusable: list[np.ndarray] = []
     passes = 0
     with torch.inference_mode(), _exact_matmul():
         while len(pending):
             unit = torch.from_numpy(_unit(queries_raw[pending], query_norms[pending]))
             on_device = unit.to(device, dtype)
             found, kth, total = _stream(on_device, pool, width, low, threshold, queries_raw,
-                                        query_norms, pending, pool_batch, part, bar)
+                                        query_norms, pending, pool_batch, part, bar,
+                                        unusable if not passes else [])
             bar = None     # a second pass is not drawn as progress
             positions, pool_rows, scores = keep_best(*found, top_m)
             done = _certified(positions, scores, pending, kth, error, threshold,
@@ -311,13 +329,16 @@ def search_torch(query: LabelStore, pool: LabelStore, *, threshold: float, top_m
             pending, width = pending[~done], width * 4
             passes += 1
     positions, pool_rows, scores = keep_best(*map(np.concatenate, zip(*kept)), top_m)
-    return Candidates(ids[positions], pool_rows, scores, passes=passes)
+    return Candidates(ids[positions], pool_rows, scores, passes=passes,
+                      unusable_queries=unusable_queries,
+                      unusable_pool=np.concatenate([np.zeros(0, np.int64)] + unusable))
 
 
 def _stream(queries, pool, width, low, threshold, queries_raw, query_norms, pending,
-            pool_batch, part, bar):
+            pool_batch, part, bar, unusable: list):
     """One pass over the pool: every pair that ever entered a query's running top-K,
-    re-scored exactly; the final K-th approximate score per query; usable pool rows."""
+    re-scored exactly; the final K-th approximate score per query; usable pool rows.
+    Valid pool rows that cannot be compared are appended to ``unusable``."""
     import torch
 
     dev, n = queries.device, len(queries)
@@ -338,6 +359,9 @@ def _stream(queries, pool, width, low, threshold, queries_raw, query_norms, pend
             usable = valid[b0:b0 + step].to(dev) & torch.isfinite(norms) & (norms > 0)
             if stored.dtype != torch.float16:
                 usable &= torch.isfinite(block).all(dim=1) & (block != 0).any(dim=1)
+            if not bool(usable.all()):
+                unusable.append(lo + b0 + _unusable(
+                    valid[b0:b0 + step].numpy(), usable.cpu().numpy()))
             usable = usable.nonzero().squeeze(1)
             if not len(usable):
                 continue

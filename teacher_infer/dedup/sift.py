@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from labelstore import LabelStore
+from labelstore import LabelStore, progress_bar
 
 from ..runtime import Dist
-from .search import Candidates, progress_bar
+from .search import Candidates
 
 # Lowe's ratio (0.75, his paper's value), RANSAC reprojection error in pixels of the image
 # scaled to MAX_SIDE, and the inliers one homography must explain: unrelated images rarely get
@@ -155,10 +155,19 @@ class Progress:
             if not lines:
                 continue
             if lines[0].decode("utf-8", "replace") + "\n" != self.header:
-                raise ValueError(f"progress file {path} was written by a dedup run with other "
-                                 "stores or stage-2 settings: delete it to start stage 2 afresh")
-            for line in lines[1:]:
-                query_row, pool_row, inliers, flags = map(int, line.split(b"\t"))
+                what = ("was written by a dedup run with other stores or stage-2 settings"
+                        if lines[0].startswith(b"# ssld dedup progress ") else
+                        "does not start with the header dedup writes (damaged)")
+                raise ValueError(f"progress file {path} {what}: delete it to start stage 2 "
+                                 "afresh")
+            for number, line in enumerate(lines[1:], start=2):
+                try:
+                    query_row, pool_row, inliers, flags = map(int, line.split(b"\t"))
+                except ValueError:   # every complete line was fsynced whole: this is damage
+                    raise ValueError(
+                        f"progress file {path} line {number} is damaged ({line[:40]!r}, not "
+                        "'query_row<TAB>pool_row<TAB>inliers<TAB>flags'): delete it to "
+                        "start stage 2 afresh") from None
                 done[(query_row, pool_row)] = (inliers, flags)
         return done
 
