@@ -49,8 +49,8 @@ Conventions of every command: bad input (a missing file, an unknown option, a va
 range) is one line on stderr, `ssld: error: …`, and exit status 2; a failure of the machine (a
 full disk, an I/O error) or a run that could not finish is one line and exit status 1.
 `ssld --debug COMMAND …` shows the traceback instead (the group's options, below); `-h`/`--help`
-works on every command. Commands that compute (`infer-teacher`, `dedup`, `verify`,
-`train-student`, `eval`) also run under `torchrun … -m cli COMMAND …`, one process per GPU.
+works on every command. `infer-teacher`, `dedup`, `train-student` and `eval` split their work
+over the ranks of `torchrun … -m cli COMMAND …` (one process per GPU, on one machine or several).
 """
 
 
