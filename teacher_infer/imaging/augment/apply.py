@@ -50,7 +50,10 @@ def augment_views(pixels: torch.Tensor, records: ViewRecords, fill: Sequence[int
     ops : sequence of Op
         The store's ops table by id (``table.resolve_table``); default this ssld's.
 
-    Returns a new tensor; ``pixels`` is unchanged.
+    Returns
+    -------
+    torch.Tensor
+        A new tensor; ``pixels`` is unchanged.
     """
     flat, flat_records = _flat(pixels, records)
     out = flat.clone()
