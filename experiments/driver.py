@@ -40,8 +40,8 @@ from typing import Any, Callable, Mapping, Optional
 
 from experiments import record
 
-__all__ = ["Context", "Driver", "Estimate", "Step", "Study", "main", "make_parser", "now",
-           "read_json", "run", "write_json"]
+__all__ = ["Context", "Driver", "Estimate", "Step", "Study", "ancestors", "check_graph",
+           "main", "make_parser", "now", "read_json", "run", "write_json"]
 
 
 def now() -> str:
@@ -608,16 +608,11 @@ class Driver:
         return any(self.blocked_by_failure(d, failed) for d in self.steps[name].deps)
 
     def with_deps(self, names: set[str]) -> set[str]:
-        out: set[str] = set()
-        todo = [n for n in self.order if any(re.fullmatch(p, n) for p in names)]
-        if not todo:
+        """The steps matching the ``--only`` patterns, with everything they wait for."""
+        matched = [n for n in self.order if any(re.fullmatch(p, n) for p in names)]
+        if not matched:
             raise SystemExit(f"--only {' '.join(sorted(names))} matches no step")
-        while todo:
-            n = todo.pop()
-            if n not in out:
-                out.add(n)
-                todo.extend(self.steps[n].deps)
-        return out
+        return ancestors(self.steps, matched) | set(matched)
 
     # -- results
     def write_results(self, session_start: float) -> None:
@@ -673,6 +668,36 @@ class Driver:
             if self.extra is not None:
                 data.update(self.extra(ctx))
             write_json(self.results_path, data)
+
+
+def ancestors(steps: Mapping[str, Step], names) -> set[str]:
+    """Every step that the steps ``names`` (one name or several) wait for, directly or not."""
+    out: set[str] = set()
+    todo = [names] if isinstance(names, str) else list(names)
+    while todo:
+        for dep in steps[todo.pop()].deps:
+            if dep not in out:
+                out.add(dep)
+                todo.append(dep)
+    return out
+
+
+def check_graph(steps: list[Step], rows: list[dict]) -> list[str]:
+    """What is wrong with a study's graph (nothing: []): a step named twice, a dependency that
+    is not a step or comes after its dependent (``Study.build`` lists every dependency
+    first), a report row naming a step that does not exist."""
+    problems, seen = [], set()
+    for step in steps:
+        if step.name in seen:
+            problems.append(f"step {step.name} is declared twice")
+        for dep in step.deps:
+            if dep not in seen:
+                problems.append(f"step {step.name} depends on {dep}, which is not a step "
+                                "declared before it")
+        seen.add(step.name)
+    problems += [f"the report's row {row['group']} names unknown step {n}" for row in rows
+                 for n in row["train_steps"] + row["eval_steps"] if n not in seen]
+    return problems
 
 
 # ----------------------------------------------------------------------------------------------
@@ -758,12 +783,12 @@ def run(study: Study, parser: argparse.ArgumentParser, args: argparse.Namespace)
         parser.error(f"{ctx.work} holds a {marker.read_text().strip()} run; use another "
                      "--workdir for --scale " + args.scale)
     marker.write_text(args.scale + "\n")
-    driver = Driver(ctx, study.build(ctx), study=study.name, rows=study.rows,
+    steps = study.build(ctx)
+    problems = check_graph(steps, study.rows(ctx))
+    if problems:
+        raise SystemExit("internal error in the study's protocol: " + "; ".join(problems[:5]))
+    driver = Driver(ctx, steps, study=study.name, rows=study.rows,
                     constants=study.constants, extra=study.extra)
-    unknown = [n for row in study.rows(ctx) for n in row["train_steps"] + row["eval_steps"]
-               if n not in driver.steps]
-    if unknown:
-        raise SystemExit(f"internal error: the report's rows name unknown steps {unknown}")
 
     def stop(signum, frame):  # `kill PID` stops the running steps as Ctrl-C does
         raise KeyboardInterrupt

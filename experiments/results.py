@@ -7,10 +7,14 @@ step has no result, and shows as "-".
 """
 from __future__ import annotations
 
+import argparse
+import json
 import statistics
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Callable, Optional
 
-__all__ = ["Results", "fmt_seconds", "mean_std", "pct", "top1_cell"]
+__all__ = ["Results", "fmt_seconds", "mean_std", "pct", "report_main", "save_figure",
+           "seeds_cell", "top1_cell"]
 
 
 def pct(x: Optional[float], digits: int = 2) -> str:
@@ -76,3 +80,39 @@ def top1_cell(st: dict) -> str:
     if st["std"] is not None:
         return f"{100 * st['mean']:.2f} ± {100 * st['std']:.2f}"
     return f"{100 * st['mean']:.2f}"
+
+
+def seeds_cell(st: dict) -> str:
+    """A ``row_stats``'s seeds: "3", or "2/3" when fewer than planned finished."""
+    return f"{st['n']}/{st['planned']}" if st["n"] != st["planned"] else str(st["n"])
+
+
+def report_main(description: str, default_results: Path,
+                write_markdown: Callable[[Results, Optional[Path]], str],
+                write_plot: Callable[[Results, Path], bool],
+                argv: Optional[list[str]] = None) -> int:
+    """A study report's command line: read ``--results``, write the plot ``--png`` when asked
+    (``write_plot`` returns False when there is nothing to draw; the markdown then names no
+    plot) and the markdown fragment ``--md``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--results", default=str(default_results))
+    parser.add_argument("--md", required=True, help="Markdown fragment to write.")
+    parser.add_argument("--png", default=None, help="Plot to write (needs matplotlib).")
+    args = parser.parse_args(argv)
+    res = Results(json.loads(Path(args.results).read_text()))
+    png = Path(args.png) if args.png else None
+    if png is not None and not write_plot(res, png):
+        png = None
+    Path(args.md).write_text(write_markdown(res, png) + "\n")
+    return 0
+
+
+def save_figure(fig: Any, png: Path) -> bool:
+    """Lay out, write (120 dpi) and close a report's matplotlib figure; True, for
+    ``write_plot``'s "a plot was written"."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return True

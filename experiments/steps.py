@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import random
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -20,9 +21,10 @@ from experiments import record
 from experiments.driver import Context, Step, read_json
 
 __all__ = ["DEV_SEED", "INPUT_SIZE", "MEASURED", "STUDENT", "TEACHER", "VIEWS", "choose",
-           "collect_prepared", "collect_train", "count_dups", "dedup_threshold", "eval_step",
-           "infer_step", "inspect_step", "list_hashes", "per_class", "pseudo_label_check",
-           "read_eval", "read_list", "read_metrics", "runtime", "ssld", "train_command",
+           "collect_prepared", "collect_train", "count_dups", "dedup_steps", "dedup_threshold",
+           "eval_step", "infer_step", "inspect_step", "list_hashes", "merge_steps", "per_class",
+           "prepare_step", "pseudo_label_check", "read_eval", "read_list", "read_metrics",
+           "runtime", "select_merge_steps", "select_steps", "ssld", "train_command",
            "train_step", "tune_steps", "write_list"]
 
 TEACHER = "resnet10t"               # 4.9 M parameters, ~25 MMAC at 32 px
@@ -126,6 +128,18 @@ def ssld(ctx: Context, *args: Any) -> list[str]:
     return [ctx.args.ssld, *[str(a) for a in args]]
 
 
+def prepare_step() -> Step:
+    """``ssld prepare fashion-mnist`` into the workdir's data folder, from ``--src`` where the
+    study has that option (the Debian package's IDX folder) and it is given."""
+    def command(ctx: Context) -> list[str]:
+        src = getattr(ctx.args, "src", None)
+        return ssld(ctx, "prepare", "fashion-mnist", "--out", ctx.data) + \
+            (["--src", src] if src else [])
+
+    return Step("prepare", "prepare", command=command,
+                outputs=lambda c: [c.data / "meta.json"], collect=collect_prepared)
+
+
 def runtime(ctx: Context) -> list[str]:
     return ["--device", ctx.args.device, "--num-workers", str(ctx.args.num_workers)]
 
@@ -220,19 +234,24 @@ def inspect_step(name: str, store: str, deps: tuple[str, ...]) -> Step:
                 stdout=True)
 
 
-def infer_step(name: str, store: str, data: str, *, views: int,
+def infer_step(name: str, store: str, data: str, *, views: int | Callable[[Context], int],
                checkpoint: Callable[[Context], str], deps: tuple[str, ...],
-               embeddings: bool = False, exclusive: bool = False) -> Step:
-    """``ssld infer-teacher`` of the teacher over a list file into STORE (resumes itself)."""
+               embeddings: bool = False, exclusive: bool = False,
+               extra: tuple[str, ...] | Callable[[Context], tuple[str, ...]] = ()) -> Step:
+    """``ssld infer-teacher`` of the teacher over a list file into STORE (resumes itself);
+    ``extra``: more infer-teacher options, appended (e.g. augmentation records). ``views`` and
+    ``extra`` may be functions of the context: settings that an earlier step chooses."""
     def command(ctx: Context) -> list[str]:
+        n_views = views(ctx) if callable(views) else views
+        more = extra(ctx) if callable(extra) else extra
         cmd = ssld(ctx, "infer-teacher", "--model", ctx.teacher, "--checkpoint", checkpoint(ctx),
                    "--num-classes", 10, "--class-names", ctx.data / "classes.txt",
                    "--data", ctx.split(data), "--root", ctx.images, "--out", ctx.store(store),
-                   "--input-size", INPUT_SIZE, "--views", views, "--topk", 10, "--seed", 0,
+                   "--input-size", INPUT_SIZE, "--views", n_views, "--topk", 10, "--seed", 0,
                    "--batch-size", 256, "--no-progress", *runtime(ctx))
         if ctx.args.device != "cuda":
             cmd += ["--decoder", "pil"]
-        return cmd + (["--embeddings"] if embeddings else [])
+        return cmd + (["--embeddings"] if embeddings else []) + [str(a) for a in more]
 
     def collect(ctx: Context) -> dict:
         return {"store": ctx.store(store)}  # its contents: the inspect step's JSON
@@ -305,6 +324,75 @@ def dedup_threshold(ctx: Context, path: Path) -> dict:
             "verified": sum(1 for x in cosines if x >= threshold),
             "at_least": {str(t): sum(1 for x in cosines if x >= t)
                          for t in (0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)}}
+
+
+def dedup_steps(add: Callable[[Step], None], tag: str, pool_store: str, query_store: str,
+                threshold: float) -> Callable[[Context], Path]:
+    """Dedup of POOL_STORE against QUERY_STORE as study 1 does it: stage 1 (cosine of view 0's
+    embeddings, ``threshold``, no verification) lists the candidates, ``dedup_threshold``
+    raises the cosine until at most the scale's ``dedup_max_pairs`` remain, and stage 2
+    verifies those with SIFT. Adds ``dedup_candidatesTAG``, ``choose_dedup_thresholdTAG`` and
+    ``dedupTAG``; returns the duplicates list's path (``select-topk --exclude``)."""
+    cands = lambda c: c.stores / f"{pool_store}_vs_{query_store}.candidates.tsv"  # noqa: E731
+    dups = lambda c: c.stores / f"{pool_store}_vs_{query_store}.dups"  # noqa: E731
+    add(Step(f"dedup_candidates{tag}", "dedup",
+             deps=(f"inspect_{pool_store}", f"inspect_{query_store}"),
+             command=lambda c: ssld(c, "dedup", "--query", c.store(query_store), "--pool",
+                                    c.store(pool_store), "--out", cands(c), "--verify",
+                                    "none", "--top-m", 1, "--threshold", threshold),
+             outputs=lambda c: [cands(c)], collect=lambda c: count_dups(c, cands(c))))
+    add(Step(f"choose_dedup_threshold{tag}", "choose", deps=(f"dedup_candidates{tag}",),
+             internal=lambda c: dedup_threshold(c, cands(c))))
+    add(Step(f"dedup{tag}", "dedup", deps=(f"choose_dedup_threshold{tag}",),
+             command=lambda c: ssld(c, "dedup", "--query", c.store(query_store), "--pool",
+                                    c.store(pool_store), "--out", dups(c), "--top-m", 1,
+                                    "--threshold",
+                                    c.result(f"choose_dedup_threshold{tag}")["threshold"]),
+             outputs=lambda c: [dups(c)], collect=lambda c: count_dups(c, dups(c))))
+    return dups
+
+
+def select_steps(add: Callable[[Step], None], tag: str, pool_store: str,
+                 k_of: Callable[[Context], int],
+                 dedup: tuple[str, Callable[[Context], Path]]) -> str:
+    """``select-topk`` on POOL_STORE (the duplicates of step ``dedup[0]``, listed in
+    ``dedup[1]``, excluded; the selection's list file ``stores/SEL.txt`` beside its store) and
+    its inspect. Returns the selection's store name, ``POOL_STORE_TAG``."""
+    sel = f"{pool_store}_{tag}"
+    add(Step(f"select_{sel}", "select", deps=(dedup[0], f"inspect_{pool_store}"),
+             command=lambda c: ssld(
+                 c, "select-topk", "--store", c.store(pool_store), "--k", k_of(c),
+                 "--exclude", dedup[1](c), "--out", c.store(sel), "--list-out",
+                 c.stores / f"{sel}.txt"),
+             outputs=lambda c: [Path(c.store(sel)), c.stores / f"{sel}.txt"],
+             rerun_flag="--overwrite"))
+    add(inspect_step(f"inspect_{sel}", sel, (f"select_{sel}",)))
+    return sel
+
+
+def merge_steps(add: Callable[[Step], None], first: str | Callable[[Context], str],
+                second: str, deps: tuple[str, ...], out: Optional[str] = None) -> str:
+    """``merge`` of two stores (FIRST's rows first) into OUT (default ``FIRST+SECOND``), and
+    its inspect; ``deps``: the steps that finish them. FIRST may be a function of the context
+    (a store an earlier step chooses; then OUT is required). Returns the merged store's name."""
+    if out is None and callable(first):
+        raise ValueError("merge_steps: a chosen first store needs a fixed output name (out)")
+    merged = out or f"{first}+{second}"
+    add(Step(f"merge_{merged}", "merge", deps=deps,
+             command=lambda c: ssld(c, "merge", c.store(first(c) if callable(first) else first),
+                                    c.store(second), "--out", c.store(merged)),
+             outputs=lambda c: [Path(c.store(merged))], rerun_flag="--overwrite"))
+    add(inspect_step(f"inspect_{merged}", merged, (f"merge_{merged}",)))
+    return merged
+
+
+def select_merge_steps(add: Callable[[Step], None], tag: str, pool_store: str,
+                       labeled_store: str, k_of: Callable[[Context], int],
+                       dedup: tuple[str, Callable[[Context], Path]]) -> str:
+    """``select_steps`` on POOL_STORE, then ``merge_steps`` of LABELED_STORE with the
+    selection. Returns the merged store's name."""
+    sel = select_steps(add, tag, pool_store, k_of, dedup)
+    return merge_steps(add, labeled_store, sel, (f"select_{sel}", f"inspect_{labeled_store}"))
 
 
 def pseudo_label_check(ctx: Context, selections: list[str]) -> dict:

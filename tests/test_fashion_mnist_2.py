@@ -12,6 +12,8 @@ import random
 import pytest
 
 from experiments import record
+from experiments.driver import ancestors as driver_ancestors
+from experiments.driver import check_graph
 from experiments.fashion_mnist_2 import report as study2_report
 from experiments.fashion_mnist_2 import run as study2
 
@@ -113,22 +115,10 @@ def test_steps_graph(scale, tmp_path):
     ctx = m.Context(args, m.SCALES[scale])
     steps = {s.name: s for s in m.build_steps(ctx)}
     order = list(steps)
-    for name, step in steps.items():
-        for dep in step.deps:
-            assert dep in steps, (name, dep)
-            assert order.index(dep) < order.index(name), (name, dep)
-    for row in m.row_spec(ctx):
-        for name in row["train_steps"] + row["eval_steps"]:
-            assert name in steps, name
+    assert check_graph(list(steps.values()), m.row_spec(ctx)) == []
 
     def ancestors(name):
-        seen, todo = set(), [name]
-        while todo:
-            for d in steps[todo.pop()].deps:
-                if d not in seen:
-                    seen.add(d)
-                    todo.append(d)
-        return seen
+        return driver_ancestors(steps, name)
 
     assert "gate" not in ancestors("eval_ssld_L_x9_s2")
     assert "gate" in ancestors("eval_ssld_L+U_x9_s0") and "gate" in ancestors("eval_ssld_L+U_x1_s0")

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from experiments import record, steps
-from experiments.driver import Context, Driver, Step, main, read_json
+from experiments.driver import (Context, Driver, Step, ancestors, check_graph, main,
+                                read_json)
 from study_toy import STUDY, Scale, step_command
 
 REPO = Path(__file__).resolve().parent.parent
@@ -623,8 +624,28 @@ def test_the_command_line_refuses_bad_options(tmp_path, capsys, signals_restored
         assert exc.value.code == 2 and refusal in capsys.readouterr().err
     broken = dataclasses.replace(STUDY, rows=lambda ctx: [
         {"group": "b", "label": "b", "train_steps": ["b"], "eval_steps": ["eval_b"]}])
-    with pytest.raises(SystemExit, match=r"the report's rows name unknown steps \['eval_b'\]"):
+    with pytest.raises(SystemExit, match=r"the report's row b names unknown step eval_b"):
         main(broken, base + ["--list"])
+    late = dataclasses.replace(STUDY, build=lambda ctx: list(reversed(STUDY.build(ctx))))
+    with pytest.raises(SystemExit, match=r"step c depends on b, which is not a step declared "
+                                         "before it"):
+        main(late, base + ["--list"])
+
+
+def test_check_graph_names_every_fault_of_a_graph_and_ancestors_follow_it():
+    a, b = Step("a", "prepare"), Step("b", "train", deps=("a",))
+    rows = [{"group": "g", "train_steps": ["b"], "eval_steps": ["e"]}]
+    assert check_graph([a, b], rows[:0]) == []
+    assert check_graph([a, b, Step("a", "eval")], []) == ["step a is declared twice"]
+    assert check_graph([b, a], []) == [
+        "step b depends on a, which is not a step declared before it"]
+    assert check_graph([a, Step("c", "eval", deps=("x",))], []) == [
+        "step c depends on x, which is not a step declared before it"]
+    assert check_graph([a, b], rows) == ["the report's row g names unknown step e"]
+    c, d = Step("c", "eval", deps=("b",)), Step("d", "eval", deps=("a",))
+    graph = {s.name: s for s in (a, b, c, d)}
+    assert ancestors(graph, "c") == {"a", "b"} and ancestors(graph, "a") == set()
+    assert ancestors(graph, ["c", "d"]) == {"a", "b"}
 
 
 # -- the shared steps read JSON, not printed text (issue 11, point 5) -------------------

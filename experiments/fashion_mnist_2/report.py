@@ -11,8 +11,6 @@ its numbers exist. Unfinished runs show as "-", and a row with fewer seeds than 
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Optional
@@ -20,16 +18,13 @@ from typing import Optional
 if __package__ in (None, ""):  # run as a script: the checkout's `experiments` package
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from experiments.results import Results, fmt_seconds, pct, top1_cell  # noqa: E402
+from experiments.results import (  # noqa: E402
+    Results, fmt_seconds, pct, report_main, save_figure, seeds_cell, top1_cell)
 
 HERE = Path(__file__).resolve().parent
 
 CURVE = (("label_only", "label-only on L"), ("ssld_L", "SSLD on L"),
          ("ssld_L+U", "SSLD on L + selected U"))
-
-
-def seeds_cell(st: dict) -> str:
-    return f"{st['n']}/{st['planned']}" if st["n"] != st["planned"] else str(st["n"])
 
 
 def curve(res: Results) -> dict[str, dict[int, dict]]:
@@ -183,24 +178,12 @@ def write_plot(res: Results, png: Path) -> bool:
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
-    return True
+    return save_figure(fig, png)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--results", default=str(HERE / "results" / "full.json"))
-    parser.add_argument("--md", required=True, help="Markdown fragment to write.")
-    parser.add_argument("--png", default=None, help="Plot to write (needs matplotlib).")
-    args = parser.parse_args(argv)
-    res = Results(json.loads(Path(args.results).read_text()))
-    png = Path(args.png) if args.png else None
-    if png is not None and not write_plot(res, png):
-        png = None
-    Path(args.md).write_text(write_markdown(res, png) + "\n")
-    return 0
+    return report_main(__doc__.split("\n\n")[0], HERE / "results" / "full.json",
+                       write_markdown, write_plot, argv)
 
 
 if __name__ == "__main__":

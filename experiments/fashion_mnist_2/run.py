@@ -31,9 +31,10 @@ if __package__ in (None, ""):  # run as a script: the checkout's `experiments` p
 from experiments import driver  # noqa: E402
 from experiments.driver import Context, Step, read_json, write_json  # noqa: E402
 from experiments.steps import (  # noqa: E402
-    DEV_SEED, INPUT_SIZE, MEASURED, STUDENT, TEACHER, VIEWS, collect_prepared, count_dups,
-    dedup_threshold, eval_step, infer_step, inspect_step, list_hashes, per_class,
-    pseudo_label_check, read_list, ssld, train_command, train_step, tune_steps, write_list)
+    DEV_SEED, INPUT_SIZE, MEASURED, STUDENT, TEACHER, VIEWS, eval_step, infer_step,
+    inspect_step, list_hashes, per_class, prepare_step, pseudo_label_check, read_list,
+    select_merge_steps, train_command, train_step, tune_steps, write_list)
+from experiments.steps import dedup_steps as shared_dedup_steps  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SPLIT_SEED = 20261201  # draws T's extra images and U from the prepared pool
@@ -206,12 +207,7 @@ def build_steps(ctx: Context) -> list[Step]:
 
     n = sizes(sc)
 
-    def prepare_cmd(c: Context) -> list[str]:
-        return ssld(c, "prepare", "fashion-mnist", "--out", c.data) + \
-            (["--src", c.args.src] if c.args.src else [])
-
-    add(Step("prepare", "prepare", command=prepare_cmd,
-             outputs=lambda c: [c.data / "meta.json"], collect=collect_prepared))
+    add(prepare_step())
     add(Step("splits", "split", deps=("prepare",), internal=make_splits,
              outputs=lambda c: [Path(c.split(x)) for x in ("L", "T", "dev", "U", "V")]))
 
@@ -322,25 +318,9 @@ def build_steps(ctx: Context) -> list[Step]:
     infer("infer_U", "U", "U", VIEWS, ckpt["T"], G + ("teacher_T_s0",), embeddings=True)
     infer("infer_V", "V", "V", 1, ckpt["T"], G + ("teacher_T_s0",), embeddings=True)
     def dedup_steps(tag: str, pool_store: str, query_store: str) -> Callable[[Context], Path]:
-        """Dedup of POOL_STORE against QUERY_STORE (stage 1 cosine, its threshold chosen from
-        the candidates, then SIFT); returns the duplicates list's path."""
-        cands = lambda c: c.stores / f"{pool_store}_vs_{query_store}.candidates.tsv"  # noqa: E731
-        dups = lambda c: c.stores / f"{pool_store}_vs_{query_store}.dups"  # noqa: E731
-        add(Step(f"dedup_candidates{tag}", "dedup",
-                 deps=(f"inspect_{pool_store}", f"inspect_{query_store}"),
-                 command=lambda c: ssld(c, "dedup", "--query", c.store(query_store), "--pool",
-                                        c.store(pool_store), "--out", cands(c), "--verify",
-                                        "none", "--top-m", 1, "--threshold",
-                                        sc.dedup_threshold),
-                 outputs=lambda c: [cands(c)], collect=lambda c: count_dups(c, cands(c))))
-        add(Step(f"choose_dedup_threshold{tag}", "choose", deps=(f"dedup_candidates{tag}",),
-                 internal=lambda c: dedup_threshold(c, cands(c))))
-        add(Step(f"dedup{tag}", "dedup", deps=(f"choose_dedup_threshold{tag}",),
-                 command=lambda c: ssld(c, "dedup", "--query", c.store(query_store), "--pool",
-                                        c.store(pool_store), "--out", dups(c), "--top-m", 1,
-                                        "--threshold",
-                                        c.result(f"choose_dedup_threshold{tag}")["threshold"]),
-                 outputs=lambda c: [dups(c)], collect=lambda c: count_dups(c, dups(c))))
+        """Dedup of POOL_STORE against QUERY_STORE (``steps.dedup_steps``); returns the
+        duplicates list's path."""
+        dups = shared_dedup_steps(add, tag, pool_store, query_store, sc.dedup_threshold)
         ctx.work_est[f"dedup{tag}"] = ("sift_pairs", min(sc.dedup_max_pairs, n["V"]))
         return dups
 
@@ -349,21 +329,7 @@ def build_steps(ctx: Context) -> list[Step]:
     def select_merge(tag: str, pool_store: str, labeled_store: str, k_of,
                      dedup: tuple[str, Callable[[Context], Path]] = ("dedup", dups)) -> str:
         """select-topk on POOL_STORE (dedup's duplicates excluded), merged with L's store."""
-        sel, merged = f"{pool_store}_{tag}", f"{labeled_store}+{pool_store}_{tag}"
-        add(Step(f"select_{sel}", "select", deps=(dedup[0], f"inspect_{pool_store}"),
-                 command=lambda c: ssld(
-                     c, "select-topk", "--store", c.store(pool_store), "--k", k_of(c),
-                     "--exclude", dedup[1](c), "--out", c.store(sel), "--list-out",
-                     c.stores / f"{sel}.txt"),
-                 outputs=lambda c: [Path(c.store(sel)), c.stores / f"{sel}.txt"],
-                 rerun_flag="--overwrite"))
-        add(inspect_step(f"inspect_{sel}", sel, (f"select_{sel}",)))
-        add(Step(f"merge_{merged}", "merge", deps=(f"select_{sel}", f"inspect_{labeled_store}"),
-                 command=lambda c: ssld(c, "merge", c.store(labeled_store), c.store(sel),
-                                        "--out", c.store(merged)),
-                 outputs=lambda c: [Path(c.store(merged))], rerun_flag="--overwrite"))
-        add(inspect_step(f"inspect_{merged}", merged, (f"merge_{merged}",)))
-        return merged
+        return select_merge_steps(add, tag, pool_store, labeled_store, k_of, dedup)
 
     K = sc.k_main
     main = select_merge(f"top{K}", "U", "L", lambda c: K)
