@@ -86,6 +86,7 @@ def model_only(args, data: str, out: str) -> float:
     """img/s of forward + top-k on pre-decoded tensors already on the device."""
     import torch
 
+    from teacher_infer import ImageSource
     from teacher_infer.data import find_samples
     from teacher_infer.imaging import ViewDataset, collate, pixels_to_input
     from teacher_infer.infer import data_config_view_spec, make_forward, top_k
@@ -100,8 +101,8 @@ def model_only(args, data: str, out: str) -> float:
     spec = data_config_view_spec(cfg, teacher.data_config)
     samples = find_samples(data)
     rows = max(1, args.batch_size // args.views)  # --batch-size counts views (batch_ranges)
-    dataset = ViewDataset([samples.path(i) for i in range(rows)], samples.keys[:rows], spec,
-                          teacher.data_config["interpolation"])
+    dataset = ViewDataset(ImageSource(samples.root), samples.keys[:rows], spec,
+                          teacher.data_config["interpolation"], tar=samples.tar)
     batch = collate([dataset[i] for i in range(rows)])
     mean = torch.tensor(teacher.data_config["mean"], device=device)
     std = torch.tensor(teacher.data_config["std"], device=device)

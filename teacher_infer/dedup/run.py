@@ -123,7 +123,8 @@ def dedup(cfg: DedupConfig) -> DedupResult:
       >= ``threshold`` (exact, ties to the lower pool row), on ``device`` in ``precision``
       (the result is the same; only the speed changes).
     - ``verify="sift"`` reads both images (``dataset.root`` + key, or the ``*_root``
-      overrides) and confirms a pair with >= ``min_inliers`` RANSAC inliers; ``"none"``
+      overrides; a row of shard data from its shard by the offset its store records) and
+      confirms a pair with >= ``min_inliers`` RANSAC inliers; ``"none"``
       confirms every stage-1 pair.
     - ``rule="best"`` lists the confirmed pairs; ``"component"`` every pair of a connected
       component (of pairs >= threshold) that holds a confirmed one; ``report_thresholds``
@@ -233,9 +234,8 @@ def _image_root(store: LabelStore, override: str | None, role: str) -> str:
     if not root:
         raise ValueError(f"{role} store {store.path} records no dataset.root: pass --{role}-root "
                          "(or --verify none)")
-    if "://" in str(root):
-        raise ValueError(f"SIFT verification reads local files, but the {role} root is {root}: "
-                         f"pass --{role}-root with a local copy (or --verify none)")
+    if "://" in str(root):  # object storage: read by ranged GETs (teacher_infer.images)
+        return str(root)
     if not os.path.isdir(root):
         raise FileNotFoundError(f"{role} image root {root} is not a directory")
     return str(root)
