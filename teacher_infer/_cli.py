@@ -36,7 +36,8 @@ _field = functools.partial(config_option, InferConfig)
 @_field("views_from", type=click.Path(), help="Label store whose rows, dataset root, "
         "views, boxes and flips to reuse: this teacher labels exactly its crops.")
 @_field("root", help="Folder the list file's paths are relative to (default: its folder).")
-@_field("source", help="Kind of --data when a folder is ambiguous.")
+@_field("source", help="Kind of --data when a folder is ambiguous; unlabeled: every label "
+        "-1 (a pool in sub-folders, or shards whose cls are not the model's classes).")
 @_field("out", required=True, help="Label store to write or resume (NAME.zarr).")
 @_field("topk", help="Classes kept per view.")
 @_field("views", help="Views per image (view 0: eval crop; the others: RandomResizedCrop + flip).")

@@ -9,8 +9,10 @@ Four kinds of ``--data`` (README, "ssld infer-teacher": the data sources table):
   ``--root`` (default: the list file's folder);
 - ``shards``: WebDataset tar shards (a brace pattern or glob, a folder of ``.tar`` files, an
   ``s3://`` prefix, timm's ``_info.json``, a wids index, an ``ssld index``), listed by
-  ``teacher_infer.shards``: keys ``SHARD/KEY``, labels from ``cls`` members, and per row
-  the image's location in its shard (``tar``), which ``teacher_infer.images`` reads.
+  ``teacher_infer.shards``: keys ``SHARD/KEY``, labels from ``cls`` members (``--source
+  unlabeled``: every label -1, for a pool whose classes are not the model's, e.g.
+  ImageNet-22k's), and per row the image's location in its shard (``tar``), which
+  ``teacher_infer.images`` reads.
 
 Keys are POSIX paths relative to the root; they identify rows in the store and seed
 the view boxes, so the same image gets the same key (and boxes) on every machine.
@@ -18,6 +20,7 @@ Nothing here imports torch.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import posixpath
 import re
@@ -149,11 +152,14 @@ def find_samples(data: str, *, root: str | None = None, source: str = "auto",
     from .shards import find_shard_samples, is_shard_source
 
     data = os.fspath(data)
-    if source == "shards" or (source == "auto" and is_shard_source(data)):
+    if source == "shards" or (source in ("auto", "unlabeled") and is_shard_source(data)):
         if root is not None:
             raise ValueError(f"{root_option} is only for list files (shard keys are relative "
                              f"to the shards' folder: {option} names it)")
-        return find_shard_samples(data, dist=dist, option=option, progress=progress)
+        found = find_shard_samples(data, dist=dist, option=option, progress=progress)
+        if source == "unlabeled":  # the cls members are another class space (IN-22k's)
+            found = dataclasses.replace(found, labels=np.full(len(found), -1, np.int64))
+        return found
     if dist is not None and dist.enabled:
         return dist.on_main(lambda: find_samples(data, root=root, source=source,
                                                  option=option, root_option=root_option))
