@@ -30,10 +30,11 @@ from PIL import Image
 
 import labelstore
 from cli import main as cli_main
-from conftest import SIZES, TINY_INPUT, TINY_MODEL, smooth_rgb
+from conftest import SIZES, smooth_rgb
 from student_train import TrainConfig, train
 from teacher_infer import ImageSource, shards
-from test_teacher_infer import ONE_THREAD, REPO, _cli_args, infer, store_arrays
+from test_teacher_infer import (ONE_THREAD, REPO, _cli_args, infer, kill_after_chunks,
+                                store_arrays)
 
 try:  # the suite's moto S3 server (its tests skip without moto and s3fs)
     from test_labelstore_s3 import bucket, s3_env  # noqa: F401
@@ -282,30 +283,12 @@ def test_resume_after_kill_on_shards_equals_an_uninterrupted_run(make_checkpoint
     """SIGKILL a real teacher pass over shards once a few chunks are on disk; the same
     command resumes chunk by chunk and the store (shard locations included) equals an
     uninterrupted run."""
-    import signal
-    import time
-
     write_in22k(tmp_path / "pool", 4, 16, seed=3)
     checkpoint = make_checkpoint()
     options = dict(chunk_rows=2, batch_size=2, views=2, decoder="pil", input_size=96)
     out = tmp_path / "killed.zarr"
     args = _cli_args(tmp_path / "pool", out, checkpoint, **options)
-    process = subprocess.Popen([sys.executable, "-m", "cli", *args], cwd=REPO, env=ONE_THREAD,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and process.poll() is None:
-            try:
-                if zarr.open_group(str(out), mode="r")["done"][:].sum() >= 3:
-                    break
-            except Exception:  # noqa: BLE001 - not created yet, or being created
-                pass
-            time.sleep(0.01)
-    finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    done_at_kill = int(zarr.open_group(str(out), mode="r")["done"][:].sum())
+    done_at_kill = kill_after_chunks(args, out, 3)
     assert 3 <= done_at_kill < 32
     assert cli_main(args) == 0
     summary = capsys.readouterr().out
@@ -624,3 +607,55 @@ def test_a_pool_whose_cls_are_another_class_space(world, make_checkpoint, tmp_pa
     store = labelstore.open(str(tmp_path / "u.zarr"))
     assert (store.labels == -1).all() and store.attrs["dataset"]["source"] == "shards"
     assert store.keys.tolist() == [f"{s['shard']}/{s['key']}" for s in world["samples"]]
+
+
+def test_views_from_a_store_of_shard_data_replays_its_rows_from_the_shards(world,
+                                                                          make_checkpoint,
+                                                                          tmp_path):
+    """``--views-from`` a store of shard data (no --data): its rows, crops and records —
+    mixing partners included — are read back from the shards by the recorded offsets; the
+    same teacher gives the same store, shard locations included."""
+    options = dict(checkpoint=str(make_checkpoint()), decoder="pil", chunk_rows=6)
+    infer(world["pool"], tmp_path / "u.zarr", views=3, **options, **AUGMENT)
+    infer(None, tmp_path / "again.zarr", views_from=str(tmp_path / "u.zarr"), **options)
+    same_arrays(tmp_path / "u.zarr", tmp_path / "again.zarr", skip=())
+    assert labelstore.open(str(tmp_path / "again.zarr")).valid.all()
+
+
+def test_size_only_comparison_reads_shards_copied_without_their_times(world, tmp_path):
+    """``ImageSource(stamps=False)`` compares a shard's size only: a copy that lost its
+    modification time is read (and its rows checked by their tar headers), where the
+    default refuses it."""
+    shutil.copytree(world["pool"], tmp_path / "pool")
+    found = shards.find_shard_samples(str(tmp_path / "pool"))
+    shard = tmp_path / "pool" / "imagenet22k-train-0000.tar"
+    shard.write_bytes(shard.read_bytes())  # the same bytes, a new modification time
+    strict, sizes = ImageSource(found.root), ImageSource(found.root, stamps=False)
+    with pytest.raises(shards.ShardReadError, match="changed since it was indexed"):
+        strict.read(found.keys[0], found.tar[0])
+    assert sizes.read(found.keys[0], found.tar[0]) == world["samples"][0]["data"]
+    assert strict.problems(found.keys, found.tar)[0] == PER_SHARD
+    assert sizes.problems(found.keys, found.tar) == (0, [])
+    data = [entry for entry in sizes.read_many(found.keys, found.tar)]
+    assert [d for d, _ in data] == [s["data"] for s in world["samples"]]
+    member = f"{world['samples'][1]['key']}.jpg"  # renamed in place: the header still tells
+    _rename_member(shard, member, member.replace("_1", "_9"))
+    with pytest.raises(shards.ShardReadError, match="not n01.*_10027's image"):
+        sizes.read(found.keys[1], found.tar[1])
+
+
+def test_a_resume_over_shards_that_changed_is_refused(world, make_checkpoint, tmp_path, capsys):
+    """The store records the shards it was listed from (their fingerprint): resuming after a
+    shard changed would mix rows of two versions of the data, and is refused naming it."""
+    shutil.copytree(world["pool"], tmp_path / "pool")
+    out = tmp_path / "u.zarr"
+    args = _cli_args(tmp_path / "pool", out, make_checkpoint(), chunk_rows=8)
+    assert cli_main(args) == 0
+    zarr.open_group(str(out), mode="r+")["done"][2] = False  # as after a crash
+    shard = tmp_path / "pool" / "imagenet22k-train-0001.tar"
+    shard.write_bytes(shard.read_bytes())  # the same bytes, a new modification time
+    capsys.readouterr()
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    assert "was written with different settings: dataset.shards_fingerprint" in err
+    assert labelstore.open(str(out)).attrs["dataset"]["shards"] == SHARDS
