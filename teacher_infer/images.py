@@ -46,8 +46,9 @@ class ImageSource:
 
     ``stamps=False`` compares a shard's size only, not its stamp (modification time or
     ETag): for shards copied without their times (``cp`` without ``-p``), at the cost of
-    not noticing a shard rewritten in place at the same size. Picklable: DataLoader
-    workers and threads each open their own shard files.
+    not noticing a shard rewritten in place at the same size (each row's tar header is
+    still checked). Picklable; each thread, and each process (DataLoader workers, forked or
+    spawned), opens its own shard files.
     """
 
     def __init__(self, root: str, *, stamps: bool = True):
@@ -72,8 +73,11 @@ class ImageSource:
 
     def _reader(self) -> ShardReader:
         reader = getattr(self._local, "reader", None)
-        if reader is None:  # one per thread and process: a ShardReader serves one thread
+        # one per thread and per process: a ShardReader serves one thread, and a forked
+        # worker must not share its parent's connections to object storage
+        if reader is None or self._local.pid != os.getpid():
             reader = self._local.reader = ShardReader(self.root)
+            self._local.pid = os.getpid()
         return reader
 
     def _located(self, tar_row: Any) -> list[int]:

@@ -184,6 +184,18 @@ def test_shards_and_their_files_give_the_same_store(world, make_checkpoint, tmp_
     assert (stored_tar(tmp_path / "shards.zarr")[:, 0] >= 512).all()
 
 
+@pytest.mark.slow
+def test_dataloader_workers_read_the_shards_as_the_main_process(world, make_checkpoint,
+                                                                tmp_path):
+    """Two DataLoader worker processes, each with its own shard files, write the store the
+    main process alone writes."""
+    options = dict(checkpoint=str(make_checkpoint()), views=2, decoder="pil", chunk_rows=4,
+                   batch_size=4)
+    infer(world["pool"], tmp_path / "workers.zarr", num_workers=2, **options)
+    infer(world["pool"], tmp_path / "main.zarr", **options)
+    same_arrays(tmp_path / "workers.zarr", tmp_path / "main.zarr", skip=())
+
+
 def test_the_index_command_and_every_spec_give_the_same_store(world, make_checkpoint,
                                                               tmp_path, capsys):
     """``ssld index`` (summary line; a rerun lists nothing) and then ``--data INDEX``, a brace
