@@ -719,3 +719,34 @@ def test_index_built_by_two_ranks(tmp_path):
     assert failed.returncode != 0
     assert failed.stderr.count("shard imagenet22k-train-0003.tar is truncated") == 2
     assert len(list((tmp_path / "again" / "parts").iterdir())) == 4
+
+
+def test_index_command_options(in22k, tmp_path, capsys, monkeypatch):
+    """``ssld index``: DALI's .idx files are used unless --no-dali-index, --listing-threads
+    reaches the listing, a bad value is one line (exit 2)."""
+    from cli import main as cli_main
+    from teacher_infer.shards import _index
+
+    wds2idx = pytest.importorskip("wds2idx")
+    for path in sorted(in22k.glob("*.tar")):
+        with wds2idx.IndexCreator(str(path), str(path.with_suffix(".idx")), verbose=False) as ic:
+            ic.create_index()
+    threads = []
+    listed = _index.list_many
+    monkeypatch.setattr(_index, "list_many", lambda *a, **kw: threads.append(kw["threads"])
+                        or listed(*a, **kw))
+    assert cli_main(["index", "--data", str(in22k), "--out", str(tmp_path / "a"),
+                     "--no-progress"]) == 0
+    assert "(3 listed, 3 from DALI .idx)" in capsys.readouterr().out
+    assert cli_main(["index", "--data", str(in22k), "--out", str(tmp_path / "b"),
+                     "--no-dali-index", "--listing-threads", "3", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "(3 listed)" in out and "DALI" not in out and threads == [None, 3]
+    assert sh.load_index(str(tmp_path / "a")).keys == sh.load_index(str(tmp_path / "b")).keys
+    assert cli_main(["index", "--data", str(in22k), "--out", str(tmp_path / "c"),
+                     "--listing-threads", "0"]) == 2
+    assert "--listing-threads" in capsys.readouterr().err
+    assert cli_main(["index", "--data", str(tmp_path / "nothing-*.tar"), "--out",
+                     str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "matches no .tar file" in err
