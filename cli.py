@@ -46,12 +46,14 @@ def _register() -> None:
     from teacher_infer._dedup_cli import commands as dedup_commands
     from teacher_infer._ensemble_cli import commands as ensemble_commands
     from teacher_infer._cli import commands as infer_commands
+    from teacher_infer._index_cli import commands as index_commands
     from teacher_infer._prepare_cli import commands as prepare_commands
     from student_train._cli import commands as train_commands
     from student_train._quickstart_cli import commands as quickstart_commands
 
     for command in (*store_commands, *select_commands, *dedup_commands, *ensemble_commands,
-                    *infer_commands, *prepare_commands, *train_commands, *quickstart_commands):
+                    *infer_commands, *index_commands, *prepare_commands, *train_commands,
+                    *quickstart_commands):
         ssld.add_command(command)
 
 

@@ -47,14 +47,15 @@ def config(args, data: str, out: str, decoder: str, setting: str):
 def augmentation(cfg, samples, spec, data_config):
     """What the run's loader applies for ``cfg`` (None: crop only)."""
     from labelstore import DEFAULT_CHUNK_ROWS
+    from teacher_infer import ImageSource
     from teacher_infer.imaging.augment import PlannedAugmentation, fill_from_mean
 
     settings = cfg.augment_spec(fill_from_mean(data_config["mean"]))
     if not settings.enabled:
         return None
-    return PlannedAugmentation(settings, keys=samples.keys,
-                               paths=[samples.path(i) for i in range(len(samples))],
-                               seed=spec.seed, chunk_rows=DEFAULT_CHUNK_ROWS, views=spec.views)
+    return PlannedAugmentation(settings, keys=samples.keys, images=ImageSource(samples.root),
+                               tar=samples.tar, seed=spec.seed, chunk_rows=DEFAULT_CHUNK_ROWS,
+                               views=spec.views)
 
 
 def main() -> None:

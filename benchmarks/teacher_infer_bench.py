@@ -15,8 +15,11 @@ All figures come from one run, as ratios against floors measured in the same run
   time into waiting for data, compute (forward, top-k, copy back) and the rest (store
   writes, failure bookkeeping, glue), which is the overhead the issue bounds at 5 %.
 
-Images are generated JPEGs of ImageNet-like size (mostly 500 x 375 and 375 x 500). On the CPU
-the model runs on one torch thread by default (``--threads``); every figure is the best of
+Images are generated JPEGs of ImageNet-like size (mostly 500 x 375 and 375 x 500). With
+``--shards`` the same JPEGs are also packed into WebDataset tar shards laid out like timm's
+ImageNet-22k (:func:`pack_shards`) and the data path and the run are measured reading them
+(the workers read each batch's rows as byte ranges) beside the files. On the CPU the model
+runs on one torch thread by default (``--threads``); every figure is the best of
 ``--rounds`` interleaved rounds.
 """
 from __future__ import annotations
@@ -60,6 +63,36 @@ def make_images(folder: str, count: int, processes: int) -> str:
     return folder
 
 
+def pack_shards(images: str, folder: str, per_shard: int) -> dict:
+    """The JPEGs of ``images`` (:func:`make_images`) as shards laid out like timm's
+    ImageNet-22k (webdataset's ``TarWriter``: ``KEY.jpg`` + ``KEY.cls`` per sample, an
+    ``_info.json``), in file order, made once; the same rows as the folder, in its order."""
+    import webdataset as wds
+
+    names = sorted(name for name in os.listdir(images) if name.endswith(".jpg"))
+    shards = [names[lo:lo + per_shard] for lo in range(0, len(names), per_shard)]
+    info = os.path.join(folder, "_info.json")
+    if not os.path.exists(info):
+        os.makedirs(folder, exist_ok=True)
+        for number, part in enumerate(shards):
+            path = os.path.join(folder, f"imagenet22k-train-{number:04d}.tar")
+            with wds.TarWriter(path + ".tmp") as sink:
+                for name in part:
+                    with open(os.path.join(images, name), "rb") as handle:
+                        sink.write({"__key__": name[:-len(".jpg")], "jpg": handle.read(),
+                                    "cls": int(name[3:-4]) % 1000})
+            os.replace(path + ".tmp", path)
+        with open(info + ".tmp", "w") as handle:
+            json.dump({"name": "teacher-jpegs", "splits": {"train": {
+                "name": "train", "num_samples": len(names),
+                "filenames": [f"imagenet22k-train-{n:04d}.tar" for n in range(len(shards))],
+                "shard_lengths": [len(part) for part in shards]}}}, handle)
+        os.replace(info + ".tmp", info)  # last: its presence says the shards are whole
+    return {"folder": folder, "shards": len(shards), "samples": len(names),
+            "bytes": sum(os.path.getsize(os.path.join(folder, name))
+                         for name in os.listdir(folder) if name.endswith(".tar"))}
+
+
 def config(args, data: str, out: str, decoder: str):
     from teacher_infer import InferConfig
 
@@ -86,6 +119,7 @@ def model_only(args, data: str, out: str) -> float:
     """img/s of forward + top-k on pre-decoded tensors already on the device."""
     import torch
 
+    from teacher_infer import ImageSource
     from teacher_infer.data import find_samples
     from teacher_infer.imaging import ViewDataset, collate, pixels_to_input
     from teacher_infer.infer import data_config_view_spec, make_forward, top_k
@@ -100,8 +134,8 @@ def model_only(args, data: str, out: str) -> float:
     spec = data_config_view_spec(cfg, teacher.data_config)
     samples = find_samples(data)
     rows = max(1, args.batch_size // args.views)  # --batch-size counts views (batch_ranges)
-    dataset = ViewDataset([samples.path(i) for i in range(rows)], samples.keys[:rows], spec,
-                          teacher.data_config["interpolation"])
+    dataset = ViewDataset(ImageSource(samples.root), samples.keys[:rows], spec,
+                          teacher.data_config["interpolation"], tar=samples.tar)
     batch = collate([dataset[i] for i in range(rows)])
     mean = torch.tensor(teacher.data_config["mean"], device=device)
     std = torch.tensor(teacher.data_config["std"], device=device)
@@ -196,6 +230,8 @@ def main() -> None:
     parser.add_argument("--json", help="also write the figures here")
     parser.add_argument("--decoders", default="pil,dali",
                         help="comma-separated decoders to measure [pil,dali]")
+    parser.add_argument("--shards", action="store_true",
+                        help="also read the images from IN-22k-like tar shards (1,024 a shard)")
     args = parser.parse_args()
     args.decoders = [d for d in args.decoders.split(",") if d]
     if not args.decoders or set(args.decoders) - {"pil", "dali"}:
@@ -215,6 +251,9 @@ def main() -> None:
     data = make_images(os.path.join(workdir, "images"), args.images, os.cpu_count() or 1)
     print(f"{args.images} JPEGs in {data} ({time.perf_counter() - started:.1f} s)", flush=True)
     out = os.path.join(workdir, "store.zarr")
+    layouts = {"files": data}
+    if args.shards:
+        layouts["shards"] = pack_shards(data, os.path.join(workdir, "shards"), 1024)["folder"]
 
     import torch
     if "dali" in args.decoders:
@@ -226,29 +265,32 @@ def main() -> None:
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
 
-    figures: dict = {"model_only": 0.0, **{f"decode_{d}": 0.0 for d in args.decoders}}
+    # a run of each decoder on each layout: "pil", and "pil, shards" beside it
+    measured = [(d if layout == "files" else f"{d}, {layout}", d, path)
+                for d in args.decoders for layout, path in layouts.items()]
+    figures: dict = {"model_only": 0.0, **{f"decode_{name}": 0.0 for name, _, _ in measured}}
     runs: dict = {}
     # Interleaved rounds, best of each: the machine is shared, and on a GPU the first round
     # also pays for cuDNN's kernel search (kept for later rounds of this process).
     for _ in range(args.rounds):
         figures["model_only"] = max(figures["model_only"], model_only(args, data, out))
-        for decoder in args.decoders:
-            key = f"decode_{decoder}"
-            figures[key] = max(figures[key], decode_only(args, data, out, decoder))
-            result = end_to_end(args, data, out, decoder)
-            if decoder not in runs or result["img_s"] > runs[decoder]["img_s"]:
-                runs[decoder] = result
+        for name, decoder, path in measured:
+            key = f"decode_{name}"
+            figures[key] = max(figures[key], decode_only(args, path, out, decoder))
+            result = end_to_end(args, path, out, decoder)
+            if name not in runs or result["img_s"] > runs[name]["img_s"]:
+                runs[name] = result
     device = torch.cuda.get_device_name() if args.device == "cuda" else \
         f"CPU, {torch.get_num_threads()} torch threads"
     print(f"\nteacher {args.model}, {args.precision}, batch {args.batch_size}, "
           f"{args.views} view(s), {args.images} images, {device}")
     print(f"{'measure':<34}{'img/s':>10}{'vs model-only':>15}")
     print(f"{'model only (pre-decoded tensors)':<34}{figures['model_only']:>10.1f}{1:>15.2f}")
-    for decoder in args.decoders:
+    for decoder, _, _ in measured:
         name = f"decode only ({decoder})"
         print(f"{name:<34}{figures['decode_' + decoder]:>10.1f}"
               f"{figures['decode_' + decoder] / figures['model_only']:>15.2f}")
-    for decoder in args.decoders:
+    for decoder, _, _ in measured:
         result = runs[decoder]
         name = f"end to end ({decoder})"
         print(f"{name:<34}{result['img_s']:>10.1f}{result['img_s'] / figures['model_only']:>15.2f}"

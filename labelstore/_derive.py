@@ -339,18 +339,22 @@ def write_store(out: Any, stores: Sequence[LabelStore], rows: OutputRows, attrs:
     (only when every source has them with the same width). Augmentation records are
     copied with their mixing partners moved to the output's rows, or, for partners that
     are not output rows, to its partner table (:func:`plan_partners`); stored logits when
-    every source has them."""
+    every source has them; shard locations (``tar``) when any source has them, -1 for the
+    rows of the others (image files)."""
     first = stores[0]
     dim = shared_embedding_dim(stores)
     plan = plan_partners(stores, rows, prefixes or [""] * len(stores)) \
         if (first.augment_dims or {}).get("mix") else None
+    # images in shards: their locations, -1 for the rows of stores of image files
+    tar_fields = fmt.TAR_FIELDS if any(store.tar_fields for store in stores) else None
     with create(
             out, keys=rows.keys, num_classes=first.num_classes, topk=first.topk,
             views=first.num_views, labels=rows.labels, attrs=attrs,
             chunk_rows=chunk_rows or first.chunk_rows, overwrite=overwrite,
             embedding_dim=dim, augment_dims=first.augment_dims,
             logits=all(store.has_logits for store in stores),
-            partners=plan.table if plan is not None and plan.entries else None) as writer, \
+            partners=plan.table if plan is not None and plan.entries else None,
+            tar_fields=tar_fields) as writer, \
             progress_bar(progress, len(rows.keys), desc) as bar:
         start = 0
         for number, (store, local) in enumerate(zip(stores, rows.per_store)):
@@ -386,7 +390,8 @@ def plan_partners(stores: Sequence[LabelStore], rows: OutputRows,
     entry of the output's partner table holding its key (with the source's prefix), crop
     and own ops and erasing, so its view replays as it was labeled. Reads the kept rows'
     ``mix_partners`` once (block by block) and the partners' values."""
-    names = [spec.name for spec in _partners.table_specs(stores[0]._lengths)]
+    names = [name for name in fmt.PARTNER_ARRAYS
+             if any(has_array(store, name) for store in stores)]
     table: dict[str, list] = {name: [] for name in names}
     remaps, entries, offset = [], 0, 0
     for store, kept, prefix in zip(stores, rows.per_store, prefixes):
@@ -408,25 +413,49 @@ def plan_partners(stores: Sequence[LabelStore], rows: OutputRows,
         codes[lost] = _partners.table_ref(entries + np.arange(len(lost)))
         codes[entries_of] = _partners.table_ref(entries + len(lost) + np.arange(len(entries_of)))
         entries += len(lost) + len(entries_of)
+        own = [name for name in names if has_array(store, name)]
         if len(lost):
-            values = gather(store, refs[lost], names)
+            values = with_fills(gather(store, refs[lost], own), names, len(lost))
             for name in names:
                 table[name].append(prefixed(values[name], prefix) if name == "keys"
                                    else values[name])
         if len(entries_of):
-            source = store.partner_table()
             picked = _partners.table_index(refs[entries_of])
+            source = with_fills({name: value[picked] for name, value
+                                 in store.partner_table().items()}, names, len(picked))
             for name in names:
-                table[name].append(prefixed(source[name][picked], prefix) if name == "keys"
-                                   else source[name][picked])
+                table[name].append(prefixed(source[name], prefix) if name == "keys"
+                                   else source[name])
         remaps.append(functools.partial(_remap, refs, codes))
         offset += len(kept)
-    first = stores[0]
+    def empty(name: str) -> np.ndarray:
+        array = next(store for store in stores if has_array(store, name))._array(name)
+        return np.zeros((0,) + array.shape[1:], array.dtype)
+
     merged = {name: [key for part in table[name] for key in part] if name == "keys" else
-              (np.concatenate(table[name]) if table[name] else
-               np.zeros((0,) + first._array(name).shape[1:], first._array(name).dtype))
-              for name in names}
+              (np.concatenate(table[name]) if table[name] else empty(name)) for name in names}
     return PartnerPlan(remaps=remaps, table=merged, entries=entries)
+
+
+def has_array(store: LabelStore, name: str) -> bool:
+    """Whether ``store`` has the optional row array ``name`` (``SCHEMA``)."""
+    return fmt.array_spec(name).present(store._lengths)
+
+
+def with_fills(values: dict[str, np.ndarray], names: Sequence[str], n: int
+               ) -> dict[str, np.ndarray]:
+    """``values`` completed with the arrays of ``names`` a source lacks, as ``n`` rows of
+    the array's fill value (stored dtype): the ``tar`` rows (-1) of a store of image files
+    copied into a store with shard rows. Only ``tar`` may be absent from one source and
+    present in the output (the other optional arrays are all or none)."""
+    out = dict(values)
+    for name in names:
+        if name not in out:
+            spec = fmt.array_spec(name)
+            if name != "tar":
+                raise ValueError(f"array {name!r} is missing from a source store")
+            out[name] = np.full((n, len(fmt.TAR_FIELDS)), spec.fill, dtype=np.int64)
+    return out
 
 
 def copy_rows(writer, store: LabelStore, rows: np.ndarray, start: int, *,
@@ -437,15 +466,17 @@ def copy_rows(writer, store: LabelStore, rows: np.ndarray, start: int, *,
 
     Stored values are passed through unchanged, so the copy is bit-exact, but for
     ``mix_partners``, which ``remap`` (:class:`PartnerPlan`) moves to the output's rows
-    and partner table. Returns the next free output row. ``progress`` is a tqdm bar
+    and partner table, and ``tar``, -1 for a store without it (:func:`with_fills`). Returns the next free output row. ``progress`` is a tqdm bar
     advanced by rows copied.
     """
     # Each call to the writer costs a done-flag update and up to two partial chunks,
     # whatever its size: label rows (~100 bytes) are copied COPY_BLOCKS read blocks at a
     # time; rows with embeddings (kilobytes) a read block at a time, as before.
     step = block_rows(store) * (1 if "embeddings" in writer.row_arrays else COPY_BLOCKS)
-    for _, _, data in read_blocks(store, writer.row_arrays, rows=rows, step=step):
+    own = [name for name in writer.row_arrays if has_array(store, name)]
+    for _, _, data in read_blocks(store, own, rows=rows, step=step):
         n = len(data["indices"])
+        data = with_fills(data, writer.row_arrays, n)
         if remap is not None:
             data["mix_partners"] = remap(data["mix_partners"])
         writer.write_stored(start, data)

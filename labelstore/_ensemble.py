@@ -332,7 +332,8 @@ def _ensemble(stores, out, *, weights, topk, rule, overwrite, progress) -> Ensem
         writer = create(out, keys=first.keys.tolist(), num_classes=classes, topk=k,
                         views=first.num_views, labels=first.labels, attrs=attrs,
                         chunk_rows=first.chunk_rows, overwrite=overwrite,
-                        augment_dims=first.augment_dims, partners=first.partner_table())
+                        augment_dims=first.augment_dims, partners=first.partner_table(),
+                        tar_fields=first.tar_fields)
     todo = [int(c) for c in np.flatnonzero(~writer.done_chunks())]
     usable = _usable(members)
     computed = 0
@@ -388,6 +389,8 @@ def _chunk(members: Sequence[LabelStore], weights: Sequence[float], rule: str, k
     # kept on invalid rows too, as infer-teacher writes them. Logits are not combined.
     for name in _record_arrays(members[0]):
         out[name] = members[0]._get(name, slice(lo, hi))
+    if members[0].tar_fields:  # where the rows' images lie: the first member's, as the keys
+        out["tar"] = members[0]._get("tar", slice(lo, hi))
     return out
 
 

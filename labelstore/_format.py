@@ -157,9 +157,10 @@ def array_spec(name: str) -> ArraySpec:
 
 # The partner table (docs/format.md, "Mixing partners that are not rows"): a subgroup with,
 # per partner, the values of these row arrays (the partner's crop and its own ops and
-# erasing: what replaying its view needs), in the same dtypes, with ``partner`` for ``row``.
+# erasing, and in stores of shard data where its image lies: what replaying its view
+# needs), in the same dtypes, with ``partner`` for ``row``.
 PARTNER_GROUP = "partners"
-PARTNER_ARRAYS = ("keys", "boxes", "flips", "aug_ops", "aug_levels", "erase_boxes")
+PARTNER_ARRAYS = ("keys", "boxes", "flips", "aug_ops", "aug_levels", "erase_boxes", "tar")
 
 
 def student_arrays() -> tuple[str, ...]:
@@ -197,6 +198,18 @@ def sizes(*, rows: int, views: int, topk: int, chunk_rows: int, embedding_dim: i
             "feature": int(embedding_dim or 0), "tar_field": int(tar_fields),
             "chunk": (rows + chunk_rows - 1) // chunk_rows,
             "logits": int(bool(logits)), **records}
+
+
+def check_tar_fields(tar_fields: Any) -> tuple[str, ...] | None:
+    """The ``tar`` columns a store is created with: :data:`TAR_FIELDS` (the one layout this
+    version reads and writes), or None (no ``tar`` array)."""
+    if not tar_fields:
+        return None
+    fields = tuple(tar_fields)
+    if fields != TAR_FIELDS:
+        raise ValueError(f"tar_fields must be {list(TAR_FIELDS)} (labelstore.TAR_FIELDS), "
+                         f"got {list(fields)}")
+    return fields
 
 
 def check_augment_dims(augment_dims: Any) -> dict[str, int] | None:
@@ -457,7 +470,7 @@ def _as_array(name: str, value: Any, shape: tuple, kinds: str, what: str) -> np.
 
 def check_rows(values: dict[str, Any], *, num_views: int, topk: int, num_classes: int,
                embedding_dim: int | None, augment_dims: dict[str, int] | None = None,
-               logits: bool = False) -> dict[str, np.ndarray]:
+               logits: bool = False, tar_fields: int = 0) -> dict[str, np.ndarray]:
     """Validate one write (``values``: array name → rows given, ``indices`` and ``probs``
     required) and return every array ``write`` stores, in its stored dtype.
 
@@ -476,7 +489,8 @@ def check_rows(values: dict[str, Any], *, num_views: int, topk: int, num_classes
     out = _check_teacher_rows(indices, values, n=n, num_views=num_views, topk=topk,
                               num_classes=num_classes)
     lengths = sizes(rows=n, views=num_views, topk=topk, chunk_rows=1,
-                    embedding_dim=embedding_dim, augment_dims=augment_dims, logits=logits)
+                    embedding_dim=embedding_dim, augment_dims=augment_dims, logits=logits,
+                    tar_fields=tar_fields)
     for entry in specs(written="rows"):
         if entry.name in out:
             continue

@@ -95,6 +95,9 @@ class InspectReport:
     record_bytes_per_view: dict[str, float] = field(default_factory=dict)
     partners: int = 0
     logits: bool = False
+    # stores of shard data (a ``tar`` array): rows whose image lies in a tar shard (the
+    # others are image files); None for a store of image files
+    rows_in_shards: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -117,6 +120,9 @@ class InspectReport:
              else f"{self.bytes_per_row_view:.1f}"),
             ("Embeddings", "yes" if self.has_embeddings else "no"),
             ("Stored logits", "yes" if self.logits else "no"),
+            ("Images", "files" if self.rows_in_shards is None else
+             f"{self.rows_in_shards:,} rows in tar shards, "
+             f"{self.rows - self.rows_in_shards:,} files"),
             ("Augmentation", self.augmentation or "none (crop-only views)"),
         ]
         if self.augmentation:
@@ -202,12 +208,15 @@ def inspect_store(store, view: int = 0) -> InspectReport:
     scored = agree = labeled = 0
     step = store.chunk_rows
     digests = _LabelDigests(store) if not missing else None
+    in_shards = 0 if store.tar_fields else None
     for start in range(0, n, step):
         stop = min(start + step, n)
         if not done_rows[start]:
             continue
         if digests is not None:
             digests.update(store, start, stop)
+        if in_shards is not None:
+            in_shards += int((store.read_tar(slice(start, stop))[:, 0] != -1).sum())
         part = store.read(slice(start, stop))
         ok = part.valid
         invalid += int((~ok).sum())
@@ -238,7 +247,7 @@ def inspect_store(store, view: int = 0) -> InspectReport:
         label_sha256=None if digests is None else digests.result(store),
         augmentation=_augmentation(store.attrs.get("augment")) if records else None,
         record_bytes_per_view=_bytes_per_view(store, records), partners=store.partner_count,
-        logits=store.has_logits)
+        logits=store.has_logits, rows_in_shards=in_shards)
     return report
 
 

@@ -106,7 +106,8 @@ def check_structure(group: zarr.Group, path: Any) -> None:
         lengths = fmt.sizes(rows=n, views=int(attrs["views"]), topk=int(attrs["topk"]),
                             chunk_rows=int(attrs["chunk_rows"]),
                             embedding_dim=attrs.get("embedding_dim"),
-                            augment_dims=attrs.get("augment_dims"), logits=attrs.get("logits"))
+                            augment_dims=attrs.get("augment_dims"), logits=attrs.get("logits"),
+                            tar_fields=len(attrs.get("tar_fields") or ()))
     except KeyError as exc:
         raise DamagedStoreError(f"label store {path} is damaged: {exc} is missing") from None
     arrays = {}
@@ -342,6 +343,13 @@ class LabelStore:
         return bool(self._attrs.get("logits"))
 
     @property
+    def tar_fields(self) -> tuple[str, ...] | None:
+        """The columns of the ``tar`` array (``labelstore.TAR_FIELDS``) in a store of shard
+        data (docs/format.md, "Stores of shard data"); None for a store of image files."""
+        fields = self._attrs.get("tar_fields")
+        return tuple(fields) if fields else None
+
+    @property
     def partner_count(self) -> int:
         """Entries of the partner table (0: every mixing partner is a row)."""
         return int(self._attrs.get("partners") or 0)
@@ -350,7 +358,8 @@ class LabelStore:
     def _lengths(self) -> dict[str, int]:
         return fmt.sizes(rows=self._n, views=self.num_views, topk=self.topk,
                          chunk_rows=self.chunk_rows, embedding_dim=self.embedding_dim,
-                         augment_dims=self.augment_dims, logits=self.has_logits)
+                         augment_dims=self.augment_dims, logits=self.has_logits,
+                         tar_fields=len(self.tar_fields or ()))
 
     @property
     def student_arrays(self) -> tuple[str, ...]:
@@ -428,8 +437,9 @@ class LabelStore:
         few million rows fit easily, and forked DataLoader workers share the pages.
         """
         if self._ram is None:
+            where = ("tar",) if self.tar_fields else ()  # the images' locations: training
             self._ram = {name: self._get(name, slice(None))
-                         for name in fmt.label_arrays() + self.student_arrays}
+                         for name in fmt.label_arrays() + self.student_arrays + where}
         return self
 
     def in_memory(self) -> "LabelStore":
@@ -502,6 +512,16 @@ class LabelStore:
                 raise ValueError(f"label store {self.path} has no row array {name!r}")
         row_array, contiguous = self._rows(rows)
         return {name: self._fetch(name, row_array, contiguous) for name in names}
+
+    def read_tar(self, rows: Any) -> np.ndarray:
+        """(n, 4) int64 shard locations of ``rows`` (the ``tar`` array, columns
+        ``labelstore.TAR_FIELDS``; -1 for rows that are image files), in the order asked;
+        all -1 in a store without the array (every row an image file). Served from RAM
+        after :meth:`load`. ``teacher_infer.ImageSource`` reads a row's image with it."""
+        row_array, contiguous = self._rows(rows)
+        if not self.tar_fields:
+            return np.full((len(row_array), len(fmt.TAR_FIELDS)), -1, dtype=np.int64)
+        return self._fetch("tar", row_array, contiguous).astype(np.int64, copy=False)
 
     def partner_table(self) -> dict[str, np.ndarray] | None:
         """The partner table (docs/format.md; None when the store has none): keys, boxes,

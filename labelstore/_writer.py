@@ -39,7 +39,8 @@ def create(path: Any, *, keys: Sequence[str], num_classes: int, topk: int, views
            chunk_rows: int = fmt.DEFAULT_CHUNK_ROWS, overwrite: bool = False,
            embedding_dim: int | None = None,
            augment_dims: Mapping[str, int] | None = None, logits: bool = False,
-           partners: Mapping[str, Any] | None = None) -> "LabelStoreWriter":
+           partners: Mapping[str, Any] | None = None,
+           tar_fields: Sequence[str] | None = None) -> "LabelStoreWriter":
     """Create an empty label store and return a writer for it.
 
     Parameters
@@ -70,6 +71,11 @@ def create(path: Any, *, keys: Sequence[str], num_classes: int, topk: int, views
         The partner table of a derived store with mixing records (docs/format.md): one
         array per name of ``_format.PARTNER_ARRAYS`` the store has (``keys`` a list of
         str, the others in the row arrays' stored dtypes with P for N), written whole.
+    tar_fields : sequence of str, optional
+        ``labelstore.TAR_FIELDS`` for a store of shard data: adds the ``tar`` (N, 4) int64
+        array, each row's image location in its tar shard (docs/format.md, "Stores of
+        shard data"), written with the rows (``write(..., tar=...)``), and records the
+        names as the ``tar_fields`` attribute.
 
     Examples
     --------
@@ -83,10 +89,12 @@ def create(path: Any, *, keys: Sequence[str], num_classes: int, topk: int, views
     num_classes, topk, views, chunk_rows, embedding_dim = _check_sizes(
         num_classes, topk, views, chunk_rows, embedding_dim)
     augment_dims = fmt.check_augment_dims(augment_dims)
+    tar_fields = fmt.check_tar_fields(tar_fields)
     joined = fmt.check_keys(keys)
     labels = fmt.check_labels(labels, len(joined), num_classes)
     lengths = fmt.sizes(rows=len(joined), views=views, topk=topk, chunk_rows=chunk_rows,
-                        embedding_dim=embedding_dim, augment_dims=augment_dims, logits=logits)
+                        embedding_dim=embedding_dim, augment_dims=augment_dims, logits=logits,
+                        tar_fields=len(tar_fields or ()))
     if partners is not None:
         if not lengths["mix"]:
             raise ValueError("partners: a partner table needs mixing records (augment_dims mix)")
@@ -95,7 +103,8 @@ def create(path: Any, *, keys: Sequence[str], num_classes: int, topk: int, views
     group_attrs = _group_attrs(attrs, joined, num_classes=num_classes, topk=topk, views=views,
                                chunk_rows=chunk_rows, embedding_dim=embedding_dim,
                                augment_dims=augment_dims, logits=logits,
-                               partners=0 if partners is None else len(partners["keys"]))
+                               partners=0 if partners is None else len(partners["keys"]),
+                               tar_fields=tar_fields)
     # file:// URLs go to zarr as plain paths: its fsspec store does not create directories
     local = local_path(path)
     made = local is not None and not os.path.lexists(local)
@@ -150,7 +159,8 @@ def _group_attrs(attrs: Mapping[str, Any] | None, keys: _keys.JoinedKeys, *, num
                  topk: int, views: int, chunk_rows: int,
                  embedding_dim: int | None,
                  augment_dims: dict[str, int] | None = None, logits: bool = False,
-                 partners: int = 0) -> dict[str, Any]:
+                 partners: int = 0, tar_fields: tuple[str, ...] | None = None
+                 ) -> dict[str, Any]:
     """The group attributes: defaults, the caller's ``attrs``, then the structural fields
     (a caller's attrs cannot contradict the arrays) and ``dataset`` with the keys' count
     and fingerprint."""
@@ -176,7 +186,7 @@ def _group_attrs(attrs: Mapping[str, Any] | None, keys: _keys.JoinedKeys, *, num
     group_attrs.update(format=fmt.FORMAT, format_version=fmt.FORMAT_VERSION,
                        num_classes=num_classes, topk=topk, views=views, chunk_rows=chunk_rows,
                        complete=False, integrity=dict(fmt.INTEGRITY))
-    for name in ("augment_dims", "logits", "partners"):
+    for name in ("augment_dims", "logits", "partners", "tar_fields"):
         group_attrs.pop(name, None)
     # only where used: crop-only stores keep the attributes they always had
     if augment_dims is not None:
@@ -185,6 +195,8 @@ def _group_attrs(attrs: Mapping[str, Any] | None, keys: _keys.JoinedKeys, *, num
         group_attrs["logits"] = True
     if partners:
         group_attrs["partners"] = int(partners)
+    if tar_fields:
+        group_attrs["tar_fields"] = list(tar_fields)
     return group_attrs
 
 
@@ -235,11 +247,13 @@ class LabelStoreWriter:
         self.embedding_dim = attrs.get("embedding_dim")
         self.augment_dims = attrs.get("augment_dims")
         self.logits = bool(attrs.get("logits"))
+        self.tar_fields = len(attrs.get("tar_fields") or ())
         self._n = int(group["labels"].shape[0])
         self.num_chunks = _chunk_count(self._n, self.chunk_rows)
         lengths = fmt.sizes(rows=self._n, views=self.num_views, topk=self.topk,
                             chunk_rows=self.chunk_rows, embedding_dim=self.embedding_dim,
-                            augment_dims=self.augment_dims, logits=self.logits)
+                            augment_dims=self.augment_dims, logits=self.logits,
+                            tar_fields=self.tar_fields)
         # Array handles looked up once: each group lookup re-reads the array's metadata.
         self._arrays = {spec.name: group[spec.name].with_config(_WRITE_ALL)
                         for spec in fmt.SCHEMA
@@ -302,7 +316,8 @@ class LabelStoreWriter:
         rows = fmt.check_rows({name: value for name, value in given.items() if value is not None},
                               num_views=self.num_views, topk=self.topk,
                               num_classes=self.num_classes, embedding_dim=self.embedding_dim,
-                              augment_dims=self.augment_dims, logits=self.logits)
+                              augment_dims=self.augment_dims, logits=self.logits,
+                              tar_fields=self.tar_fields)
         self._place(int(start), rows)
 
     def write_stored(self, start: int, rows: dict[str, np.ndarray]) -> None:

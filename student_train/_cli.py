@@ -64,11 +64,11 @@ def _runtime(fn):
 @_field("stores", "--store", multiple=True, metavar="STORE",
         help="Label store to distil from; repeat for several (one training set).")
 @_field("data", metavar="SRC", help="Images for --supervised / --teacher without a store: "
-        "class folder, unlabeled folder or list file.")
+        "class folder, unlabeled folder, list file or tar shards.")
 @_field("root", help="Root of a list-file --data.")
 @_field("out", required=True, metavar="RUN_DIR", help="Run directory.")
-@_field("val", metavar="SRC", help="Validation images (class folder or list file) for "
-        "top-1/top-5 each epoch.")
+@_field("val", metavar="SRC", help="Validation images (class folder, list file or tar "
+        "shards) for top-1/top-5 each epoch.")
 @_field("val_root", help="Root of a list-file --val.")
 @_field("val_every", type=click.IntRange(min=1), metavar="N",
         help="Validate every N epochs and after the last.")
@@ -128,8 +128,8 @@ def train_student_cmd(ctx: click.Context, **options) -> None:
 @click.option("--model", required=True, help="timm model name (or a PaddleClas name).")
 @click.option("--checkpoint", required=True, metavar="FILE",
               help="train-student checkpoint or plain state dict (.pt/.pth/.safetensors).")
-@click.option("--data", required=True, metavar="SRC", help="Labeled images: class folder or "
-              "list file.")
+@click.option("--data", required=True, metavar="SRC", help="Labeled images: class folder, "
+              "list file or tar shards (pattern, folder, s3:// prefix, index).")
 @click.option("--root", default=None, help="Root of a list-file --data.")
 @click.option("--batch-size", type=int, default=EVAL_BATCH_SIZE, show_default=True)
 @json_option

@@ -52,7 +52,7 @@ class TrainConfig:
     stores: tuple[str, ...] = ()          # label stores; several form one training set
     data: Optional[str] = None            # image source for --supervised / --teacher without stores
     root: Optional[str] = None            # root of a list-file --data
-    val: Optional[str] = None             # validation source (class folder or list file)
+    val: Optional[str] = None             # validation source (class folder, list file, shards)
     val_root: Optional[str] = None        # root of a list-file --val
     val_every: int = 1                    # validate every N epochs (and after the last one)
 

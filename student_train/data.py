@@ -28,16 +28,16 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import labelstore
-from teacher_infer.imaging import (DecodeError, ViewSpec, eval_box, open_rgb, pixels_to_input,
-                                   random_resized_crop_box, render_box, render_eval,
-                                   resolve_decoder)
+from teacher_infer.imaging import (DecodeError, ViewSpec, decode_rgb, eval_box,
+                                   pixels_to_input, random_resized_crop_box, render_box,
+                                   render_eval, resolve_decoder)
 from teacher_infer.imaging.augment import AugmentSpec, ViewReplay, resolve_table
 from teacher_infer.runtime import cpus_per_rank, saved_class_names
 
 from . import distributed as D
 from .sampling import ShardedSampler, replay_view, sample_rng
 from .failures import BadImages, UnreadableImage
-from .samples import Classes, SampleSet, open_source, open_stores, store_root, store_top1
+from .samples import Classes, SampleSet, open_source, open_stores, store_top1
 
 CROP_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop aspect range (torchvision, timm, PaddleClas)
 _EMPTY = torch.zeros(0)
@@ -84,9 +84,10 @@ class CropDataset(Dataset):
         # stores with records: their views replayed as labeled (one per store, else None)
         self.replays = [None] * len(samples.stores or [])
         if crop == "replay":
-            self.replays = [ViewReplay(store, root=store_root(store), input_size=size,
+            self.replays = [ViewReplay(store, root=images, input_size=size,
                                        interpolation=self.interpolation)
-                            if store.augment_dims else None for store in samples.stores]
+                            if store.augment_dims else None
+                            for store, images in zip(samples.stores, samples.images)]
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -144,9 +145,9 @@ class CropDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         epoch, index = key
-        path = self.samples.paths[index]
-        try:
-            image = open_rgb(path)
+        path = self.samples.path(index)
+        try:  # a file, or the exact byte range its store records in a tar shard
+            image = decode_rgb(self.samples.read(index))
         except DecodeError as exc:  # a store's row was valid when the teacher read it
             raise UnreadableImage(path, str(exc)) from None
         box, flip, view, stored = self.plan(epoch, index, image.height, image.width)

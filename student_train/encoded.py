@@ -1,9 +1,10 @@
 """Training and evaluation batches decoded on the device (``--decoder dali``, or any registry
 decoder whose ``worker_mode`` is ``"bytes"``).
 
-DataLoader workers only read file bytes and image headers and plan each sample's crop (the
-same :meth:`CropDataset.plan` as the PIL path: replayed box, RandomResizedCrop or eval box),
-through the teacher pass's own :func:`teacher_infer.imaging.read_encoded`; the decoder (DALI:
+DataLoader workers only read image bytes (files, or byte ranges of tar shards) and headers and
+plan each sample's crop (the same :meth:`CropDataset.plan` as the PIL path: replayed box,
+RandomResizedCrop or eval box), through the teacher pass's own
+:func:`teacher_infer.imaging.read_encoded`; the decoder (DALI:
 ``mixed``, nvJPEG on the GPU; CPU mode without one) decodes, resamples the box, flips and
 normalises. Formats DALI cannot read are rendered by PIL in the worker, as in teacher
 inference.
@@ -49,7 +50,7 @@ class _PlannedBytes(Dataset):
     def __getitem__(self, key: tuple[int, int]):
         epoch, index = key
         crops = self.crops
-        path = crops.samples.paths[index]
+        path = crops.samples.path(index)
         chosen = {}
 
         def plan(height: int, width: int):
@@ -66,7 +67,7 @@ class _PlannedBytes(Dataset):
             return torch.from_numpy(np.array(crop, dtype=np.uint8)).permute(2, 0, 1)[None]
 
         try:
-            item = read_encoded(index, path, plan, render)
+            item = read_encoded(index, crops.samples.read(index), plan, render)
         except (DecodeError, OSError) as exc:
             reason = "missing file" if isinstance(exc, FileNotFoundError) else str(exc)
             item = Item(index, np.zeros((1, 4), np.uint16), np.zeros(1, bool), False, reason)

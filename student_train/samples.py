@@ -2,16 +2,18 @@
 
 Everything a run refuses about its data is refused here, before the first epoch, with a message
 that names the store: an incomplete store, a class count that differs from the student's (the
-first store's), images missing under a store's recorded root, keys that point outside it.
+first store's), images missing under a store's recorded root, keys that point outside it, tar
+shards missing or changed since the teacher pass indexed them.
 
 Label arrays are loaded into RAM once (``LabelStore.load``); DataLoader workers are forked and
-share those pages. Image paths are kept as one byte buffer plus offsets rather than a list of
+share those pages. Image keys are kept as one byte buffer plus offsets rather than a list of
 Python strings, whose reference counts would make every worker copy the pages it touches.
+Images are read through ``teacher_infer.ImageSource``, one per store (or source): a file below
+its root, or — for rows of shard data — the exact byte range its store records.
 """
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -19,8 +21,9 @@ import numpy as np
 
 import labelstore
 from labelstore import escapes_root
-from teacher_infer import find_samples, labels_by_name
+from teacher_infer import ImageSource, find_samples, labels_by_name
 from teacher_infer.imaging.augment import check_store_records
+from teacher_infer.images import root_problem
 
 from . import distributed as D
 
@@ -29,7 +32,7 @@ _AGREEMENT_ROWS = 1 << 20
 
 
 class PathTable:
-    """A compact, fork-friendly list of file paths: ``table[i]`` is a str."""
+    """A compact, fork-friendly list of strings (keys): ``table[i]`` is a str."""
 
     def __init__(self, paths: Sequence[str]):
         encoded = [p.encode("utf-8") for p in paths]
@@ -46,12 +49,16 @@ class PathTable:
 
 @dataclass
 class SampleSet:
-    """Samples of a run: sample i is file ``paths[i]`` with ground truth ``labels[i]`` (-1 =
-    unknown) and, for store sets, row ``rows[i]`` of ``stores[store_of[i]]``."""
+    """Samples of a run: sample i is the image ``keys[i]`` of ``images[image_of[i]]`` (at its
+    shard location ``tar[i]`` when it lies in a tar shard) with ground truth ``labels[i]``
+    (-1 = unknown) and, for store sets, row ``rows[i]`` of ``stores[store_of[i]]``."""
 
-    paths: PathTable
+    keys: PathTable
     labels: np.ndarray                       # (n,) int64
     num_classes: int
+    images: list                             # teacher_infer.ImageSource per store or source
+    image_of: np.ndarray                     # (n,) int16
+    tar: Optional[np.ndarray] = None         # (n, 4) int64, -1 for files; None: all files
     stores: Optional[list] = None            # loaded LabelStore readers
     store_of: Optional[np.ndarray] = None    # (n,) int16
     rows: Optional[np.ndarray] = None        # (n,) int64
@@ -64,10 +71,24 @@ class SampleSet:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def path(self, i: int) -> str:
+        """Where sample ``i``'s image is (failure lists and messages name it)."""
+        return self.images[self.image_of[i]].path(self.keys[i])
+
+    def read(self, i: int) -> bytes:
+        """Sample ``i``'s image bytes: its file, or its exact byte range in its shard
+        (``imaging.DecodeError`` with the reason when they cannot be read: a missing file,
+        a shard that changed since it was indexed)."""
+        from teacher_infer.imaging import image_bytes
+
+        return image_bytes(self.images[self.image_of[i]], self.keys[i],
+                           None if self.tar is None else self.tar[i])
+
     def subset(self, keep: np.ndarray) -> "SampleSet":
         pick = lambda a: None if a is None else a[keep]  # noqa: E731
-        return SampleSet(PathTable([self.paths[i] for i in np.flatnonzero(keep)]),
-                         self.labels[keep], self.num_classes, self.stores, pick(self.store_of),
+        return SampleSet(PathTable([self.keys[i] for i in np.flatnonzero(keep)]),
+                         self.labels[keep], self.num_classes, self.images,
+                         self.image_of[keep], pick(self.tar), self.stores, pick(self.store_of),
                          pick(self.rows), self.class_names, self.named_by, self.identity)
 
 
@@ -94,31 +115,35 @@ def open_stores(paths: Sequence[str], *, env: D.DistEnv) -> SampleSet:
                              f"student has {opened[0].num_classes} (from {opened[0].path})")
     labelstore.check_compatible(opened, topk=False, views=False)
     stores = [store.load() for store in opened]
-    all_paths, labels, store_of, rows = [], [], [], []
+    keys, labels, store_of, rows, tars, images = [], [], [], [], [], []
     for number, store in enumerate(stores):
         valid = _valid_rows(store)
         root = store_root(store)
-        if not os.path.isdir(root):
+        if root_problem(root):
             raise FileNotFoundError(f"label store {store.path}: its image root {root} does not "
                                     "exist")
-        keys = store.keys
-        _refuse_escaping_keys(store, keys[valid].tolist(), root)
-        all_paths += [os.path.join(root, *str(keys[i]).split("/")) for i in valid]
+        source = ImageSource(root)
+        store_keys = store.keys
+        _refuse_escaping_keys(store, store_keys[valid].tolist(), root)
+        keys += [str(key) for key in store_keys[valid]]
+        tars.append(store.read_tar(valid))
+        require_images(source, store_keys[valid], tars[-1] if store.tar_fields else None,
+                       f"label store {store.path} (root {root})", env)
         labels.append(store.labels[valid].astype(np.int64))
         store_of.append(np.full(len(valid), number, dtype=np.int16))
         rows.append(valid.astype(np.int64))
-        first = sum(len(r) for r in rows[:-1])
-        require_files(all_paths, first, len(all_paths), f"label store {store.path} (root {root})",
-                      env)
+        images.append(source)
         if store.augment_dims:
-            _check_records_and_partners(store, valid, root, env)
-    if not all_paths:
+            _check_records_and_partners(store, valid, source, env)
+    if not keys:
         raise ValueError(f"the label stores {', '.join(paths)} have no valid rows")
     named = next((store for store in stores if store.class_names), stores[0])
     identity = [{"what": f"label store {store.path}", "path": _absolute(store.path),
                  "label_sha256": labelstore.label_sha256(store)} for store in stores]
-    return SampleSet(PathTable(all_paths), np.concatenate(labels), stores[0].num_classes,
-                     stores, np.concatenate(store_of), np.concatenate(rows),
+    store_of = np.concatenate(store_of)
+    tar = np.concatenate(tars) if any(store.tar_fields for store in stores) else None
+    return SampleSet(PathTable(keys), np.concatenate(labels), stores[0].num_classes, images,
+                     store_of, tar, stores, store_of, np.concatenate(rows),
                      named.class_names, f"label store {named.path}", identity)
 
 
@@ -126,9 +151,10 @@ def _absolute(path: str) -> str:
     return path if "://" in path else os.path.abspath(path)
 
 
-def _check_records_and_partners(store, valid: np.ndarray, root: str, env: D.DistEnv) -> None:
+def _check_records_and_partners(store, valid: np.ndarray, images, env: D.DistEnv) -> None:
     """A store with augmentation records: they can be replayed (settings, ops table, every
-    record), and the images of the valid rows' mixing partners are there."""
+    record), and the images of the valid rows' mixing partners are there (files, or
+    unchanged shards)."""
     problem = check_store_records(store)
     if problem:
         raise ValueError(f"{problem}; its views cannot be replayed")
@@ -136,11 +162,11 @@ def _check_records_and_partners(store, valid: np.ndarray, root: str, env: D.Dist
         if "mix_partners" in store.student_arrays else np.zeros(0, np.int64)
     refs = refs[refs != -1]
     if len(refs):
-        keys = store.partners(refs)["keys"].tolist()
-        _refuse_escaping_keys(store, keys, root)
-        paths = [os.path.join(root, *str(key).split("/")) for key in keys]
-        require_files(paths, 0, len(paths), f"label store {store.path} (root {root}), mixing "
-                      "partners", env)
+        found = store.partners(refs)
+        keys = found["keys"].tolist()
+        _refuse_escaping_keys(store, keys, images.root)
+        require_images(images, keys, found.get("tar"), f"label store {store.path} (root "
+                       f"{images.root}), mixing partners", env)
 
 
 def _refuse_escaping_keys(store, keys: list[str], root: str) -> None:
@@ -154,31 +180,33 @@ def _refuse_escaping_keys(store, keys: list[str], root: str) -> None:
 
 def open_source(data: str, root: Optional[str], *, env: D.DistEnv, what: str,
                 classes: Optional["Classes"] = None) -> SampleSet:
-    """An image source (class folder, unlabeled folder or list file) as a sample set;
-    ``what`` (``--data`` or ``--val``) names it, and its root option, in errors.
+    """An image source (class folder, unlabeled folder, list file or tar shards) as a
+    sample set; ``what`` (``--data`` or ``--val``) names it, and its root option, in errors.
 
     Without ``classes`` the source defines the class space (its folders, or its largest
     label); with them (a model's or a training set's classes) class folders are matched to
     those classes by name (``teacher_infer.labels_by_name``).
     """
     found = find_samples(data, root=root, option=what,
-                         root_option="--val-root" if what == "--val" else "--root")
-    paths = [found.path(i) for i in range(len(found))]
-    require_files(paths, 0, len(paths), f"{what} {data} (root {found.root})", env)
+                         root_option="--val-root" if what == "--val" else "--root",
+                         dist=env.dist)
+    images = ImageSource(found.root)
+    require_images(images, found.keys, found.tar, f"{what} {data} (root {found.root})", env)
     labels = found.labels
     if classes is not None:
         labels = labels_by_name(found, classes.count, classes.names, option=what,
                                 named_by=classes.named_by)
-    identity = [{"what": f"{what} {data}", "path": os.path.abspath(data),
+    identity = [{"what": f"{what} {data}", "path": _absolute(data),
                  "label_sha256": {"keys": labelstore.fingerprint(found.keys),
                                   "labels": labelstore.fingerprint(map(str, labels))}}]
+    table, image_of = PathTable(found.keys), np.zeros(len(found), dtype=np.int16)
     if classes is not None:
-        return SampleSet(PathTable(paths), np.asarray(labels, dtype=np.int64), classes.count,
-                         class_names=classes.names, named_by=classes.named_by,
-                         identity=identity)
+        return SampleSet(table, np.asarray(labels, dtype=np.int64), classes.count, [images],
+                         image_of, found.tar, class_names=classes.names,
+                         named_by=classes.named_by, identity=identity)
     num_classes = len(found.class_names) if found.class_names else int(found.labels.max()) + 1
-    return SampleSet(PathTable(paths), np.asarray(found.labels, dtype=np.int64),
-                     max(num_classes, 0), class_names=found.class_names,
+    return SampleSet(table, np.asarray(found.labels, dtype=np.int64), max(num_classes, 0),
+                     [images], image_of, found.tar, class_names=found.class_names,
                      named_by=f"{what} {data}", identity=identity)
 
 
@@ -196,22 +224,23 @@ class Classes:
         return cls(samples.num_classes, samples.class_names, samples.named_by)
 
 
-def require_files(paths: Sequence[str], start: int, stop: int, owner: str,
-                  env: D.DistEnv) -> None:
-    """Raise FileNotFoundError naming ``owner`` when any of ``paths[start:stop]`` is missing.
+def require_images(images, keys: Sequence[str], tar: Optional[np.ndarray], owner: str,
+                   env: D.DistEnv) -> None:
+    """Raise FileNotFoundError naming ``owner`` when any image of ``keys`` (in ``images``,
+    with their ``tar`` rows) cannot be read: a missing file, or a shard missing or changed
+    since it was indexed (``ImageSource.problems``).
 
-    Each rank stats a disjoint share (threads hide file-system latency), then the ranks
-    agree on the result so that all of them refuse together.
+    Each rank checks a disjoint share (files by threads, to hide file-system latency;
+    shards once each), then the ranks agree on the result so that all of them refuse
+    together.
     """
-    mine = list(range(start + env.rank, stop, env.world_size))
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        exists = list(pool.map(lambda i: os.path.isfile(paths[i]), mine, chunksize=256))
-    missing = [paths[i] for i, ok in zip(mine, exists) if not ok]
-    reports = D.all_gather((len(missing), missing[:3]), env)
+    mine = range(env.rank, len(keys), env.world_size)
+    count, examples = images.problems(keys, tar, rows=mine)
+    reports = D.all_gather((count, examples), env)
     count = sum(n for n, _ in reports)
     if count:
         examples = [p for _, some in reports for p in some][:3]
-        raise FileNotFoundError(f"{owner}: {count} of {stop - start} images are missing "
+        raise FileNotFoundError(f"{owner}: {count} of {len(keys)} images are missing "
                                 f"(e.g. {', '.join(examples)})")
 
 

@@ -22,14 +22,14 @@ from typing import TYPE_CHECKING
 
 from .config import InferConfig
 from .data import Samples, find_samples, labels_by_name
+from .images import ImageSource
 
 if TYPE_CHECKING:  # pragma: no cover
     from .infer import RunSummary
 
-__all__ = ["InferConfig", "RunSummary", "Samples", "dedup", "find_samples", "imaging",
-           "shards",
-           "labels_by_name",
-           "resolve_model_name", "run", "runtime", "verify"]
+__all__ = ["ImageSource", "InferConfig", "RunSummary", "Samples", "dedup", "find_samples",
+           "imaging", "shards", "labels_by_name", "resolve_model_name", "run", "runtime",
+           "verify"]
 
 
 def run(cfg: InferConfig) -> "RunSummary":

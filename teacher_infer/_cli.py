@@ -30,12 +30,15 @@ _field = functools.partial(config_option, InferConfig)
         "a network: fails at once when they are not cached and the hub is unreachable).")
 @_field("random_weights", is_flag=True,
         help="Run without weights (seeded by --seed); for tests and benchmarks.")
-@_field("data", help="Class-folder root, unlabeled image folder, or a list file of "
-        "'relative/path [label]' lines (optional with --views-from).")
+@_field("data", help="Class-folder root, unlabeled image folder, a list file of "
+        "'relative/path [label]' lines, or WebDataset tar shards: a brace pattern or glob, a "
+        "folder of .tar files, an s3:// prefix, timm's _info.json, a wids index or an "
+        "ssld index (optional with --views-from).")
 @_field("views_from", type=click.Path(), help="Label store whose rows, dataset root, "
         "views, boxes and flips to reuse: this teacher labels exactly its crops.")
 @_field("root", help="Folder the list file's paths are relative to (default: its folder).")
-@_field("source", help="Kind of --data when a folder is ambiguous.")
+@_field("source", help="Kind of --data when a folder is ambiguous; unlabeled: every label "
+        "-1 (a pool in sub-folders, or shards whose cls are not the model's classes).")
 @_field("out", required=True, help="Label store to write or resume (NAME.zarr).")
 @_field("topk", help="Classes kept per view.")
 @_field("views", help="Views per image (view 0: eval crop; the others: RandomResizedCrop + flip).")
@@ -107,7 +110,8 @@ commands.append(infer_teacher)
               help="Teacher weights instead of the recorded file; one per teacher, in member "
               "order for an ensemble store.")
 @click.option("--structure-only", is_flag=True, help="Check the arrays only, no teacher.")
-@click.option("--root", help="Image folder instead of the recorded dataset root.")
+@click.option("--root", help="Image (or shard) folder or URL instead of the recorded dataset "
+              "root.")
 @click.option("--seed", default=VERIFY_SEED, show_default=True, help="Seed of the row sample.")
 @device_option
 @click.option("--decoder", type=click.Choice([n for n in DECODERS if n != "auto"]),

@@ -13,7 +13,7 @@ from .imaging.decoders import decoder_names
 from .runtime.device import DEVICES, PRECISIONS
 
 DECODERS = decoder_names()  # the registry's names, "auto" first
-SOURCES = ("auto", "folder", "unlabeled", "list")
+SOURCES = ("auto", "folder", "unlabeled", "list", "shards")
 VERIFY_SAMPLE, VERIFY_SEED = 64, 0   # ssld verify's rows recomputed and their seed
 
 
@@ -22,7 +22,7 @@ class InferConfig:
     """What to run, on what, and how; ``teacher_infer.run(cfg)`` executes it."""
 
     model: str                          # timm name, "arch.tag", or a PaddleClas name
-    data: str | None                    # class-folder root, unlabeled folder, or list file
+    data: str | None                    # class folder, unlabeled folder, list file, or tar shards
     out: str                            # label store to write (NAME.zarr)
     root: str | None = None             # list files: paths are relative to this (default: its folder)
     # force the data-source kind when a folder is ambiguous

@@ -1,12 +1,18 @@
 """Data sources: which images to run, their keys and (where known) their labels.
 
-Three kinds of ``--data`` (README, "ssld infer-teacher": the data sources table):
+Four kinds of ``--data`` (README, "ssld infer-teacher": the data sources table):
 
 - ``folder``: ImageNet layout, ``ROOT/<class>/**/<image>``; label = index of the class
   folder in sorted order (torchvision's ``ImageFolder`` rule), class names recorded;
 - ``unlabeled``: a folder of images searched recursively, every label -1;
 - ``list``: a PaddleClas list file of ``relative/path [label]`` lines resolved against
-  ``--root`` (default: the list file's folder).
+  ``--root`` (default: the list file's folder);
+- ``shards``: WebDataset tar shards (a brace pattern or glob, a folder of ``.tar`` files, an
+  ``s3://`` prefix, timm's ``_info.json``, a wids index, an ``ssld index``), listed by
+  ``teacher_infer.shards``: keys ``SHARD/KEY``, labels from ``cls`` members (``--source
+  unlabeled``: every label -1, for a pool whose classes are not the model's, e.g.
+  ImageNet-22k's), and per row the image's location in its shard (``tar``), which
+  ``teacher_infer.images`` reads.
 
 Keys are POSIX paths relative to the root; they identify rows in the store and seed
 the view boxes, so the same image gets the same key (and boxes) on every machine.
@@ -14,14 +20,19 @@ Nothing here imports torch.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import posixpath
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from labelstore import KEY_RULE, escapes_root, first_bad_key, key_problem, read_lines
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .shards import ShardSamples
 
 _INTEGER = re.compile(r"[+-]?[0-9]+")
 # Common image extensions, matched case-insensitively (.JPG, .Jpeg ...).
@@ -38,6 +49,9 @@ class Samples:
     keys: list[str]                  # POSIX paths relative to root, unique
     labels: np.ndarray               # (N,) int64, -1 where unknown
     class_names: list[str] | None    # folder names (folder source)
+    # where each image lies in a tar shard (labelstore.TAR_FIELDS; -1: a file); None when
+    # every row is a file (shard sources are ``shards.ShardSamples``, which always have it)
+    tar: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -121,16 +135,34 @@ def detect_source(data: str, option: str = "--data") -> str:
 
 
 def find_samples(data: str, *, root: str | None = None, source: str = "auto",
-                 option: str = "--data", root_option: str = "--root") -> Samples:
-    """List the images of ``data`` (see the module docstring for the three kinds).
+                 option: str = "--data", root_option: str = "--root",
+                 dist: Any = None, progress: bool = False) -> "Samples | ShardSamples":
+    """List the images of ``data`` (see the module docstring for the kinds): a
+    :class:`Samples`, or for shards a ``shards.ShardSamples`` (the same attributes).
 
     ``option`` and ``root_option`` are the names errors give ``data`` and ``root``
-    (``--val`` / ``--val-root`` for a validation set).
+    (``--val`` / ``--val-root`` for a validation set). Under ``torchrun`` pass the ranks'
+    ``Dist`` on every rank: image files are listed by rank 0, shards by all ranks in shares
+    (``shards.find_shard_samples``; ``progress``: a bar of the shards listed on rank 0);
+    every rank gets every row.
 
     >>> find_samples("imagenet/val").source        # doctest: +SKIP
     'folder'
     """
+    from .shards import find_shard_samples, is_shard_source
+
     data = os.fspath(data)
+    if source == "shards" or (source in ("auto", "unlabeled") and is_shard_source(data)):
+        if root is not None:
+            raise ValueError(f"{root_option} is only for list files (shard keys are relative "
+                             f"to the shards' folder: {option} names it)")
+        found = find_shard_samples(data, dist=dist, option=option, progress=progress)
+        if source == "unlabeled":  # the cls members are another class space (IN-22k's)
+            found = dataclasses.replace(found, labels=np.full(len(found), -1, np.int64))
+        return found
+    if dist is not None and dist.enabled:
+        return dist.on_main(lambda: find_samples(data, root=root, source=source,
+                                                 option=option, root_option=root_option))
     if not os.path.exists(data):
         raise FileNotFoundError(f"{option} {data} does not exist")
     kind = detect_source(data, option) if source == "auto" else source

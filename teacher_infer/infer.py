@@ -21,11 +21,13 @@ from typing import Any, Callable
 
 import numpy as np
 
-from labelstore import (DEFAULT_CHUNK_ROWS, IncompleteRunError, OutputLock, check_disjoint,
-                        disk_bytes, human_size, local_path, progress_bar, read_lines)
+from labelstore import (DEFAULT_CHUNK_ROWS, TAR_FIELDS, IncompleteRunError, OutputLock,
+                        check_disjoint, disk_bytes, fingerprint, human_size, local_path,
+                        progress_bar, read_lines)
 
 from .config import InferConfig
 from .data import Samples, find_samples, labels_by_name, read_class_names
+from .images import ImageSource
 from .imaging.decoders import resolve_decoder
 from .imaging.views import ViewSpec
 from .runtime import (Dist, allow_tf32, autocast, cpus_per_rank, resolve_device,
@@ -71,21 +73,6 @@ class RunSummary:
 
 
 # -- set-up ------------------------------------------------------------------------
-def _on_main(dist: Dist, make: Callable[[], Any]) -> Any:
-    """Run ``make`` on rank 0 and hand its result — or its error — to every rank."""
-    result, error = None, None
-    if dist.is_main:
-        try:
-            result = make()
-        except (ValueError, FileNotFoundError, FileExistsError, ImportError, OSError,
-                RuntimeError) as exc:
-            error = exc
-    result, error = dist.broadcast((result, error))
-    if error is not None:
-        raise error
-    return result
-
-
 def _labels_and_names(samples: Samples, num_classes: int, names_file: str | None,
                       checkpoint: str | None = None) -> tuple[np.ndarray, list[str] | None]:
     """Labels in the model's class space and the class names to record.
@@ -151,7 +138,8 @@ def _settings(attrs: dict[str, Any]) -> dict[str, Any]:
     flat = {f"teacher.{k}": teacher.get(k) for k in ("model", "weights", "checkpoint_sha256",
                                                       "num_classes")}
     flat.update({f"dataset.{k}": dataset.get(k) for k in ("fingerprint", "num_samples",
-                                                          "labels_sha256")})
+                                                          "labels_sha256",
+                                                          "shards_fingerprint")})
     flat.update({f"preprocessing.{k}": v for k, v in (attrs.get("preprocessing") or {}).items()})
     flat.update({k: attrs.get(k) for k in ("topk", "views", "temperature", "embedding_dim")})
     flat["compute.precision"] = (attrs.get("compute") or {}).get("precision")
@@ -217,7 +205,8 @@ def _open_or_create(cfg: InferConfig, samples: Samples, labels: np.ndarray, attr
                                chunk_rows=cfg.chunk_rows or DEFAULT_CHUNK_ROWS,
                                overwrite=cfg.overwrite, embedding_dim=embedding_dim,
                                augment_dims=records and records.dims, logits=cfg.store_logits,
-                               partners=records and records.partners)
+                               partners=records and records.partners,
+                               tar_fields=TAR_FIELDS if samples.tar is not None else None)
     return Plan(todo=list(range(writer.num_chunks)), skipped=0, resumed=False)
 
 
@@ -303,7 +292,7 @@ class Records:
         if self.augmentation is not None:
             return self.augmentation
         return PlannedAugmentation(
-            self.spec, keys=samples.keys, paths=[samples.path(i) for i in range(len(samples))],
+            self.spec, keys=samples.keys, images=ImageSource(samples.root), tar=samples.tar,
             seed=view_spec.seed, chunk_rows=chunk_rows, views=view_spec.views)
 
 
@@ -326,7 +315,8 @@ def _records(cfg: InferConfig, reference, data_config: dict[str, Any]) -> Record
         store = reference.store
         return Records(dims=dict(store.augment_dims), attrs=reference.augment,
                        partners=store.partner_table(),
-                       augmentation=StoredAugmentation(store, reference.samples.root))
+                       augmentation=StoredAugmentation(store,
+                                                       ImageSource(reference.samples.root)))
     settings = cfg.augment_spec(fill_from_mean(data_config["mean"]))
     if not settings.enabled:
         return None
@@ -421,7 +411,7 @@ def run(cfg: InferConfig) -> RunSummary:
     dist.init(device)
     lock = OutputLock(cfg.out, command="infer-teacher")
     try:
-        _on_main(dist, lock.acquire)  # one run per store; the ranks of this run share it
+        dist.on_main(lock.acquire)  # one run per store; the ranks of this run share it
         return _run(cfg, dist, device, started)
     finally:
         lock.release()
@@ -439,9 +429,10 @@ def _store_attrs(cfg: InferConfig, samples: Samples, labels: np.ndarray, teacher
         "preprocessing": _preprocessing(spec, teacher.data_config),
         # fingerprint and num_samples are labelstore.create's too; here so a resume compares them
         "dataset": {"root": samples.root, "source": samples.source,
-                    "data": cfg.data and os.path.abspath(cfg.data), "num_samples": len(samples),
+                    "data": cfg.data and _spec_path(cfg.data), "num_samples": len(samples),
                     "fingerprint": labelstore.fingerprint(samples.keys),
-                    "labels_sha256": labelstore.fingerprint(str(v) for v in labels)},
+                    "labels_sha256": labelstore.fingerprint(str(v) for v in labels),
+                    **_shards_record(samples)},
         "temperature": float(cfg.temperature),
         "topk": cfg.topk, "views": cfg.views, "num_classes": teacher.num_classes,
         "class_names": class_names,
@@ -458,6 +449,22 @@ def _store_attrs(cfg: InferConfig, samples: Samples, labels: np.ndarray, teacher
         attrs["augment"] = records.attrs
     attrs["logits"] = cfg.store_logits  # create() records it (only when true)
     return attrs
+
+
+def _spec_path(data: str) -> str:
+    """``--data`` as recorded: a local path made absolute, a URL as given."""
+    return str(data) if "://" in str(data) else os.path.abspath(data)
+
+
+def _shards_record(samples: Samples) -> dict[str, Any]:
+    """For shard data, what the store's rows were read from: each shard's name, size and
+    stamp when listed, as one fingerprint (a resume with shards that changed since is
+    refused: its rows would mix two versions of the data)."""
+    shards = getattr(samples, "shards", None)
+    if samples.tar is None or not shards:
+        return {}
+    return {"shards": len(shards), "shards_fingerprint": fingerprint(
+        f"{shard.name}\t{shard.size}\t{shard.stamp}" for shard in shards)}
 
 
 def _label_batch(forward, images, valid: np.ndarray, *, views: int, k: int, temperature: float,
@@ -514,13 +521,14 @@ class LoopTotals:
 
 
 def label_rows(decoded, label: Callable, writer, *, keys: list[str], out: str, rank: int,
-               progress, keep_boxes: bool = False) -> LoopTotals:
+               progress, keep_boxes: bool = False, tar: np.ndarray | None = None) -> LoopTotals:
     """The loop: for each decoded batch, the teacher's labels, the batch's failures on disk,
     then its rows in the store; ``writer`` is closed at the end (its last writes are the
     loop's time too). ``decoded`` yields ``(batch, images)``; ``label(images, valid)``
     returns the arrays ``writer.write`` takes. Failed rows' boxes are zeroed unless
     ``keep_boxes`` (``--views-from``: the reference's boxes, which a row mixing with a
-    failed one still replays)."""
+    failed one still replays). ``tar``: every row's shard location, stored with its row
+    (shard data)."""
     totals = LoopTotals()
     started = tick = time.perf_counter()
     for batch, images in decoded:
@@ -537,6 +545,8 @@ def label_rows(decoded, label: Callable, writer, *, keys: list[str], out: str, r
         # records are drawn (or stored) without the image: a failed row keeps them
         records = {} if batch.records is None else batch.records.store_arrays(
             writer.augment_dims or {})
+        if tar is not None:  # where each row's image lies: training reads it from there
+            records["tar"] = tar[batch.start:batch.start + len(batch)]
         writer.write(batch.start, boxes=boxes, flips=flips, valid=batch.valid,
                      **{name: value for name, value in labeled.items() if value is not None},
                      **records)
@@ -553,16 +563,15 @@ def label_rows(decoded, label: Callable, writer, *, keys: list[str], out: str, r
 
 
 def _rows(cfg: InferConfig, dist: Dist):
-    """(cfg, samples, reference): the data source listed on rank 0 — or, with
-    ``--views-from``, the reference store's rows, root, views and boxes, its views and chunk
-    size then the run's."""
+    """(cfg, samples, reference): the data source, listed once for every rank (files on rank
+    0, shards by every rank in shares) — or, with ``--views-from``, the reference store's
+    rows, root, views and boxes, its views and chunk size then the run's."""
     if cfg.views_from is None:
-        samples = _on_main(dist, lambda: find_samples(cfg.data, root=cfg.root,
-                                                      source=cfg.source))
-        return cfg, samples, None
+        return cfg, find_samples(cfg.data, root=cfg.root, source=cfg.source, dist=dist,
+                                 progress=cfg.progress), None
     from .reference import load_reference
 
-    reference = _on_main(dist, lambda: load_reference(
+    reference = dist.on_main(lambda: load_reference(
         cfg.views_from, data=cfg.data, root=cfg.root, source=cfg.source, views=cfg.views,
         box_convention=BOX_CONVENTION))
     cfg = dataclasses.replace(cfg, views=reference.views,
@@ -597,9 +606,9 @@ def data_path(cfg: InferConfig, dist: Dist, samples: Samples, spec: ViewSpec,
     cpus = cpus_per_rank(dist)
     workers = (cfg.num_workers if cfg.num_workers is not None
                else decoder_class.default_workers(cpus))
-    dataset = ViewDataset([samples.path(i) for i in range(len(samples))], samples.keys, spec,
+    dataset = ViewDataset(ImageSource(samples.root), samples.keys, spec,
                           data_config["interpolation"], mode=decoder_class.worker_mode,
-                          planned=planned, augment=augment)
+                          planned=planned, augment=augment, tar=samples.tar)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
         pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
@@ -637,7 +646,7 @@ def _run(cfg: InferConfig, dist: Dist, device, started: float) -> RunSummary:
     attrs = _store_attrs(cfg, samples, labels, teacher, spec, class_names, embedding_dim,
                          decoder_class.name, device, precision,
                          reference and reference.record, records)
-    plan: Plan = _on_main(dist, lambda: _open_or_create(
+    plan: Plan = dist.on_main(lambda: _open_or_create(
         cfg, samples, labels, attrs, teacher.num_classes, embedding_dim, records))
     dist.barrier()  # the store exists before any rank writes
     writer = labelstore.open(cfg.out, mode="a")
@@ -662,11 +671,12 @@ def _run(cfg: InferConfig, dist: Dist, device, started: float) -> RunSummary:
     with torch.inference_mode(), progress:
         totals = label_rows(decoder.decode(iter(loader)) if decoder is not None else (),
                             label, writer, keys=samples.keys, out=cfg.out, rank=dist.rank,
+                            tar=samples.tar,
                             progress=progress,
                             keep_boxes=reference is not None and reference.augmented)
     every_rank = dist.gather(totals)
     dist.barrier()  # every rank's chunks are written
-    return _on_main(dist, lambda: _finish(
+    return dist.on_main(lambda: _finish(
         cfg, dist, every_rank, started=started, plan=plan, decoder_name=decoder_class.name,
         device=device, details={"dali_rebuilds": getattr(decoder, "rebuilds", 0),
                                 "num_workers": workers}))

@@ -22,7 +22,8 @@ from labelstore import (LabelStore, TeacherCheck, VerifyResult, combine_distribu
                         quantize_boxes)
 
 from .config import VERIFY_SAMPLE, VERIFY_SEED, InferConfig
-from .imaging.decode import DecodeError, open_rgb
+from .images import ImageSource, root_problem
+from .imaging.decode import DecodeError, decode_rgb, image_bytes
 from .imaging.views import PlannedViews, ViewSpec
 from .roots import check_image_root
 
@@ -151,8 +152,7 @@ def plan_teachers(store: LabelStore, checkpoint: Sequence[str] | str | None,
         raise ValueError(f"{store.path} records no dataset.root: pass --root with the folder "
                          "its keys are relative to")
     # before the teacher is loaded: a wrong root is one line, not every row "not decodable"
-    check_image_root(str(image_root), store.keys, store.valid, option="--root",
-                     store=f"the store {store.path}", given=root is not None)
+    check_image_root(str(image_root), store, option="--root", given=root is not None)
     plans, given = [], iter(checkpoints)
     for lo, hi, records, weights, rule in ranges:
         chosen = [next(given) if checkpoints else None for _ in records]
@@ -190,11 +190,12 @@ def _config(record: TeacherRecord, checkpoint: str | None, root: str) -> InferCo
         crop_pct=pre.get("crop_pct"), views=int(pre.get("views", 1)), progress=False)
 
 
-def recompute(record: TeacherRecord, cfg: InferConfig, *, paths: list[str], keys: list[str],
+def recompute(record: TeacherRecord, cfg: InferConfig, *, images: ImageSource, keys: list[str],
               planned: PlannedViews, device_name: str, decoder: str | None,
-              batch_size: int, augment=None, num_workers: int = 0
-              ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Full softmax (n, V, C) of the rows at the planned views (with ``augment``, an
+              batch_size: int, augment=None, tar: np.ndarray | None = None,
+              num_workers: int = 0) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Full softmax (n, V, C) of the rows ``keys`` (read from ``images``, with their
+    ``tar`` rows when in shards) at the planned views (with ``augment``, an
     ``imaging.augment.source.Augmentation``: their stored records applied, partners
     included), their validity and notes."""
     import torch
@@ -224,17 +225,17 @@ def recompute(record: TeacherRecord, cfg: InferConfig, *, paths: list[str], keys
                     crop_pct=float(teacher.data_config["crop_pct"]),
                     crop_mode=pre.get("crop_mode") or "center")
     interpolation = teacher.data_config["interpolation"]
-    dataset = ViewDataset(paths, keys, spec, interpolation, mode=decoder_cls.worker_mode,
-                          planned=planned, augment=augment)
-    batches = batch_ranges([(0, len(paths))], batch_size, views)
+    dataset = ViewDataset(images, keys, spec, interpolation, mode=decoder_cls.worker_mode,
+                          planned=planned, augment=augment, tar=tar)
+    batches = batch_ranges([(0, len(keys))], batch_size, views)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches,
                                          num_workers=num_workers, collate_fn=collate)
     decoder_run = decoder_cls(spec=spec, interpolation=interpolation,
                               mean=teacher.data_config["mean"], std=teacher.data_config["std"],
                               max_batch=max(len(b) for b in batches), device=device,
                               num_threads=max(1, os.cpu_count() or 1), augment=augment)
-    probs = np.zeros((len(paths), views, teacher.num_classes), dtype=np.float32)
-    valid = np.zeros(len(paths), dtype=bool)
+    probs = np.zeros((len(keys), views, teacher.num_classes), dtype=np.float32)
+    valid = np.zeros(len(keys), dtype=bool)
     with torch.inference_mode():
         for batch, images in decoder_run.decode(iter(loader)):
             rows = slice(batch.start, batch.start + len(batch))
@@ -273,14 +274,15 @@ def check_teacher(store: LabelStore, plan: TeacherPlan, *, sample: int, seed: in
     rows = np.sort(rng.choice(len(store), size=min(sample, len(store)), replace=False))
     stored = store.read(rows)
     keys = [str(key) for key in store.keys[rows]]
-    paths = [os.path.join(plan.root, *key.split("/")) for key in keys]
+    images = ImageSource(plan.root)   # files, or the rows' shard byte ranges
+    tar = store.read_tar(rows) if store.tar_fields else None
     expected = np.zeros(stored.probs.shape[:2] + (store.num_classes,), dtype=np.float64)
     notes, now_valid = [], np.ones(len(rows), dtype=bool)
     augment = None
     if store.augment_dims:  # the stored records, partners included, on the sampled rows
         from .imaging.augment.source import StoredAugmentation
 
-        augment = StoredAugmentation(store, plan.root, rows=rows)
+        augment = StoredAugmentation(store, images, rows=rows)
     for part in plan.ranges:
         picked = np.flatnonzero((rows >= part.lo) & (rows < part.hi))
         if not len(picked):
@@ -296,13 +298,14 @@ def check_teacher(store: LabelStore, plan: TeacherPlan, *, sample: int, seed: in
                 if sha256_file(file) != recorded_sha:
                     notes.append(f"--checkpoint {file} is not the file the store was "
                                  "computed with (sha256 differs)")
-            probs, valid, more = recompute(record, cfg, paths=[paths[i] for i in picked],
+            probs, valid, more = recompute(record, cfg, images=images,
                                            keys=[keys[i] for i in picked], planned=planned,
                                            device_name=device, decoder=decoder,
                                            batch_size=batch_size or record.batch_size or 32,
                                            augment=None if augment is None else
-                                           StoredAugmentation(store, plan.root,
+                                           StoredAugmentation(store, images,
                                                               rows=rows[picked]),
+                                           tar=None if tar is None else tar[picked],
                                            num_workers=num_workers)
             notes += [note for note in more if note not in notes]
             members.append((probs, record.topk))
@@ -311,14 +314,15 @@ def check_teacher(store: LabelStore, plan: TeacherPlan, *, sample: int, seed: in
     # Rows invalid in the store were not cropped (no boxes): does the image decode now, and,
     # with stored records, the images of its mixing partners (without them it fails too)?
     for i in np.flatnonzero(~stored.valid):
-        files = [paths[i]]
+        wanted = [(keys[i], None if tar is None else tar[i])]
         if augment is not None:
             from .imaging.augment import partner_views
 
-            files += [augment.partner(ref).path for ref in partner_views(augment.records(i))]
+            wanted += [(partner.key, partner.tar) for partner in
+                       map(augment.partner, partner_views(augment.records(i)))]
         try:
-            for path in files:
-                open_rgb(path)
+            for key, where in wanted:
+                decode_rgb(image_bytes(images, key, where))
         except DecodeError:
             continue
         now_valid[i] = True

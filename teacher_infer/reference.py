@@ -17,8 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from .data import Samples, find_samples
 from labelstore import BOX_SCALE
+
+from .data import Samples, find_samples
+from .images import root_problem
 
 from .imaging.views import PlannedViews
 
@@ -120,14 +122,16 @@ def load_reference(path: str, *, data: str | None, root: str | None, source: str
         if root is not None:
             raise ValueError("--root is for list files given with --data")
         image_root = dataset.get("root")
-        if not image_root or not os.path.isdir(str(image_root)):
+        if root_problem(image_root):  # a URL is read when its images are
             raise FileNotFoundError(f"dataset root {image_root!r} of {where} is not a folder "
                                     "here; pass --data (with the same keys) to read the images "
                                     "elsewhere")
         names = store.class_names
         kind = dataset.get("source") or "list"
+        # a store of shard data reads its rows from the shard locations it records
+        tar = store.read_tar(slice(None)) if store.tar_fields else None
         samples = Samples(str(image_root), kind if names or kind != "folder" else "list", keys,
-                          store.labels.astype(np.int64), list(names) if names else None)
+                          store.labels.astype(np.int64), list(names) if names else None, tar)
 
     boxes, flips, valid = stored_views(store)
     planned = PlannedViews(boxes=boxes, flips=flips, usable=valid, reason=INVALID_REASON)

@@ -467,7 +467,7 @@ def test_a_root_that_does_not_hold_the_keys_is_refused_before_the_search(planted
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1, err
     assert f"--pool-root {wrong} does not hold the images of the pool store" in err
-    assert "64 of 64 sampled keys are not there" in err
+    assert "64 of 64 sampled rows are not there" in err
     assert not out.exists()
 
 

@@ -72,6 +72,9 @@ def test_cli_reference_has_every_command_option_and_default():
                 if param.show_default is True and param.default not in (None, False, ()):
                     shown = (" ".join(map(str, param.default))
                              if isinstance(param.default, tuple) else str(param.default))
+                    if param.is_bool_flag and param.secondary_opts:  # --x / --no-x: the one on
+                        shown = (param.opts if param.default else param.secondary_opts)[0]
+                        shown = shown.lstrip("-")
                     row = next(r for r in section.splitlines() if f"`{param.opts[0]} " in r
                                or f"`{param.opts[0]}`" in r)
                     assert shown.split()[0].rstrip(",") in row, (path, param.name, row)

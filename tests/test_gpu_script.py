@@ -130,6 +130,17 @@ def test_smoke_run_writes_every_part(tmp_path):
             assert run["img_s"] > 0 and run["images"] == images and run["failures"] == 0
             assert 0 <= run["overhead_pct"] <= 100
 
+    # the teacher reading the same JPEGs from IN-22k-like shards: the same labels, per decoder
+    shards = parts["shards"]["results"]
+    assert shards["pack"]["samples"] == images and shards["pack"]["shards"] == 3
+    for decoder in ("dali", "pil"):
+        for layout in ("files", "shards"):
+            run = shards[f"{decoder}/{layout}"]
+            assert run["img_s"] > 0 and run["images"] == images and run["failures"] == 0
+        assert shards[f"{decoder}/labels"]["indices_equal"]
+        assert shards[f"{decoder}/labels"]["max_abs_dp"] == 0
+        assert shards[f"{decoder}/labels"]["valid_rows"] == images
+
     # DALI and PIL on the same images, weights and boxes: they differ by a grey level on a
     # few pixels, so the teacher's answers must agree (tests/test_teacher_infer.py: >= 99 %)
     for views in (1, 4):

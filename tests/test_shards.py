@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from conftest import smooth_rgb
+from teacher_infer import ImageSource
 from teacher_infer import shards as sh
 from teacher_infer.shards import ShardReadError
 
@@ -561,40 +562,60 @@ def test_s3_source_reads_what_local_disk_reads(in22k, s3_shards, tmp_path, monke
 
 
 # -- the store's per-row shard index (labelstore SCHEMA) --------------------------------
-def test_store_tar_array_is_carried_bit_exactly(tmp_path, monkeypatch):
-    """The ``tar`` SCHEMA entry rides the generic machinery: created, written with the
-    rows, opened, selected, merged (keys prefixed below the common root) and exported as
-    it was stored — and a merged store's rows still read their images. Stores get the
-    array only when created with ``tar_fields`` (phase 2 of issue 24: create, open and the
-    derived stores' rules); here every store has it, by patching ``sizes``."""
+def _shard_store(path, samples, *, seed: int, **options):
+    """A store of ``samples`` (ShardSamples) with random teacher rows and its tar array."""
+    import labelstore
+    from test_select import pool_rows
+
+    data = pool_rows(len(samples), views=1, k=2, classes=3, seed=seed)
+    with labelstore.create(path, keys=samples.keys, num_classes=3, topk=2,
+                           labels=samples.labels, chunk_rows=4,
+                           tar_fields=labelstore.TAR_FIELDS, **options,
+                           attrs={"dataset": {"root": samples.root, "source": "shards"}}) as w:
+        w.write(0, data["indices"], data["probs"], valid=data["valid"], tar=samples.tar)
+    return str(path)
+
+
+def test_store_tar_array_is_carried_bit_exactly(tmp_path):
+    """The ``tar`` SCHEMA entry of stores created with ``tar_fields``: created (the
+    attribute), written with the rows (required with every write), opened, read back
+    (``read_tar``, from RAM after ``load``), selected, merged (keys prefixed below the
+    common root) and exported as it was stored — and a merged store's rows still read their
+    images."""
     import h5py
     import zarr
 
     import labelstore
-    from labelstore import _format as fmt
     from labelstore._export import export_hdf5
     from test_select import pool_rows
 
-    sizes = fmt.sizes
-    monkeypatch.setattr(fmt, "sizes", lambda **kw: sizes(**{**kw, "tar_fields": 4}))
     roots, stores, found = [tmp_path / "u" / "a", tmp_path / "u" / "b"], [], []
     for number, root in enumerate(roots):
         make_shards(root, 2, 5, info=False, prefix=f"pool{number}")
         samples = sh.find_shard_samples(str(root))
-        data = pool_rows(len(samples), views=1, k=2, classes=3, seed=number)
-        path = tmp_path / f"s{number}.zarr"
-        with labelstore.create(path, keys=samples.keys, num_classes=3, topk=2,
-                               labels=samples.labels, chunk_rows=4,
-                               attrs={"dataset": {"root": samples.root, "source": "shards"}}) as w:
-            with pytest.raises(ValueError, match=r"this store has tar: pass tar=\(n, 4\)"):
-                w.write(0, data["indices"], data["probs"])
-            w.write(0, data["indices"], data["probs"], valid=data["valid"], tar=samples.tar)
-        array = zarr.open_group(str(path), mode="r")["tar"]
+        stores.append(_shard_store(tmp_path / f"s{number}.zarr", samples, seed=number))
+        found.append(samples)
+        store = labelstore.open(stores[-1])
+        assert store.attrs["tar_fields"] == list(labelstore.TAR_FIELDS) == list(store.tar_fields)
+        np.testing.assert_array_equal(store.read_tar(slice(None)), samples.tar)
+        np.testing.assert_array_equal(store.load().read_tar([7, 2]), samples.tar[[7, 2]])
+        array = zarr.open_group(stores[-1], mode="r")["tar"]
         assert (array.dtype, array.chunks, array.fill_value) == (np.int64, (4, 4), -1)
         assert tuple(array.metadata.dimension_names) == ("row", "tar_field")
-        np.testing.assert_array_equal(array[:], samples.tar)
-        stores.append(str(path))
-        found.append(samples)
+    data = pool_rows(3, views=1, k=2, classes=3, seed=0)
+    with labelstore.create(tmp_path / "w.zarr", keys=["a.tar/x", "a.tar/y", "a.tar/z"],
+                           num_classes=3, topk=2, tar_fields=labelstore.TAR_FIELDS) as w:
+        with pytest.raises(ValueError, match=r"this store has tar: pass tar=\(n, 4\)"):
+            w.write(0, data["indices"], data["probs"])
+    with pytest.raises(ValueError, match="tar_fields must be"):
+        labelstore.create(tmp_path / "bad.zarr", keys=["a"], num_classes=3, topk=2,
+                          tar_fields=("offset", "size"))
+    with labelstore.create(tmp_path / "files.zarr", keys=["a", "b", "c"], num_classes=3,
+                           topk=2) as w:
+        with pytest.raises(ValueError, match=r"created without tar \(tar_fields\)"):
+            w.write(0, data["indices"], data["probs"], tar=np.zeros((3, 4), np.int64))
+    files = labelstore.open(tmp_path / "files.zarr")
+    assert files.tar_fields is None and (files.read_tar([0, 2]) == -1).all()
 
     def stored(path):
         return np.asarray(zarr.open_group(str(path), mode="r")["tar"][:])
@@ -619,6 +640,47 @@ def test_store_tar_array_is_carried_bit_exactly(tmp_path, monkeypatch):
         np.testing.assert_array_equal(h5["tar"][:], found[1].tar[2:9])
     xr = pytest.importorskip("xarray")
     assert xr.open_zarr(stores[1], consolidated=False)["tar"].dims == ("row", "tar_field")
+
+
+def test_a_folder_store_merged_with_a_shard_store(tmp_path, image_folder):
+    """SSLD's training set: L from image files, U from shards. The output has ``tar``: the
+    folder store's rows hold -1 (image files), whichever store comes first; ensemble keeps
+    its first member's; inspect counts the rows in shards."""
+    import labelstore
+    from test_select import pool_rows
+
+    make_shards(tmp_path / "pool", 2, 5, info=False)
+    pool = _shard_store(tmp_path / "u.zarr", sh.find_shard_samples(str(tmp_path / "pool")),
+                        seed=1)
+    data = pool_rows(len(image_folder), views=1, k=2, classes=3, seed=2)
+    with labelstore.create(tmp_path / "l.zarr", keys=image_folder.keys, num_classes=3, topk=2,
+                           labels=image_folder.labels, chunk_rows=4,
+                           attrs={"dataset": {"root": str(image_folder.root)}}) as w:
+        w.write(0, data["indices"], data["probs"])
+    shard_tar = labelstore.open(pool).read_tar(slice(None))
+    listed = sh.find_shard_samples(str(tmp_path / "pool"))
+    reference = {key: reader_bytes(listed, row) for row, key in enumerate(listed.keys)}
+    for number, order in enumerate(([tmp_path / "l.zarr", pool], [pool, tmp_path / "l.zarr"])):
+        out = tmp_path / f"m{number}.zarr"
+        labelstore.merge([str(path) for path in order], out)
+        merged = labelstore.open(out)
+        tar = merged.read_tar(slice(None))
+        in_shards = np.array([".tar/" in key for key in merged.keys])
+        assert (~in_shards).sum() == len(image_folder) and (tar[~in_shards] == -1).all()
+        np.testing.assert_array_equal(tar[in_shards], shard_tar)
+        root = Path(merged.attrs["dataset"]["root"])
+        images = ImageSource(str(root))
+        for key, where in zip(merged.keys, tar):
+            expected = (reference[key[key.index("imagenet22k-"):]] if ".tar/" in key
+                        else (root / key).read_bytes())
+            assert images.read(key, where) == expected, key
+        report = labelstore.inspect_store(merged)
+        assert report.rows_in_shards == len(shard_tar)
+        assert f"{len(shard_tar)} rows in tar shards, {len(image_folder)} files" in str(report)
+    labelstore.ensemble([pool, _shard_store(tmp_path / "u2.zarr", sh.find_shard_samples(
+        str(tmp_path / "pool")), seed=5)], tmp_path / "e.zarr")
+    np.testing.assert_array_equal(labelstore.open(tmp_path / "e.zarr").read_tar(slice(None)),
+                                  shard_tar)
 
 
 def reader_bytes(samples, row: int) -> bytes:
@@ -657,3 +719,34 @@ def test_index_built_by_two_ranks(tmp_path):
     assert failed.returncode != 0
     assert failed.stderr.count("shard imagenet22k-train-0003.tar is truncated") == 2
     assert len(list((tmp_path / "again" / "parts").iterdir())) == 4
+
+
+def test_index_command_options(in22k, tmp_path, capsys, monkeypatch):
+    """``ssld index``: DALI's .idx files are used unless --no-dali-index, --listing-threads
+    reaches the listing, a bad value is one line (exit 2)."""
+    from cli import main as cli_main
+    from teacher_infer.shards import _index
+
+    wds2idx = pytest.importorskip("wds2idx")
+    for path in sorted(in22k.glob("*.tar")):
+        with wds2idx.IndexCreator(str(path), str(path.with_suffix(".idx")), verbose=False) as ic:
+            ic.create_index()
+    threads = []
+    listed = _index.list_many
+    monkeypatch.setattr(_index, "list_many", lambda *a, **kw: threads.append(kw["threads"])
+                        or listed(*a, **kw))
+    assert cli_main(["index", "--data", str(in22k), "--out", str(tmp_path / "a"),
+                     "--no-progress"]) == 0
+    assert "(3 listed, 3 from DALI .idx)" in capsys.readouterr().out
+    assert cli_main(["index", "--data", str(in22k), "--out", str(tmp_path / "b"),
+                     "--no-dali-index", "--listing-threads", "3", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "(3 listed)" in out and "DALI" not in out and threads == [None, 3]
+    assert sh.load_index(str(tmp_path / "a")).keys == sh.load_index(str(tmp_path / "b")).keys
+    assert cli_main(["index", "--data", str(in22k), "--out", str(tmp_path / "c"),
+                     "--listing-threads", "0"]) == 2
+    assert "--listing-threads" in capsys.readouterr().err
+    assert cli_main(["index", "--data", str(tmp_path / "nothing-*.tar"), "--out",
+                     str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "matches no .tar file" in err

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from teacher_infer import ImageSource
 from teacher_infer.imaging import (DecodeError, ViewDataset, ViewSpec, collate, open_rgb,
                                    pixels_to_input)
 from teacher_infer.imaging.dali import DaliDecoder
@@ -54,9 +55,9 @@ def test_header_errors(data, match):
 
 
 def test_bad_files_become_invalid_items(broken_images):
-    paths = [str(broken_images.path(k)) for k in broken_images.keys]
     for mode in ("pil", "bytes"):
-        dataset = ViewDataset(paths, broken_images.keys, SPEC, "bilinear", mode=mode)
+        dataset = ViewDataset(ImageSource(broken_images.root), broken_images.keys, SPEC,
+                              "bilinear", mode=mode)
         batch = collate([dataset[i] for i in range(len(dataset))])
         bad = {broken_images.keys[i]: batch.reasons[i] for i in np.flatnonzero(~batch.valid)}
         expected_bad = set(broken_images.extra["bad"]) - ({"truncated.jpg"} if mode == "bytes"
@@ -78,10 +79,10 @@ def _dali(views_spec=SPEC):
 def test_dali_and_pil_decode_every_mode_alike(mode_images):
     """Same boxes, same RGB conversion: pixels agree to the rounding of the resampling."""
     keys = mode_images.keys
-    paths = [str(mode_images.path(k)) for k in keys]
-    pil = collate([ViewDataset(paths, keys, SPEC, "bicubic", mode="pil")[i]
+    images = ImageSource(mode_images.root)
+    pil = collate([ViewDataset(images, keys, SPEC, "bicubic", mode="pil")[i]
                    for i in range(len(keys))])
-    raw = collate([ViewDataset(paths, keys, SPEC, "bicubic", mode="bytes")[i]
+    raw = collate([ViewDataset(images, keys, SPEC, "bicubic", mode="bytes")[i]
                    for i in range(len(keys))])
     assert pil.valid.all() and raw.valid.all()
     np.testing.assert_array_equal(pil.boxes, raw.boxes)
@@ -98,8 +99,8 @@ def test_dali_and_pil_decode_every_mode_alike(mode_images):
 
 def test_dali_survives_a_corrupt_file_in_the_batch(broken_images):
     keys = broken_images.keys
-    paths = [str(broken_images.path(k)) for k in keys]
-    dataset = ViewDataset(paths, keys, SPEC, "bicubic", mode="bytes")
+    source = ImageSource(broken_images.root)
+    dataset = ViewDataset(source, keys, SPEC, "bicubic", mode="bytes")
     batch = collate([dataset[i] for i in range(len(keys))])
     decoder = _dali()
     images = decoder.decode_batch(batch)
@@ -109,8 +110,7 @@ def test_dali_survives_a_corrupt_file_in_the_batch(broken_images):
     assert decoder.rebuilds >= 1
     # every good image got the same pixels as when decoded in a batch without bad files
     good = [i for i, key in enumerate(keys) if key.startswith("good")]
-    clean_set = ViewDataset([paths[i] for i in good], [keys[i] for i in good], SPEC, "bicubic",
-                            mode="bytes")
+    clean_set = ViewDataset(source, [keys[i] for i in good], SPEC, "bicubic", mode="bytes")
     clean_images = _dali().decode_batch(collate([clean_set[i] for i in range(len(good))]))
     torch.testing.assert_close(images[:, good], clean_images, rtol=0, atol=0)
     assert images[:, ~torch.from_numpy(batch.valid)].abs().sum() == 0
@@ -118,8 +118,7 @@ def test_dali_survives_a_corrupt_file_in_the_batch(broken_images):
 
 def test_dali_decode_stream_keeps_order(image_folder):
     keys = image_folder.keys
-    paths = [str(image_folder.path(k)) for k in keys]
-    dataset = ViewDataset(paths, keys, SPEC, "bicubic", mode="bytes")
+    dataset = ViewDataset(ImageSource(image_folder.root), keys, SPEC, "bicubic", mode="bytes")
     batches = [collate([dataset[i] for i in range(lo, min(lo + 5, len(keys)))])
                for lo in range(0, len(keys), 5)]
     decoder = _dali()
@@ -159,8 +158,7 @@ def test_dali_output_copies_wait_for_the_current_stream(image_folder, monkeypatc
         return copy(output, tensor)
 
     keys = image_folder.keys[:4]
-    dataset = ViewDataset([str(image_folder.path(k)) for k in keys], keys, SPEC, "bicubic",
-                          mode="bytes")
+    dataset = ViewDataset(ImageSource(image_folder.root), keys, SPEC, "bicubic", mode="bytes")
     batch = collate([dataset[i] for i in range(len(keys))])
     decoder = _dali()
     expected = decoder.decode_batch(batch)

@@ -418,6 +418,27 @@ def resume_set(tmp_path_factory):
     return root
 
 
+def kill_after_chunks(args: list[str], out, chunks: int) -> int:
+    """Run ``ssld ARGS`` in a process, SIGKILL it once ``chunks`` chunks of ``out`` are done;
+    the number of chunks done when it died."""
+    process = subprocess.Popen([sys.executable, "-m", "cli", *args], cwd=REPO, env=ONE_THREAD,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and process.poll() is None:
+            try:
+                if zarr.open_group(str(out), mode="r")["done"][:].sum() >= chunks:
+                    break
+            except Exception:  # noqa: BLE001 - not created yet, or being created
+                pass
+            time.sleep(0.01)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    return int(zarr.open_group(str(out), mode="r")["done"][:].sum())
+
+
 @pytest.mark.slow
 def test_resume_after_kill_equals_an_uninterrupted_run(resume_set, make_checkpoint, tmp_path,
                                                        capsys):
@@ -427,23 +448,8 @@ def test_resume_after_kill_equals_an_uninterrupted_run(resume_set, make_checkpoi
     options = dict(chunk_rows=2, batch_size=2, views=2, decoder="pil", input_size=96)
     out = tmp_path / "killed.zarr"
     args = _cli_args(resume_set, out, checkpoint, **options)
-    process = subprocess.Popen([sys.executable, "-m", "cli", *args], cwd=REPO, env=ONE_THREAD,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     chunks = 32
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and process.poll() is None:
-            try:
-                if zarr.open_group(str(out), mode="r")["done"][:].sum() >= 3:
-                    break
-            except Exception:  # noqa: BLE001 - not created yet, or being created
-                pass
-            time.sleep(0.01)
-    finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    done_at_kill = int(zarr.open_group(str(out), mode="r")["done"][:].sum())
+    done_at_kill = kill_after_chunks(args, out, 3)
     assert 3 <= done_at_kill < chunks
     assert not labelstore.open(str(out)).is_complete
 

@@ -494,7 +494,7 @@ def test_val_class_folders_are_matched_to_the_store_class_names(images, tmp_path
     val_samples = data.val.dataset.samples
     expected = {os.path.join(val, key): int(label) for key, label in zip(keys, labels)
                 if key.split("/")[0] != "c1"}
-    got = {val_samples.paths[i]: int(val_samples.labels[i]) for i in range(len(val_samples))}
+    got = {val_samples.path(i): int(val_samples.labels[i]) for i in range(len(val_samples))}
     assert got == expected and 1 not in got.values()
     train(cfg)
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["class_names"] == NAMES

@@ -1,4 +1,5 @@
-"""Every GPU figure of issue 12 from one run: teacher, decoder agreement, the teacher's bf16 vs
+"""Every GPU figure of issue 12 from one run: teacher, the teacher reading WebDataset tar
+shards against the same images as files (issue 24), decoder agreement, the teacher's bf16 vs
 fp32 agreement (issue 22: infer-teacher's default precision), the teacher with replayed
 augmentation against crop-only views (issue 25), training, dedup, quickstart — DALI ``mixed``
 and PIL side by side.
@@ -39,8 +40,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path[:0] = [ROOT, os.path.dirname(HERE)]  # the project's packages, the benchmark modules
 
-PARTS = ("env", "images", "teacher", "agreement", "precision", "augment", "train", "quickstart",
-         "dedup")
+PARTS = ("env", "images", "teacher", "shards", "agreement", "precision", "augment", "train",
+         "quickstart", "dedup")
 # infer-teacher's augmentation settings the augment part compares with crop-only views
 AUGMENT_SETTINGS = {
     "crop only": {},
@@ -53,10 +54,11 @@ TRAIN_MODES = ("supervised", "stored (replay)", "stored (global)", "online")
 # that finishes early leaves its time to the next ones.
 GPU = dict(
     device="cuda", budget_s=420,
-    caps=dict(env=30, images=45, teacher=125, agreement=30, precision=45, augment=100,
-              train=120, quickstart=80, dedup=30),
+    caps=dict(env=30, images=45, teacher=125, shards=60, agreement=30, precision=45,
+              augment=100, train=120, quickstart=80, dedup=30),
     teacher=dict(model="resnext101_32x16d", images=6144, batch_size=256, precision="bf16",
                  channels_last=True, views=(1, 4), workers=None),
+    shards=dict(per_shard=1024),      # the teacher's JPEGs as 6 shards of IN-22k's layout
     # 2,048 images, 3 epochs, epochs 2-3 measured: 16 steps of 256 per mode and decoder
     train=dict(student="mobilenetv3_large_100", teachers=("resnet50d", "resnext101_32x16d"),
                images=2048, image_size=(500, 375), input_size=224, batch_size=256, workers=8,
@@ -68,10 +70,11 @@ GPU = dict(
 SMOKE = dict(
     # generous caps: the shared development machine runs 5-10x slower when others are busy
     device="cpu", budget_s=660,
-    caps=dict(env=60, images=60, teacher=150, agreement=60, precision=90, augment=120,
-              train=120, quickstart=60, dedup=60),
+    caps=dict(env=60, images=60, teacher=150, shards=120, agreement=60, precision=90,
+              augment=120, train=120, quickstart=60, dedup=60),
     teacher=dict(model="test_convnext", images=32, batch_size=16, precision="fp32",
                  channels_last=False, views=(1, 4), workers=None),
+    shards=dict(per_shard=12),
     train=dict(student="test_resnet", teachers=("test_resnet", "test_convnext"), images=32,
                image_size=(96, 72), input_size=32, batch_size=16, workers=0, epochs=2,
                precision="fp32"),
@@ -284,6 +287,48 @@ def part_teacher(rec: Recorder, cfg: dict, ctx) -> None:
                 args, ctx.images, scratch, decoder)})
             rec.measure(f"v{views}/end_to_end/{decoder}", lambda: tb.end_to_end(
                 args, ctx.images, _store_path(ctx, decoder, views), decoder))
+
+
+def _same_labels(files_path: str, shards_path: str) -> dict:
+    """Row by row (both in file order), whether the teacher's stored top-k from the shards
+    equals that from the files: the same bytes, decoder and (view-0) boxes."""
+    import numpy as np
+
+    import labelstore
+
+    files, shards = (labelstore.open(path).read(slice(None)) for path in (files_path,
+                                                                          shards_path))
+    return {"rows": len(files), "indices_equal": bool(np.array_equal(files.indices,
+                                                                     shards.indices)),
+            "max_abs_dp": float(np.abs(files.probs - shards.probs).max()),
+            "valid_rows": int((files.valid & shards.valid).sum())}
+
+
+def part_shards(rec: Recorder, cfg: dict, ctx) -> None:
+    """The teacher pass reading its images from tar shards (IN-22k's layout: the workers
+    read each batch's rows as byte ranges, DALI ``mixed`` decodes them on the GPU) against
+    the same JPEGs as files, end to end, one view, per decoder; and whether the labels are
+    the same (target: the same top-k, >= 1.0x the files' img/s)."""
+    import teacher_infer_bench as tb
+
+    _torch_threads(cfg)
+    _teacher_images(cfg, ctx)
+    packed = rec.measure("pack", lambda: tb.pack_shards(
+        ctx.images, os.path.join(ctx.work, f"shards-{cfg['teacher']['images']}"),
+        cfg["shards"]["per_shard"]))
+    if packed is None:
+        return
+    rec.note(views=1, model=cfg["teacher"]["model"], images=cfg["teacher"]["images"],
+             dali_device="mixed" if cfg["device"] == "cuda" else "cpu")
+    for decoder in ctx.decoders:
+        paths = {}
+        for layout, data in (("files", ctx.images), ("shards", packed["folder"])):
+            paths[layout] = os.path.join(ctx.work, "stores", f"shards-{decoder}-{layout}.zarr")
+            rec.measure(f"{decoder}/{layout}", lambda data=data, path=paths[layout]:
+                        tb.end_to_end(_teacher_args(cfg, 1), data, path, decoder))
+        if all(_complete(path) for path in paths.values()):
+            rec.measure(f"{decoder}/labels", lambda: _same_labels(paths["files"],
+                                                                  paths["shards"]))
 
 
 def _compare_stores(reference_path: str, other_path: str, reference: str = "pil") -> dict:
@@ -582,7 +627,7 @@ def part_dedup(rec: Recorder, cfg: dict, ctx) -> None:
 
 
 PART_FUNCTIONS = {"env": part_env, "images": part_images, "teacher": part_teacher,
-                  "agreement": part_agreement, "precision": part_precision, "train": part_train,
+                  "shards": part_shards, "agreement": part_agreement, "precision": part_precision, "train": part_train,
                   "quickstart": part_quickstart, "dedup": part_dedup, "augment": part_augment}
 
 
@@ -753,6 +798,17 @@ def summary_rows(results: dict) -> list[tuple[str, str, str, str]]:
                     ratio += (f"; loop wait {r['wait_pct']:.1f}%, compute "
                               f"{r['compute_pct']:.1f}%, store+glue {r['overhead_pct']:.1f}%")
                 rows.append((name, key, f"{r['img_s']:,.1f} img/s", ratio))
+        elif name == "shards":
+            for key, r in got.items():
+                decoder, _, what = key.partition("/")
+                if what in ("files", "shards"):
+                    base = got.get(f"{decoder}/files", {}).get("img_s")
+                    rows.append((name, key, f"{r['img_s']:,.1f} img/s",
+                                 (f"{r['img_s'] / base:.2f}x files" if base else "")
+                                 + f"; loop wait {r['wait_pct']:.1f}%"))
+                elif what == "labels":
+                    rows.append((name, key, f"top-k equal {r['indices_equal']}",
+                                 f"max |dp| {r['max_abs_dp']:.2g} over {r['rows']} rows"))
         elif name == "agreement":
             for key, r in got.items():
                 if key.startswith("v") and "top1_equal_rate" in r:

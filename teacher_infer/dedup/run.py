@@ -154,7 +154,8 @@ def dedup(cfg: DedupConfig) -> DedupResult:
       >= ``threshold`` (exact, ties to the lower pool row), on ``device`` in ``precision``
       (the result is the same; only the speed changes).
     - ``verify="sift"`` reads both images (``dataset.root`` + key, or the ``*_root``
-      overrides) and confirms a pair with >= ``min_inliers`` RANSAC inliers; ``"none"``
+      overrides; a row of shard data from its shard by the offset its store records) and
+      confirms a pair with >= ``min_inliers`` RANSAC inliers; ``"none"``
       confirms every stage-1 pair.
     - ``rule="best"`` lists the confirmed pairs; ``"component"`` every pair of a connected
       component (of pairs >= threshold) that holds a confirmed one; ``report_thresholds``
@@ -211,7 +212,7 @@ def _run(cfg: DedupConfig, query_store: LabelStore, pool_store: LabelStore, dist
                                                 progress_file, workers=workers,
                                                 progress=cfg.progress)
         confirmed = inliers >= cfg.min_inliers
-        unreadable = _unreadable(pairs, flags, query_keys, pool_keys, roots)
+        unreadable = _unreadable(pairs, flags, (query_store, pool_store), roots)
         unreadable_pairs = int((flags > 0).sum())
     listed = removed_pairs(pairs, confirmed, cfg.rule, threshold)
     result = DedupResult(
@@ -272,18 +273,25 @@ def _write_outputs(result: DedupResult, out: str, progress_file: Progress | None
         progress_file.remove()
 
 
-def _unreadable(pairs, flags: np.ndarray, query_keys: np.ndarray, pool_keys: np.ndarray,
-                roots) -> list[tuple[str, str, str]]:
-    """(role, key, why) of every image stage 2 could not read, queries first."""
+def _unreadable(pairs, flags: np.ndarray, stores, roots) -> list[tuple[str, str, str]]:
+    """(role, key, why) of every image stage 2 could not read, queries first: ``missing``
+    (no file, or its shard missing or changed since the teacher pass) or ``cannot be
+    decoded``."""
+    from ..images import ImageSource
+
     found = []
-    for role, bit, rows, keys, root in (("query", QUERY_UNREADABLE, pairs.query_rows,
-                                         query_keys, roots[0]),
-                                        ("pool", POOL_UNREADABLE, pairs.pool_rows,
-                                         pool_keys, roots[1])):
-        for row in np.unique(rows[(flags & bit) > 0]):
-            key = str(keys[row])
-            path = os.path.join(root, *key.split("/"))
-            found.append((role, key, "cannot be decoded" if os.path.isfile(path) else "missing"))
+    for role, bit, pair_rows, store, root in (
+            ("query", QUERY_UNREADABLE, pairs.query_rows, stores[0], roots[0]),
+            ("pool", POOL_UNREADABLE, pairs.pool_rows, stores[1], roots[1])):
+        rows = np.unique(pair_rows[(flags & bit) > 0])
+        if not len(rows):
+            continue
+        images = ImageSource(str(root))
+        keys = [str(key) for key in store.keys[rows]]
+        tar = store.read_tar(rows) if store.tar_fields else None
+        for i, key in enumerate(keys):   # few: the images that failed
+            missing, _ = images.problems(keys, tar, rows=[i], limit=0)
+            found.append((role, key, "missing" if missing else "cannot be decoded"))
     return found
 
 
@@ -294,11 +302,8 @@ def _image_root(store: LabelStore, override: str | None, role: str) -> str:
     if not root:
         raise ValueError(f"{role} store {store.path} records no dataset.root: pass --{role}-root "
                          "(or --verify none)")
-    if "://" in str(root):
-        raise ValueError(f"SIFT verification reads local files, but the {role} root is {root}: "
-                         f"pass --{role}-root with a local copy (or --verify none)")
-    check_image_root(str(root), store.keys, store.valid, option=f"--{role}-root",
-                     store=f"the {role} store {store.path}", given=override is not None)
+    check_image_root(str(root), store, option=f"--{role}-root", given=override is not None,
+                     name=f"the {role} store {store.path}")
     return str(root)
 
 

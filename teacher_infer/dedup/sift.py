@@ -1,7 +1,8 @@
 """Stage 2 of dedup: a candidate pair is confirmed on the images themselves.
 
 SIFT keypoints (OpenCV) of both images, Lowe's ratio test, and a RANSAC homography: a pair is
-a duplicate when enough matches agree with one homography. Under ``torchrun`` the ranks share
+a duplicate when enough matches agree with one homography. Images are read through
+``teacher_infer.ImageSource`` (files, or byte ranges of tar shards for stores of shard data). Under ``torchrun`` the ranks share
 the pairs (whole queries each); the results go to progress files beside the output as each
 query is done, so a killed run resumes (:class:`Progress`).
 """
@@ -11,7 +12,6 @@ import functools
 import glob
 import json
 import os
-import posixpath
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
 
@@ -37,12 +37,16 @@ CONTRAST_THRESHOLD = 0.02
 FEATURE_CACHE = 512     # pool images whose SIFT features are kept (a few hundred KB each)
 
 
-def sift_features(path: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """(keypoint xy (n, 2), descriptors (n, 128)) of a grayscale image, None if unreadable."""
+def sift_features(image: str | bytes | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """(keypoint xy (n, 2), descriptors (n, 128)) of a grayscale image (a file, or the
+    image's bytes), None if unreadable."""
     import cv2
 
+    if image is None:
+        return None
     try:
-        encoded = np.fromfile(path, dtype=np.uint8)   # unlike imread, handles any path
+        encoded = (np.frombuffer(image, dtype=np.uint8) if isinstance(image, bytes)
+                   else np.fromfile(image, dtype=np.uint8))   # unlike imread, any path
     except OSError:
         return None
     image = cv2.imdecode(encoded, cv2.IMREAD_GRAYSCALE) if encoded.size else None
@@ -87,27 +91,46 @@ QUERY_UNREADABLE, POOL_UNREADABLE = 1, 2   # per-pair flags of stage 2
 
 
 def verify_pairs(pairs: Candidates, query_keys: np.ndarray, pool_keys: np.ndarray,
-                 query_root: str, pool_root: str, *, ratio: float = RATIO,
+                 query_root: Any, pool_root: Any, *, ratio: float = RATIO,
                  workers: int | None = None, progress: bool = False,
-                 on_group=None) -> tuple[np.ndarray, np.ndarray]:
+                 on_group=None, query_tar: Any = None,
+                 pool_tar: Any = None) -> tuple[np.ndarray, np.ndarray]:
     """Stage 2: inlier count per pair (-1 where an image could not be read) and per-pair
     flags (QUERY_UNREADABLE | POOL_UNREADABLE). A pair is a duplicate when its count
     reaches ``min_inliers``. ``on_group(members, counts, flags)`` is called in the
-    caller's thread as each query's pairs are done (the progress file)."""
+    caller's thread as each query's pairs are done (the progress file).
+
+    Roots are folders or URLs (or ``ImageSource`` s); ``query_tar`` / ``pool_tar`` map a
+    row to its ``tar`` row for stores of shard data (an array, or a dict of the rows the
+    pairs name; None: every image is a file)."""
+    from ..images import ImageSource
+
+    query_images, pool_images = (root if isinstance(root, ImageSource) else ImageSource(root)
+                                 for root in (query_root, pool_root))
+
+    def features(images: ImageSource, keys: np.ndarray, tar: Any, row: int):
+        try:
+            data = images.read(str(keys[row]), None if tar is None else tar[row])
+        except OSError:  # missing, or a shard that changed: the pair is not confirmed
+            return None
+        return sift_features(data)
+
     inliers = np.full(len(pairs), -1, dtype=np.int64)
     flags = np.zeros(len(pairs), dtype=np.int64)
     starts = np.flatnonzero(np.r_[True, pairs.query_rows[1:] != pairs.query_rows[:-1]])
     groups = np.split(np.arange(len(pairs)), starts[1:]) if len(pairs) else []
     # A pool image near many queries (small or uniform data sets) is described once.
-    pool_features = functools.lru_cache(maxsize=FEATURE_CACHE)(sift_features)
+    pool_features = functools.lru_cache(maxsize=FEATURE_CACHE)(
+        lambda row: features(pool_images, pool_keys, pool_tar, row))
 
     def one_query(members: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         # The query's features are computed once for all of its candidates.
-        query = sift_features(posixpath.join(query_root, query_keys[pairs.query_rows[members[0]]]))
+        query = features(query_images, query_keys, query_tar,
+                         int(pairs.query_rows[members[0]]))
         counts = np.full(len(members), -1, dtype=np.int64)
         failed = np.full(len(members), QUERY_UNREADABLE if query is None else 0, dtype=np.int64)
         for i, pair in enumerate(members):
-            candidate = pool_features(posixpath.join(pool_root, pool_keys[pairs.pool_rows[pair]]))
+            candidate = pool_features(int(pairs.pool_rows[pair]))
             if candidate is None:
                 failed[i] |= POOL_UNREADABLE
             elif query is not None:
@@ -221,13 +244,24 @@ def verify_shared(pairs: Candidates, query: LabelStore, pool: LabelStore, roots,
         on_group = functools.partial(progress_file.append, share)
     try:
         counts, failed = verify_pairs(share, query.keys, pool.keys, *roots, workers=workers,
-                                      progress=progress and dist.is_main, on_group=on_group)
+                                      progress=progress and dist.is_main, on_group=on_group,
+                                      query_tar=_tar_of(query, share.query_rows),
+                                      pool_tar=_tar_of(pool, share.pool_rows))
     finally:
         if progress_file is not None:
             progress_file.close()
     for part, part_counts, part_flags in dist.gather((mine, counts, failed)):
         inliers[part], flags[part] = part_counts, part_flags
     return inliers, flags, int(known.sum())
+
+
+def _tar_of(store: LabelStore, rows: np.ndarray) -> dict[int, np.ndarray] | None:
+    """The ``tar`` rows of ``rows`` of a store of shard data, by row (None: files); only the
+    rows the pairs name are read (a pool's whole array would be 32 B a row)."""
+    if not store.tar_fields:
+        return None
+    rows = np.unique(rows)
+    return dict(zip(rows.tolist(), store.read_tar(rows)))
 
 
 def stage2_settings(query: LabelStore, pool: LabelStore, roots) -> dict:

@@ -29,9 +29,9 @@ _WHERE = {
     "quantize_inside": "views", "random_resized_crop_box": "views",
     # decoding and rendering in the workers, and the batches they collate
     "Batch": "decode", "DecodeError": "decode", "Item": "decode", "ViewDataset": "decode",
-    "batch_ranges": "decode", "collate": "decode", "open_rgb": "decode",
-    "pixels_to_input": "decode", "read_encoded": "decode", "render_box": "decode",
-    "render_eval": "decode",
+    "batch_ranges": "decode", "collate": "decode", "decode_rgb": "decode",
+    "image_bytes": "decode", "open_rgb": "decode", "pixels_to_input": "decode",
+    "read_encoded": "decode", "render_box": "decode", "render_eval": "decode",
     # the decoder registry
     "decoder_class": "decoders", "decoder_names": "decoders", "resolve_decoder": "decoders",
 }

@@ -2,11 +2,13 @@
 
 ``ViewDataset`` yields one item per row. In ``pil`` mode a worker decodes the image,
 plans its views (:mod:`teacher_infer.imaging.views`) and renders them as uint8 tensors; in
-``bytes`` mode (a decoder that decodes on the device, DALI) it only reads the file and its
-header — enough to plan the views — and leaves decoding to the decoder. Images DALI cannot
-read (GIF, PBM ...) are rendered by PIL in the worker instead. A file that cannot be read or
-decoded becomes an item with ``valid=False`` and a one-line reason; it never raises, so the
-rest of its batch is kept.
+``bytes`` mode (a decoder that decodes on the device, DALI) it only reads the image's bytes
+and header — enough to plan the views — and leaves decoding to the decoder. Images DALI
+cannot read (GIF, PBM ...) are rendered by PIL in the worker instead. Images are read
+through a ``teacher_infer.ImageSource`` (files, or byte ranges of tar shards: a batch's
+consecutive shard rows are one sequential read). An image that cannot be read or decoded
+becomes an item with ``valid=False`` and a one-line reason; it never raises, so the rest of
+its batch is kept.
 """
 from __future__ import annotations
 
@@ -113,6 +115,30 @@ def open_rgb(source: Any) -> Image.Image:
         raise DecodeError(_reason(exc)) from None
 
 
+def decode_rgb(data: bytes) -> Image.Image:
+    """:func:`open_rgb` of image bytes (from a file or a shard)."""
+    return open_rgb(io.BytesIO(data))
+
+
+def read_reason(exc: OSError) -> str:
+    """What failed.txt says of an image whose bytes could not be read."""
+    if isinstance(exc, FileNotFoundError):
+        return "missing file"
+    if isinstance(exc, IsADirectoryError):
+        return "is a directory"
+    return _reason(exc)
+
+
+def image_bytes(images: Any, key: str, tar_row: Any = None) -> bytes:
+    """The bytes of ``key``'s image from ``images`` (a ``teacher_infer.ImageSource``; with
+    its ``tar`` row when it lies in a shard); DecodeError with the reason when they cannot
+    be read."""
+    try:
+        return images.read(key, tar_row)
+    except OSError as exc:
+        raise DecodeError(read_reason(exc)) from None
+
+
 def render_box(image: Image.Image, box: np.ndarray, flip: bool, size: tuple[int, int],
                interpolation: str) -> Image.Image:
     """One view: the stored ``box`` of ``image`` resampled to ``size`` (h, w), maybe mirrored."""
@@ -185,14 +211,14 @@ class Item:
     partners: list | None = None        # "bytes" mode: its partners (augment.render.PartnerItem)
 
 
-def read_encoded(row: int, path: str, plan: Callable[[int, int], tuple[np.ndarray, np.ndarray]],
+def read_encoded(row: int, data: bytes,
+                 plan: Callable[[int, int], tuple[np.ndarray, np.ndarray]],
                  render: Callable[[Image.Image, np.ndarray, np.ndarray], torch.Tensor]) -> Item:
-    """Row ``row`` for a decoder that reads file bytes: the file and its header are read here
-    and the boxes planned from the header's oriented (height, width) with ``plan``; a format
-    DALI cannot read is decoded here and its views rendered with ``render`` instead. Raises
-    DecodeError or OSError (the caller turns them into a failed row or an error)."""
-    with open(path, "rb") as handle:
-        data = handle.read()
+    """Row ``row`` for a decoder that reads image bytes (``data``, read by the caller
+    through an ``ImageSource``): the header is read here and the boxes planned from its
+    oriented (height, width) with ``plan``; a format DALI cannot read is decoded here and
+    its views rendered with ``render`` instead. Raises DecodeError (the caller turns it
+    into a failed row or an error)."""
     height, width, fmt = header_size(data)
     boxes, flips = plan(height, width)
     if fmt not in DALI_FORMATS:
@@ -203,17 +229,22 @@ def read_encoded(row: int, path: str, plan: Callable[[int, int], tuple[np.ndarra
 
 
 class ViewDataset(torch.utils.data.Dataset):
-    """Row ``i`` of ``paths``/``keys`` → :class:`Item`; ``mode`` is ``pil`` or ``bytes``.
-    With ``planned`` the views are those boxes and flips instead of drawn ones. With
-    ``augment`` (an ``augment.source.Augmentation``) each item carries its records; in
+    """Row ``i`` of ``keys`` → :class:`Item`; ``mode`` is ``pil`` or ``bytes``. Images come
+    from ``images`` (a ``teacher_infer.ImageSource``), with their ``tar`` rows when they lie
+    in shards. With ``planned`` the views are those boxes and flips instead of drawn ones.
+    With ``augment`` (an ``augment.source.Augmentation``) each item carries its records; in
     ``pil`` mode its pixels have them applied (ops, erasing, mixing with its partners,
-    rendered here), in ``bytes`` mode it carries its partners' bytes for the decoder."""
+    rendered here), in ``bytes`` mode it carries its partners' bytes for the decoder.
 
-    def __init__(self, paths: list[str], keys: list[str], spec: ViewSpec, interpolation: str,
-                 mode: str = "pil", planned: PlannedViews | None = None, augment: Any = None):
+    A DataLoader with a batch sampler fetches a batch with :meth:`__getitems__`: its
+    images are read together, consecutive rows of a shard as one sequential range."""
+
+    def __init__(self, images: Any, keys: list[str], spec: ViewSpec, interpolation: str,
+                 mode: str = "pil", planned: PlannedViews | None = None, augment: Any = None,
+                 tar: np.ndarray | None = None):
         if mode not in ("pil", "bytes"):
             raise ValueError(f"mode must be 'pil' or 'bytes', got {mode!r}")
-        self.paths, self.keys, self.spec = paths, keys, spec
+        self.images, self.keys, self.spec, self.tar = images, keys, spec, tar
         self.interpolation, self.mode = interpolation, mode
         self.planned = planned
         self.augment = augment
@@ -224,7 +255,7 @@ class ViewDataset(torch.utils.data.Dataset):
         return self.planned.boxes[row], self.planned.flips[row]
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.keys)
 
     def _failed(self, row: int, reason: str) -> Item:
         views = self.spec.views
@@ -238,20 +269,29 @@ class ViewDataset(torch.utils.data.Dataset):
         return Item(row, boxes, flips, False, reason, records=records)
 
     def __getitem__(self, row: int) -> Item:
+        return self.__getitems__([row])[0]
+
+    def __getitems__(self, rows: list[int]) -> list[Item]:
+        rows = [int(row) for row in rows]
+        wanted = [row for row in rows if self.planned is None or self.planned.usable[row]]
+        read = self.images.read_many([self.keys[row] for row in wanted],
+                                     None if self.tar is None else self.tar[wanted])
+        found = dict(zip(wanted, read))
+        return [self._item(row, *found.get(row, (None, None))) for row in rows]
+
+    def _item(self, row: int, data: bytes | None, error: OSError | None) -> Item:
         if self.planned is not None and not self.planned.usable[row]:
             return self._failed(row, self.planned.reason)
+        if error is not None:
+            return self._failed(row, read_reason(error))
         try:
             if self.mode == "pil":
-                return self.render(row, open_rgb(self.paths[row]))
+                return self.render(row, decode_rgb(data))
             item = read_encoded(
-                row, self.paths[row], lambda height, width: self._plan(row, height, width),
+                row, data, lambda height, width: self._plan(row, height, width),
                 lambda image, boxes, flips: render_views(image, boxes, flips, self.spec,
                                                          self.interpolation))
             return item if self.augment is None else self._with_partners(item)
-        except FileNotFoundError:
-            return self._failed(row, "missing file")
-        except IsADirectoryError:
-            return self._failed(row, "is a directory")
         except DecodeError as exc:
             return self._failed(row, str(exc))
         except OSError as exc:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,22 @@ class Dist:
         box = [value]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def on_main(self, make: Callable[[], Any]) -> Any:
+        """``make()`` on rank 0, and its result — or its error, raised again — on every rank
+        (a single process just calls it). What one rank decides (the listing of a data
+        source, the store's plan, a lock) and every rank must share; an error reaches every
+        rank, so no rank waits for a broadcast that never comes."""
+        result, error = None, None
+        if self.is_main:
+            try:
+                result = make()
+            except (ValueError, OSError, ImportError, RuntimeError) as exc:  # LockedError too
+                error = exc
+        result, error = self.broadcast((result, error))
+        if error is not None:
+            raise error
+        return result
 
     def gather(self, value: Any) -> list[Any]:
         """Every rank's ``value``, in rank order, on every rank."""

@@ -12,7 +12,8 @@
   ``SHARD/KEY``, labels from ``cls``, and per row the image's byte range and its shard's
   size and stamp: :data:`TAR_FIELDS`), parallel over ``torchrun`` ranks;
 - :func:`build_index` / :func:`load_index`: the same listing kept in a folder, built once
-  (resumable, parallel), loaded in seconds; :func:`find_shard_samples` takes any source;
+  (resumable, parallel), loaded in seconds; :func:`index` is ``ssld index``
+  (:class:`IndexConfig`); :func:`find_shard_samples` takes any source;
 - :class:`ShardReader`: a row's image bytes by byte range (local ``pread`` or ranged GETs),
   one row at a time or consecutive rows as one sequential read; damage found while
   reading raises :class:`ShardReadError` (an ``OSError``: the row fails, never another
@@ -20,23 +21,26 @@
 
 Rules (samples, keys, what is verified) are in the modules: ``_tar`` (webdataset's naming
 convention), ``_source`` (roots and names), ``_formats`` (index files), ``_reader``.
-Nothing here imports torch; ``fsspec`` only for URLs.
+Nothing here imports torch (``index`` under ``torchrun`` joins a gloo group); ``fsspec``
+only for URLs. ``teacher_infer.ImageSource`` reads rows of stores of shard data (and image
+files) for every command.
 """
 from __future__ import annotations
 
 from typing import Any
 
-from ._index import IndexResult, build_index, check_unchanged, load_index
+from ._index import IndexResult, build_index, check_unchanged, index, load_index
 from ._listing import TAR_FIELDS, ShardListing, ShardSamples, list_samples, list_shard, on_main
 from ._reader import ShardReader, ShardReadError, split_key
 from ._source import INDEX_MANIFEST, ShardFile, ShardSet, is_shard_source, resolve_shards
 from ._tar import IMAGE_EXTENSIONS, split_name
+from .config import IndexConfig
 
-__all__ = ["IMAGE_EXTENSIONS", "INDEX_MANIFEST", "TAR_FIELDS", "IndexResult", "ShardFile",
-           "ShardListing", "ShardReadError", "ShardReader", "ShardSamples", "ShardSet",
-           "build_index", "check_unchanged", "find_shard_samples", "is_shard_source",
-           "list_samples", "list_shard", "load_index", "resolve_shards", "split_key",
-           "split_name"]
+__all__ = ["IMAGE_EXTENSIONS", "INDEX_MANIFEST", "TAR_FIELDS", "IndexConfig", "IndexResult",
+           "ShardFile", "ShardListing", "ShardReadError", "ShardReader", "ShardSamples",
+           "ShardSet", "build_index", "check_unchanged", "find_shard_samples", "index",
+           "is_shard_source", "list_samples", "list_shard", "load_index", "resolve_shards",
+           "split_key", "split_name"]
 
 
 def find_shard_samples(spec: str, *, dist: Any = None, option: str = "--data",

@@ -26,7 +26,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -38,6 +38,9 @@ from ._listing import (ShardListing, ShardSamples, assemble, list_many, on_main,
                        raise_failures)
 from ._progress import bar
 from ._source import INDEX_MANIFEST, ShardFile, ShardSet, resolve_shards, stat_shards
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .config import IndexConfig
 
 FORMAT = "ssld.shardindex"
 VERSION = 1
@@ -222,6 +225,26 @@ def build_index(source: Any, out: str, *, dist: Any = None, use_dali_index: bool
         lock.release()
     return IndexResult(out, len(shards), samples, sum(n for n, _, _ in every), len(kept),
                        sum(d for _, d, _ in every), skipped, time.perf_counter() - started)
+
+
+def index(cfg: "IndexConfig") -> IndexResult:
+    """``ssld index``: :func:`build_index` of ``cfg.data`` into ``cfg.out``; under
+    ``torchrun`` every rank lists a share (a gloo process group is joined for it, so torch
+    is imported there only)."""
+    from ..runtime import Dist
+
+    dist = Dist.from_env()
+    owns = False
+    if dist.enabled:
+        import torch
+
+        owns = dist.init(torch.device("cpu"))
+    try:
+        return build_index(cfg.data, cfg.out, dist=dist, use_dali_index=cfg.dali_index,
+                           threads=cfg.listing_threads, progress=cfg.progress)
+    finally:
+        if owns:
+            dist.close()
 
 
 def _load_parts(out: str, shards: ShardSet) -> list[ShardListing]:

@@ -154,6 +154,10 @@ class ShardSamples:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def path(self, row: int) -> str:
+        """Where row ``row``'s image is: its shard's path + ``/`` + its sample key."""
+        return _storage.join(self.root, self.keys[row])
+
     def shard_of(self, row: int) -> ShardFile:
         return self.shards[int(np.searchsorted(self.bounds, row, side="right")) - 1]
 
@@ -228,19 +232,10 @@ class _Failure(tuple):
 
 
 def on_main(dist: Any, make: Callable[[], Any]) -> Any:
-    """``make()`` on rank 0 and its result, or its error, on every rank (``dist`` None or
-    a single process: just ``make()``)."""
-    result, error = None, None
-    if dist is None or dist.is_main:
-        try:
-            result = make()
-        except (ValueError, OSError, ImportError, RuntimeError) as exc:  # LockedError too
-            error = exc
-    if dist is not None and dist.enabled:
-        result, error = dist.broadcast((result, error))
-    if error is not None:
-        raise error
-    return result
+    """``Dist.on_main`` for a ``dist`` that may be None (a single process)."""
+    from ..runtime import Dist
+
+    return (dist if dist is not None else Dist()).on_main(make)
 
 
 def raise_failures(failures: Sequence[tuple[str, str, str]], total: int) -> None:

@@ -20,7 +20,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..decode import DALI_FORMATS, DecodeError, header_size, open_rgb, render_view
+from ..decode import (DALI_FORMATS, DecodeError, decode_rgb, header_size, image_bytes,
+                      render_view)
 from ..views import ViewSpec
 from .apply import augment_views, mix_views, partner_views
 from .records import ViewRecords
@@ -47,8 +48,8 @@ def _crops(partner: Partner, height: int, width: int, plan: Plan | None,
 def render_partner(partner: Partner, views: list[int], augmentation: Augmentation, *,
                    spec: ViewSpec, interpolation: str, plan: Plan | None = None) -> torch.Tensor:
     """The partner's ``views`` as its records make them, uint8 (len(views), 3, H, W), with
-    PIL (raises DecodeError when the file cannot be used)."""
-    image = open_rgb(partner.path)
+    PIL (raises DecodeError when its image cannot be read or used)."""
+    image = decode_rgb(image_bytes(augmentation.images, partner.key, partner.tar))
     boxes, flips = _crops(partner, image.height, image.width, plan, views)
     pixels = torch.stack([render_view(image, boxes[v], bool(flips[v]), v, spec, interpolation)
                           for v in views])
@@ -95,7 +96,7 @@ def make_views(pixels: torch.Tensor, records: ViewRecords, augmentation: Augment
 
 @dataclass
 class PartnerItem:
-    """A partner as a worker hands it to a ``"bytes"`` decoder: file bytes and crops, or
+    """A partner as a worker hands it to a ``"bytes"`` decoder: image bytes and crops, or
     (formats the decoder cannot read) PIL-rendered plain crops of the views needed."""
 
     ref: int                           # the row's mix_partners value
@@ -104,7 +105,7 @@ class PartnerItem:
     boxes: np.ndarray                  # (Vp, 4) uint16
     flips: np.ndarray                  # (Vp,) bool
     records: ViewRecords               # (Vp,) its own ops and erasing
-    encoded: np.ndarray | None = None  # file bytes
+    encoded: np.ndarray | None = None  # image bytes
     height: int = 0                    # decoded height (after EXIF orientation)
     pixels: torch.Tensor | None = None  # (Vp, 3, H, W) uint8 plain crops (zero where unused)
 
@@ -113,14 +114,13 @@ def read_partners(records: ViewRecords, augmentation: Augmentation, *, spec: Vie
                   interpolation: str, plan: Plan | None = None
                   ) -> tuple[list[PartnerItem], ViewRecords, str | None]:
     """In a ``"bytes"`` worker: the row's partners as :class:`PartnerItem` s, with their
-    crops planned from the file header; ``(items, records, reason)`` as :func:`make_views`
+    crops planned from the image header; ``(items, records, reason)`` as :func:`make_views`
     for a partner that cannot be read."""
     items = []
     for ref, views in partner_views(records).items():
         partner = augmentation.partner(ref)
         try:
-            with open(partner.path, "rb") as handle:
-                data = handle.read()
+            data = image_bytes(augmentation.images, partner.key, partner.tar)
             height, width, fmt = header_size(data)
             boxes, flips = _crops(partner, height, width, plan, views)
             item = PartnerItem(ref=ref, key=partner.key, views=views, boxes=boxes, flips=flips,
@@ -128,9 +128,7 @@ def read_partners(records: ViewRecords, augmentation: Augmentation, *, spec: Vie
             if fmt in DALI_FORMATS:
                 item.encoded, item.height = np.frombuffer(data, dtype=np.uint8), height
             else:
-                import io
-
-                image = open_rgb(io.BytesIO(data))
+                image = decode_rgb(data)
                 pixels = torch.zeros((len(boxes), 3) + tuple(spec.input_size), dtype=torch.uint8)
                 for view in views:
                     pixels[view] = render_view(image, boxes[view], bool(flips[view]), view, spec,
@@ -167,7 +165,7 @@ def finish_on_device(pixels: torch.Tensor, records: ViewRecords, partners: list,
     decoded, errors = decode([item for _, item in jobs])
     for index, reason in errors.items():
         row, item = jobs[index]
-        partner = Partner(ref=item.ref, key=item.key, path="", boxes=None, flips=None,
+        partner = Partner(ref=item.ref, key=item.key, tar=None, boxes=None, flips=None,
                           records=item.records)
         fixed, why = _failed(augmentation, records.map(lambda a: a[row]), partner, reason)
         if why is not None:

@@ -6,6 +6,11 @@ with records, and what a training loop of one's own calls::
     replay = ViewReplay(labelstore.open("train.zarr").load())
     pixels = replay(row, view)          # uint8 (3, H, W), as the teacher saw it
     target = store.dense(row, view)     # its stored distribution
+    data = replay.read(row)             # the row's image bytes (a file, or its shard's range)
+
+Images are read through ``teacher_infer.ImageSource``: a row (or a mixing partner) of a
+store of shard data is read from its tar shard by the offset the store records, checked
+(docs/format.md, "Stores of shard data").
 
 The views are rendered as the teacher pass rendered them (``decode.render_view``: view 0
 with timm's eval transform when its box is that transform's), then the records are applied
@@ -21,20 +26,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..decode import DecodeError, open_rgb, render_view
+from ...images import ImageSource
+from ..decode import DecodeError, decode_rgb, image_bytes, render_view
 from ..views import ViewSpec
 from .records import ViewRecords
 from .render import PartnerItem, make_views, render_partner
-from .source import StoredAugmentation, store_path
+from .source import StoredAugmentation
 
 
 class ViewReplay:
     """Stored views of one label store (``store``, a ``LabelStore``; ``load()`` it first when
-    reading many rows). ``root``: the image folder (default: the store's
-    ``dataset.root``); ``input_size`` (square side) and ``interpolation`` default to the
-    teacher's preprocessing recorded in the store."""
+    reading many rows). ``root``: the images' folder or URL, or an ``ImageSource``
+    (default: the store's ``dataset.root``); ``input_size`` (square side) and
+    ``interpolation`` default to the teacher's preprocessing recorded in the store."""
 
-    def __init__(self, store: Any, *, root: str | None = None, input_size: int | None = None,
+    def __init__(self, store: Any, *, root: Any = None, input_size: int | None = None,
                  interpolation: str | None = None):
         pre = store.attrs.get("preprocessing") or {}
         root = root or (store.attrs.get("dataset") or {}).get("root")
@@ -45,16 +51,26 @@ class ViewReplay:
                              "input_size")
         height, width = ((int(input_size),) * 2 if input_size is not None
                          else (int(v) for v in pre["input_size"][1:]))
-        self.store, self.root = store, str(root)
+        self.store = store
+        self.images = root if isinstance(root, ImageSource) else ImageSource(root)
+        self.root = self.images.root
         self.spec = ViewSpec(views=store.num_views, input_size=(height, width),
                              crop_pct=float(pre.get("crop_pct", 0.875)),
                              crop_mode=pre.get("crop_mode") or "center")
         self.interpolation = interpolation or pre.get("interpolation") or "bilinear"
-        self.augment = StoredAugmentation(store, self.root) if store.augment_dims else None
+        self.augment = StoredAugmentation(store, self.images) if store.augment_dims else None
         store.keys  # read once here: forked DataLoader workers share it
 
     def path(self, row: int) -> str:
-        return store_path(self.root, self.store.keys[int(row)])
+        """Where row ``row``'s image is (a file, or its shard + ``/`` + its sample key)."""
+        return self.images.path(self.store.keys[int(row)])
+
+    def read(self, row: int) -> bytes:
+        """Row ``row``'s image bytes: its file, or its byte range in its tar shard (the
+        store's ``tar`` row; the shard's size and stamp and the member's header checked).
+        DecodeError with the reason when they cannot be read."""
+        row = int(row)
+        return image_bytes(self.images, self.store.keys[row], self.store.read_tar(row)[0])
 
     def crop(self, row: int, view: int) -> tuple[np.ndarray, bool]:
         """The stored box (uint16, the store's grid) and flip of a view."""
@@ -71,7 +87,7 @@ class ViewReplay:
         """Stored view ``view`` of row ``row`` as the teacher labeled it: uint8 (3, H, W).
         ``image``: the row's decoded RGB image, when the caller has it. Raises DecodeError
         when an image (the row's or a mixing partner's) cannot be used."""
-        image = open_rgb(self.path(row)) if image is None else image
+        image = decode_rgb(self.read(row)) if image is None else image
         box, flip = self.crop(row, view)
         pixels = render_view(image, box, flip, view, self.spec, self.interpolation)[None]
         if self.augment is None:
@@ -90,8 +106,8 @@ class ViewReplay:
                                                           list[PartnerItem]]:
         """For a ``"bytes"`` decoder, which applies the records on the device: the view's
         (1,) record, its partner view renumbered 0, and its partner as a one-view
-        :class:`~.render.PartnerItem` (file bytes and that view's crop and own records).
-        Raises DecodeError when the partner's file cannot be read."""
+        :class:`~.render.PartnerItem` (image bytes and that view's crop and own records).
+        Raises DecodeError when the partner's image cannot be read."""
         from .render import read_partners
 
         records = self.records(row, view)
@@ -119,6 +135,7 @@ class _Lent:
 
     def __init__(self, augment: StoredAugmentation, partner):
         self.fill, self.ops, self._partner = augment.fill, augment.ops, partner
+        self.images = augment.images
 
     def partner(self, ref: int):
         return self._partner

@@ -4,7 +4,9 @@ for a first teacher pass, or read from a store (``--views-from``, ``ssld verify`
 Both are an :class:`Augmentation`: the fill and ops table the pixels are made with, the
 records of row ``i`` of the data being read (:meth:`Augmentation.records`), and for a
 ``mix_partners`` value what the partner's view is made from (:meth:`Augmentation.partner`:
-its file, crop and own ops and erasing). The pixel side (``render.py``) is the same for both.
+its key and shard location, crop and own ops and erasing), read from ``images`` (a
+``teacher_infer.ImageSource``: partners in shards are read from their shards like rows).
+The pixel side (``render.py``) is the same for both.
 
 - :class:`PlannedAugmentation` (``infer-teacher --augment/--erase/--mixup/--cutmix``): the
   records are drawn (``plan_records``), a partner is another row of the data set whose boxes
@@ -18,7 +20,6 @@ Nothing here imports torch.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -35,7 +36,7 @@ class Partner:
 
     ref: int                        # its mix_partners value
     key: str                        # below the data set's root
-    path: str                       # the image file
+    tar: np.ndarray | None          # (4,) where it lies in a shard (TAR_FIELDS); None: a file
     boxes: np.ndarray | None        # (V, 4) uint16 stored crops; None: planned from its image
     flips: np.ndarray | None        # (V,) bool
     records: ViewRecords            # (V,) its own ops and erasing (never its own mixing)
@@ -49,6 +50,7 @@ class Augmentation:
     ops: tuple[Op, ...]
     dims: dict[str, int]
     replay: bool                    # records are stored: a partner failure fails the row
+    images: Any                     # teacher_infer.ImageSource: the partners' images
 
     def records(self, row: int) -> ViewRecords:
         """The (V,) records of row ``row`` of the data being read."""
@@ -61,13 +63,14 @@ class Augmentation:
 
 class PlannedAugmentation(Augmentation):
     """A first teacher pass: records drawn from (seed, key, view) with ``spec``; partners are
-    rows of the same data (``keys``/``paths``, the store's ``chunk_rows``)."""
+    rows of the same data (``keys`` in ``images``, with their ``tar`` rows when in shards;
+    the store's ``chunk_rows``)."""
 
     replay = False
 
-    def __init__(self, spec: AugmentSpec, *, keys: Sequence[str], paths: Sequence[str],
-                 seed: int, chunk_rows: int, views: int):
-        self.spec, self.keys, self.paths = spec, keys, paths
+    def __init__(self, spec: AugmentSpec, *, keys: Sequence[str], images: Any,
+                 seed: int, chunk_rows: int, views: int, tar: np.ndarray | None = None):
+        self.spec, self.keys, self.images, self.tar = spec, keys, images, tar
         self.seed, self.chunk_rows, self.views = int(seed), int(chunk_rows), int(views)
         self.fill = tuple(int(v) for v in spec.fill)
         self.ops = resolve_table(spec.attrs()["ops_table"])
@@ -78,28 +81,28 @@ class PlannedAugmentation(Augmentation):
                             rows=len(self.keys), chunk_rows=self.chunk_rows, views=self.views)
 
     def partner(self, ref: int) -> Partner:
-        return Partner(ref=ref, key=self.keys[ref], path=self.paths[ref], boxes=None,
+        return Partner(ref=ref, key=self.keys[ref],
+                       tar=None if self.tar is None else self.tar[ref], boxes=None,
                        flips=None, records=self.records(ref).without_mixing(), row=ref)
-
-
-def store_path(root: str, key: str) -> str:
-    """The file of ``key`` below ``root`` (keys use ``/``)."""
-    return os.path.join(str(root), *str(key).split("/"))
 
 
 class StoredAugmentation(Augmentation):
     """The records of a label store (``store``: a ``LabelStore``, loaded into RAM when many
-    rows are read) and its partners, images under ``root``. Row ``i`` of the data being
-    read is store row ``rows[i]`` (default: the store's rows in order)."""
+    rows are read) and its partners, their images in ``images`` (a
+    ``teacher_infer.ImageSource``, or the root folder or URL of one). Row ``i`` of the data
+    being read is store row ``rows[i]`` (default: the store's rows in order)."""
 
     replay = True
 
-    def __init__(self, store: Any, root: str, rows: np.ndarray | None = None):
+    def __init__(self, store: Any, images: Any, rows: np.ndarray | None = None):
+        from ...images import ImageSource
+
         where = f"label store {store.path}"
         spec = AugmentSpec.from_attrs(store.attrs.get("augment"), where=where)
         if spec is None or not store.augment_dims:
             raise ValueError(f"{where} has no augmentation records")
-        self.store, self.root = store, str(root)
+        self.store = store
+        self.images = images if isinstance(images, ImageSource) else ImageSource(images)
         self.rows = None if rows is None else np.asarray(rows, dtype=np.int64)
         self.fill = tuple(int(v) for v in spec.fill)
         self.ops = resolve_table(store.attrs["augment"]["ops_table"], where)
@@ -116,8 +119,8 @@ class StoredAugmentation(Augmentation):
         found = self.store.partners([ref])
         own = ViewRecords.from_store({name: value[0] for name, value in found.items()},
                                      {**self.dims, "mix": 0}, (self.views,))
-        key = str(found["keys"][0])
-        return Partner(ref=int(ref), key=key, path=store_path(self.root, key),
+        tar = found["tar"][0] if "tar" in found else None
+        return Partner(ref=int(ref), key=str(found["keys"][0]), tar=tar,
                        boxes=found["boxes"][0], flips=found["flips"][0].astype(bool),
                        records=own)
 
