@@ -1,6 +1,6 @@
 """Data sources: which images to run, their keys and (where known) their labels.
 
-Four kinds of ``--data`` (README, "ssld infer-teacher": the data sources table):
+Four kinds of ``--data`` (docs/commands.md, "ssld infer-teacher": the data sources table):
 
 - ``folder``: ImageNet layout, ``ROOT/<class>/**/<image>``; label = index of the class
   folder in sorted order (torchvision's ``ImageFolder`` rule), class names recorded;

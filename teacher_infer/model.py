@@ -1,7 +1,7 @@
 """The teacher: model names, weights and preprocessing.
 
 - Names: any timm name (``arch`` or ``arch.tag``) plus the PaddleClas names users know
-  (README, "ssld infer-teacher": model and weights). timm's deprecated
+  (docs/commands.md, "ssld infer-teacher": model and weights). timm's deprecated
   ``ig_resnext101_32x{16,32,48}d`` aliases all map to the *32x8d* weights; they are resolved
   here to the right ``fb_wsl_ig1b_ft_in1k`` tags (and 32x48d, which timm lacks, is refused).
 - Weights: ``--checkpoint`` (read by :mod:`teacher_infer.runtime.checkpoint`, the reader

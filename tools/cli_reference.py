@@ -43,7 +43,9 @@ SECTIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
 INTRO = """\
 Every `ssld` command with every option, as `ssld COMMAND --help` shows it, in pipeline order.
 What the commands do together, with the recipe at ImageNet scale, is in the
-[README](../README.md); the label store they read and write is [format.md](format.md).
+[README](../README.md); the longer explanations per command (data sources, views, selection
+rules, ensembles, verify, training) are in [commands.md](commands.md); the label store they read
+and write is [format.md](format.md).
 
 Conventions of every command: bad input (a missing file, an unknown option, a value out of
 range) is one line on stderr, `ssld: error: …`, and exit status 2; a failure of the machine (a

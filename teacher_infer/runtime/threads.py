@@ -8,7 +8,7 @@ driver that runs many ssld commands, like the studies in experiments/, sets it o
 CPUs available to this rank (:func:`.cpus_per_rank`): on a GPU node of one's own, dedup's SIFT stage and every other CPU stage use the cores they have.
 Where the cores are shared with other jobs, threads wait for each other at every parallel
 region: on a 2-core machine with one other CPU-bound process, a resnet18 training step at 32 px
-ran at 7 images/s with 2 torch threads and at 168 with 1 (README, "Quickstart";
+ran at 7 images/s with 2 torch threads and at 168 with 1 (docs/benchmarks.md, "The quickstart";
 benchmarks/threads_bench.py). There, ask for 1 (the quickstart and the tests do).
 """
 from __future__ import annotations
