@@ -75,6 +75,8 @@ class StoreDataset(Dataset):
         pixels the teacher labeled, so it weakens replay's consistency (refused for stores
         with augmentation records).
 
+    Notes
+    -----
     A replayed view of a store with augmentation records is the view the teacher labeled,
     records applied, mixing partner included (``teacher_infer.imaging.augment.ViewReplay``);
     a store with stored logits gives targets from them (``labelstore.densify_logits``'s

@@ -38,6 +38,8 @@ class SparseTargets:
     num_classes : int
         C.
 
+    Notes
+    -----
     The parts are renormalised (top-k plus residual sum to 1, ``labelstore.normalize_topk``);
     float64 so that :meth:`dense` in float32 rounds once, as ``labelstore.densify`` does.
 
