@@ -12,7 +12,7 @@ C - k and scatters.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -37,6 +37,9 @@ class SparseTargets:
         ``(B,)`` float64 mass of the classes outside the row's top-k (0 when k = C).
     num_classes : int
         C.
+    padded : bool, optional
+        Whether any slot is ``-1`` (None: look when needed, a device sync on a GPU; the
+        constructors here know it).
 
     Notes
     -----
@@ -59,6 +62,7 @@ class SparseTargets:
     probs: Tensor
     residual: Tensor
     num_classes: int
+    padded: Optional[bool] = None
 
     @classmethod
     def from_topk(cls, indices: Any, probs: Any, residual: Any,
@@ -67,8 +71,9 @@ class SparseTargets:
         (what ``LabelStore.read`` gives for one view), renormalised."""
         top, tail = labelstore.normalize_topk(np.asarray(probs), np.asarray(residual),
                                               int(num_classes))
-        return cls(torch.as_tensor(np.asarray(indices, dtype=np.int64)),
-                   torch.from_numpy(top), torch.from_numpy(tail), int(num_classes))
+        indices = np.asarray(indices, dtype=np.int64)
+        return cls(torch.from_numpy(indices), torch.from_numpy(top), torch.from_numpy(tail),
+                   int(num_classes), bool((indices < 0).any()))
 
     @classmethod
     def from_logits(cls, indices: Any, logits: Any, log_partition: Any, num_classes: int,
@@ -94,7 +99,7 @@ class SparseTargets:
             k = item.indices.shape[-1]
             indices[row, :k], probs[row, :k] = item.indices, item.probs
         return cls(indices, probs, torch.stack([item.residual.reshape(()) for item in items]),
-                   classes.pop())
+                   classes.pop(), bool((indices < 0).any()))
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -113,18 +118,18 @@ class SparseTargets:
         if self.indices.ndim != 2:
             raise TypeError("index a batch of targets, not one sample's")
         return SparseTargets(self.indices[rows], self.probs[rows], self.residual[rows],
-                             self.num_classes)
+                             self.num_classes, self.padded)
 
     def to(self, device: Any, non_blocking: bool = False) -> "SparseTargets":
         """The same targets on ``device``."""
         move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
         return SparseTargets(move(self.indices), move(self.probs), move(self.residual),
-                             self.num_classes)
+                             self.num_classes, self.padded)
 
     def pin_memory(self) -> "SparseTargets":
         """Page-locked copies (the DataLoader's ``pin_memory=True`` calls this)."""
         return SparseTargets(self.indices.pin_memory(), self.probs.pin_memory(),
-                             self.residual.pin_memory(), self.num_classes)
+                             self.residual.pin_memory(), self.num_classes, self.padded)
 
     def dense(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The dense distributions ``(B, C)`` (``(C,)`` for one sample) on the targets'
@@ -144,11 +149,15 @@ class SparseTargets:
         # the share of each class outside the row's top-k, divided in float64 as densify does
         fill = torch.where(rest > 0, residual / rest.clamp(min=1).to(residual.dtype),
                            torch.zeros_like(residual)).to(dtype)
-        # padded slots (-1) write into one extra column, then dropped (no host sync to ask
-        # whether there are any)
-        out = fill[:, None].expand(-1, self.num_classes + 1).contiguous()
-        out.scatter_(1, torch.where(indices < 0, self.num_classes, indices), probs.to(dtype))
-        out = out[:, :self.num_classes].contiguous()
+        padded = bool((indices < 0).any()) if self.padded is None else self.padded
+        width = self.num_classes + 1 if padded else self.num_classes
+        out = torch.empty((len(indices), width), dtype=dtype, device=indices.device)
+        out.copy_(fill[:, None].expand(-1, width))
+        if padded:  # padded slots (-1) write into one extra column, then dropped
+            out.scatter_(1, torch.where(indices < 0, self.num_classes, indices), probs.to(dtype))
+            out = out[:, :self.num_classes].contiguous()
+        else:
+            out.scatter_(1, indices, probs.to(dtype))
         return out[0] if one else out
 
     def argmax(self, dim: int = -1) -> Tensor:
