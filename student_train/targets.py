@@ -21,7 +21,7 @@ from torch import Tensor
 import labelstore
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)   # tensors: compare .dense() or the fields, not the object
 class SparseTargets:
     """Top-k teacher distributions of a batch (or of one sample): the dense row of each is
     ``probs`` at ``indices`` and ``residual / (C - k)`` at every other class.
