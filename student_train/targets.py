@@ -69,11 +69,10 @@ class SparseTargets:
                   num_classes: int) -> "SparseTargets":
         """Targets of stored top-k ``(n, k)`` ids and probabilities and ``(n,)`` residuals
         (what ``LabelStore.read`` gives for one view), renormalised."""
-        top, tail = labelstore.normalize_topk(np.asarray(probs), np.asarray(residual),
-                                              int(num_classes))
-        indices = np.asarray(indices, dtype=np.int64)
-        return cls(torch.from_numpy(indices), torch.from_numpy(top), torch.from_numpy(tail),
-                   int(num_classes), bool((indices < 0).any()))
+        ids, top, tail = labelstore.normalize_topk(np.asarray(indices), np.asarray(probs),
+                                                   np.asarray(residual), int(num_classes))
+        return cls(torch.from_numpy(ids), torch.from_numpy(top), torch.from_numpy(tail),
+                   int(num_classes), bool((ids < 0).any()))
 
     @classmethod
     def from_logits(cls, indices: Any, logits: Any, log_partition: Any, num_classes: int,

@@ -37,7 +37,9 @@ LOSS_FUNCTIONS = {"js": js_divergence, "skl": symmetric_kl, "kl": kl_divergence,
 # -- sparse targets ------------------------------------------------------------------------
 
 def _hand_dense(indices, probs, residual, classes) -> np.ndarray:
-    """The format's reconstruction (docs/format.md), written out in float64 loops."""
+    """The format's reconstruction (docs/format.md), written out in float64 loops: every
+    class residual / (C - k), the listed ones their probability (a class listed twice: the
+    later entry, as an assignment), then the row renormalised."""
     out = np.zeros((len(indices), classes))
     for row, (ids, top, tail) in enumerate(zip(indices, probs, residual)):
         ids = [int(i) for i in ids if i >= 0]
@@ -83,6 +85,21 @@ def test_dense_is_labelstore_densify_bit_for_bit_and_the_format_s_reconstruction
     assert dense[1, indices[1, 0]] == 1 and dense[1].sum() == 1     # one-hot stays one-hot
     if k == classes:
         assert (targets.residual == 0).all()
+
+
+def test_a_class_listed_twice_counts_once_as_in_a_dense_row():
+    """Rows never written read as the fill (ids 0, probabilities 0, residual 1): a dense row
+    gives the 9 other classes 1/9 each (docs/format.md's plain-zarr reader does the same)."""
+    indices = np.array([[0, 0, 0], [4, 2, 4], [1, 2, 3]])
+    probs = np.array([[0, 0, 0], [0.5, 0.2, 0.25], [0.5, 0.2, 0.1]], dtype=np.float32)
+    residual = np.array([1, 0.05, 0.2], dtype=np.float32)
+    targets = SparseTargets.from_topk(indices, probs, residual, 10)
+    assert targets.indices.tolist() == [[-1, -1, 0], [-1, 2, 4], [1, 2, 3]]
+    dense = targets.dense()
+    assert np.array_equal(dense.numpy(), labelstore.densify(indices, probs, residual, 10))
+    np.testing.assert_allclose(targets.dense(torch.float64).numpy(),
+                               _hand_dense(indices, probs, residual, 10), rtol=1e-12)
+    np.testing.assert_allclose(dense[0].numpy(), [0] + [1 / 9] * 9, rtol=1e-7)
 
 
 def test_from_logits_is_densify_logits_bit_for_bit():
