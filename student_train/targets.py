@@ -24,13 +24,15 @@ import labelstore
 @dataclass(frozen=True, eq=False)   # tensors: compare .dense() or the fields, not the object
 class SparseTargets:
     """Top-k teacher distributions of a batch (or of one sample): the dense row of each is
-    ``probs`` at ``indices`` and ``residual / (C - k)`` at every other class.
+    ``probs`` at ``indices`` and ``residual / (C - k)`` at every other class, k the row's
+    ids that are not ``-1``.
 
     Parameters
     ----------
     indices : Tensor
         ``(B, K)`` int64 class ids (``(K,)`` for one sample); ``-1`` pads a row whose store
-        keeps fewer than K (stores of different k in one batch).
+        keeps fewer than K (stores of different k in one batch), or stands for a class
+        listed again later in the row (``labelstore.normalize_topk``).
     probs : Tensor
         ``(B, K)`` float64 probabilities (0 where padded).
     residual : Tensor
