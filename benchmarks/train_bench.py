@@ -122,23 +122,24 @@ def run_mode(mode: str, store: str, work: str, settings: dict,
 
 def isolated_target_cost(store: str, settings: dict) -> dict:
     """Per image: seconds the stored targets add in the worker (row read from the loaded
-    store + dense 1000-class target) and in the loss (JS instead of label-smoothed CE)."""
+    store + its sparse target, ``StoreDataset.target``) and in the loss (JS instead of
+    label-smoothed CE)."""
     import torch
 
-    from student_train.data import CropDataset
+    from student_train import StoreDataset
     from student_train.distributed import setup
     from student_train.losses import js_divergence
     from student_train.models import data_config_for
-    from student_train.samples import open_stores
 
-    samples = open_stores([store], env=setup("cpu", settings.get("threads")))
-    crops = CropDataset(samples, crop="random", seed=0, with_targets=True,
-                        data_config=data_config_for(settings["student"], settings["input_size"]))
+    setup("cpu", settings.get("threads"))
+    crops = StoreDataset(store, data_config_for(settings["student"], settings["input_size"]),
+                         crop="random")
+    samples = crops.samples
     rows = min(len(samples), 256)
 
     def read_and_densify() -> None:
         for i in range(rows):
-            crops.target(samples.stores[0].read(int(samples.rows[i])), 0)
+            crops.target(samples.stores[0].read(int(samples.rows[i])), 0, i)
 
     batch = settings["batch_size"]
     logits = torch.randn(batch, CLASSES, requires_grad=True)

@@ -23,7 +23,7 @@ from ._paths import (check_disjoint, check_output_file, disk_bytes, exists, huma
                      is_store_dir, local_path)
 from ._progress import progress_bar
 from ._reader import (DamagedStoreError, LabelStore, UnfinishedStoreError, densify,
-                      densify_logits, open)
+                      densify_logits, normalize_topk, open, topk_from_logits)
 from ._select import select_rows, select_topk
 from ._text import KEY_RULE, escapes_root, first_bad_key, key_problem, read_lines, read_text
 from ._verify import TeacherCheck, VerifyResult, verify
@@ -69,6 +69,7 @@ __all__ = [
     "label_sha256",
     "local_path",
     "merge",
+    "normalize_topk",
     "open",
     "open_complete",
     "progress_bar",
@@ -78,5 +79,6 @@ __all__ = [
     "read_text",
     "select_rows",
     "select_topk",
+    "topk_from_logits",
     "verify",
 ]

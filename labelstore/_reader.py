@@ -628,36 +628,75 @@ class LabelStore:
         return frame
 
 
+def topk_from_logits(logits: np.ndarray, log_partition: np.ndarray,
+                     temperature: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k probabilities (n, k) and residual (n,), float64, from stored top-k logits and
+    log-partitions (n,) at the store's ``temperature`` (docs/format.md, "Stored logits"):
+    ``exp(logits / T - log_partition)`` without fp16 rounding, and the tail ``1 -`` their sum
+    (exact: the log-partition is over all C classes)."""
+    top = np.exp(logits.astype(np.float64) / float(temperature)
+                 - log_partition.astype(np.float64)[:, None])
+    return top, np.clip(1.0 - top.sum(axis=1), 0.0, 1.0)
+
+
 def densify_logits(indices: np.ndarray, logits: np.ndarray, log_partition: np.ndarray,
                    num_classes: int, temperature: float = 1.0) -> np.ndarray:
     """Dense (n, C) float32 distributions from stored top-k logits (n, k) and log-partitions
-    (n,) at the store's ``temperature`` (docs/format.md, "Stored logits"): the top-k
-    probabilities ``exp(logits / T - log_partition)`` without fp16 rounding, and the tail,
-    ``1 -`` their sum (exact: the log-partition is over all C classes), spread evenly over
-    the other C - k classes — the rule of :func:`densify`, which the stored probabilities
-    follow. A student is compared with this distribution over the same C classes, never
-    with one normalised over the top-k alone."""
-    top = np.exp(logits.astype(np.float64) / float(temperature)
-                 - log_partition.astype(np.float64)[:, None])
-    residual = np.clip(1.0 - top.sum(axis=1), 0.0, 1.0)
+    (n,) at the store's ``temperature``: :func:`topk_from_logits`, the tail spread evenly
+    over the other C - k classes — the rule of :func:`densify`, which the stored
+    probabilities follow. A student is compared with this distribution over the same C
+    classes, never with one normalised over the top-k alone."""
+    top, residual = topk_from_logits(logits, log_partition, temperature)
     return densify(indices, top, residual, num_classes, dtype=np.float64).astype(np.float32)
+
+
+def normalize_topk(indices: np.ndarray, probs: np.ndarray, residual: np.ndarray,
+                   num_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The sparse form of :func:`densify`'s distribution: class ids (n, k) int64, their
+    probabilities (n, k) and the residual (n,), float64, renormalised so that the listed
+    probabilities plus the residual sum to 1 (undoes fp16 rounding). The residual is what
+    the classes not listed share evenly, ``residual / (C - k)`` each; with k = C there is
+    none (0). A row with no mass at all becomes uniform.
+
+    A class listed twice in a row (the fill of rows never written: ids 0) counts once, as
+    it does in a dense row: the earlier entries become ``-1`` (not a class) with
+    probability 0, and the other C - k' classes each keep ``residual / (C - k)``.
+
+    The sum is taken over the k + 1 sparse parts in float64, which for float16 probabilities
+    is exact: the same total whatever the order, so a dense row built from this anywhere
+    (``densify`` here, ``student_train.SparseTargets.dense`` on a GPU) is the same bits.
+    """
+    ids = np.array(indices, dtype=np.int64, copy=True)
+    top = np.array(probs, dtype=np.float64, copy=True)
+    n, k = top.shape
+    position = np.arange(k)
+    # an entry is dropped when the same class comes again later in its row
+    again = ((ids[:, :, None] == ids[:, None, :])
+             & (position[None, :, None] < position[None, None, :])).any(axis=2)
+    ids[again], top[again] = -1, 0.0
+    listed = (ids >= 0).sum(axis=1)
+    nominal, rest = num_classes - k, num_classes - listed
+    tail = np.clip(np.asarray(residual, dtype=np.float64), 0, None) if nominal > 0 \
+        else np.zeros(n)
+    if nominal > 0 and (rest != nominal).any():  # residual / (C - k) a class, on more classes
+        tail = np.where(rest == nominal, tail, tail / nominal * rest)
+    total = top.sum(axis=1) + tail
+    empty = total <= 0
+    if empty.any():  # an invalid row with no mass: uniform rather than 0/0
+        top[empty] = np.where(ids[empty] >= 0, 1.0 / num_classes, 0.0)
+        tail[empty], total[empty] = rest[empty] / num_classes, 1.0
+    return ids, top / total[:, None], tail / total
 
 
 def densify(indices: np.ndarray, probs: np.ndarray, residual: np.ndarray,
             num_classes: int, dtype: Any = np.float32) -> np.ndarray:
-    """Dense (n, C) distributions from top-k (n, k) + residual (n,): marginal smoothing
-    (in ``dtype``)."""
-    n, k = indices.shape
-    rest = num_classes - k
-    if rest > 0:
-        dense = np.repeat((np.clip(residual, 0, None) / rest).astype(dtype)[:, None],
-                          num_classes, axis=1)
-    else:
-        dense = np.zeros((n, num_classes), dtype=dtype)
-    np.put_along_axis(dense, indices.astype(np.int64), probs.astype(dtype), axis=1)
-    total = dense.sum(axis=1, keepdims=True)
-    empty = total[:, 0] <= 0
-    if empty.any():  # an invalid row with no mass: uniform rather than 0/0
-        dense[empty] = 1.0 / num_classes
-        total[empty] = 1.0
-    return dense / total
+    """Dense (n, C) distributions from top-k (n, k) + residual (n,): marginal smoothing —
+    the residual spread evenly over the other C - k classes — renormalised to sum 1
+    (:func:`normalize_topk`), in ``dtype``."""
+    ids, top, tail = normalize_topk(indices, probs, residual, num_classes)
+    rest = num_classes - (ids >= 0).sum(axis=1)
+    fill = np.where(rest > 0, tail / np.maximum(rest, 1), 0.0)
+    # ids -1 (a class listed twice) write into one extra column, then dropped
+    dense = np.repeat(fill.astype(dtype)[:, None], num_classes + 1, axis=1)
+    np.put_along_axis(dense, np.where(ids < 0, num_classes, ids), top.astype(dtype), axis=1)
+    return np.ascontiguousarray(dense[:, :num_classes])

@@ -1,8 +1,11 @@
 """Training and evaluation batches decoded on the device (``--decoder dali``, or any registry
 decoder whose ``worker_mode`` is ``"bytes"``).
 
+:func:`dali_batches` is the public entry point (a user's own loop: docs/own-loop.md); the
+trainer's ``--decoder dali`` runs the same :class:`EncodedBatches`.
+
 DataLoader workers only read image bytes (files, or byte ranges of tar shards) and headers and
-plan each sample's crop (the same :meth:`CropDataset.plan` as the PIL path: replayed box,
+plan each sample's crop (the same :meth:`StoreDataset.plan` as the PIL path: replayed box,
 RandomResizedCrop or eval box), through the teacher pass's own
 :func:`teacher_infer.imaging.read_encoded`; the decoder (DALI:
 ``mixed``, nvJPEG on the GPU; CPU mode without one) decodes, resamples the box, flips and
@@ -10,12 +13,15 @@ normalises. Formats DALI cannot read are rendered by PIL in the worker, as in te
 inference.
 
 Boxes go to the decoder on the store's uint16 grid: a replayed box is exactly the stored one,
-and a random or eval box moves by at most 1/65535 of the image.
+and a random or eval box moves by at most 1/65535 of the image. Targets and labels are the PIL
+path's exactly; pixels differ where the two resamplers round their 8-bit passes apart: under
+half a grey level (of 255) on average, under 1 % of values by more than 2 levels, a few
+levels at most on steep edges (tests/test_replay_api.py).
 """
 from __future__ import annotations
 
 from collections import deque
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -27,11 +33,12 @@ from teacher_infer.imaging.augment import ViewRecords
 from teacher_infer.imaging.decode import render_view
 
 from .failures import BadImages
+from .targets import SparseTargets
 
 
 class _PlannedBytes(Dataset):
     """``(epoch, index)`` → (item, path, target, label): a
-    :class:`~student_train.data.CropDataset` sample before decoding, its one view as an
+    :class:`~student_train.dataset.StoreDataset` sample before decoding, its one view as an
     ``imaging.Item`` (file bytes and the planned box, or PIL pixels). A file that cannot be
     read is an invalid item with its reason, as in the teacher pass: never an exception in
     the worker."""
@@ -96,9 +103,11 @@ class _PlannedBytes(Dataset):
         item.records, item.partners = records.padded(self.record_dims), partners
 
 
-def _collate(samples: list[tuple]) -> tuple[Batch, list[str], torch.Tensor, torch.Tensor]:
+def _collate(samples: list[tuple]) -> tuple[Batch, list[str], Optional[SparseTargets],
+                                            torch.Tensor]:
     items, paths, targets, labels = zip(*samples)
-    return (collate(list(items), consecutive=False), list(paths), torch.stack(targets),
+    return (collate(list(items), consecutive=False), list(paths),
+            None if targets[0] is None else SparseTargets.stack(targets),
             torch.tensor(labels, dtype=torch.int64))
 
 
@@ -120,7 +129,8 @@ def _augmentation(crops) -> tuple[Any, dict[str, int] | None]:
 
 
 class EncodedBatches:
-    """Device batches (images, teacher probs, labels) like ``data.DeviceBatches``."""
+    """Device batches (normalised images, ``SparseTargets`` or None, labels) like
+    ``data.DeviceBatches``; images a decoder cannot read are left out as ``bad`` says."""
 
     def __init__(self, crops, sampler, decoder: type, *, batch_size: int, workers: int,
                  device: torch.device, data_config: dict[str, Any], channels_last: bool,
@@ -157,8 +167,64 @@ class EncodedBatches:
             images = images[0]
             if keep is not None:
                 images = images[keep.to(images.device)]
-                targets, labels = targets[keep], labels[keep]
+                labels = labels[keep]
+                targets = None if targets is None else targets[keep]
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            yield (images, targets.to(self.device, non_blocking=True),
+            yield (images, None if targets is None else targets.to(self.device, non_blocking=True),
                    labels.to(self.device, non_blocking=True))
+
+
+def dali_batches(dataset, sampler, *, batch_size: int, device: Any = "cpu",
+                 num_workers: int = 4, drop_last: bool = False, channels_last: bool = False,
+                 decoder: str = "dali", bad_images: str = "stop") -> EncodedBatches:
+    """The batches of ``dataset`` in ``sampler`` order, decoded on ``device`` by DALI:
+    (normalised float32 images ``(B, 3, S, S)``, ``SparseTargets``, labels), all on ``device``.
+
+    The same samples as ``DataLoader(dataset, sampler=sampler, collate_fn=collate)``: the
+    workers read image bytes and plan each crop (the dataset's own plan); DALI decodes
+    (``mixed``, nvJPEG, on a GPU; its CPU pipeline with ``device_id=None`` otherwise),
+    resamples the box, flips, applies the stored augmentation records and normalises with
+    the dataset's ``mean``/``std``. Targets and labels equal the PIL path's; pixels differ
+    by under half a grey level (of 255) on average, a few levels on a few pixels (the two
+    resamplers round apart).
+
+    Parameters
+    ----------
+    dataset : StoreDataset
+        Without ``autoaugment`` (a PIL transform).
+    sampler : ShardedSampler
+        Its ``set_epoch`` before each epoch's iteration, as for a DataLoader.
+    batch_size : int
+        Rows per batch.
+    device : str or torch.device
+        ``"cuda:N"`` decodes on that GPU, ``"cpu"`` on the CPU.
+    num_workers : int
+        DataLoader processes reading bytes (and DALI's CPU threads).
+    drop_last : bool
+        Leave out the last, smaller batch (training).
+    channels_last : bool
+        Images in channels-last memory format.
+    decoder : str
+        A registry decoder whose workers read bytes (``dali``).
+    bad_images : str
+        ``stop`` (raise on an image that cannot be decoded) or ``skip`` (leave it out of its
+        batch).
+
+    Examples
+    --------
+    >>> batches = dali_batches(data, sampler, batch_size=256, device="cuda:0")  # doctest: +SKIP
+    >>> for images, targets, labels in batches:                               # doctest: +SKIP
+    ...     loss = js_divergence(model(images), targets)
+    """
+    from teacher_infer.imaging import resolve_decoder
+
+    device = torch.device(device)
+    found = resolve_decoder(decoder, device)
+    if found.worker_mode != "bytes":
+        raise ValueError(f"decoder {decoder!r} decodes in the DataLoader workers: use a "
+                         "DataLoader with collate for it")
+    return EncodedBatches(dataset, sampler, found, batch_size=batch_size, workers=num_workers,
+                          device=device, data_config=dataset.data_config,
+                          channels_last=channels_last, drop_last=drop_last,
+                          bad=BadImages(bad_images))

@@ -33,7 +33,8 @@ def evaluate(model: str, checkpoint: str, data: str, *, root: Optional[str] = No
     from teacher_infer.imaging import resolve_decoder
     from teacher_infer.runtime import resolve_precision, saved_class_names
 
-    from .data import CropDataset, default_workers, make_batches
+    from .data import default_workers, make_batches
+    from .dataset import StoreDataset
     from .failures import BadImages
     from .models import data_config_for, load_model
     from .samples import Classes, open_source
@@ -62,8 +63,8 @@ def evaluate(model: str, checkpoint: str, data: str, *, root: Optional[str] = No
         channels_last = D.resolve_channels_last(channels_last, env.device)
         net.to(env.device, memory_format=torch.channels_last if channels_last
                else torch.contiguous_format)
-        dataset = CropDataset(samples, crop="center", data_config=data_config, seed=0,
-                              with_targets=False)
+        dataset = StoreDataset.from_samples(samples, crop="center", data_config=data_config,
+                                            seed=0, with_targets=False)
         sampler = ShardedSampler(len(samples), rank=env.rank, world_size=env.world_size,
                                  shuffle=False)
         workers = default_workers(env) if num_workers is None else num_workers

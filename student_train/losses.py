@@ -1,10 +1,13 @@
 """Distillation losses between student logits and stored teacher probabilities (README,
 "Training a student": the losses and their defaults).
 
-Every loss takes ``(student_logits, teacher_probs)``, both shaped ``(B, C)``, and returns a
-scalar tensor: the per-row divergence averaged over the batch. ``teacher_probs`` are the dense
-teacher distributions reconstructed from the label store (rows sum to 1; exact zeros allowed,
-one-hot rows allowed). Inputs are cast to float32 inside, so the losses are safe to call on
+Every loss takes ``(student_logits, teacher_probs)``, the logits shaped ``(B, C)``, and returns a
+scalar tensor: the per-row divergence averaged over the batch. ``teacher_probs`` are the teacher
+distributions, sparse as the label store holds them (:class:`~student_train.targets.SparseTargets`,
+what :class:`~student_train.dataset.StoreDataset` yields: the dense rows are made here, on the
+logits' device, bit for bit ``labelstore.densify``'s) or dense ``(B, C)`` (rows sum to 1; exact
+zeros allowed, one-hot rows allowed). Either gives the same value and gradient: the student side
+needs all C classes anyway, so the loss costs O(B·C) whatever the targets' form. Inputs are cast to float32 inside, so the losses are safe to call on
 bf16/fp16 logits or under ``torch.autocast``; the student distribution is always taken with
 ``log_softmax`` (never the log of a probability that may have underflowed) and 0 · log 0 = 0.
 
@@ -19,13 +22,16 @@ References
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .loss_registry import LOSS_SPECS, loss_spec
+from .targets import SparseTargets
+
+Targets = Union[Tensor, SparseTargets]
 
 __all__ = [
     "js_divergence",
@@ -41,6 +47,15 @@ _LN2 = math.log(2.0)
 # PaddleClas's epsilon inside the log of its "JSDivLoss"; kept identical so `--loss skl`
 # reproduces their numbers.
 _PADDLE_EPS = 1e-10
+
+
+def _teacher(student_logits: Tensor, teacher_probs: Targets) -> Tensor:
+    """The dense ``(B, C)`` teacher rows (sparse targets scattered on the logits' device),
+    checked against the logits' shape."""
+    if isinstance(teacher_probs, SparseTargets):
+        teacher_probs = teacher_probs.to(student_logits.device, non_blocking=True).dense()
+    _check_shapes(student_logits, teacher_probs)
+    return teacher_probs
 
 
 def _check_shapes(student_logits: Tensor, teacher_probs: Tensor) -> None:
@@ -75,7 +90,7 @@ def _plogp_minus(probs: Tensor, log_probs: Tensor, log_other: Tensor) -> Tensor:
     return probs * log_ratio
 
 
-def js_divergence(student_logits: Tensor, teacher_probs: Tensor) -> Tensor:
+def js_divergence(student_logits: Tensor, teacher_probs: Targets) -> Tensor:
     """Jensen–Shannon divergence ½ KL(p_t ‖ m) + ½ KL(p_s ‖ m) with m = ½(p_t + p_s).
 
     The true JS divergence (Lin 1991), in nats: symmetric, ≥ 0 and bounded by ln 2, so a few
@@ -85,15 +100,16 @@ def js_divergence(student_logits: Tensor, teacher_probs: Tensor) -> Tensor:
     ----------
     student_logits : Tensor
         ``(B, C)`` raw student outputs, any float dtype.
-    teacher_probs : Tensor
-        ``(B, C)`` teacher distributions (rows sum to 1; zeros allowed).
+    teacher_probs : SparseTargets or Tensor
+        The batch's teacher distributions: sparse, or dense ``(B, C)`` (rows sum to 1;
+        zeros allowed).
 
     Returns
     -------
     Tensor
         float32 scalar, the mean over the ``B`` rows.
     """
-    _check_shapes(student_logits, teacher_probs)
+    teacher_probs = _teacher(student_logits, teacher_probs)
     log_student = F.log_softmax(student_logits.float(), dim=-1)
     student = log_student.exp()
     teacher = teacher_probs.float()
@@ -107,7 +123,7 @@ def js_divergence(student_logits: Tensor, teacher_probs: Tensor) -> Tensor:
     return 0.5 * per_class.sum(dim=-1).mean()
 
 
-def symmetric_kl(student_logits: Tensor, teacher_probs: Tensor) -> Tensor:
+def symmetric_kl(student_logits: Tensor, teacher_probs: Targets) -> Tensor:
     """PaddleClas's "JSDivLoss" (DMLLoss at T = 1): a symmetrised KL, ``--loss skl``.
 
     ``C · mean_c[½ p_s log((p_s+ε)/(p_t+ε)) + ½ p_t log((p_t+ε)/(p_s+ε))]``, ε = 1e-10, then
@@ -117,8 +133,9 @@ def symmetric_kl(student_logits: Tensor, teacher_probs: Tensor) -> Tensor:
     ----------
     student_logits : Tensor
         ``(B, C)`` raw student outputs, any float dtype.
-    teacher_probs : Tensor
-        ``(B, C)`` teacher distributions (rows sum to 1; zeros allowed).
+    teacher_probs : SparseTargets or Tensor
+        The batch's teacher distributions: sparse, or dense ``(B, C)`` (rows sum to 1;
+        zeros allowed).
 
     Returns
     -------
@@ -133,7 +150,7 @@ def symmetric_kl(student_logits: Tensor, teacher_probs: Tensor) -> Tensor:
     # Jeffreys' divergence, as in Deep Mutual Learning), not Jensen–Shannon: there is no
     # mixture m, it is unbounded (ε only caps it at about log(1/ε) per class), and ε
     # perturbs the value near zeros. We keep the formula verbatim, ε included.
-    _check_shapes(student_logits, teacher_probs)
+    teacher_probs = _teacher(student_logits, teacher_probs)
     student = F.softmax(student_logits.float(), dim=-1)
     teacher = teacher_probs.float()
     num_classes = student.shape[-1]
@@ -143,7 +160,7 @@ def symmetric_kl(student_logits: Tensor, teacher_probs: Tensor) -> Tensor:
 
 
 def kl_divergence(
-    student_logits: Tensor, teacher_probs: Tensor, temperature: float = 1.0
+    student_logits: Tensor, teacher_probs: Targets, temperature: float = 1.0
 ) -> Tensor:
     """Hinton knowledge distillation: ``T² · KL(p_t^(T) ‖ p_s^(T))``.
 
@@ -157,8 +174,9 @@ def kl_divergence(
     ----------
     student_logits : Tensor
         ``(B, C)`` raw student outputs, any float dtype.
-    teacher_probs : Tensor
-        ``(B, C)`` teacher distributions (rows sum to 1; zeros allowed).
+    teacher_probs : SparseTargets or Tensor
+        The batch's teacher distributions: sparse, or dense ``(B, C)`` (rows sum to 1;
+        zeros allowed).
     temperature : float
         T > 0; 1 means plain KL(p_t ‖ p_s).
 
@@ -167,7 +185,7 @@ def kl_divergence(
     Tensor
         float32 scalar, the mean over the ``B`` rows.
     """
-    _check_shapes(student_logits, teacher_probs)
+    teacher_probs = _teacher(student_logits, teacher_probs)
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
     log_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
@@ -178,7 +196,7 @@ def kl_divergence(
     return temperature**2 * per_row.mean()
 
 
-def soft_cross_entropy(student_logits: Tensor, teacher_probs: Tensor) -> Tensor:
+def soft_cross_entropy(student_logits: Tensor, teacher_probs: Targets) -> Tensor:
     """Soft-target cross-entropy ``−Σ_c p_t log p_s`` (as in FKD and ReLabel).
 
     Equals KL(p_t ‖ p_s) plus the teacher entropy, which has no gradient w.r.t. the student.
@@ -187,15 +205,16 @@ def soft_cross_entropy(student_logits: Tensor, teacher_probs: Tensor) -> Tensor:
     ----------
     student_logits : Tensor
         ``(B, C)`` raw student outputs, any float dtype.
-    teacher_probs : Tensor
-        ``(B, C)`` teacher distributions (rows sum to 1; zeros allowed).
+    teacher_probs : SparseTargets or Tensor
+        The batch's teacher distributions: sparse, or dense ``(B, C)`` (rows sum to 1;
+        zeros allowed).
 
     Returns
     -------
     Tensor
         float32 scalar, the mean over the ``B`` rows.
     """
-    _check_shapes(student_logits, teacher_probs)
+    teacher_probs = _teacher(student_logits, teacher_probs)
     log_student = F.log_softmax(student_logits.float(), dim=-1)
     teacher = teacher_probs.float()
     # where-mask so a -inf student logit on a zero-probability class gives 0, not NaN.
@@ -250,7 +269,7 @@ class DistillationLoss(nn.Module):
         self._tempered = spec.temperature
 
     def forward(
-        self, student_logits: Tensor, teacher_probs: Tensor, labels: Optional[Tensor] = None
+        self, student_logits: Tensor, teacher_probs: Targets, labels: Optional[Tensor] = None
     ) -> Tensor:
         if self._tempered:
             loss = self._divergence(student_logits, teacher_probs, self.temperature)

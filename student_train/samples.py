@@ -101,14 +101,22 @@ def store_root(store) -> str:
     return str(root)
 
 
-def open_stores(paths: Sequence[str], *, env: D.DistEnv) -> SampleSet:
+def open_stores(paths: Sequence[str], *, env: D.DistEnv,
+                roots: str | Sequence[str] | None = None) -> SampleSet:
     """Open, check and concatenate label stores; only rows with ``valid=True`` are kept.
 
     The stores must be complete, distinct (a store given twice would train every row twice)
     and of one class space: the same class count and, where they record them, the same
-    class names (``merge``'s rule; their k and views may differ).
+    class names (``merge``'s rule; their k and views may differ). Their images are below
+    each store's recorded root, or below ``roots`` (one for all, or one per store).
     """
     opened = labelstore.open_complete(list(paths))
+    if roots is None or isinstance(roots, str) or hasattr(roots, "__fspath__"):
+        roots = [roots] * len(opened)
+    roots = list(roots)
+    if len(roots) != len(opened):
+        raise ValueError(f"{len(roots)} image roots for {len(opened)} label stores: give one "
+                         "root, or one per store")
     for store in opened[1:]:
         if store.num_classes != opened[0].num_classes:
             raise ValueError(f"label store {store.path} has {store.num_classes} classes but the "
@@ -118,7 +126,7 @@ def open_stores(paths: Sequence[str], *, env: D.DistEnv) -> SampleSet:
     keys, labels, store_of, rows, tars, images = [], [], [], [], [], []
     for number, store in enumerate(stores):
         valid = _valid_rows(store)
-        root = store_root(store)
+        root = store_root(store) if roots[number] is None else str(roots[number])
         if root_problem(root):
             raise FileNotFoundError(f"label store {store.path}: its image root {root} does not "
                                     "exist")

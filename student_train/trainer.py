@@ -48,8 +48,9 @@ def train_one_epoch(model: nn.Module, batches: Iterable, loss_fn: Callable, opti
     """One pass over ``batches`` of (images, teacher_probs, labels) already on the device;
     returns global (all-rank) figures.
 
-    ``teacher_probs`` is empty (B, 0) when there are none in the data: then ``teacher`` (online
-    distillation) computes them from the same images, or the loss uses ``labels`` only.
+    ``teacher_probs`` are the stores' ``SparseTargets`` (the loss makes the dense rows), or
+    None when there are none in the data: then ``teacher`` (online distillation) computes
+    them from the same images, or the loss uses ``labels`` only.
     ``images_per_step`` (all ranks) makes the progress bar count images: images/s and an ETA;
     ``progress`` asks for the bar (drawn on rank 0, on a terminal: ``labelstore.progress_bar``).
     """
@@ -87,9 +88,9 @@ def train_one_epoch(model: nn.Module, batches: Iterable, loss_fn: Callable, opti
         n = images.shape[0]
         totals[0] += loss.detach().double() * n
         totals[2] += n
-        if teacher_probs.numel():
+        if teacher_probs is not None:
             with_teacher = True
-            totals[1] += (logits.detach().argmax(1) == teacher_probs.argmax(1)).sum()
+            totals[1] += (logits.detach().argmax(1) == teacher_probs.argmax(-1)).sum()
         bar.update(images_per_step or 1)
         if (i + 1) % CHECK_EVERY == 0 or i + 1 == steps:
             summed = D.all_reduce_sum(totals, env)  # every rank sees a NaN of any rank
@@ -111,14 +112,14 @@ class HardLabelLoss(nn.Module):
     """``--supervised``: cross-entropy on ground-truth labels with label smoothing.
 
     Same call signature as :class:`~student_train.losses.DistillationLoss` so the loop does not
-    care which one it runs; the (empty) teacher probabilities are ignored.
+    care which one it runs; the teacher probabilities (None) are ignored.
     """
 
     def __init__(self, label_smoothing: float = 0.1):
         super().__init__()
         self.label_smoothing = label_smoothing
 
-    def forward(self, logits: torch.Tensor, teacher_probs: torch.Tensor,
+    def forward(self, logits: torch.Tensor, teacher_probs: Any,
                 labels: torch.Tensor) -> torch.Tensor:
         return nn.functional.cross_entropy(logits.float(), labels.long(),
                                            label_smoothing=self.label_smoothing)
@@ -179,9 +180,9 @@ def _check_out(cfg: TrainConfig) -> None:
             roots.append((opened[-1].attrs.get("dataset") or {}).get("root"))
         except (ValueError, FileNotFoundError):
             pass  # reported with its own message when the data is built
-    from .data import check_replayable
+    from .dataset import check_replayable
 
-    check_replayable(cfg, opened)  # before the run directory exists
+    check_replayable(cfg.autoaugment, opened)  # before the run directory exists
     check_disjoint(cfg.out, {"a --store": list(cfg.stores), "the image root of a --store": roots,
                              "--data": cfg.data, "--root": cfg.root, "--val": cfg.val,
                              "--val-root": cfg.val_root, "--init": cfg.init,

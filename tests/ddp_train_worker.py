@@ -11,11 +11,11 @@ import torch
 
 import student_train.trainer as trainer
 from student_train import TrainConfig, train
-from student_train.data import CropDataset
+from student_train import StoreDataset
 
 store, out, record_dir = sys.argv[1:4]
 seen, models = [], []
-load_sample = CropDataset.__getitem__
+load_sample = StoreDataset.__getitem__
 
 
 def recording_getitem(self, key):
@@ -31,7 +31,7 @@ def capturing_epoch(model, *args, **kwargs):
     return one_epoch(model, *args, **kwargs)
 
 
-CropDataset.__getitem__ = recording_getitem
+StoreDataset.__getitem__ = recording_getitem
 trainer.train_one_epoch = capturing_epoch
 torch.set_num_threads(1)
 train(TrainConfig(student="test_resnet", out=out, stores=(store,), epochs=2, batch_size=8,

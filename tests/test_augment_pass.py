@@ -377,6 +377,7 @@ def test_stored_logits_give_the_targets_and_retemper_without_fp16_rounding(store
                       log=logging.getLogger("test"))
     data.set_epoch(0)
     _, targets, _ = next(iter(data.train))
+    targets = targets.dense()  # the batches carry them sparse
     store = labelstore.open(path).load()
     stored, kept = store.read(slice(None)), store.read_rows(slice(None))
     logit_error = probs_error = 0.0

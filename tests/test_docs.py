@@ -111,6 +111,8 @@ def test_the_site_builds_strict(tmp_path):
     assert 'href="repo/experiments/fashion_mnist/"' in home              # its links resolved
     api = (site / "api" / "student_train" / "index.html").read_text()
     assert 'id="student_train.TrainConfig"' in api                     # lazily exported names
+    assert 'id="student_train.StoreDataset"' in api and 'id="student_train.SparseTargets"' in api
+    assert "StoreDataset" in (site / "own-loop" / "index.html").read_text()   # in the nav
     assert 'id="teacher_infer.imaging.augment.ViewReplay"' in (
         site / "api" / "augment" / "index.html").read_text()
 
@@ -265,6 +267,14 @@ def setup_store(workdir: Path, request) -> None:
     shutil.copytree(workdir / "train.zarr", workdir / "runs" / "train.zarr")
 
 
+def setup_train_store(workdir: Path, request) -> None:
+    """train.zarr over its 40 images (images/img/NNN.png, its recorded root): 2 views, k 3,
+    C 10, random boxes and flips, some rows invalid (docs/own-loop.md trains on it)."""
+    for i in range(40):
+        _noise_png(workdir / "images" / f"img/{i:03d}.png", seed=300 + i)
+    _random_store(workdir / "train.zarr", 40, seed=5, root=workdir / "images")
+
+
 def setup_store_incomplete(workdir: Path, request) -> None:
     """train.zarr with its middle chunk (rows 16-31) never written: an unfinished run."""
     _random_store(workdir / "train.zarr", 40, seed=0, chunks={0, 2})
@@ -309,6 +319,7 @@ def setup_teachers(workdir: Path, request) -> None:
 SETUPS: dict[str, tuple[Callable, bool]] = {   # name: (function, slow)
     "store": (setup_store, False),
     "store_incomplete": (setup_store_incomplete, False),
+    "train_store": (setup_train_store, False),
     "selection": (setup_selection, True),
     "teachers": (setup_teachers, True),
 }

@@ -19,8 +19,8 @@ from PIL import Image
 
 import labelstore
 import student_train.trainer as train_module
-from student_train import TrainConfig, train
-from student_train.data import CropDataset, build_data
+from student_train import StoreDataset, TrainConfig, train
+from student_train.data import build_data
 from student_train.distributed import setup
 from student_train.models import OnlineTeacher, data_config_for
 from student_train.sampling import ShardedSampler, replay_view
@@ -145,6 +145,7 @@ def test_replayed_views_are_the_stored_crops_with_their_targets(dataset, tmp_pat
         data.set_epoch(epoch)
         order = data.sampler.indices()
         images, targets, labels = next(iter(data.train))
+        targets = targets.dense()  # the batches carry them sparse
         for position in range(len(images)):
             index = int(order[position])
             row = valid_rows[index]  # samples are the valid rows in store order
@@ -169,7 +170,7 @@ def test_global_views_target_view_zero_and_eval_crops(dataset, tmp_path):
     data_config = data_config_for("test_resnet", SIZE)
     data = build_data(cfg, setup("cpu"), data_config, log=logging.getLogger("test"))
     assert data.crop == "random"
-    crops: CropDataset = data.train.dataset
+    crops: StoreDataset = data.train.dataset
     store = labelstore.open(dataset["store"])
     index = 7
     first, target, _ = crops[(0, index)]
@@ -177,7 +178,7 @@ def test_global_views_target_view_zero_and_eval_crops(dataset, tmp_path):
     other, _, _ = crops[(1, index)]
     assert torch.equal(first, again) and not torch.equal(first, other)
     row = int(crops.samples.rows[index])
-    np.testing.assert_allclose(target.numpy(), store.dense(row, view=0)[0], atol=1e-6)
+    np.testing.assert_allclose(target.dense().numpy(), store.dense(row, view=0)[0], atol=1e-6)
 
 
 def _interrupt_after(monkeypatch, epochs: int):
@@ -379,6 +380,7 @@ def test_dali_decoder_replays_the_same_crops_as_pil(dataset, tmp_path):
         batches[decoder] = next(iter(data.train))
     (pil, pil_targets, pil_labels), (dali, dali_targets, dali_labels) = batches["pil"], \
         batches["dali"]
-    assert torch.equal(pil_targets, dali_targets) and torch.equal(pil_labels, dali_labels)
+    assert torch.equal(pil_targets.dense(), dali_targets.dense())
+    assert torch.equal(pil_labels, dali_labels)
     grey = (pil - dali).abs() * 0.5 * 255  # back to 8-bit grey levels (std 0.5)
     assert grey.max() <= 3.01 and grey.mean() < 0.5
