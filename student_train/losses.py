@@ -1,5 +1,5 @@
-"""Distillation losses between student logits and stored teacher probabilities (README,
-"Training a student": the losses and their defaults).
+"""Distillation losses between student logits and stored teacher probabilities (docs/commands.md,
+"ssld train-student and ssld eval": the losses and their defaults).
 
 Every loss takes ``(student_logits, teacher_probs)``, the logits shaped ``(B, C)``, and returns a
 scalar tensor: the per-row divergence averaged over the batch. ``teacher_probs`` are the teacher

@@ -1,7 +1,7 @@
 """Student and online-teacher models: names, weights and preprocessing come from teacher_infer.
 
 Model names go through ``teacher_infer.resolve_model_name`` (timm names plus the PaddleClas
-names of README, "ssld infer-teacher") and weights through the shared checkpoint reader
+names of docs/commands.md, "ssld infer-teacher") and weights through the shared checkpoint reader
 (:mod:`teacher_infer.runtime`: state dicts in .pt/.pth/.safetensors, training checkpoints,
 ``module.`` prefixes), so ``--init``, ``--teacher-checkpoint`` and ``ssld eval`` accept exactly
 what ``infer-teacher --checkpoint`` accepts.

@@ -6,7 +6,8 @@ Pure functions: nothing here runs a training step. The training loop calls
 The per-stage learning-rate multipliers (``lr_mult``) are PaddleClas's ``lr_mult_list``: five
 values for (stem, stage 1..4), used when an SSLD-distilled backbone is fine-tuned so that its
 refined early features are not destroyed (the SSLD paper's advice to lower the learning rate of
-the middle layers when fine-tuning; README, "ssld train-student": ``--lr-mult``).
+the middle layers when fine-tuning; docs/commands.md, "ssld train-student and ssld eval":
+``--lr-mult``).
 """
 
 from __future__ import annotations
