@@ -72,13 +72,14 @@ def _runtime(fn):
 @_field("val_root", help="Root of a list-file --val.")
 @_field("val_every", type=click.IntRange(min=1), metavar="N",
         help="Validate every N epochs and after the last.")
-@_field("epochs", type=int)
+@_field("epochs", type=int, help="Passes over the training set.")
 @_field("batch_size", type=int, help="Images per process and step.")
 @_field("lr", type=float,
         help="Learning rate for 256 images; scaled linearly to the global batch. Default: 0.1, "
              "and 0.4 when distilling with --loss js (its gradient near agreement is a "
              "quarter of KL's).")
-@_field("warmup_epochs", type=float)
+@_field("warmup_epochs", type=float,
+        help="Linear warmup (fractions allowed), then cosine decay to 0 per step.")
 @_field("weight_decay", type=float, help="L2 decay (not on norm and bias parameters).")
 @_field("nesterov", is_flag=True, help="Nesterov momentum (SGD momentum 0.9).")
 @_field("loss")
@@ -97,12 +98,13 @@ def _runtime(fn):
         help="Train the classifier only, with eval preprocessing (FixRes step).")
 @_field("supervised", is_flag=True, help="Baseline: hard labels with label smoothing 0.1.")
 @_field("teacher", metavar="NAME", help="Online distillation teacher.")
-@_field("teacher_checkpoint", metavar="FILE")
+@_field("teacher_checkpoint", metavar="FILE", help="Weights of --teacher (needed with it).")
 @_field("ema", type=float, metavar="DECAY", help="Keep an EMA of the weights (e.g. 0.9998).")
 @_field("resume", is_flag=True, help="Continue RUN_DIR/last.pt exactly.")
 @_field("bad_images", help="An image that cannot be read: skip (leave it out, count it, list "
         "it in RUN_DIR/failed.txt) or stop (end the run with one line naming it).")
-@_field("seed", type=int)
+@_field("seed", type=int, help="Seeds the weights, the sample order, the replayed views and "
+        "the augmentation (workers and resumes see the same).")
 @_runtime
 @click.pass_context
 def train_student_cmd(ctx: click.Context, **options) -> None:
@@ -131,7 +133,8 @@ def train_student_cmd(ctx: click.Context, **options) -> None:
 @click.option("--data", required=True, metavar="SRC", help="Labeled images: class folder, "
               "list file or tar shards (pattern, folder, s3:// prefix, index).")
 @click.option("--root", default=None, help="Root of a list-file --data.")
-@click.option("--batch-size", type=int, default=EVAL_BATCH_SIZE, show_default=True)
+@click.option("--batch-size", type=int, default=EVAL_BATCH_SIZE, show_default=True,
+              help="Images per process and step.")
 @json_option
 @_runtime
 def eval_cmd(as_json: bool, **options) -> None:

@@ -18,11 +18,12 @@ _field = functools.partial(config_option, QuickstartConfig)
 
 @click.command("quickstart")
 @_field("workdir", help="Folder for the data, stores, runs and quickstart.json.")
-@_field("teacher_epochs")
-@_field("student_epochs")
+@_field("teacher_epochs", help="Epochs of the resnet18 teacher on the 200 labeled images.")
+@_field("student_epochs", help="Epochs of the label-only student on L (the SSLD student "
+        "sees as many images on L + pool).")
 @_field("select_k", help="Pool images kept per class.")
 @device_option
-@_field("seed")
+@_field("seed", help="Seeds the splits, the models and every step's sampling.")
 @_field("num_workers", type=click.IntRange(min=0),
         help="Decoding workers per step (teacher passes, training, eval).")
 @threads_option(QuickstartConfig)

@@ -31,8 +31,9 @@ def fashion_mnist(out: str, **options) -> None:
 
 @prepare.command("digits")
 @click.option("--out", required=True, help="Output folder.")
-@config_option(prepare_digits, "labeled_per_class")
-@config_option(prepare_digits, "val_per_class")
+@config_option(prepare_digits, "labeled_per_class",
+               help="Images per class in the labeled set L (after V is drawn).")
+@config_option(prepare_digits, "val_per_class", help="Images per class in the validation set V.")
 @config_option(prepare_digits, "seed", help="Seed of the splits.")
 @overwrite_option
 @progress_option

@@ -175,6 +175,15 @@ def _all_commands(group: click.Group = cli.ssld):
             yield cmd
 
 
+def test_every_option_of_every_command_says_what_it_does():
+    """docs/cli.md is generated from these help texts: an option without one is a blank row."""
+    commands = list(_all_commands())
+    assert len(commands) >= 14
+    bare = [f"{cmd.name} {param.opts[0]}" for cmd in commands for param in cmd.params
+            if isinstance(param, click.Option) and not param.hidden and not (param.help or "").strip()]
+    assert not bare, bare
+
+
 def _made_by(decorator) -> click.Option:
     @click.command()
     @decorator
