@@ -6,10 +6,11 @@ scalar tensor: the per-row divergence averaged over the batch. ``teacher_probs``
 distributions, sparse as the label store holds them (:class:`~student_train.targets.SparseTargets`,
 what :class:`~student_train.dataset.StoreDataset` yields: the dense rows are made here, on the
 logits' device, bit for bit ``labelstore.densify``'s) or dense ``(B, C)`` (rows sum to 1; exact
-zeros allowed, one-hot rows allowed). Either gives the same value and gradient: the student side
-needs all C classes anyway, so the loss costs O(B·C) whatever the targets' form. Inputs are cast to float32 inside, so the losses are safe to call on
-bf16/fp16 logits or under ``torch.autocast``; the student distribution is always taken with
-``log_softmax`` (never the log of a probability that may have underflowed) and 0 · log 0 = 0.
+zeros allowed, one-hot rows allowed). Either gives the same value and gradient: the student
+side needs all C classes anyway, so the loss costs O(B·C) whatever the targets' form. Inputs are
+cast to float32 inside, so the losses are safe to call on bf16/fp16 logits or under
+``torch.autocast``; the student distribution is always taken with ``log_softmax`` (never the log
+of a probability that may have underflowed) and 0 · log 0 = 0.
 
 References
 ----------

@@ -180,7 +180,8 @@ def test_every_option_of_every_command_says_what_it_does():
     commands = list(_all_commands())
     assert len(commands) >= 14
     bare = [f"{cmd.name} {param.opts[0]}" for cmd in commands for param in cmd.params
-            if isinstance(param, click.Option) and not param.hidden and not (param.help or "").strip()]
+            if isinstance(param, click.Option) and not param.hidden
+            and not (param.help or "").strip()]
     assert not bare, bare
 
 
