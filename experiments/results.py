@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 __all__ = ["Results", "fmt_seconds", "mean_std", "pct", "report_main", "save_figure",
-           "seeds_cell", "top1_cell"]
+           "seeds_cell", "top1_cell", "write_section"]
 
 
 def pct(x: Optional[float], digits: int = 2) -> str:
@@ -87,23 +87,59 @@ def seeds_cell(st: dict) -> str:
     return f"{st['n']}/{st['planned']}" if st["n"] != st["planned"] else str(st["n"])
 
 
+def write_section(path: Path, name: str, text: str) -> None:
+    """Put a report's generated ``text`` into ``path`` between the lines
+    ``<!-- NAME:start -->`` and ``<!-- NAME:end -->``, leaving the rest of the file as it is.
+
+    A page such as docs/results.md holds several studies' sections and hand-written text around
+    them: a report replaces its own section only. A file that does not exist is created holding
+    the marked section; a file that exists without both markers (once each, in order) is refused
+    with ``ValueError`` rather than overwritten. The file is replaced atomically."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n\n{text.strip()}\n{end}"
+    path = Path(path)
+    if path.exists():
+        old = path.read_text()
+        lines = old.splitlines()
+        if lines.count(start) != 1 or lines.count(end) != 1 \
+                or lines.index(start) > lines.index(end):
+            raise ValueError(f"{path} exists but does not hold the lines {start} ... {end} "
+                             "once each: the report writes only between them (add them where "
+                             "the section goes, or give a new file)")
+        i, j = lines.index(start), lines.index(end)
+        new = "\n".join(lines[:i] + [block] + lines[j + 1:]) + "\n"
+    else:
+        new = block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(new)
+    tmp.replace(path)
+
+
 def report_main(description: str, default_results: Path,
                 write_markdown: Callable[[Results, Optional[Path]], str],
                 write_plot: Callable[[Results, Path], bool],
-                argv: Optional[list[str]] = None) -> int:
+                argv: Optional[list[str]] = None, *, section: str) -> int:
     """A study report's command line: read ``--results``, write the plot ``--png`` when asked
     (``write_plot`` returns False when there is nothing to draw; the markdown then names no
-    plot) and the markdown fragment ``--md``."""
+    plot) and the markdown into ``--md`` as the marked section ``section``
+    (``write_section``). A page without the section's markers gives a one-line error and
+    exit status 2, the page untouched."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--results", default=str(default_results))
-    parser.add_argument("--md", required=True, help="Markdown fragment to write.")
+    parser.add_argument("--md", required=True,
+                        help=f"Markdown page: the report replaces only what lies between its "
+                        f"<!-- {section}:start/end --> lines (a new file is created).")
     parser.add_argument("--png", default=None, help="Plot to write (needs matplotlib).")
     args = parser.parse_args(argv)
     res = Results(json.loads(Path(args.results).read_text()))
     png = Path(args.png) if args.png else None
     if png is not None and not write_plot(res, png):
         png = None
-    Path(args.md).write_text(write_markdown(res, png) + "\n")
+    try:
+        write_section(Path(args.md), section, write_markdown(res, png))
+    except ValueError as e:
+        parser.exit(2, f"error: {e}\n")
     return 0
 
 

@@ -2,7 +2,8 @@
 
 The table in docs/results.md is generated; these tests recompute its numbers from the driver's
 results JSON with numpy (float64, sample std) and check the page says the same, that the issue's
-check is decided by the rule it states, and that a smoke-scale JSON is flagged as such.
+check is decided by the rule it states, and that a smoke-scale JSON is flagged as such; and
+that every report writes only its own marked section of the page.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import numpy as np
 import pytest
 
 from experiments.fashion_mnist import report
+from experiments.fashion_mnist_2 import report as report2
+from experiments.results import write_section
 
 REPO = Path(__file__).resolve().parent.parent
 STUDY = REPO / "experiments" / "fashion_mnist"
@@ -94,4 +97,43 @@ def test_smoke_results_are_flagged_and_carry_no_findings(tmp_path):
     _report().main(["--results", str(smoke), "--md", str(md_path),
                     "--png", str(tmp_path / "top1.png"), "--findings", str(findings)])
     md = md_path.read_text()
-    assert re.match(r"> \*\*SMOKE RUN", md) and "only for the full run" not in md
+    assert re.match(r"<!-- study1:start -->\n\n> \*\*SMOKE RUN", md)
+    assert "only for the full run" not in md
+
+
+def test_a_report_replaces_only_its_own_section(tmp_path):
+    page = tmp_path / "page.md"
+    write_section(page, "s", "first\n")
+    assert page.read_text() == "<!-- s:start -->\n\nfirst\n<!-- s:end -->\n"
+    page.write_text("# Title\nhand-written\n\n" + page.read_text() + "\nafter, by hand\n")
+    write_section(page, "s", "second")
+    write_section(page, "s", "second")   # idempotent
+    assert page.read_text() == ("# Title\nhand-written\n\n<!-- s:start -->\n\nsecond\n"
+                                "<!-- s:end -->\n\nafter, by hand\n")
+    for text in ("no markers here\n", "<!-- s:end -->\n<!-- s:start -->\n",
+                 "<!-- s:start -->\n<!-- s:start -->\n<!-- s:end -->\n"):
+        page.write_text(text)
+        with pytest.raises(ValueError, match="s:start"):
+            write_section(page, "s", "x")
+        assert page.read_text() == text
+
+
+def test_a_page_without_the_markers_is_refused_untouched(tmp_path, capsys):
+    page = tmp_path / "notes.md"
+    page.write_text("a page someone wrote\n")
+    for main in (report.main, report2.main):
+        with pytest.raises(SystemExit) as exc:
+            main(["--md", str(page)])   # each study's committed results
+        assert exc.value.code == 2
+        assert page.read_text() == "a page someone wrote\n"
+        assert "error:" in capsys.readouterr().err
+
+
+def test_the_results_page_holds_what_the_reports_write(tmp_path):
+    """docs/results.md's generated sections are the reports' output from the committed results
+    files, byte for byte; everything around them (summary, readings) is kept."""
+    page = tmp_path / "results.md"
+    page.write_text((REPO / "docs" / "results.md").read_text())
+    assert report.main(["--md", str(page), "--png", str(tmp_path / "results_top1.png")]) == 0
+    assert report2.main(["--md", str(page), "--png", str(tmp_path / "results2_top1.png")]) == 0
+    assert page.read_text() == (REPO / "docs" / "results.md").read_text()

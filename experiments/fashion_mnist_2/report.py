@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
 """Tables and the top-1-vs-steps plot of study 2 from its results JSON (partial runs too).
 
-    python experiments/fashion_mnist_2/report.py --md /tmp/fm2.md --png /tmp/fm2.png
+    python experiments/fashion_mnist_2/report.py --md docs/results.md --png docs/results2_top1.png
 
 Reads only ``run.py``'s results JSON, with the reader the reports share
 (``experiments/results.py``: ``Results.row_stats``, mean and sample std over the seeds that
-finished). It writes a markdown fragment: the section study 2 adds to ``docs/results.md`` once
-its numbers exist. Unfinished runs show as "-", and a row with fewer seeds than planned says so
+finished). It writes study 2's section of ``docs/results.md``, only between the page's
+``<!-- study2:start/end -->`` lines (``results.write_section``). Unfinished runs show as "-", and a row with fewer seeds than planned says so
 ("2/3"). No reading of the numbers is generated: that is written by hand after the run.
 """
 from __future__ import annotations
@@ -183,7 +183,7 @@ def write_plot(res: Results, png: Path) -> bool:
 
 def main(argv: Optional[list[str]] = None) -> int:
     return report_main(__doc__.split("\n\n")[0], HERE / "results" / "full.json",
-                       write_markdown, write_plot, argv)
+                       write_markdown, write_plot, argv, section="study2")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """Tables, rule verdicts and the top-1 plot of study 3 from its results JSON (partial runs too).
 
-    python experiments/fashion_mnist_3/report.py --md /tmp/fm3.md --png docs/results3_top1.png
+    python experiments/fashion_mnist_3/report.py --md docs/results.md --png docs/results3_top1.png
 
 Reads only ``run.py``'s results JSON, through the reader the reports share
-(``experiments/results.py``). It writes a markdown fragment, the section study 3 adds to
-``docs/results.md`` once its numbers exist: the grids, question 1's cells with bytes per view
+(``experiments/results.py``). It writes study 3's section of ``docs/results.md``, only between the page's
+``<!-- study3:start/end -->`` lines (``results.write_section``): the grids, question 1's cells with bytes per view
 (``ssld inspect --json``) and teacher-pass time, questions 2-4, and the verdicts of the rules
 the study's README fixed before its numbers (``run.compare``: clear when |diff| > max(0.5
 points, 2 SE)), computed from the seeds that finished. Unfinished runs show as "-". No reading
@@ -318,7 +318,7 @@ def write_plot(res: Results, png: Path) -> bool:
 
 def main(argv: Optional[list[str]] = None) -> int:
     return report_main(__doc__.split("\n\n")[0], HERE / "results" / "full.json",
-                       write_markdown, write_plot, argv)
+                       write_markdown, write_plot, argv, section="study3")
 
 
 if __name__ == "__main__":
