@@ -63,6 +63,9 @@ def _runtime(fn):
 @_field("student", required=True, help="timm model name (or a PaddleClas name).")
 @_field("stores", "--store", multiple=True, metavar="STORE",
         help="Label store to distil from; repeat for several (one training set).")
+@_field("store_roots", "--store-root", multiple=True, metavar="DIR",
+        help="Where the stores' images are now, if not at the root each store recorded (moved, "
+        "another mount): one for all stores, or one per --store in order.")
 @_field("data", metavar="SRC", help="Images for --supervised / --teacher without a store: "
         "class folder, unlabeled folder, list file or tar shards.")
 @_field("root", help="Root of a list-file --data.")

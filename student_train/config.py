@@ -25,7 +25,8 @@ EVAL_BATCH_SIZE = 256   # ssld eval's images per step (here: its module imports 
 
 # Options that may change between a run and its --resume without changing the result:
 # where the work runs and how many processes decode, not what is computed.
-RESUMABLE_CHANGES = frozenset({"resume", "num_workers", "threads", "bad_images", "progress"})
+RESUMABLE_CHANGES = frozenset({"resume", "num_workers", "threads", "bad_images", "progress",
+                               "store_roots"})
 
 
 # The method's learning rate for 256 images per step (the SSLD paper's recipes: MobileNetV1
@@ -50,6 +51,8 @@ class TrainConfig:
     student: str                          # timm name or PaddleClas name (MobileNetV3_large_x1_0)
     out: str                              # run directory: config.json, metrics.csv, *.pt, train.log
     stores: tuple[str, ...] = ()          # label stores; several form one training set
+    store_roots: tuple[str, ...] = ()     # their images' roots: none (each store's recorded
+                                          # dataset.root), one for all, or one per store
     data: Optional[str] = None            # image source for --supervised / --teacher without stores
     root: Optional[str] = None            # root of a list-file --data
     val: Optional[str] = None             # validation source (class folder, list file, shards)
@@ -164,6 +167,10 @@ class TrainConfig:
                              "(with --supervised or --teacher)")
         if self.stores and self.data:
             raise ValueError("give the training images either as --store or as --data, not both")
+        if self.store_roots and len(self.store_roots) not in (1, len(self.stores)):
+            raise ValueError(f"{len(self.store_roots)} --store-root for {len(self.stores)} "
+                             "--store: give one root for all stores, or one per --store, in "
+                             "the same order")
         if self.data and not (self.supervised or self.teacher):
             raise ValueError("--data has no teacher labels: distil from --store, or train "
                              "--supervised / with an online --teacher")
@@ -216,7 +223,7 @@ def _normalised(name: str, value: Any) -> Any:
         return None
     if name in _PATH_OPTIONS and "://" not in str(value):
         return os.path.abspath(str(value))
-    if name == "stores":
+    if name in ("stores", "store_roots"):
         return [os.path.abspath(str(v)) if "://" not in str(v) else str(v) for v in value]
     if isinstance(value, tuple):
         return list(value)

@@ -122,7 +122,7 @@ def build_data(cfg, env: D.DistEnv, data_config: dict[str, Any], *, log: logging
     the data must fit them; otherwise the stores (or the labeled source) set the count.
     """
     if cfg.stores:
-        samples = open_stores(cfg.stores, env=env)
+        samples = open_stores(cfg.stores, env=env, roots=cfg.store_roots or None)
     else:
         classes = None
         if teacher_classes is not None:  # the teacher's class space: folders match its names

@@ -97,7 +97,8 @@ def store_root(store) -> str:
     root = (store.attrs.get("dataset") or {}).get("root")
     if not root:
         raise ValueError(f"label store {store.path} records no dataset root "
-                         "(attrs['dataset']['root']): cannot find its images")
+                         "(attrs['dataset']['root']): give the folder its keys are relative "
+                         "to (train-student --store-root, StoreDataset(roots=))")
     return str(root)
 
 
@@ -128,8 +129,11 @@ def open_stores(paths: Sequence[str], *, env: D.DistEnv,
         valid = _valid_rows(store)
         root = store_root(store) if roots[number] is None else str(roots[number])
         if root_problem(root):
-            raise FileNotFoundError(f"label store {store.path}: its image root {root} does not "
-                                    "exist")
+            given = roots[number] is not None
+            raise FileNotFoundError(f"label store {store.path}: its image root {root} "
+                                    + ("(given) does not exist" if given else
+                                       "does not exist here; if its images moved, give their "
+                                       "folder (train-student --store-root)"))
         source = ImageSource(root)
         store_keys = store.keys
         _refuse_escaping_keys(store, store_keys[valid].tolist(), root)

@@ -173,11 +173,12 @@ def _check_out(cfg: TrainConfig) -> None:
     if is_store_dir(local):
         raise ValueError(f"--out {cfg.out} is a label store; a run directory must be another "
                          "folder (e.g. runs/student)")
-    roots, opened = [], []
+    roots, opened = list(cfg.store_roots), []
     for path in cfg.stores:
         try:
             opened.append(labelstore.open(path))
-            roots.append((opened[-1].attrs.get("dataset") or {}).get("root"))
+            if not cfg.store_roots:
+                roots.append((opened[-1].attrs.get("dataset") or {}).get("root"))
         except (ValueError, FileNotFoundError):
             pass  # reported with its own message when the data is built
     from .dataset import check_replayable
