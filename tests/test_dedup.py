@@ -279,6 +279,27 @@ def test_cli_dedup_out_that_cannot_be_written_is_refused_before_the_search(plant
         assert code == 2 and err.count("\n") == 1 and message in err, err
 
 
+
+def test_cli_dedup_is_refused_while_another_run_writes_the_same_list(planted, tmp_path, capsys,
+                                                                    monkeypatch):
+    """Two runs on one --out would append to the same stage-2 progress files: the second is
+    refused before its search (OUT.lock, as for every output), the first run's files kept."""
+    out = tmp_path / "pairs.tsv"
+    out.write_text("# ssld dedup: an earlier list\n")
+    args = ["dedup", "--query", planted["query"], "--pool", planted["pool"], "--out", str(out),
+            "--threshold", str(THRESHOLD), "--verify", "none", *ONE_THREAD]
+    with monkeypatch.context() as patch, labelstore.OutputLock(out, command="the other dedup"):
+        patch.setattr(_dedup_run, "search", lambda *a, **k: pytest.fail("searched"))
+        code = main(args)
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1, err
+        assert "being written by another ssld run" in err and "the other dedup" in err
+    assert out.read_text() == "# ssld dedup: an earlier list\n"
+    assert main(args) == 0, capsys.readouterr().err   # the lock is free again, and let go after
+    assert out.read_text().startswith("# ssld dedup:") and len(out.read_text().splitlines()) > 2
+    assert not Path(str(out) + ".lock").exists()
+
+
 # -- stage 1 on random embeddings: every path equals a brute-force float64 reference ---------
 
 def _embedding_store(path, embeddings, valid=None):

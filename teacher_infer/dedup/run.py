@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 
 import labelstore
-from labelstore import LabelStore, check_disjoint, check_output_file, local_path, read_text
+from labelstore import (LabelStore, OutputLock, check_disjoint, check_output_file, local_path,
+                        read_text)
 
 from ..roots import check_image_root
 from ..runtime import Dist, resolve_device, set_threads
@@ -180,10 +181,18 @@ def dedup(cfg: DedupConfig) -> DedupResult:
     device = resolve_device(cfg.device, dist)
     # object collectives only (stage 1 exchanges no tensors): gloo, whatever the device
     owns_group = dist.init(torch.device("cpu"), timeout=GROUP_TIMEOUT)
+    # one run per output: two runs would append to the same stage-2 progress files and
+    # replace each other's list (OUT.lock beside OUT; none for stdout or object storage)
+    lock = OutputLock(cfg.out, command="dedup") if cfg.out is not None and \
+        str(cfg.out) != "-" else None
     try:
+        if lock is not None:
+            dist.on_main(lock.acquire)  # the ranks of this run share the output
         return _run(cfg, query_store, pool_store, dist, roots, device,
                     workers=cfg.workers or threads)
     finally:
+        if lock is not None:
+            lock.release()
         if owns_group:
             dist.close()
 
