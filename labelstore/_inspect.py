@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import html
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -13,6 +14,32 @@ from ._paths import disk_bytes as _disk_bytes, human_size as _human
 
 # The arrays whose stored values ``label_sha256`` fingerprints: everything a student reads.
 FINGERPRINTED = ("labels",) + fmt.LABEL_ARRAYS
+
+
+def _teacher_ranges(store) -> list[dict[str, Any]] | None:
+    """Each row range's teacher (``LabelStore.row_teachers``) of a store whose rows come from
+    several teachers, as ``{"rows": [lo, hi], "model": name, "checkpoint": path or None}``;
+    None for a store of one teacher."""
+    ranges = store.row_teachers()
+    if len(ranges) < 2:
+        return None
+    out = []
+    for lo, hi, entry in ranges:
+        teacher = entry.get("teacher") or {}
+        if not isinstance(teacher, dict):
+            teacher = {"model": teacher}
+        out.append({"rows": [lo, hi], "model": teacher.get("model"),
+                    "checkpoint": teacher.get("checkpoint")})
+    return out
+
+
+def _teacher_text(teacher: str | None, teachers: list[dict[str, Any]] | None) -> str:
+    """One teacher's name, or every row range's: ``a (rows 0:1,000), b, w.pth (rows …)``."""
+    if not teachers:
+        return teacher or "-"
+    return ", ".join(f"{t['model'] or '-'}"
+                     + (f", {os.path.basename(t['checkpoint'])}" if t["checkpoint"] else "")
+                     + f" (rows {t['rows'][0]:,}:{t['rows'][1]:,})" for t in teachers)
 
 
 def _table(rows: list[tuple[str, Any]]) -> str:
@@ -35,6 +62,7 @@ class StoreInfo:
     embeddings: int | None
     complete: bool
     created: str | None
+    teachers: list[dict[str, Any]] | None = None   # per row range, when several (row_teachers)
 
     @classmethod
     def from_store(cls, store) -> "StoreInfo":
@@ -43,12 +71,14 @@ class StoreInfo:
                    classes=store.num_classes, chunk_rows=store.chunk_rows,
                    teacher=store.teacher_name, temperature=float(attrs.get("temperature", 1.0)),
                    embeddings=store.embedding_dim, complete=bool(attrs.get("complete")),
-                   created=attrs.get("created"))
+                   created=attrs.get("created"), teachers=_teacher_ranges(store))
 
     def _rows(self) -> list[tuple[str, Any]]:
         return [("Path", self.path), ("Rows", f"{self.rows:,}"), ("Views", self.views),
                 ("Top-k", self.topk), ("Classes", self.classes),
-                ("Chunk rows", f"{self.chunk_rows:,}"), ("Teacher", self.teacher or "-"),
+                ("Chunk rows", f"{self.chunk_rows:,}"),
+                ("Teachers" if self.teachers else "Teacher",
+                 _teacher_text(self.teacher, self.teachers)),
                 ("Temperature", self.temperature),
                 ("Embeddings", f"dim {self.embeddings}" if self.embeddings else "no"),
                 ("Complete", self.complete), ("Created", self.created or "-")]
@@ -98,6 +128,9 @@ class InspectReport:
     # stores of shard data (a ``tar`` array): rows whose image lies in a tar shard (the
     # others are image files); None for a store of image files
     rows_in_shards: int | None = None
+    # a store whose rows come from several teachers: each row range's (``teacher`` is the
+    # first's); None for a store of one teacher
+    teachers: list[dict[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -113,7 +146,8 @@ class InspectReport:
         counts = self.top1_counts
         rows = [
             ("Store", self.path), ("Rows", f"{self.rows:,}"), ("Views", self.views),
-            ("Top-k", self.topk), ("Classes", self.classes), ("Teacher", self.teacher or "-"),
+            ("Top-k", self.topk), ("Classes", self.classes),
+            ("Teachers" if self.teachers else "Teacher", _teacher_text(self.teacher, self.teachers)),
             ("Complete", self.complete), ("Missing rows", missing),
             ("Size on disk", _human(self.bytes_on_disk)),
             ("Bytes per row-view", "-" if self.bytes_per_row_view is None
@@ -247,7 +281,7 @@ def inspect_store(store, view: int = 0) -> InspectReport:
         label_sha256=None if digests is None else digests.result(store),
         augmentation=_augmentation(store.attrs.get("augment")) if records else None,
         record_bytes_per_view=_bytes_per_view(store, records), partners=store.partner_count,
-        logits=store.has_logits, rows_in_shards=in_shards)
+        logits=store.has_logits, rows_in_shards=in_shards, teachers=_teacher_ranges(store))
     return report
 
 

@@ -3,6 +3,8 @@ on fresh stores (plain and ensemble), fails on altered probabilities, on a chunk
 over zeros, with another checkpoint, and on a damaged chunk; --structure-only needs no teacher."""
 from __future__ import annotations
 
+import json
+import os
 import shutil
 
 import numpy as np
@@ -139,6 +141,18 @@ def test_a_merge_of_two_teachers_is_verified_row_range_by_row_range(
     first, second = (labelstore.open(p) for p in (stores["a"], other))
     assert [(lo, hi) for lo, hi, _ in ranges] == [(0, len(first)), (len(first), len(store))]
     assert [t["teacher"] for *_, t in ranges] == [first.attrs["teacher"], second.attrs["teacher"]]
+    # inspect and info name both teachers with their row ranges, not the first for all rows
+    shown = [{"rows": [lo, hi], "model": t["teacher"]["model"],
+              "checkpoint": t["teacher"]["checkpoint"]} for lo, hi, t in ranges]
+    report = labelstore.inspect_store(store)
+    assert report.teachers == shown and store.info.teachers == shown
+    assert main(["inspect", merged, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["teachers"] == shown
+    assert main(["inspect", merged]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("Teachers"))
+    for lo, hi, t in ranges:
+        assert f"{os.path.basename(t['teacher']['checkpoint'])} (rows {lo:,}:{hi:,})" in line
+    assert labelstore.inspect_store(first).teachers is None and first.info.teachers is None
     assert main(["verify", merged, "--sample", "100", "--threads", "1"]) == 0, \
         capsys.readouterr().out
 
