@@ -29,7 +29,7 @@ from . import _format as fmt
 from ._lock import OutputLock
 from ._paths import check_disjoint, check_replaceable, exists, real_path, unfinished_creation
 from ._progress import progress_bar
-from ._reader import LabelStore, open as open_store
+from ._reader import LabelStore, normalize_topk, open as open_store
 from ._writer import create
 
 RULES = ("mean", "geomean")
@@ -396,18 +396,15 @@ def _chunk(members: Sequence[LabelStore], weights: Sequence[float], rule: str, k
 
 def _smoothed(indices: np.ndarray, probs: np.ndarray, residual: np.ndarray, classes: int,
               candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """One member's dense row (``densify``: marginal smoothing, renormalised) at the
-    ``candidates`` (n, K) classes, and its shared value at every class outside its top-k."""
-    k = indices.shape[1]
-    probs = probs.astype(np.float64)
-    shared = (np.clip(residual.astype(np.float64), 0, None) / (classes - k) if classes > k
-              else np.zeros(len(probs)))
-    total = probs.sum(axis=1) + (classes - k) * shared
-    empty = total <= 0                     # no mass at all: uniform, as densify
-    probs[empty], shared[empty], total[empty] = 1.0 / classes, 1.0 / classes, 1.0
-    match = candidates[:, :, None] == indices[:, None, :].astype(np.int64)   # (n, K, k)
-    at = np.where(match.any(-1), (match * probs[:, None, :]).sum(-1), shared[:, None])
-    return at / total[:, None], shared / total
+    """One member's dense row (``densify``'s: ``normalize_topk``, then the tail shared evenly)
+    at the ``candidates`` (n, K) classes, and its shared value at every class outside its
+    top-k."""
+    ids, top, tail = normalize_topk(indices, probs, residual, classes)
+    rest = classes - (ids >= 0).sum(axis=1)
+    shared = np.where(rest > 0, tail / np.maximum(rest, 1), 0.0)
+    match = candidates[:, :, None] == ids[:, None, :]   # (n, K, k); ids -1 match nothing
+    at = np.where(match.any(-1), (match * top[:, None, :]).sum(-1), shared[:, None])
+    return at, shared
 
 
 def combine_top_k(tops: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],

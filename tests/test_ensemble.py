@@ -208,7 +208,7 @@ def test_train_student_runs_on_an_ensemble_store(image_folder, make_checkpoint, 
 def test_sparse_combination_equals_the_dense_one(rule, k_out):
     """combine_top_k works on the union of the members' top-k; it must equal the top-k of
     the dense combination, also when k exceeds the union (filler classes), k = C, members
-    share classes, and a row has no residual."""
+    share classes, a row has no residual, lists a class twice or has no mass at all."""
     rng = np.random.default_rng(k_out)
     n, classes = 50, 12
     tops, dense = [], []
@@ -220,6 +220,9 @@ def test_sparse_combination_equals_the_dense_one(rule, k_out):
         top = np.take_along_axis(probs, idx, axis=1).astype(np.float16).astype(np.float32)
         residual = np.clip(1 - top.sum(1), 0, 1).astype(np.float32)
         residual[:5] = 0.0        # all the mass in the top-k
+        if k_member == 3:         # rows as densify reads them: a class listed twice, and the
+            idx[5], top[5], residual[5] = [2, 2, 7], [0.3, 0.2, 0.1], 0.4   # fill of a row
+            idx[6], top[6], residual[6] = 0, 0.0, 0.0                       # never written
         tops.append((idx, top, residual))
         dense.append(labelstore.densify(idx, top, residual, classes).astype(np.float64))
     weights = [0.2, 0.5, 0.3]
