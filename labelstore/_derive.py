@@ -95,9 +95,10 @@ def check_augmentation(stores: Sequence[LabelStore]) -> None:
 
 def check_output(out: Any, stores: Sequence[LabelStore], *, overwrite: bool,
                  files: dict[str, Any] | None = None) -> None:
-    """Before any work: ``out`` overlaps no input (the stores and the ``files`` given), and an existing ``out`` is refused, or, with ``overwrite``, is a
-    label store ssld may replace (overwrite would otherwise delete an input or a
-    stranger's data at the end of a long run)."""
+    """Before any work: ``out`` overlaps no input (the stores and the ``files`` given),
+    and an existing ``out`` is refused, or, with ``overwrite``, is a label store ssld may
+    replace (overwrite would otherwise delete an input or a stranger's data at the end of
+    a long run)."""
     inputs: dict[str, Any] = {"one of the input stores": [s.path for s in stores]}
     inputs.update(files or {})
     check_disjoint(out, inputs)
@@ -466,8 +467,8 @@ def copy_rows(writer, store: LabelStore, rows: np.ndarray, start: int, *,
 
     Stored values are passed through unchanged, so the copy is bit-exact, but for
     ``mix_partners``, which ``remap`` (:class:`PartnerPlan`) moves to the output's rows
-    and partner table, and ``tar``, -1 for a store without it (:func:`with_fills`). Returns the next free output row. ``progress`` is a tqdm bar
-    advanced by rows copied.
+    and partner table, and ``tar``, -1 for a store without it (:func:`with_fills`). Returns
+    the next free output row. ``progress`` is a tqdm bar advanced by rows copied.
     """
     # Each call to the writer costs a done-flag update and up to two partial chunks,
     # whatever its size: label rows (~100 bytes) are copied COPY_BLOCKS read blocks at a

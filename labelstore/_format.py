@@ -583,8 +583,8 @@ def _check_teacher_rows(indices: np.ndarray, values: dict[str, Any], *, n: int, 
         residual = np.clip(1.0 - sums, 0.0, 1.0)
     residual = _as_array("residual", residual, (n, num_views), "f", "floating point")
     residual64 = residual.astype(np.float64)
-    if not np.all(np.isfinite(residual64)) or (n and (residual64.min() < 0
-                                                      or residual64.max() > 1 + PROB_SUM_TOLERANCE)):
+    if not np.all(np.isfinite(residual64)) or (
+            n and (residual64.min() < 0 or residual64.max() > 1 + PROB_SUM_TOLERANCE)):
         raise ValueError("residual must be finite and within [0, 1]")
 
     if boxes is None:
@@ -596,7 +596,8 @@ def _check_teacher_rows(indices: np.ndarray, values: dict[str, Any], *, n: int, 
         b = boxes.astype(np.float64)
         tol = 1.0 / BOX_SCALE
         if (not np.all(np.isfinite(b)) or (n and (b.min() < -tol or b.max() > 1 + tol))
-                or np.any(b[..., 0] + b[..., 2] > 1 + tol) or np.any(b[..., 1] + b[..., 3] > 1 + tol)):
+                or np.any(b[..., 0] + b[..., 2] > 1 + tol)
+                or np.any(b[..., 1] + b[..., 3] > 1 + tol)):
             raise ValueError("boxes must be (y0, x0, h, w) fractions inside the image [0, 1]")
         stored_boxes = quantize_boxes(b)
 

@@ -147,7 +147,8 @@ class InspectReport:
         rows = [
             ("Store", self.path), ("Rows", f"{self.rows:,}"), ("Views", self.views),
             ("Top-k", self.topk), ("Classes", self.classes),
-            ("Teachers" if self.teachers else "Teacher", _teacher_text(self.teacher, self.teachers)),
+            ("Teachers" if self.teachers else "Teacher",
+             _teacher_text(self.teacher, self.teachers)),
             ("Complete", self.complete), ("Missing rows", missing),
             ("Size on disk", _human(self.bytes_on_disk)),
             ("Bytes per row-view", "-" if self.bytes_per_row_view is None

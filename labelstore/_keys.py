@@ -6,9 +6,9 @@ count m, then per key its uint32 UTF-8 length and its bytes; then the array's by
 converts every key between numpy string dtypes and Python objects several times and encodes
 it one by one, about 1 µs per key; here all keys are joined and encoded once (one C call) and
 each chunk is laid out with a few numpy operations, then compressed and checksummed with the
-codecs of the array's own metadata and put on the store, chunks concurrently. The stored bytes are those zarr
-writes (the tests compare them), so zarr, xarray and every earlier reader read these stores
-as before. Arrays with other codecs go through zarr unchanged.
+codecs of the array's own metadata and put on the store, chunks concurrently. The stored bytes
+are those zarr writes (the tests compare them), so zarr, xarray and every earlier reader read
+these stores as before. Arrays with other codecs go through zarr unchanged.
 """
 from __future__ import annotations
 

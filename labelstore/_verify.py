@@ -112,8 +112,9 @@ def verify(store: Any, *, atol: float = ATOL, min_agreement: float = MIN_AGREEME
            ) -> VerifyResult:
     """Check the structure of ``store`` (path or reader); returns a :class:`VerifyResult`
     (``.ok``, ``.problems``). A damaged store is a failed verification, not an exception.
-    The teacher half is ``teacher_infer.verify`` (teacher_infer/recompute.py: it needs torch and timm), which starts
-    with this; ``atol`` / ``min_agreement`` are its tolerances, recorded in the result.
+    The teacher half is ``teacher_infer.verify`` (teacher_infer/recompute.py: it needs torch
+    and timm), which starts with this; ``atol`` / ``min_agreement`` are its tolerances,
+    recorded in the result.
     """
     if not 0 <= atol <= 1:
         raise ValueError(f"--atol must be in [0, 1], got {atol}")
