@@ -9,7 +9,8 @@ from teacher_infer.cli_options import (config_option, device_option, json_option
                                        progress_option, threads_option)
 from teacher_infer.runtime import Dist
 
-from .config import DECODERS, EVAL_BATCH_SIZE, TrainConfig  # no torch import: `ssld --help` stays instant
+# no torch import: `ssld --help` stays instant
+from .config import DECODERS, EVAL_BATCH_SIZE, TrainConfig
 
 commands: list[click.Command] = []
 

@@ -13,10 +13,10 @@ from .metrics import EvalResult
 
 
 def evaluate(model: str, checkpoint: str, data: str, *, root: Optional[str] = None,
-             input_size: Optional[int] = None, batch_size: int = EVAL_BATCH_SIZE, device: str = "auto",
-             decoder: str = "auto", precision: str = "auto", num_workers: Optional[int] = None,
-             channels_last: Optional[bool] = None, threads: Optional[int] = None,
-             progress: bool = True) -> EvalResult:
+             input_size: Optional[int] = None, batch_size: int = EVAL_BATCH_SIZE,
+             device: str = "auto", decoder: str = "auto", precision: str = "auto",
+             num_workers: Optional[int] = None, channels_last: Optional[bool] = None,
+             threads: Optional[int] = None, progress: bool = True) -> EvalResult:
     """Evaluate ``checkpoint`` (a train-student checkpoint or a plain state dict) on ``data``.
 
     Images get the model's evaluation preprocessing (resize + center crop at its crop_pct) at

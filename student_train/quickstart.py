@@ -334,8 +334,8 @@ def _infer(cfg: QuickstartConfig, data: PreparedDataset, steps: _Steps, checkpoi
     out = str(out)
     settings = dict(model=TEACHER, checkpoint=checkpoint, data=source, root=data.root, out=out,
                     topk=cfg.topk, seed=cfg.seed, crop_scale=CROP_SCALE, batch_size=256,
-                    class_names=data.class_names, decoder=_teacher_decoder(), precision="fp32", **PREPROCESSING,
-                    **{**_runtime(cfg), **options})
+                    class_names=data.class_names, decoder=_teacher_decoder(), precision="fp32",
+                    **PREPROCESSING, **{**_runtime(cfg), **options})
 
     def label(mode: str):
         # resume: infer-teacher continues the store an interrupted run left; fresh: replace it

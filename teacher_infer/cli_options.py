@@ -78,7 +78,8 @@ def threads_option(config: Callable) -> Callable:
     default, _ = _default_and_metadata(config, "threads")
     return config_option(config, "threads", type=click.IntRange(min=1), help=(
         "CPU threads per process: torch, OpenMP, BLAS, OpenCV"
-        + (" (default: $SSLD_THREADS when set, else the CPUs available per rank)" if default is None else "")
+        + (" (default: $SSLD_THREADS when set, else the CPUs available per rank)"
+           if default is None else "")
         + ". 1 is fastest when other jobs share the cores."))
 
 

@@ -24,7 +24,8 @@ class InferConfig:
     model: str                          # timm name, "arch.tag", or a PaddleClas name
     data: str | None                    # class folder, unlabeled folder, list file, or tar shards
     out: str                            # label store to write (NAME.zarr)
-    root: str | None = None             # list files: paths are relative to this (default: its folder)
+    # list files: paths are relative to this (default: its folder)
+    root: str | None = None
     # force the data-source kind when a folder is ambiguous
     source: str = field(default="auto", metadata={"choices": SOURCES})
     checkpoint: str | None = None       # state dict / training checkpoint (.pth, .pt, .safetensors)
@@ -61,7 +62,8 @@ class InferConfig:
     compile: bool = False               # torch.compile the forward
     num_workers: int | None = None      # DataLoader workers per rank; None = from the CPU count
     threads: int | None = None          # CPU threads per rank; None = the CPUs per rank
-    chunk_rows: int | None = None       # rows per store chunk (a rank's unit of work); None = labelstore.DEFAULT_CHUNK_ROWS
+    # rows per store chunk (a rank's unit of work); None = labelstore.DEFAULT_CHUNK_ROWS
+    chunk_rows: int | None = None
     embeddings: bool = False            # also store pooled pre-logit features of view 0
     store_logits: bool = False          # also store each view's top-k logits + log-partition
 

@@ -134,7 +134,8 @@ def cached_pretrained_file(pretrained_cfg: dict[str, Any]) -> str | None:
     url = pretrained_cfg.get("url")
     if url:
         import torch
-        cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path))
+        cached = os.path.join(torch.hub.get_dir(), "checkpoints",
+                              os.path.basename(urlparse(url).path))
         if os.path.isfile(cached):
             return cached
     return None

@@ -10,7 +10,8 @@ set V, and written as PNG files::
     OUT/images/pool/<split>_<index>.png                 unlabeled: no class folders
     OUT/images/val/<k_name>/<split>_<index>.png
     OUT/labeled.txt  OUT/pool.txt  OUT/val.txt          PaddleClas lists, relative to OUT/images
-    OUT/pool_labels.txt                                 the hidden pool labels, for final reports only
+    OUT/pool_labels.txt                                 the hidden pool labels, for final
+                                                        reports only
     OUT/classes.txt  OUT/meta.json
 
 Class folders are named ``<label>_<name>`` so that their sorted order is the label order

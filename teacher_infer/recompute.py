@@ -31,7 +31,8 @@ from .roots import check_image_root
 WORST_SHOWN = 5   # worst rows listed
 
 
-def verify(store: Any, *, sample: int = VERIFY_SAMPLE, checkpoint: Sequence[str] | str | None = None,
+def verify(store: Any, *, sample: int = VERIFY_SAMPLE,
+           checkpoint: Sequence[str] | str | None = None,
            seed: int = VERIFY_SEED, root: str | None = None, device: str = "auto",
            decoder: str | None = None, atol: float | None = None,
            min_agreement: float | None = None, batch_size: int | None = None,

@@ -1,7 +1,8 @@
 """Near-duplicates of a query set (e.g. the validation set) inside a pool: ``ssld dedup``.
 
 >>> from teacher_infer.dedup import DedupConfig, dedup
->>> result = dedup(DedupConfig(query="val.zarr", pool="pool.zarr", out="dups.tsv"))  # doctest: +SKIP
+>>> result = dedup(DedupConfig(query="val.zarr", pool="pool.zarr",
+...                            out="dups.tsv"))  # doctest: +SKIP
 
 Stage 1 (:mod:`.search`) is an exact cosine search of the stored teacher embeddings with torch
 on the CPU or a GPU; stage 2 (:mod:`.sift`) confirms candidates on the images with SIFT and a

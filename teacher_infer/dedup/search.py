@@ -175,19 +175,20 @@ def require_embeddings(store: LabelStore, role: str) -> None:
 
 
 def search(query: LabelStore, pool: LabelStore, *, threshold: float = DEFAULT_THRESHOLD,
-           top_m: int = DEFAULT_TOP_M, device: str = "auto", precision: str = "auto", query_batch: int = 4096,
-           pool_batch: int | None = None, part: tuple[int, int] | None = None,
-           progress: bool = False) -> Candidates:
+           top_m: int = DEFAULT_TOP_M, device: str = "auto", precision: str = "auto",
+           query_batch: int = 4096, pool_batch: int | None = None,
+           part: tuple[int, int] | None = None, progress: bool = False) -> Candidates:
     """Stage 1: per query row, the ``top_m`` pool rows with cosine >= ``threshold``.
 
     The result is exact and the same on every ``device`` (see the module doc):
     ``"auto"``, ``"cpu"`` or ``"cuda"`` (``teacher_infer.runtime.resolve_device``; or a
     ``torch.device`` resolved already) run the torch path (queries held on the device,
-    running top-K per query there); ``"numpy"`` runs the float32-BLAS reference. ``precision`` is the dtype of the torch products
-    (``teacher_infer.runtime.resolve_precision``: ``"auto"`` is bf16 on CUDA, fp32 on the
-    CPU; ``"bf16"`` is fast on CPUs with AVX512-BF16/AMX); it changes the speed, not the
-    result. Rows with ``valid=False`` or an all-zero embedding take no part (the latter,
-    when valid, are listed in the result's ``unusable_queries`` / ``unusable_pool``).
+    running top-K per query there); ``"numpy"`` runs the float32-BLAS reference. ``precision``
+    is the dtype of the torch products (``teacher_infer.runtime.resolve_precision``:
+    ``"auto"`` is bf16 on CUDA, fp32 on the CPU; ``"bf16"`` is fast on CPUs with
+    AVX512-BF16/AMX); it changes the speed, not the result. Rows with ``valid=False`` or an
+    all-zero embedding take no part (the latter, when valid, are listed in the result's
+    ``unusable_queries`` / ``unusable_pool``).
     ``pool_batch`` sets the pool rows per matrix product (default: the score matrix
     stays under 256 MiB on the CPU, 2 GiB on CUDA; 16384 rows for numpy, with
     ``query_batch`` queries per product); ``part=(i, n)`` searches only every n-th

@@ -2,9 +2,9 @@
 
 SIFT keypoints (OpenCV) of both images, Lowe's ratio test, and a RANSAC homography: a pair is
 a duplicate when enough matches agree with one homography. Images are read through
-``teacher_infer.ImageSource`` (files, or byte ranges of tar shards for stores of shard data). Under ``torchrun`` the ranks share
-the pairs (whole queries each); the results go to progress files beside the output as each
-query is done, so a killed run resumes (:class:`Progress`).
+``teacher_infer.ImageSource`` (files, or byte ranges of tar shards for stores of shard data).
+Under ``torchrun`` the ranks share the pairs (whole queries each); the results go to progress
+files beside the output as each query is done, so a killed run resumes (:class:`Progress`).
 """
 from __future__ import annotations
 

@@ -5,7 +5,8 @@ Every entry point that computes (``teacher_infer.run``, ``teacher_infer.verify``
 config's ``threads`` before any work, so ``--threads N`` and ``threads=N`` from Python do the
 same. ``None`` (the default) is the environment variable ``SSLD_THREADS`` when it is set (a
 driver that runs many ssld commands, like the studies in experiments/, sets it once), else the
-CPUs available to this rank (:func:`.cpus_per_rank`): on a GPU node of one's own, dedup's SIFT stage and every other CPU stage use the cores they have.
+CPUs available to this rank (:func:`.cpus_per_rank`): on a GPU node of one's own, dedup's SIFT
+stage and every other CPU stage use the cores they have.
 Where the cores are shared with other jobs, threads wait for each other at every parallel
 region: on a 2-core machine with one other CPU-bound process, a resnet18 training step at 32 px
 ran at 7 images/s with 2 torch threads and at 168 with 1 (docs/benchmarks.md, "The quickstart";

@@ -1,7 +1,8 @@
 """WebDataset tar shards as a data source: resolve, list, index and read by byte range.
 
 >>> from teacher_infer import shards
->>> found = shards.find_shard_samples("/data/in22k/imagenet22k-train-{0000..4095}.tar")  # doctest: +SKIP
+>>> found = shards.find_shard_samples(
+...     "/data/in22k/imagenet22k-train-{0000..4095}.tar")                   # doctest: +SKIP
 >>> found.keys[0], found.labels[0]                                          # doctest: +SKIP
 ('imagenet22k-train-0000.tar/n01440764_10026', 0)
 >>> image_bytes = found.reader().read(found.keys[0], found.tar[0])          # doctest: +SKIP

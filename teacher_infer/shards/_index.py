@@ -96,7 +96,8 @@ def _read_manifest(out: str) -> dict | None:
     except FileNotFoundError:
         return None
     manifest = load_json(raw, path)
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+    if (not isinstance(manifest, dict) or manifest.get("format") != FORMAT
+            or manifest.get("version") != VERSION):
         raise ValueError(f"{path} is not an ssld shard index of version {VERSION}")
     return manifest
 
