@@ -204,9 +204,11 @@ def end_to_end(args, data: str, out: str, decoder: str, cfg=None) -> dict:
     details = summary.details
     loop = details["loop_s"]
     rest = loop - details["wait_s"] - details["compute_s"]
-    return {"img_s": summary.images_per_s, "loop_s": loop, "wait_pct": 100 * details["wait_s"] / loop,
-            "compute_pct": 100 * details["compute_s"] / loop, "store_pct": 100 * details["store_s"] / loop,
-            "overhead_pct": 100 * rest / loop, "images": summary.images, "failures": summary.failures,
+    return {"img_s": summary.images_per_s, "loop_s": loop,
+            "wait_pct": 100 * details["wait_s"] / loop,
+            "compute_pct": 100 * details["compute_s"] / loop,
+            "store_pct": 100 * details["store_s"] / loop, "overhead_pct": 100 * rest / loop,
+            "images": summary.images, "failures": summary.failures,
             "workers": details["num_workers"], "store_bytes": summary.store_bytes}
 
 

@@ -627,8 +627,9 @@ def part_dedup(rec: Recorder, cfg: dict, ctx) -> None:
 
 
 PART_FUNCTIONS = {"env": part_env, "images": part_images, "teacher": part_teacher,
-                  "shards": part_shards, "agreement": part_agreement, "precision": part_precision, "train": part_train,
-                  "quickstart": part_quickstart, "dedup": part_dedup, "augment": part_augment}
+                  "shards": part_shards, "agreement": part_agreement, "precision": part_precision,
+                  "train": part_train, "quickstart": part_quickstart, "dedup": part_dedup,
+                  "augment": part_augment}
 
 
 # -- the driver -------------------------------------------------------------------------

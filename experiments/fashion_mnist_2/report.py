@@ -6,8 +6,9 @@
 Reads only ``run.py``'s results JSON, with the reader the reports share
 (``experiments/results.py``: ``Results.row_stats``, mean and sample std over the seeds that
 finished). It writes study 2's section of ``docs/results.md``, only between the page's
-``<!-- study2:start/end -->`` lines (``results.write_section``). Unfinished runs show as "-", and a row with fewer seeds than planned says so
-("2/3"). No reading of the numbers is generated: that is written by hand after the run.
+``<!-- study2:start/end -->`` lines (``results.write_section``). Unfinished runs show as "-",
+and a row with fewer seeds than planned says so ("2/3"). No reading of the numbers is
+generated: that is written by hand after the run.
 """
 from __future__ import annotations
 
@@ -59,7 +60,8 @@ def write_markdown(res: Results, png: Optional[Path]) -> str:
                        ("choose_tune_ssld", "SSLD student")):
         ch = res.result(key)
         if ch:
-            grid = ", ".join(f"lr {g['lr']:g}: {pct(g['dev_top1'], 1)}" for g in ch["grid"].values())
+            grid = ", ".join(f"lr {g['lr']:g}: {pct(g['dev_top1'], 1)}"
+                             for g in ch["grid"].values())
             w(f"- Chosen on dev for the {label}: lr {ch['lr']:g}, wd {ch['weight_decay']:g} "
               f"(dev top-1: {grid}).")
     w("")

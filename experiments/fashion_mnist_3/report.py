@@ -4,12 +4,13 @@
     python experiments/fashion_mnist_3/report.py --md docs/results.md --png docs/results3_top1.png
 
 Reads only ``run.py``'s results JSON, through the reader the reports share
-(``experiments/results.py``). It writes study 3's section of ``docs/results.md``, only between the page's
-``<!-- study3:start/end -->`` lines (``results.write_section``): the grids, question 1's cells with bytes per view
-(``ssld inspect --json``) and teacher-pass time, questions 2-4, and the verdicts of the rules
-the study's README fixed before its numbers (``run.compare``: clear when |diff| > max(0.5
-points, 2 SE)), computed from the seeds that finished. Unfinished runs show as "-". No reading
-of the numbers is generated: that is written by hand after the run.
+(``experiments/results.py``). It writes study 3's section of ``docs/results.md``, only between
+the page's ``<!-- study3:start/end -->`` lines (``results.write_section``): the grids,
+question 1's cells with bytes per view (``ssld inspect --json``) and teacher-pass time,
+questions 2-4, and the verdicts of the rules the study's README fixed before its numbers
+(``run.compare``: clear when |diff| > max(0.5 points, 2 SE)), computed from the seeds that
+finished. Unfinished runs show as "-". No reading of the numbers is generated: that is written
+by hand after the run.
 """
 from __future__ import annotations
 
