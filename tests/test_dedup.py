@@ -182,7 +182,8 @@ def test_planted_duplicates_are_found_without_false_positives(planted, found):
     assert lines[1] == "# pool_key\tquery_key\tcosine\tinliers"
     fields = [line.split("\t") for line in lines[2:]]
     assert len(fields) == len(found) and all(len(f) == 4 for f in fields)
-    assert all(float(f[2]) >= THRESHOLD and int(f[3]) >= _dedup_sift.DEFAULT_MIN_INLIERS for f in fields)
+    assert all(float(f[2]) >= THRESHOLD and int(f[3]) >= _dedup_sift.DEFAULT_MIN_INLIERS
+               for f in fields)
 
 
 def test_stage_one_matches_a_full_similarity_matrix(planted):
@@ -227,7 +228,8 @@ def test_sift_rejects_unrelated_images_and_accepts_edited_copies(tmp_path, seed)
                        ("c.png", cv2.imencode(".png", other)[1].tobytes())):
         (tmp_path / name).write_bytes(data)
         features[name] = _dedup_sift.sift_features(str(tmp_path / name))
-    assert _dedup_sift.count_inliers(features["a.png"], features["b.jpg"]) >= _dedup_sift.DEFAULT_MIN_INLIERS
+    assert (_dedup_sift.count_inliers(features["a.png"], features["b.jpg"])
+            >= _dedup_sift.DEFAULT_MIN_INLIERS)
     unrelated = _dedup_sift.count_inliers(features["a.png"], features["c.png"])
     assert unrelated < _dedup_sift.DEFAULT_MIN_INLIERS / 2
     assert _dedup_sift.sift_features(str(tmp_path / "missing.jpg")) is None
@@ -366,9 +368,10 @@ def test_stage_one_is_exact_on_every_path(random_stores, monkeypatch, threshold,
     runs = {
         "numpy": _dedup_search.search(query, pool, threshold=threshold, top_m=top_m, device="numpy",
                                pool_batch=250, query_batch=7),
-        "torch cpu": _dedup_search.search(query, pool, threshold=threshold, top_m=top_m, device="cpu"),
-        "torch cpu, blocks of 97": _dedup_search.search(query, pool, threshold=threshold, top_m=top_m,
-                                                 device="cpu", pool_batch=97),
+        "torch cpu": _dedup_search.search(query, pool, threshold=threshold, top_m=top_m,
+                                          device="cpu"),
+        "torch cpu, blocks of 97": _dedup_search.search(query, pool, threshold=threshold,
+                                                        top_m=top_m, device="cpu", pool_batch=97),
         "torch fp16 (the CUDA path)": _dedup_search.search_torch(
             query, pool, threshold=threshold, top_m=top_m, device="cpu", pool_batch=500,
             precision="fp16"),
@@ -558,7 +561,8 @@ def test_killed_stage_two_resumes_from_the_progress_file(planted, found, tmp_pat
         handle.write(b"12\t3")
 
     calls.clear()
-    monkeypatch.setattr(_dedup_sift, "count_inliers", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(_dedup_sift, "count_inliers",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
     result = dedup(planted["query"], planted["pool"], str(out), **options)
     assert result.resumed_pairs == len(recorded) - 1
     assert len(calls) == result.candidates - result.resumed_pairs     # only the rest

@@ -119,14 +119,16 @@ def test_the_site_builds_strict(tmp_path):
 
 def _tiny_site(root: Path, readme: str) -> Path:
     (root / "docs").mkdir(parents=True)
-    (root / "docs" / "guide.md").write_text("# Guide\n\n## Part one\n\nBack [home](../README.md).\n")
+    (root / "docs" / "guide.md").write_text("# Guide\n\n## Part one\n\n"
+                                            "Back [home](../README.md).\n")
     (root / "study").mkdir()
     (root / "study" / "README.md").write_text("# Study\n\nSee [the guide](../docs/guide.md) "
                                               "and [the script](run.py).\n")
     (root / "study" / "run.py").write_text("print('hi')\n")
     (root / "README.md").write_text(readme)
     config = root / "mkdocs.yml"
-    config.write_text(f"site_name: t\ndocs_dir: docs\nhooks:\n  - {REPO / 'tools' / 'mkdocs_hooks.py'}\n"
+    config.write_text("site_name: t\ndocs_dir: docs\n"
+                      f"hooks:\n  - {REPO / 'tools' / 'mkdocs_hooks.py'}\n"
                       "validation:\n  anchors: warn\n  omitted_files: warn\n"
                       "nav:\n  - index.md\n  - guide.md\n")
     return config

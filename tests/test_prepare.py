@@ -26,7 +26,8 @@ def fake_fashion(tmp_path):
     rng = np.random.default_rng(0)
     src = tmp_path / "idx"
     src.mkdir()
-    arrays = {"train_labels": np.repeat(np.arange(10), 50), "test_labels": np.repeat(np.arange(10), 20)}
+    arrays = {"train_labels": np.repeat(np.arange(10), 50),
+              "test_labels": np.repeat(np.arange(10), 20)}
     arrays["train_images"] = rng.integers(0, 256, (500, 28, 28))
     arrays["test_images"] = rng.integers(0, 256, (200, 28, 28))
     for name, file in FASHION_MNIST_FILES.items():
@@ -80,7 +81,8 @@ def test_digits_split(tmp_path):
     layout = prepare_digits(tmp_path / "digits", labeled_per_class=3, val_per_class=10)
     assert (layout.num_labeled, layout.num_val, layout.num_classes) == (30, 100, 10)
     assert layout.num_labeled + layout.num_pool + layout.num_val == 1797
-    keys = [k for k, *_ in read_list(layout.labeled) + read_list(layout.pool) + read_list(layout.val)]
+    keys = [k for k, *_ in (read_list(layout.labeled) + read_list(layout.pool)
+                            + read_list(layout.val))]
     assert len(set(keys)) == 1797
     image = Image.open(Path(layout.root) / keys[0])
     assert image.size == (8, 8) and image.mode == "L"

@@ -160,7 +160,8 @@ def test_losses_give_the_same_value_and_gradient_on_sparse_and_dense_targets(nam
     """float64 logits and a float64 dense reference built by hand; rows with no mass, a
     one-hot row, a row with residual 0, and k = C among them."""
     sparse, dense64 = _sparse_and_dense(classes, k, seed=classes * k)
-    logits = torch.randn(8, classes, dtype=torch.float64, generator=torch.Generator().manual_seed(k)) * 3
+    logits = torch.randn(8, classes, dtype=torch.float64,
+                         generator=torch.Generator().manual_seed(k)) * 3
     values, grads = [], []
     for target in (sparse, dense64, sparse.dense()):
         x = logits.clone().requires_grad_(True)

@@ -133,7 +133,8 @@ def test_pretrained_from_the_hub_cache(make_checkpoint, tmp_path, monkeypatch):
     hub = tmp_path / "hub"
     import timm
 
-    repo = hub / f"models--{timm.models.get_pretrained_cfg(TINY_MODEL).hf_hub_id.replace('/', '--')}"
+    hf_hub_id = timm.models.get_pretrained_cfg(TINY_MODEL).hf_hub_id
+    repo = hub / f"models--{hf_hub_id.replace('/', '--')}"
     snapshot = repo / "snapshots" / ("0" * 40)
     snapshot.mkdir(parents=True)
     (repo / "refs").mkdir()

@@ -401,8 +401,8 @@ def test_init_from_another_architecture_is_one_line_naming_the_parameter(images,
     code = cli_train(tmp_path / "run", [store(images, "ok")], "--init", str(other))
     err = capsys.readouterr().err.strip().splitlines()  # after the data log lines: one line
     assert code == 2 and not any("Traceback" in line for line in err), err
-    assert err[-1].startswith(f"ssld: error: --init {other} does not fit test_resnet: conv1.0.weight "
-                          "has shape")
+    assert err[-1].startswith(f"ssld: error: --init {other} does not fit test_resnet: "
+                              "conv1.0.weight has shape")
     assert_nothing_trained(str(tmp_path / "run"))
 
 
