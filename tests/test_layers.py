@@ -137,3 +137,24 @@ def test_every_public_name_has_its_reason_in_the_architecture_map(package):
     missing = [name for name in importlib.import_module(package).__all__
                if f"`{name}`" not in section]
     assert missing == []
+
+
+MAX_LINE = 100  # the project's line length, in characters
+
+
+def test_no_line_of_a_tracked_python_file_is_longer_than_the_line_length():
+    """Every line of every git-tracked ``*.py`` file is at most MAX_LINE characters (not
+    bytes: ``µ`` or ``×`` count one), the newline not counted."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--", "*.py"], cwd=REPO,
+                            capture_output=True, text=True, check=True, timeout=60).stdout
+    paths = [REPO / name for name in listed.split("\0") if name]
+    assert REPO / "tests" / "test_layers.py" in paths  # the listing found the code base
+    long = []
+    for path in paths:
+        if not path.exists():  # deleted in the work tree, not yet in the index
+            continue
+        for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
+            width = len(line.removesuffix("\r"))
+            if width > MAX_LINE:
+                long.append(f"{path.relative_to(REPO)}:{number}: {width} characters")
+    assert long == [], f"lines longer than {MAX_LINE} characters:\n" + "\n".join(long)
