@@ -1,5 +1,7 @@
 """The layering (docs/architecture.md), checked: import-linter's contracts in setup.cfg, what the
-store library imports when it runs, and that nothing imports another package's private names.
+store library imports when it runs, that nothing imports another package's private names, that
+docs/architecture.md names every public name, and that no line of a tracked Python file is longer
+than 100 characters (the project's line length, also in setup.cfg's [flake8] section).
 
 CI runs ``python -m pytest``, so a broken contract fails CI like any other test.
 """
