@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 __all__ = ["Results", "fmt_seconds", "mean_std", "pct", "report_main", "save_figure",
-           "seeds_cell", "top1_cell", "write_section"]
+           "seeds_cell", "top1_cell", "write_page", "write_section"]
 
 
 def pct(x: Optional[float], digits: int = 2) -> str:
@@ -136,11 +136,17 @@ def report_main(description: str, default_results: Path,
     png = Path(args.png) if args.png else None
     if png is not None and not write_plot(res, png):
         png = None
+    write_page(parser, Path(args.md), section, write_markdown(res, png))
+    return 0
+
+
+def write_page(parser: argparse.ArgumentParser, md: Path, section: str, text: str) -> None:
+    """``write_section`` for a report's command line: a page it refuses ends the command with
+    one line and exit status 2 (``parser.exit``), the page untouched."""
     try:
-        write_section(Path(args.md), section, write_markdown(res, png))
+        write_section(md, section, text)
     except ValueError as e:
         parser.exit(2, f"error: {e}\n")
-    return 0
 
 
 def save_figure(fig: Any, png: Path) -> bool:

@@ -167,6 +167,9 @@ class TrainConfig:
                              "(with --supervised or --teacher)")
         if self.stores and self.data:
             raise ValueError("give the training images either as --store or as --data, not both")
+        if self.store_roots and not self.stores:
+            raise ValueError("--store-root says where a --store's images are; --data images "
+                             "are found through --data and --root")
         if self.store_roots and len(self.store_roots) not in (1, len(self.stores)):
             raise ValueError(f"{len(self.store_roots)} --store-root for {len(self.stores)} "
                              "--store: give one root for all stores, or one per --store, in "

@@ -129,11 +129,12 @@ def open_stores(paths: Sequence[str], *, env: D.DistEnv,
         valid = _valid_rows(store)
         root = store_root(store) if roots[number] is None else str(roots[number])
         if root_problem(root):
-            given = roots[number] is not None
-            raise FileNotFoundError(f"label store {store.path}: its image root {root} "
-                                    + ("(given) does not exist" if given else
-                                       "does not exist here; if its images moved, give their "
-                                       "folder (train-student --store-root)"))
+            if roots[number] is not None:
+                raise FileNotFoundError(f"the image root {root} given for label store "
+                                        f"{store.path} does not exist")
+            raise FileNotFoundError(f"label store {store.path}: its image root {root} does not "
+                                    "exist here; if its images moved, give their folder "
+                                    "(train-student --store-root)")
         source = ImageSource(root)
         store_keys = store.keys
         _refuse_escaping_keys(store, store_keys[valid].tolist(), root)

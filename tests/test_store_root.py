@@ -75,13 +75,19 @@ def test_a_wrong_store_root_is_refused(store, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     for extra, fragment in ((["--store-root", empty], "images are missing"),
-                            (["--store-root", tmp_path / "nowhere"], "does not exist"),
+                            (["--store-root", tmp_path / "nowhere"], "given for label store"),
                             (["--store-root", images, "--store-root", images],
                              "2 --store-root for 1 --store")):
         code, err = _run(capsys, _train(path, tmp_path / "run", *extra))
         assert code == 2 and len(err.splitlines()) == 1, err
         assert fragment in err, err
         assert not (tmp_path / "run").exists()
+    supervised = ["train-student", "--student", TINY_MODEL, "--supervised", "--data", images,
+                  "--store-root", images, "--out", tmp_path / "run", "--device", "cpu",
+                  "--threads", 1]
+    code, err = _run(capsys, supervised)   # --data images are not a store's: refused, not ignored
+    assert code == 2 and len(err.splitlines()) == 1 and "--store-root" in err, err
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_killed_run_resumes_with_the_images_moved(store, tmp_path, capsys, monkeypatch):

@@ -25,7 +25,7 @@ if __package__ in (None, ""):  # run as a script: the checkout's `experiments` p
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from experiments.results import (Results, fmt_seconds, pct, top1_cell,  # noqa: E402
-                                 write_section)
+                                 write_page)
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -288,10 +288,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     findings_file = Path(args.findings)
     findings = findings_file.read_text() if not smoke and findings_file.exists() else None
     text, plotted = write_markdown(res, png, source, findings)
-    try:
-        write_section(md, "study1", text)
-    except ValueError as e:
-        parser.exit(2, f"error: {e}\n")
+    write_page(parser, md, "study1", text)
     write_plot(plotted, png, f"Fashion-MNIST: {res.data['student']} students, "
                f"{res.data['teacher']} teacher", smoke)
     print(f"wrote {md} and {png}" + (" (SMOKE: not results)" if smoke else ""))
